@@ -1,0 +1,413 @@
+"""The config tree: typed dataclasses, named presets, YAML round trip and ``--set`` overrides.
+
+A config is a tree of dataclasses (:class:`Config` at the root). Every leaf has a type, and a
+value set from YAML or from ``--set key=value`` is checked against it. Presets are YAML files in
+``mxmask/configs/<name>.yaml`` that override the defaults below; a user's YAML file may start with
+``_base_: PRESET`` to build on a preset.
+
+    cfg = get_config("shapes", overrides=["solver.max_iter=100"])
+    cfg.model.backbone.depth      # -> 18
+    dump_yaml(cfg, "config.yaml"); load_yaml("config.yaml") == cfg   # lossless
+
+Errors are :class:`ConfigError` with one line naming the key (and the file) and, for an unknown
+key, the nearest valid keys.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import yaml
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message is one line meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ShapesData:
+    """How ``mxmask train`` generates the synthetic dataset when it is missing."""
+    root: str = "datasets/shapes"
+    train: int = 400
+    val: int = 50
+    size: int = 192
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_ann: str = "datasets/shapes/annotations/train.json"
+    train_images: str = "datasets/shapes/images/train"
+    val_ann: str = "datasets/shapes/annotations/val.json"
+    val_images: str = "datasets/shapes/images/val"
+    num_workers: int = 2
+    shapes: ShapesData = field(default_factory=ShapesData)
+    # Category names and COCO ids, in contiguous-label order. Filled from the training json when
+    # empty, and saved with every checkpoint so that a model can label its outputs without data.
+    class_names: List[str] = field(default_factory=list)
+    category_ids: List[int] = field(default_factory=list)
+    keypoint_names: List[str] = field(default_factory=list)
+    keypoint_flip_map: List[int] = field(default_factory=list)
+    skeleton: List[List[int]] = field(default_factory=list)
+
+
+@dataclass
+class InputConfig:
+    # Short side for training; several values mean multi-scale training (one drawn per image).
+    min_size_train: List[int] = field(default_factory=lambda: [800])
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip_prob: float = 0.5
+    # RGB in [0, 255] -> (x/255 - mean) / std, ImageNet statistics (GluonCV convention).
+    pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    size_divisibility: int = 32
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50                      # ResNet-v1b depth: 18, 34, 50 or 101
+    width: int = 64                      # stem width; 64 is the standard ResNet
+    norm: str = "frozen_bn"              # frozen_bn | bn | syncbn | gn
+    gn_groups: int = 32
+    pretrained: str = ""                 # local GluonCV ImageNet .params file, or "" for none
+    freeze_at: int = 2                   # 0: train all; 1: freeze stem; k: stem + res2..res(k)
+
+
+@dataclass
+class FPNConfig:
+    out_channels: int = 256
+    p6: str = "maxpool"                  # maxpool (Detectron2) | conv (GluonCV: 3x3/2 on P5 lateral)
+    norm: str = ""                       # "" or gn
+
+
+@dataclass
+class AnchorConfig:
+    sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
+    offset: float = 0.0                  # anchor centre offset in units of the stride
+    style: str = "detectron2"            # detectron2 | gluoncv (rounded sizes, +1 boxes)
+
+
+@dataclass
+class RPNConfig:
+    conv_channels: int = 256             # 1024 for GluonCV
+    pre_nms_topk_train: int = 2000
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 1000
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 0.0
+    per_level_nms: bool = True           # False: one NMS over all levels (GluonCV)
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    smooth_l1_beta: float = 0.0
+
+
+@dataclass
+class BoxHeadConfig:
+    pooler_resolution: int = 7
+    pool_then_avgpool: bool = False      # GluonCV: RoIAlign at 14x14, then a 3x3/2 average pool to 7x7
+    sampling_ratio: int = 0
+    aligned: bool = True
+    num_fc: int = 2
+    fc_dim: int = 1024
+    bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_thresh: float = 0.5
+    smooth_l1_beta: float = 0.0
+
+
+@dataclass
+class MaskHeadConfig:
+    pooler_resolution: int = 14
+    num_conv: int = 4
+    conv_dim: int = 256
+    resolution: int = 28
+
+
+@dataclass
+class KeypointHeadConfig:
+    pooler_resolution: int = 14
+    num_conv: int = 8
+    conv_dim: int = 512
+    resolution: int = 56
+    loss_weight: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 80                # foreground classes; set from the data when 0
+    mask_on: bool = True
+    keypoint_on: bool = False
+    num_keypoints: int = 17
+    box_plus_one: bool = False           # True: widths are x2 - x1 + 1 (GluonCV / Detectron1)
+    clip_boxes: bool = True              # clip final boxes to the image (GluonCV does not)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    keypoint_head: KeypointHeadConfig = field(default_factory=KeypointHeadConfig)
+
+
+@dataclass
+class SolverConfig:
+    max_iter: int = 90000
+    base_lr: float = 0.02
+    ims_per_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "step"            # step | cosine
+    steps: List[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_gradient: float = 0.0           # 0 disables
+    checkpoint_period: int = 5000
+    eval_period: int = 0                 # 0: only at the end
+    log_period: int = 20
+    amp: str = ""                        # "" | float16 (GPU) | bfloat16 (CPU)
+    nonfinite_policy: str = "stop"       # stop | skip
+
+
+@dataclass
+class TestConfig:
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    max_dets: int = 100
+    mask_thresh: float = 0.5
+    keypoint_decode: str = "bicubic"     # bicubic | taylor
+    keypoint_oks_sigmas: List[float] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    output_dir: str = "output"
+    data: DataConfig = field(default_factory=DataConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+CHOICES = {
+    "model.backbone.norm": ("frozen_bn", "bn", "syncbn", "gn"),
+    "model.backbone.depth": (18, 34, 50, 101),
+    "model.fpn.p6": ("maxpool", "conv"),
+    "model.anchor.style": ("detectron2", "gluoncv"),
+    "model.fpn.norm": ("", "gn"),
+    "solver.lr_schedule": ("step", "cosine"),
+    "solver.amp": ("", "float16", "bfloat16"),
+    "solver.nonfinite_policy": ("stop", "skip"),
+    "test.keypoint_decode": ("bicubic", "taylor"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion between dicts and the tree, with type checks
+# --------------------------------------------------------------------------------------------
+def _all_keys(node, prefix=""):
+    keys = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_all_keys(value, name + "."))
+    return keys
+
+
+def _unknown_key(key, root, where):
+    near = difflib.get_close_matches(key, _all_keys(root), n=3, cutoff=0.5)
+    hint = ("; did you mean " + " or ".join(near) + "?") if near else ""
+    raise ConfigError("%sunknown config key '%s'%s" % (where, key, hint))
+
+
+def _coerce(value, tp, key, where):
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, where)
+    if origin in (list, List, tuple, Tuple):
+        (inner,) = typing.get_args(tp)[:1] or (typing.Any,)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and inner is not str:
+            value = [value]  # a scalar where a list is expected: one-element list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError("%s%s: expected a list, got %r" % (where, key, value))
+        return [_coerce(v, inner, key + "[%d]" % i, where) for i, v in enumerate(value)]
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError("%s%s: expected true or false, got %r" % (where, key, value))
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError("%s%s: expected an integer, got %r" % (where, key, value))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError("%s%s: expected a number, got %r" % (where, key, value))
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError("%s%s: expected a string, got %r" % (where, key, value))
+    if isinstance(value, list):  # nested lists such as List[List[int]]
+        return value
+    raise ConfigError("%s%s: unsupported type %r" % (where, key, tp))
+
+
+def _field_types(node):
+    return typing.get_type_hints(type(node))
+
+
+def _check_choice(key, value, where):
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError("%s%s: expected one of %s, got %r"
+                          % (where, key, ", ".join(repr(c) for c in CHOICES[key]), value))
+
+
+def merge_dict(cfg, d, root=None, prefix="", where=""):
+    """Merge a nested dict into the config tree ``cfg`` in place, checking keys and types."""
+    root = cfg if root is None else root
+    if not isinstance(d, dict):
+        raise ConfigError("%s%s: expected a mapping, got %r" % (where, prefix.rstrip(".") or "config", d))
+    types = _field_types(cfg)
+    for name, value in d.items():
+        key = prefix + str(name)
+        if name not in types:
+            _unknown_key(key, root, where)
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            merge_dict(current, value, root, key + ".", where)
+        else:
+            tp = types[name]
+            if tp == List[List[int]]:
+                value = [[int(x) for x in pair] for pair in (value or [])]
+            else:
+                value = _coerce(value, tp, key, where)
+            _check_choice(key, value, where)
+            setattr(cfg, name, value)
+    return cfg
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def set_value(cfg, assignment):
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML then type-checked."""
+    if "=" not in assignment:
+        raise ConfigError("--set %s: expected key=value" % assignment)
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(node) or part not in _field_types(node):
+            _unknown_key(key, cfg, "--set: ")
+        node = getattr(node, part)
+    if not dataclasses.is_dataclass(node) or parts[-1] not in _field_types(node):
+        _unknown_key(key, cfg, "--set: ")
+    if dataclasses.is_dataclass(getattr(node, parts[-1])):
+        raise ConfigError("--set: %s is a section, not a value" % key)
+    tp = _field_types(node)[parts[-1]]
+    if tp == List[List[int]]:
+        value = [[int(x) for x in pair] for pair in (value or [])]
+    else:
+        value = _coerce(value, tp, key, "--set: ")
+    _check_choice(key, value, "--set: ")
+    setattr(node, parts[-1], value)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and files
+# --------------------------------------------------------------------------------------------
+def list_presets():
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError("%s: config file not found" % path)
+    except yaml.YAMLError as e:
+        raise ConfigError("%s: not valid YAML (%s)" % (path, str(e).splitlines()[0]))
+    return data or {}
+
+
+def _load_into(cfg, path, depth=0):
+    if depth > 8:
+        raise ConfigError("%s: _base_ chain is too deep (a cycle?)" % path)
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base:
+        _load_into(cfg, _resolve_name(base, os.path.dirname(path)), depth + 1)
+    return merge_dict(cfg, data, where="%s: " % path)
+
+
+def _resolve_name(name, relative_to="."):
+    if name.endswith((".yaml", ".yml")):
+        candidate = name if os.path.isabs(name) else os.path.join(relative_to, name)
+        if os.path.exists(candidate) or not os.path.exists(name):
+            return candidate
+        return name
+    path = os.path.join(PRESET_DIR, name + ".yaml")
+    if not os.path.exists(path):
+        near = difflib.get_close_matches(name, list_presets(), n=3, cutoff=0.3)
+        hint = ("; did you mean " + " or ".join(near) + "?") if near else ""
+        raise ConfigError("unknown preset '%s' (presets: %s)%s" % (name, ", ".join(list_presets()), hint))
+    return path
+
+
+def get_config(name_or_path="shapes", overrides=()):
+    """Build a config from a preset name or a YAML path, then apply ``key=value`` overrides."""
+    cfg = Config()
+    _load_into(cfg, _resolve_name(name_or_path))
+    for assignment in overrides or ():
+        set_value(cfg, assignment)
+    return cfg
+
+
+def load_yaml(path):
+    """Load a full config saved by :func:`dump_yaml` (or any partial YAML over the defaults)."""
+    return _load_into(Config(), path)
+
+
+def dump_yaml(cfg, path=None):
+    """Write the whole config as YAML (atomically when ``path`` is given); return the text."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        from .utils import atomic_write_text
+        atomic_write_text(path, text)
+    return text
