@@ -266,6 +266,11 @@ def _coerce(value, tp, key, where):
             return int(value)
         raise ConfigError("%s%s: expected an integer, got %r" % (where, key, value))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise ConfigError("%s%s: expected a number, got %r" % (where, key, value))

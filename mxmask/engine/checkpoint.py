@@ -1,0 +1,146 @@
+"""Checkpoint folders: crash-safe saving, loading and resuming.
+
+A checkpoint folder (the run's ``output_dir``) holds, as the contract says:
+
+    config.yaml        the full resolved config
+    model.params       the network weights of the last checkpoint
+    trainer.states     the optimizer state of the last checkpoint
+    progress.json      {"iter": N, "max_iter": M, "checkpoint": "iter_0000N", ...}
+    metrics.json       after evaluation
+
+How a save stays safe: the parameters and optimizer states are written into a fresh staging
+folder, fsynced, and the folder is renamed to ``iter_NNNNNNN`` (a rename is atomic). Only then
+is ``progress.json`` replaced (atomically) to point at it, and ``model.params`` /
+``trainer.states`` are replaced by hard links to the new files. A crash or a full disk at any
+moment leaves the previous checkpoint complete and ``progress.json`` pointing at it. The last
+``keep`` iteration folders are kept.
+"""
+import glob
+import json
+import os
+import shutil
+
+from ..config import dump_yaml, load_yaml
+from ..utils import UserError, atomic_write_json
+
+PROGRESS = "progress.json"
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _link_or_copy(src, dst):
+    """Atomically make ``dst`` have the contents of ``src`` (hard link, else copy)."""
+    tmp = dst + ".tmp-link"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        _fsync_file(tmp)
+    os.replace(tmp, dst)
+
+
+def save_config(cfg, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
+
+
+def save_checkpoint(out_dir, net, trainer, iteration, max_iter, extra=None, keep=2):
+    """Save weights + optimizer state of ``iteration`` crash-safely; return the folder written."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = "iter_%07d" % iteration
+    final = os.path.join(out_dir, name)
+    staging = os.path.join(out_dir, ".staging-" + name)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        params = os.path.join(staging, "model.params")
+        net.save_parameters(params)
+        _fsync_file(params)
+        if trainer is not None:
+            states = os.path.join(staging, "trainer.states")
+            trainer.save_states(states)
+            _fsync_file(states)
+        _fsync_dir(staging)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress = {"iter": int(iteration), "max_iter": int(max_iter), "checkpoint": name}
+    progress.update(extra or {})
+    atomic_write_json(os.path.join(out_dir, PROGRESS), progress, indent=1)
+    _link_or_copy(os.path.join(final, "model.params"), os.path.join(out_dir, "model.params"))
+    if trainer is not None:
+        _link_or_copy(os.path.join(final, "trainer.states"), os.path.join(out_dir, "trainer.states"))
+    _prune(out_dir, keep, current=name)
+    return final
+
+
+def _prune(out_dir, keep, current):
+    folders = sorted(glob.glob(os.path.join(out_dir, "iter_*")))
+    for folder in folders[:-keep] if keep > 0 else []:
+        if os.path.basename(folder) != current:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_progress(out_dir):
+    """The progress record of a checkpoint folder, or None when there is none yet."""
+    path = os.path.join(out_dir, PROGRESS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            progress = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError("%s: unreadable progress record (%s)" % (path, e))
+    for key in ("iter", "max_iter"):
+        if not isinstance(progress.get(key), int):
+            raise UserError("%s: field '%s' must be an integer" % (path, key))
+    return progress
+
+
+def checkpoint_files(out_dir):
+    """(params, states) of the last checkpoint in ``out_dir`` that progress.json points at."""
+    progress = read_progress(out_dir)
+    if progress is None:
+        params = os.path.join(out_dir, "model.params")
+        if os.path.exists(params):
+            return params, None
+        raise UserError("%s: not a checkpoint folder (no progress.json or model.params)" % out_dir)
+    folder = os.path.join(out_dir, progress.get("checkpoint", ""))
+    params = os.path.join(folder, "model.params")
+    states = os.path.join(folder, "trainer.states")
+    if not progress.get("checkpoint") or not os.path.exists(params):
+        params = os.path.join(out_dir, "model.params")
+        states = os.path.join(out_dir, "trainer.states")
+    if not os.path.exists(params):
+        raise UserError("%s: checkpoint weights are missing" % params)
+    return params, (states if os.path.exists(states) else None)
+
+
+def load_checkpoint_config(ckpt):
+    """The config saved in a checkpoint folder (``ckpt`` may also be a config.yaml path)."""
+    path = ckpt if ckpt.endswith((".yaml", ".yml")) else os.path.join(ckpt, "config.yaml")
+    if not os.path.exists(path):
+        raise UserError("%s: not a checkpoint folder (config.yaml is missing)" % ckpt)
+    return load_yaml(path)
