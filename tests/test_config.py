@@ -81,3 +81,10 @@ def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError) as err:
         get_config("mask_rcnn_r51_fpn")
     assert "mask_rcnn_r50_fpn" in str(err.value)
+
+
+def test_shapes_preset_carries_the_sigmas_of_the_shapes_keypoints():
+    from mxmask.data.shapes import KEYPOINT_NAMES, KEYPOINT_OKS_SIGMAS
+    sigmas = get_config("shapes").test.keypoint_oks_sigmas
+    assert len(sigmas) == len(KEYPOINT_NAMES)
+    assert sigmas == [float(s) for s in KEYPOINT_OKS_SIGMAS]

@@ -1,0 +1,1 @@
+"""Datasets: COCO loading, the synthetic shapes generator, transforms and batching."""

@@ -1,0 +1,394 @@
+"""Per-image transforms and batching for training and testing (numpy and OpenCV only).
+
+In:  a dataset record (see DEVELOPING.md, ``mxmask.data.coco.load_coco``) whose image file is
+     read as HxWx3 uint8 RGB, plus a ``numpy.random.Generator`` for the augmentation draws.
+Out: a *sample* dict for training, or a tuple ``(image, im_info, image_id, orig_size)`` for
+     testing; :func:`batchify_train` / :func:`batchify_test` stack samples into the batch dicts
+     of DEVELOPING.md (``data``, ``im_info``, ``gt_*``, ``image_id``, ``orig_size``).
+
+Conventions fixed here:
+
+* Resize: ``scale = min(short / min(h, w), max_size / max(h, w))`` and the new size is
+  ``int(h * scale + 0.5), int(w * scale + 0.5)`` (round half up, as Detectron2). Because of that
+  rounding the true factors differ slightly per axis, so boxes and keypoints are multiplied by
+  the *actual* factors ``sx = new_w / w`` and ``sy = new_h / h``. That keeps annotations exactly
+  on the resized pixels (an object touching the right border still does). ``im_info`` carries
+  ``(new_h, new_w, scale)`` with the nominal ``scale``; undo the resize exactly with
+  ``orig_size / im_info[:2]`` per axis.
+* The image is resized with ``cv2.INTER_LINEAR``. Binary masks are resized with
+  ``cv2.INTER_LINEAR`` on 0/255 values and thresholded at 128 (a linear value >= 0.5). OpenCV's
+  linear resize maps pixel centres the same way as our continuous coordinates (pixel ``i`` covers
+  ``[i, i+1)``), so masks stay aligned with the scaled boxes; ``INTER_NEAREST`` in OpenCV takes
+  ``floor(i / scale)`` and shifts masks by up to half a source pixel.
+* Horizontal flip in continuous coordinates: ``x1' = W - x2``, ``x2' = W - x1`` for boxes,
+  ``x' = W - x`` for labelled keypoints, whose left/right indices are then swapped with the flip
+  map (``new[k] = old[flip_map[k]]``). Unlabelled keypoints (``v = 0``) are always ``(0, 0, 0)``.
+* Padding: images are zero padded (after normalisation) at the bottom/right to a multiple of
+  ``size_divisibility``; gt boxes, labels, keypoints and crowd boxes are padded with -1, masks
+  with 0. The instance axis ``G`` is at least 1 so that no batch array is empty.
+"""
+import numpy as np
+import cv2
+import pycocotools.mask as mask_util
+
+from ..utils import UserError
+
+# Masks are resized as 0/255 with linear interpolation; a resized pixel is on when >= this.
+MASK_ON_VALUE = 255
+MASK_THRESHOLD = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Masks from COCO segmentations
+# --------------------------------------------------------------------------------------------
+def segmentation_to_rle(segmentation, height, width):
+    """One COCO segmentation (polygon list, uncompressed or compressed RLE) -> compressed RLE."""
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return mask_util.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
+        return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+    if isinstance(segmentation, dict) and "counts" in segmentation:
+        if isinstance(segmentation["counts"], list):  # uncompressed RLE
+            return mask_util.frPyObjects(segmentation, height, width)
+        return segmentation
+    raise ValueError("unsupported segmentation of type %s" % type(segmentation).__name__)
+
+
+def decode_masks(segmentations, height, width):
+    """COCO segmentations (list of N polygon lists / RLE dicts) -> uint8 masks (N, H, W) of 0/1."""
+    if len(segmentations) == 0:
+        return np.zeros((0, height, width), np.uint8)
+    rles = [segmentation_to_rle(s, height, width) for s in segmentations]
+    decoded = mask_util.decode(rles)  # (H, W, N), Fortran order
+    return np.ascontiguousarray(decoded.transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Resize
+# --------------------------------------------------------------------------------------------
+def resized_size(height, width, short, max_size):
+    """The shortest-edge resize rule -> (new_h, new_w, scale), sizes rounded half up."""
+    scale = min(float(short) / min(height, width), float(max_size) / max(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5), scale
+
+
+def resize_image(image, new_h, new_w):
+    """HxWxC uint8 -> new_h x new_w x C with bilinear interpolation."""
+    if image.shape[:2] == (new_h, new_w):
+        return image
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_masks(masks, new_h, new_w):
+    """Binary masks (N, H, W) -> (N, new_h, new_w): linear on 0/255, then >= 128."""
+    if masks.shape[1:] == (new_h, new_w):
+        return masks
+    out = np.empty((masks.shape[0], new_h, new_w), np.uint8)
+    for i, mask in enumerate(masks):
+        scaled = cv2.resize(mask * np.uint8(MASK_ON_VALUE), (new_w, new_h),
+                            interpolation=cv2.INTER_LINEAR)
+        np.greater_equal(scaled, MASK_THRESHOLD, out=out[i])
+    return out
+
+
+def scale_boxes(boxes, sx, sy):
+    """xyxy boxes (N, 4) times the per-axis factors."""
+    return (boxes * np.array([sx, sy, sx, sy], np.float32)).astype(np.float32)
+
+
+def scale_keypoints(keypoints, sx, sy):
+    """Keypoints (N, K, 3): x, y of labelled points times the factors; v = 0 points stay 0."""
+    out = keypoints.astype(np.float32, copy=True)
+    out[..., 0] *= sx
+    out[..., 1] *= sy
+    out[out[..., 2] <= 0] = 0.0
+    return out
+
+
+def resize_shortest_edge(image, short, max_size, boxes=None, masks=None, keypoints=None,
+                         crowd_boxes=None):
+    """Resize an image and its annotations so that the short side is ``short`` (long side capped
+    at ``max_size``).
+
+    Returns a dict with ``image`` (new_h x new_w x 3 uint8), ``scale`` (the nominal factor),
+    ``sx``/``sy`` (the actual per-axis factors) and each given annotation transformed
+    (``None`` for the ones not given).
+    """
+    h, w = image.shape[:2]
+    new_h, new_w, scale = resized_size(h, w, short, max_size)
+    sx, sy = new_w / float(w), new_h / float(h)
+    return {
+        "image": resize_image(image, new_h, new_w),
+        "scale": scale, "sx": sx, "sy": sy,
+        "boxes": None if boxes is None else scale_boxes(boxes, sx, sy),
+        "masks": None if masks is None else resize_masks(masks, new_h, new_w),
+        "keypoints": None if keypoints is None else scale_keypoints(keypoints, sx, sy),
+        "crowd_boxes": None if crowd_boxes is None else scale_boxes(crowd_boxes, sx, sy),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Horizontal flip
+# --------------------------------------------------------------------------------------------
+def flip_boxes(boxes, width):
+    """xyxy boxes in an image of ``width`` pixels -> mirrored: x1' = W - x2, x2' = W - x1."""
+    out = boxes.astype(np.float32, copy=True)
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+def flip_keypoints(keypoints, width, flip_map=None):
+    """Keypoints (N, K, 3) mirrored: x' = W - x for labelled points, then left/right swapped.
+
+    ``flip_map[k]`` is the index of keypoint k's mirror image (k itself for central points);
+    empty or None means no swap. Unlabelled points (v = 0) stay (0, 0, 0).
+    """
+    out = keypoints.astype(np.float32, copy=True)
+    labelled = out[..., 2] > 0
+    out[..., 0] = np.where(labelled, width - out[..., 0], 0.0)
+    out[~labelled] = 0.0
+    if flip_map is not None and len(flip_map):
+        if len(flip_map) != out.shape[1]:
+            raise ValueError("keypoint flip map has %d entries for %d keypoints"
+                             % (len(flip_map), out.shape[1]))
+        out = out[:, np.asarray(flip_map, np.int64), :]
+    return out
+
+
+def hflip(image, boxes=None, masks=None, keypoints=None, crowd_boxes=None, flip_map=None):
+    """Mirror an image (HxWxC) and its annotations left-right; returns a dict like
+    :func:`resize_shortest_edge` (``image``, ``boxes``, ``masks``, ``keypoints``,
+    ``crowd_boxes``; ``None`` for the ones not given)."""
+    width = image.shape[1]
+    return {
+        "image": np.ascontiguousarray(image[:, ::-1]),
+        "boxes": None if boxes is None else flip_boxes(boxes, width),
+        "masks": None if masks is None else np.ascontiguousarray(masks[:, :, ::-1]),
+        "keypoints": None if keypoints is None else flip_keypoints(keypoints, width, flip_map),
+        "crowd_boxes": None if crowd_boxes is None else flip_boxes(crowd_boxes, width),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def normalize(image, mean, std):
+    """HxWx3 uint8 RGB -> float32 (3, H, W) equal to ``(x / 255 - mean) / std`` per channel."""
+    scale = 1.0 / (255.0 * np.asarray(std, np.float64))
+    shift = np.asarray(mean, np.float64) / np.asarray(std, np.float64)
+    out = np.empty((image.shape[2],) + image.shape[:2], np.float32)
+    for c in range(image.shape[2]):  # per channel: ~7x faster than broadcasting over HWC
+        out[c] = image[:, :, c]
+        out[c] *= np.float32(scale[c])
+        out[c] -= np.float32(shift[c])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Record -> sample
+# --------------------------------------------------------------------------------------------
+def read_image_file(path):
+    """Default image reader: ``mxmask.data.coco.read_image`` (imported on first use)."""
+    from .coco import read_image
+    return read_image(path)
+
+
+def _checked_image(record, reader):
+    image = reader(record["file_name"])
+    expected = (int(record["height"]), int(record["width"]))
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise UserError("%s: expected an HxWx3 uint8 RGB image, got shape %s dtype %s"
+                        % (record["file_name"], image.shape, image.dtype))
+    if image.shape[:2] != expected:
+        raise UserError("%s: image is %dx%d (WxH) but the annotation says %dx%d"
+                        % (record["file_name"], image.shape[1], image.shape[0],
+                           expected[1], expected[0]))
+    return image
+
+
+def _clip_boxes(boxes, height, width):
+    out = boxes.copy()
+    np.clip(out[:, 0::2], 0, width, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, height, out=out[:, 1::2])
+    return out
+
+
+class TrainTransform:
+    """Record + Generator -> training sample.
+
+    The sample is a dict: ``image`` float32 (3, h, w), ``im_info`` float32 (h, w, scale),
+    ``gt_boxes`` float32 (N, 4), ``gt_labels`` int32 (N,), ``gt_crowd`` float32 (M, 4),
+    ``image_id`` int, plus ``gt_masks`` uint8 (N, h, w) when ``cfg.model.mask_on`` and
+    ``gt_keypoints`` float32 (N, K, 3) when ``cfg.model.keypoint_on``.
+
+    The generator draws, in this order, the short side (uniformly from
+    ``cfg.input.min_size_train``) and the flip (probability ``cfg.input.flip_prob``).
+    """
+
+    def __init__(self, cfg, info=None, reader=None):
+        self.short_sizes = [int(s) for s in cfg.input.min_size_train]
+        if not self.short_sizes:
+            raise UserError("input.min_size_train: needs at least one size")
+        self.max_size = int(cfg.input.max_size_train)
+        self.flip_prob = float(cfg.input.flip_prob)
+        self.mean = cfg.input.pixel_mean
+        self.std = cfg.input.pixel_std
+        self.mask_on = bool(cfg.model.mask_on)
+        self.keypoint_on = bool(cfg.model.keypoint_on)
+        flip_map = getattr(info, "keypoint_flip_map", None) if info is not None else None
+        self.flip_map = list(flip_map if flip_map else cfg.data.keypoint_flip_map)
+        names = getattr(info, "keypoint_names", None) if info is not None else None
+        self.num_keypoints = len(names) if names else int(cfg.model.num_keypoints)
+        self.reader = reader or read_image_file
+
+    def draw_augmentation(self, rng):
+        """-> (short side, flip?) drawn from ``rng``."""
+        short = self.short_sizes[int(rng.integers(len(self.short_sizes)))]
+        flip = bool(rng.random() < self.flip_prob)
+        return short, flip
+
+    def annotations(self, record):
+        """The record's annotations as arrays at the original size (masks decoded)."""
+        name = record["file_name"]
+        boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+        crowd = record.get("crowd_boxes")
+        crowd = np.zeros((0, 4), np.float32) if crowd is None else \
+            np.asarray(crowd, np.float32).reshape(-1, 4)
+        ann = {"boxes": boxes, "crowd_boxes": crowd, "masks": None, "keypoints": None}
+        if self.mask_on:
+            segs = record.get("segmentations")
+            if segs is None or any(s is None for s in segs):
+                raise UserError("%s: model.mask_on is true but the annotations have no "
+                                "segmentation" % name)
+            ann["masks"] = decode_masks(segs, int(record["height"]), int(record["width"]))
+        if self.keypoint_on:
+            kps = record.get("keypoints")
+            if kps is None:
+                raise UserError("%s: model.keypoint_on is true but the annotations have no "
+                                "keypoints" % name)
+            kps = np.asarray(kps, np.float32)
+            if kps.ndim != 3:
+                kps = kps.reshape(len(boxes), -1, 3) if kps.size else \
+                    np.zeros((len(boxes), self.num_keypoints, 3), np.float32)
+            ann["keypoints"] = kps
+        return ann
+
+    def __call__(self, record, rng):
+        image = _checked_image(record, self.reader)
+        short, flip = self.draw_augmentation(rng)
+        out = resize_shortest_edge(image, short, self.max_size, **self.annotations(record))
+        scale = out.pop("scale")
+        if flip:
+            out = hflip(out["image"], out["boxes"], out["masks"], out["keypoints"],
+                        out["crowd_boxes"], self.flip_map)
+        h, w = out["image"].shape[:2]
+        sample = {
+            "image": normalize(out["image"], self.mean, self.std),
+            "im_info": np.array([h, w, scale], np.float32),
+            "gt_boxes": _clip_boxes(out["boxes"], h, w),
+            "gt_labels": np.asarray(record["labels"], np.int32).reshape(-1),
+            "gt_crowd": _clip_boxes(out["crowd_boxes"], h, w),
+            "image_id": int(record["image_id"]),
+        }
+        if self.mask_on:
+            sample["gt_masks"] = out["masks"]
+        if self.keypoint_on:
+            sample["gt_keypoints"] = out["keypoints"]
+        return sample
+
+
+class TestTransform:
+    """Record -> ``(image float32 (3, h, w), im_info float32 (h, w, scale), image_id,
+    orig_size int64 (height, width))`` with the test-time shortest-edge resize."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, cfg, reader=None):
+        self.short = int(cfg.input.min_size_test)
+        self.max_size = int(cfg.input.max_size_test)
+        self.mean = cfg.input.pixel_mean
+        self.std = cfg.input.pixel_std
+        self.reader = reader or read_image_file
+
+    def apply_image(self, image):
+        """HxWx3 uint8 RGB -> (normalised CHW float32, im_info)."""
+        h, w = image.shape[:2]
+        new_h, new_w, scale = resized_size(h, w, self.short, self.max_size)
+        resized = resize_image(image, new_h, new_w)
+        return (normalize(resized, self.mean, self.std),
+                np.array([new_h, new_w, scale], np.float32))
+
+    def __call__(self, record):
+        image = _checked_image(record, self.reader)
+        data, im_info = self.apply_image(image)
+        orig_size = np.array(image.shape[:2], np.int64)
+        return data, im_info, int(record["image_id"]), orig_size
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+def padded_size(height, width, size_divisibility):
+    """Round (height, width) up to multiples of ``size_divisibility`` (<= 1: unchanged)."""
+    d = int(size_divisibility)
+    if d <= 1:
+        return int(height), int(width)
+    return -(-int(height) // d) * d, -(-int(width) // d) * d
+
+
+def pad_images(images, size_divisibility):
+    """List of (3, h_i, w_i) float32 -> (B, 3, Hp, Wp) zero padded at the bottom/right."""
+    hp, wp = padded_size(max(im.shape[1] for im in images), max(im.shape[2] for im in images),
+                         size_divisibility)
+    out = np.zeros((len(images), images[0].shape[0], hp, wp), np.float32)
+    for i, im in enumerate(images):
+        out[i, :, :im.shape[1], :im.shape[2]] = im
+    return out
+
+
+def _stack_padded(arrays, fill, dtype, count):
+    """List of (n_i, *rest) arrays -> (B, count, *rest) padded with ``fill`` on axis 1."""
+    rest = arrays[0].shape[1:]
+    out = np.full((len(arrays), count) + rest, fill, dtype)
+    for i, a in enumerate(arrays):
+        out[i, :len(a)] = a
+    return out
+
+
+def batchify_train(samples, size_divisibility=32):
+    """Training samples -> the batch dict of DEVELOPING.md (numpy arrays)."""
+    data = pad_images([s["image"] for s in samples], size_divisibility)
+    hp, wp = data.shape[2:]
+    count = max(1, max(len(s["gt_boxes"]) for s in samples))
+    crowd_count = max(1, max(len(s["gt_crowd"]) for s in samples))
+    batch = {
+        "data": data,
+        "im_info": np.stack([s["im_info"] for s in samples]).astype(np.float32),
+        "gt_boxes": _stack_padded([s["gt_boxes"] for s in samples], -1, np.float32, count),
+        "gt_labels": _stack_padded([s["gt_labels"] for s in samples], -1, np.float32, count),
+        "gt_crowd": _stack_padded([s["gt_crowd"] for s in samples], -1, np.float32, crowd_count),
+        "image_id": np.array([s["image_id"] for s in samples], np.int64),
+    }
+    if "gt_masks" in samples[0]:
+        masks = np.zeros((len(samples), count, hp, wp), np.uint8)
+        for i, s in enumerate(samples):
+            n, h, w = s["gt_masks"].shape
+            masks[i, :n, :h, :w] = s["gt_masks"]
+        batch["gt_masks"] = masks
+    if "gt_keypoints" in samples[0]:
+        batch["gt_keypoints"] = _stack_padded([s["gt_keypoints"] for s in samples], -1,
+                                              np.float32, count)
+    return batch
+
+
+def batchify_test(samples, size_divisibility=32):
+    """Test tuples ``(image, im_info, image_id, orig_size)`` -> dict with ``data``,
+    ``im_info``, ``image_id`` and ``orig_size`` (B, 2) = (height, width)."""
+    return {
+        "data": pad_images([s[0] for s in samples], size_divisibility),
+        "im_info": np.stack([s[1] for s in samples]).astype(np.float32),
+        "image_id": np.array([s[2] for s in samples], np.int64),
+        "orig_size": np.stack([s[3] for s in samples]).astype(np.int64),
+    }

@@ -1,0 +1,298 @@
+"""Transforms and batching: hand-computed resize / flip of boxes, masks and keypoints, mask
+decoding, normalisation, the record -> sample transforms and the batch padding."""
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from mxmask.config import get_config
+from mxmask.data.transforms import (TestTransform, TrainTransform, batchify_test, batchify_train,
+                                    decode_masks, hflip, normalize, padded_size,
+                                    resize_shortest_edge, resized_size)
+from mxmask.utils import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# Mask decoding
+# --------------------------------------------------------------------------------------------
+def test_decode_masks_from_polygons_compressed_and_uncompressed_rle():
+    expected = np.zeros((5, 6), np.uint8)
+    expected[1:3, 2:5] = 1
+    polygon = [[2, 1, 5, 1, 5, 3, 2, 3]]                       # the box x 2..5, y 1..3
+    compressed = mask_util.encode(np.asfortranarray(expected))
+    uncompressed = {"size": [5, 6], "counts": [11, 2, 3, 2, 3, 2, 7]}  # column-major runs
+    two_parts = [[0, 0, 1, 0, 1, 1, 0, 1], [5, 4, 6, 4, 6, 5, 5, 5]]
+    masks = decode_masks([polygon, compressed, uncompressed, two_parts, []], 5, 6)
+    assert masks.shape == (5, 5, 6) and masks.dtype == np.uint8
+    for i in range(3):
+        np.testing.assert_array_equal(masks[i], expected)
+    corners = np.zeros((5, 6), np.uint8)
+    corners[0, 0] = corners[4, 5] = 1
+    np.testing.assert_array_equal(masks[3], corners)
+    assert masks[4].sum() == 0
+    assert decode_masks([], 5, 6).shape == (0, 5, 6)
+
+
+# --------------------------------------------------------------------------------------------
+# Resize
+# --------------------------------------------------------------------------------------------
+def test_resized_size_rounds_half_up_and_caps_the_long_side():
+    assert resized_size(480, 640, 800, 1333) == (800, 1067, 800 / 480)
+    assert resized_size(100, 400, 200, 500) == (125, 500, 1.25)     # capped by max_size
+    assert resized_size(4, 10, 5, 100)[:2] == (5, 13)                # 12.5 -> 13, not 12
+    assert resized_size(10, 4, 5, 100)[:2] == (13, 5)
+
+
+def test_resize_scales_boxes_keypoints_and_masks_by_two():
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    masks = np.zeros((1, 4, 6), np.uint8)
+    masks[0, 1:3, 2:4] = 1
+    boxes = np.array([[2, 1, 4, 3]], np.float32)
+    kps = np.array([[[1.5, 0.5, 2], [3, 3, 0], [2, 1, 1]]], np.float32)
+    out = resize_shortest_edge(image, 8, 100, boxes=boxes, masks=masks, keypoints=kps,
+                               crowd_boxes=np.array([[0, 0, 1, 1]], np.float32))
+    assert out["image"].shape == (8, 12, 3) and out["scale"] == 2.0
+    np.testing.assert_array_equal(out["boxes"], [[4, 2, 8, 6]])
+    np.testing.assert_array_equal(out["crowd_boxes"], [[0, 0, 2, 2]])
+    np.testing.assert_array_equal(out["keypoints"], [[[3, 1, 2], [0, 0, 0], [4, 2, 1]]])
+    expected = np.zeros((8, 12), np.uint8)
+    expected[2:6, 4:8] = 1                                      # exactly the scaled box
+    np.testing.assert_array_equal(out["masks"][0], expected)
+
+
+def test_resize_downscale_masks_follow_pixel_centres():
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[0, 2:6, 2:6] = 1
+    masks[1, 2:4, 4:8] = 1
+    out = resize_shortest_edge(np.zeros((8, 8, 3), np.uint8), 4, 100, masks=masks)
+    first = np.zeros((4, 4), np.uint8)
+    first[1:3, 1:3] = 1
+    second = np.zeros((4, 4), np.uint8)
+    second[1, 2:4] = 1
+    np.testing.assert_array_equal(out["masks"][0], first)
+    np.testing.assert_array_equal(out["masks"][1], second)
+
+
+def test_resize_uses_actual_per_axis_factors():
+    # 3x5 to short side 5: scale 5/3, width 8.33 -> 8. The whole-image box stays whole.
+    image = np.zeros((3, 5, 3), np.uint8)
+    out = resize_shortest_edge(image, 5, 100,
+                               boxes=np.array([[0, 0, 5, 3], [1, 1.5, 2.5, 3]], np.float32),
+                               keypoints=np.array([[[5, 3, 2], [2.5, 1.5, 1]]], np.float32))
+    assert out["image"].shape == (5, 8, 3)
+    assert out["sx"] == pytest.approx(1.6) and out["sy"] == pytest.approx(5 / 3)
+    np.testing.assert_allclose(out["boxes"], [[0, 0, 8, 5], [1.6, 2.5, 4, 5]], rtol=1e-6)
+    np.testing.assert_allclose(out["keypoints"], [[[8, 5, 2], [4, 2.5, 1]]], rtol=1e-6)
+
+
+def test_resize_masks_sample_at_pixel_centres_not_corners():
+    # 9 -> 3: resized pixel j looks at source pixel 3j + 1 (its centre), not 3j (its corner).
+    masks = np.zeros((1, 9, 9), np.uint8)
+    masks[0, 3:6, 4] = 1                                        # a bar through the centre cell
+    out = resize_shortest_edge(np.zeros((9, 9, 3), np.uint8), 3, 100, masks=masks)
+    expected = np.zeros((3, 3), np.uint8)
+    expected[1, 1] = 1
+    np.testing.assert_array_equal(out["masks"][0], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Flip
+# --------------------------------------------------------------------------------------------
+def test_hflip_boxes_masks_keypoints_with_left_right_swap():
+    image = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
+    boxes = np.array([[1, 0, 3, 2]], np.float32)
+    masks = np.array([[[0, 1, 1, 0, 0], [0, 1, 1, 0, 0]]], np.uint8)
+    # keypoints: nose, left_eye, right_eye -> flip map [0, 2, 1]
+    kps = np.array([[[1, 1, 2], [0.5, 1, 2], [4, 1, 1]],
+                    [[0, 0, 0], [2, 1, 2], [7, 7, 0]]], np.float32)
+    crowd = np.array([[0, 0, 5, 1]], np.float32)
+    out = hflip(image, boxes, masks, kps, crowd, flip_map=[0, 2, 1])
+    np.testing.assert_array_equal(out["image"], image[:, ::-1])
+    np.testing.assert_array_equal(out["boxes"], [[2, 0, 4, 2]])
+    np.testing.assert_array_equal(out["masks"], [[[0, 0, 1, 1, 0], [0, 0, 1, 1, 0]]])
+    np.testing.assert_array_equal(out["crowd_boxes"], [[0, 0, 5, 1]])
+    np.testing.assert_array_equal(out["keypoints"],
+                                  [[[4, 1, 2], [1, 1, 1], [4.5, 1, 2]],
+                                   [[0, 0, 0], [0, 0, 0], [3, 1, 2]]])
+    back = hflip(out["image"], out["boxes"], out["masks"], out["keypoints"], flip_map=[0, 2, 1])
+    np.testing.assert_array_equal(back["image"], image)
+    np.testing.assert_array_equal(back["boxes"], boxes)
+    np.testing.assert_array_equal(back["masks"], masks)
+    np.testing.assert_array_equal(back["keypoints"][0], kps[0])
+
+
+def test_hflip_rejects_a_flip_map_of_the_wrong_length():
+    with pytest.raises(ValueError, match="flip map"):
+        hflip(np.zeros((2, 2, 3), np.uint8), keypoints=np.ones((1, 3, 3), np.float32),
+              flip_map=[1, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------
+def test_normalize_is_chw_float32_of_x_over_255_minus_mean_over_std():
+    image = np.array([[[255, 0, 128], [10, 20, 30]]], np.uint8)      # 1x2x3
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    out = normalize(image, mean, std)
+    assert out.shape == (3, 1, 2) and out.dtype == np.float32
+    expected = ((image / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert out[0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Record -> sample
+# --------------------------------------------------------------------------------------------
+def _record(height=20, width=30):
+    polygon = [[4, 2, 14, 2, 14, 12, 4, 12]]                   # the box (4, 2, 14, 12)
+    rle = mask_util.encode(np.asfortranarray(np.pad(np.ones((4, 6), np.uint8),
+                                                    ((10, height - 14), (20, width - 26)))))
+    return {
+        "image_id": 7, "file_name": "/data/img7.png", "height": height, "width": width,
+        "boxes": np.array([[4, 2, 14, 12], [20, 10, 26, 14]], np.float32),
+        "labels": np.array([1, 0], np.int32),
+        "segmentations": [polygon, rle],
+        "keypoints": np.array([[[5, 3, 2], [13, 3, 2], [9, 11, 1]],
+                               [[21, 11, 2], [0, 0, 0], [25, 13, 2]]], np.float32),
+        "crowd_boxes": np.array([[0, 0, 3, 3]], np.float32),
+        "crowd_segmentations": [[[0, 0, 3, 0, 3, 3, 0, 3]]],
+    }
+
+
+def _image(height=20, width=30):
+    return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+class _Info:
+    keypoint_names = ["left_a", "right_a", "middle"]
+    keypoint_flip_map = [1, 0, 2]
+
+
+def _cfg(**sets):
+    cfg = get_config("shapes", ["%s=%s" % kv for kv in sets.items()])
+    return cfg
+
+
+def test_train_transform_flip_and_scale_hand_computed():
+    cfg = _cfg(**{"input.min_size_train": "[40]", "input.max_size_train": 1000,
+                  "input.flip_prob": 1.0})
+    t = TrainTransform(cfg, _Info(), reader=lambda path: _image())
+    s = t(_record(), np.random.default_rng(0))
+    # 20x30 -> 40x60 (scale 2), then mirrored in a 60-wide image
+    assert s["image"].shape == (3, 40, 60) and s["image"].dtype == np.float32
+    np.testing.assert_allclose(s["im_info"], [40, 60, 2])
+    np.testing.assert_array_equal(s["gt_boxes"], [[32, 4, 52, 24], [8, 20, 20, 28]])
+    np.testing.assert_array_equal(s["gt_labels"], [1, 0])
+    np.testing.assert_array_equal(s["gt_crowd"], [[54, 0, 60, 6]])
+    np.testing.assert_array_equal(s["gt_keypoints"][0], [[34, 6, 2], [50, 6, 2], [42, 22, 1]])
+    np.testing.assert_array_equal(s["gt_keypoints"][1], [[0, 0, 0], [18, 22, 2], [10, 26, 2]])
+    assert s["gt_masks"].shape == (2, 40, 60) and s["gt_masks"].dtype == np.uint8
+    for box, mask in zip(s["gt_boxes"].astype(int), s["gt_masks"]):
+        expected = np.zeros((40, 60), np.uint8)
+        expected[box[1]:box[3], box[0]:box[2]] = 1
+        np.testing.assert_array_equal(mask, expected)
+    assert s["image_id"] == 7
+    expected_pixel = (_image()[0, -1] / 255.0 - np.array(cfg.input.pixel_mean)) \
+        / np.array(cfg.input.pixel_std)
+    np.testing.assert_allclose(s["image"][:, 0, 0], expected_pixel, atol=1e-5)
+
+
+def test_train_transform_draws_from_the_generator_and_honours_switches():
+    cfg = _cfg(**{"input.min_size_train": "[20, 40, 60]", "model.keypoint_on": "false"})
+    t = TrainTransform(cfg, _Info(), reader=lambda path: _image())
+    shapes = {t(_record(), np.random.default_rng(seed))["image"].shape for seed in range(20)}
+    assert shapes == {(3, 20, 30), (3, 40, 60), (3, 60, 90)}
+    a = t(_record(), np.random.default_rng(3))
+    b = t(_record(), np.random.default_rng(3))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert "gt_keypoints" not in a and "gt_masks" in a
+    no_masks = TrainTransform(_cfg(**{"model.mask_on": "false"}), _Info(),
+                              reader=lambda path: _image())
+    assert "gt_masks" not in no_masks(_record(), np.random.default_rng(0))
+
+
+def test_train_transform_user_errors_name_the_file():
+    cfg = _cfg()
+    with pytest.raises(UserError, match="img7.png.*30x20"):
+        TrainTransform(cfg, _Info(), reader=lambda p: _image(21, 30))(_record(),
+                                                                       np.random.default_rng(0))
+    record = dict(_record(), segmentations=None)
+    with pytest.raises(UserError, match="img7.png.*segmentation"):
+        TrainTransform(cfg, _Info(), reader=lambda p: _image())(record, np.random.default_rng(0))
+
+
+def test_test_transform_returns_image_info_id_and_original_size():
+    cfg = _cfg(**{"input.min_size_test": 60, "input.max_size_test": 1000})
+    data, im_info, image_id, orig_size = TestTransform(cfg, reader=lambda p: _image())(_record())
+    assert data.shape == (3, 60, 90)
+    np.testing.assert_allclose(im_info, [60, 90, 3])
+    assert image_id == 7
+    np.testing.assert_array_equal(orig_size, [20, 30])
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+def _sample(h, w, n, k=2, image_id=0):
+    rng = np.random.default_rng(h * w + n)
+    return {
+        "image": rng.standard_normal((3, h, w)).astype(np.float32),
+        "im_info": np.array([h, w, 1.5], np.float32),
+        "gt_boxes": rng.uniform(0, 10, (n, 4)).astype(np.float32),
+        "gt_labels": np.arange(n, dtype=np.int32),
+        "gt_masks": rng.integers(0, 2, (n, h, w), dtype=np.uint8),
+        "gt_keypoints": rng.uniform(0, 2, (n, k, 3)).astype(np.float32),
+        "gt_crowd": np.zeros((0, 4), np.float32),
+        "image_id": image_id,
+    }
+
+
+def test_padded_size_rounds_up_to_multiples():
+    assert padded_size(50, 64, 32) == (64, 64)
+    assert padded_size(65, 1, 32) == (96, 32)
+    assert padded_size(50, 70, 0) == (50, 70)
+
+
+def test_batchify_train_pads_to_32_with_minus_one_and_zero_masks():
+    a, b = _sample(50, 70, 3, image_id=11), _sample(64, 33, 1, image_id=12)
+    batch = batchify_train([a, b], 32)
+    assert batch["data"].shape == (2, 3, 64, 96) and batch["data"].dtype == np.float32
+    np.testing.assert_array_equal(batch["data"][0, :, :50, :70], a["image"])
+    np.testing.assert_array_equal(batch["data"][1, :, :64, :33], b["image"])
+    assert not batch["data"][0, :, 50:].any() and not batch["data"][0, :, :, 70:].any()
+    assert not batch["data"][1, :, :, 33:].any()
+    np.testing.assert_allclose(batch["im_info"], [[50, 70, 1.5], [64, 33, 1.5]])
+    assert batch["gt_boxes"].shape == (2, 3, 4)
+    np.testing.assert_array_equal(batch["gt_boxes"][1, :1], b["gt_boxes"])
+    assert (batch["gt_boxes"][1, 1:] == -1).all()
+    np.testing.assert_array_equal(batch["gt_labels"], [[0, 1, 2], [0, -1, -1]])
+    assert batch["gt_labels"].dtype == np.float32
+    assert batch["gt_masks"].shape == (2, 3, 64, 96) and batch["gt_masks"].dtype == np.uint8
+    np.testing.assert_array_equal(batch["gt_masks"][0, :, :50, :70], a["gt_masks"])
+    assert batch["gt_masks"][0].sum() == a["gt_masks"].sum()
+    assert not batch["gt_masks"][1, 1:].any() and batch["gt_masks"][1].sum() == b["gt_masks"].sum()
+    assert batch["gt_keypoints"].shape == (2, 3, 2, 3)
+    assert (batch["gt_keypoints"][1, 1:] == -1).all()
+    assert batch["gt_crowd"].shape == (2, 1, 4) and (batch["gt_crowd"] == -1).all()
+    np.testing.assert_array_equal(batch["image_id"], [11, 12])
+    assert batch["image_id"].dtype == np.int64
+
+
+def test_batchify_train_without_masks_keypoints_or_instances():
+    s = _sample(32, 32, 0)
+    del s["gt_masks"], s["gt_keypoints"]
+    batch = batchify_train([s], 32)
+    assert set(batch) == {"data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "image_id"}
+    assert batch["gt_boxes"].shape == (1, 1, 4) and (batch["gt_boxes"] == -1).all()
+
+
+def test_batchify_test_pads_and_keeps_original_sizes():
+    items = [(np.ones((3, 40, 30), np.float32), np.array([40, 30, 2], np.float32), 5,
+              np.array([20, 15])),
+             (np.ones((3, 20, 70), np.float32), np.array([20, 70, 1], np.float32), 6,
+              np.array([20, 70]))]
+    batch = batchify_test(items, 32)
+    assert batch["data"].shape == (2, 3, 64, 96)
+    assert batch["data"][0].sum() == 3 * 40 * 30 and batch["data"][1].sum() == 3 * 20 * 70
+    np.testing.assert_array_equal(batch["orig_size"], [[20, 15], [20, 70]])
+    np.testing.assert_array_equal(batch["image_id"], [5, 6])
+    np.testing.assert_allclose(batch["im_info"], [[40, 30, 2], [20, 70, 1]])
