@@ -1,0 +1,103 @@
+"""Normalisation layers for the backbone and the FPN, chosen by name.
+
+    make_norm(kind, channels, gn_groups=32, **kw) -> HybridBlock
+        input (N, C, H, W) -> output (N, C, H, W), with C == channels
+
+kinds:
+- ``frozen_bn``: :class:`FrozenBatchNorm`, a ``nn.BatchNorm`` that always uses its running
+  statistics (``use_global_stats=True``) and whose gamma, beta, running_mean and running_var
+  all have ``grad_req='null'``. It is a fixed per-channel affine
+  ``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta`` in training and in
+  inference, and the statistics never move. The parameter names are BatchNorm's own
+  (``gamma``, ``beta``, ``running_mean``, ``running_var``), so GluonCV ImageNet files load.
+- ``bn``: ``mx.gluon.nn.BatchNorm`` (batch statistics while training).
+- ``syncbn``: ``mx.gluon.contrib.nn.SyncBatchNorm``; ``num_devices`` comes from ``kw``
+  (the number of contexts the batch is split over; default 1).
+- ``gn``: :class:`GroupNorm`, ``gn_groups`` groups with a per-channel affine (gamma and beta
+  of shape ``(C,)``, as in the GroupNorm paper, PyTorch and Detectron2).
+
+Why not ``mx.gluon.nn.GroupNorm``: in MXNet 1.9.1 its gamma and beta have shape
+``(num_groups,)``, one scale per group instead of per channel. The ``GroupNorm`` operator itself
+computes correct per-group statistics (checked against numpy in tests/test_backbone.py), so
+:class:`GroupNorm` calls the operator with a unit per-group affine and applies the per-channel
+affine itself.
+
+Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``epsilon``
+(default 1e-5), ``num_devices`` (syncbn only).
+"""
+import mxnet as mx
+from mxnet.gluon import nn
+from mxnet.gluon.block import HybridBlock
+
+from ..utils import UserError
+
+NORM_KINDS = ("frozen_bn", "bn", "syncbn", "gn")
+
+
+class FrozenBatchNorm(nn.BatchNorm):
+    """A BatchNorm fixed to its running statistics, with no trainable parameter.
+
+    Input and output ``(N, C, H, W)``. Same parameters and names as ``nn.BatchNorm``.
+    """
+
+    def __init__(self, in_channels, epsilon=1e-5, prefix=None, params=None):
+        super(FrozenBatchNorm, self).__init__(in_channels=in_channels, epsilon=epsilon,
+                                              use_global_stats=True, prefix=prefix, params=params)
+        for param in (self.gamma, self.beta, self.running_mean, self.running_var):
+            param.grad_req = "null"
+
+    def _alias(self):
+        # Automatic names ("batchnorm0_") stay those of nn.BatchNorm.
+        return "batchnorm"
+
+
+class GroupNorm(HybridBlock):
+    """Group normalisation with a per-channel affine.
+
+    Input ``(N, C, H, W)`` -> output of the same shape. Statistics are taken over each group of
+    ``C // num_groups`` channels and all spatial positions of one sample; then
+    ``y = x_hat * gamma[c] + beta[c]`` with gamma, beta of shape ``(C,)``.
+    """
+
+    def __init__(self, num_groups, in_channels, epsilon=1e-5, prefix=None, params=None):
+        super(GroupNorm, self).__init__(prefix=prefix, params=params)
+        if in_channels % num_groups:
+            raise UserError("GroupNorm: %d channels are not divisible into %d groups"
+                            % (in_channels, num_groups))
+        self._num_groups = num_groups
+        self._channels = in_channels
+        self._epsilon = epsilon
+        self.gamma = self.params.get("gamma", shape=(in_channels,), init="ones")
+        self.beta = self.params.get("beta", shape=(in_channels,), init="zeros")
+
+    def hybrid_forward(self, F, x, gamma, beta):
+        # A unit, zero per-group affine for the operator, built from gamma so that it lives on
+        # gamma's context and exists in symbolic graphs too (no gradient flows through ones_like).
+        unit = F.ones_like(F.slice_axis(gamma, axis=0, begin=0, end=self._num_groups))
+        x_hat = F.GroupNorm(x, gamma=unit, beta=F.zeros_like(unit),
+                            num_groups=self._num_groups, eps=self._epsilon)
+        y = F.broadcast_mul(x_hat, F.reshape(gamma, shape=(1, -1, 1, 1)))
+        return F.broadcast_add(y, F.reshape(beta, shape=(1, -1, 1, 1)))
+
+    def __repr__(self):
+        return "%s(%d channels, num_groups=%d, eps=%g)" % (
+            self.__class__.__name__, self._channels, self._num_groups, self._epsilon)
+
+
+def make_norm(kind, channels, gn_groups=32, **kw):
+    """Return a normalisation block over ``channels`` channels (see the module docstring)."""
+    prefix = kw.pop("prefix", None)
+    epsilon = kw.pop("epsilon", 1e-5)
+    num_devices = kw.pop("num_devices", None)
+    if kw:
+        raise TypeError("make_norm: unexpected arguments %s" % ", ".join(sorted(kw)))
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(in_channels=channels, epsilon=epsilon, prefix=prefix)
+    if kind == "bn":
+        return nn.BatchNorm(in_channels=channels, epsilon=epsilon, prefix=prefix)
+    if kind == "syncbn":
+        return mx.gluon.contrib.nn.SyncBatchNorm(in_channels=channels, epsilon=epsilon,
+                                                 num_devices=int(num_devices or 1), prefix=prefix)
+    if kind == "gn":
+        return GroupNorm(num_groups=gn_groups, in_channels=channels, epsilon=epsilon, prefix=prefix)
+    raise UserError("unknown norm '%s' (expected one of %s)" % (kind, ", ".join(NORM_KINDS)))
