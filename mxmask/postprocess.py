@@ -319,7 +319,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
         kpts[:, :, 1] /= sy
     if kpts is not None:
         flat = np.empty((kpts.shape[0], kpts.shape[1], 3), np.float64)
-        flat[:, :, :2] = kpts[:, :, :2]
+        flat[:, :, :2] = kpts[:, :, :2] - 0.5   # continuous -> COCO's integer pixel indices
         flat[:, :, 2] = 2.0
         kpt_lists = flat.reshape(len(keep), -1).tolist()
         kpt_cats = (None if keypoint_category_ids is None

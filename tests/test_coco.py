@@ -149,7 +149,8 @@ def test_training_records_follow_the_documented_layout(dataset):
     # keypoints: (N, K, 3); the square (category without keypoint names) gets zeros with v = 0
     assert rec["keypoints"].shape == (2, 3, 3) and rec["keypoints"].dtype == np.float32
     np.testing.assert_array_equal(rec["keypoints"][0], np.zeros((3, 3)))
-    np.testing.assert_array_equal(rec["keypoints"][1], [[6, 7, 2], [10, 7, 1], [8, 9, 0]])
+    # labelled keypoints move to pixel centres (+0.5, Detectron2); v = 0 stays put
+    np.testing.assert_array_equal(rec["keypoints"][1], [[6.5, 7.5, 2], [10.5, 7.5, 1], [8, 9, 0]])
     # the crowd RLE is an ignore region, not an instance
     np.testing.assert_allclose(rec["crowd_boxes"], [[40, 30, 60, 40]])
     assert rec["crowd_boxes"].dtype == np.float32

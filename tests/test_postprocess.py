@@ -56,7 +56,7 @@ def test_entries_masks_and_heatmap_keypoints(method):
     kp = decode_keypoints(out["heatmaps"][keep], boxes, method)
     for j, r in enumerate(res):
         flat = np.array(r["keypoints"]).reshape(-1, 3)
-        np.testing.assert_allclose(flat[:, :2], kp[j, :, :2], rtol=1e-6)
+        np.testing.assert_allclose(flat[:, :2], kp[j, :, :2] - 0.5, rtol=1e-6)  # COCO pixel indices
         assert (flat[:, 2] == 2).all()
 
 
@@ -68,8 +68,8 @@ def test_keypoints_output_rescaled_and_filters():
     assert len(res) == 2 and "segmentation" not in res[0]
     assert "keypoints" not in res[0]                   # category 7 has no keypoints
     flat = np.array(res[1]["keypoints"]).reshape(-1, 3)
-    np.testing.assert_allclose(flat[:, 0], out["keypoints"][1, :, 0] / SX, rtol=1e-6)
-    np.testing.assert_allclose(flat[:, 1], out["keypoints"][1, :, 1] / SY, rtol=1e-6)
+    np.testing.assert_allclose(flat[:, 0], out["keypoints"][1, :, 0] / SX - 0.5, rtol=1e-6)
+    np.testing.assert_allclose(flat[:, 1], out["keypoints"][1, :, 1] / SY - 0.5, rtol=1e-6)
     assert (flat[:, 2] == 2).all()
 
 

@@ -125,7 +125,7 @@ def test_keypoint_visibility_agrees_with_masks(cocos):
                     continue
                 others = np.logical_or.reduce([m for j, m in enumerate(masks) if j != i])
                 for x, y, v in np.array(ann["keypoints"]).reshape(k, 3):
-                    px, py = int(np.floor(x)), int(np.floor(y))
+                    px, py = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))  # COCO: pixel indices
                     if v == 2:
                         assert masks[i][py, px]
                     elif v == 1:

@@ -647,7 +647,11 @@ def _coco_index(dataset):
 def _instance_keypoints(ann, num_keypoints, kp_per_category):
     """(K, 3) float32; zeros (v = 0) for categories without keypoints or a missing field."""
     if kp_per_category.get(ann["category_id"]) and ann.get("keypoints"):
-        return np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
+        kps = np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
+        # COCO keypoints are integer pixel indices; in mxmask's continuous coordinates the centre
+        # of pixel i is i + 0.5 (Detectron2 does the same; results subtract it again).
+        kps[:, :2] += np.where(kps[:, 2:] > 0, 0.5, 0.0).astype(np.float32)
+        return kps
     return np.zeros((num_keypoints, 3), np.float32)
 
 

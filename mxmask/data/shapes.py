@@ -429,8 +429,11 @@ def keypoint_visibility(points, covered, h, w):
 
 
 def keypoints_json(points, visibility):
-    """Flat COCO list [x1, y1, v1, ...], with x = y = 0 where v = 0."""
-    xy = np.where(visibility[:, None] > 0, points, 0.0)
+    """Flat COCO list [x1, y1, v1, ...], with x = y = 0 where v = 0.
+
+    COCO keypoints are pixel indices (the centre of pixel i is i), so the continuous geometry
+    (centre at i + 0.5) is shifted by -0.5, as Detectron2 reads them back."""
+    xy = np.where(visibility[:, None] > 0, points - 0.5, 0.0)
     return [value for (x, y), v in zip(xy.tolist(), visibility.tolist()) for value in (x, y, int(v))]
 
 
