@@ -56,6 +56,7 @@ class DataConfig:
     keypoint_names: List[str] = field(default_factory=list)
     keypoint_flip_map: List[int] = field(default_factory=list)
     skeleton: List[List[int]] = field(default_factory=list)
+    keypoint_category_ids: List[int] = field(default_factory=list)
 
 
 @dataclass

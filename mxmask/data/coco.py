@@ -93,6 +93,7 @@ class DatasetInfo:
     keypoint_names: List[str] = field(default_factory=list)
     keypoint_flip_map: List[int] = field(default_factory=list)
     skeleton: List[List[int]] = field(default_factory=list)
+    keypoint_category_ids: List[int] = field(default_factory=list)   # categories with keypoints
 
     @property
     def num_classes(self):
@@ -126,7 +127,8 @@ class DatasetInfo:
                 "category_ids": [int(c) for c in self.category_ids],
                 "keypoint_names": list(self.keypoint_names),
                 "keypoint_flip_map": [int(i) for i in self.keypoint_flip_map],
-                "skeleton": [[int(a), int(b)] for a, b in self.skeleton]}
+                "skeleton": [[int(a), int(b)] for a, b in self.skeleton],
+                "keypoint_category_ids": [int(c) for c in self.keypoint_category_ids]}
 
     @classmethod
     def from_dict(cls, d):
@@ -137,7 +139,9 @@ class DatasetInfo:
         return cls(class_names=list(get("class_names", [])),
                    category_ids=[int(c) for c in get("category_ids", [])],
                    keypoint_names=names, keypoint_flip_map=flip,
-                   skeleton=[list(p) for p in get("skeleton", []) or []])
+                   skeleton=[list(p) for p in get("skeleton", []) or []],
+                   keypoint_category_ids=[int(c) for c in
+                                          get("keypoint_category_ids", []) or []])
 
 
 # --------------------------------------------------------------------------------------------
@@ -884,7 +888,9 @@ def _inspect(ann_file, image_dir, for_training, check_images, check_all_images):
     info = DatasetInfo(class_names=[c["name"] for c in categories],
                        category_ids=[c["id"] for c in categories],
                        keypoint_names=kp_names, keypoint_flip_map=keypoint_flip_map(kp_names),
-                       skeleton=skeleton)
+                       skeleton=skeleton,
+                       keypoint_category_ids=[c["id"] for c in categories
+                                              if kp_per_category.get(c["id"])])
     report.categories = [(c["id"], c["name"]) for c in categories]
     report.num_keypoints = info.num_keypoints
     images, bad_image_ids = _valid_images(lists["images"], where, report)

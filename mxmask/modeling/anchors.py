@@ -1,0 +1,123 @@
+"""Anchors of one FPN level, precomputed for the largest feature map and stored in the block.
+
+    AnchorGenerator(stride, size, aspect_ratios=(0.5, 1.0, 2.0), offset=0.0,
+                    style='detectron2', max_size=1344)
+        forward(feature (B, C, H, W)) -> anchors (1, H*W*A, 4)
+
+Anchors are ``(x1, y1, x2, y2)`` in input pixels, ordered (h, w, a) row-major: row
+``(i * W + j) * A + a`` is anchor ``a`` of feature cell (row i, column j); ``A`` is
+``len(sizes) * len(aspect_ratios)``. An aspect ratio is ``height / width``. The anchors of the
+largest feature map, ``ceil(max_size / stride)`` cells square, are a constant of the block
+(``self.anchors``, shape (1, 1, Hmax, Wmax, A*4), saved with the parameters), and forward slices
+the (H, W) corner of it with ``slice_like``, so the exported graph needs no Python. ``max_size``
+is the largest padded input side in pixels (1344 covers the 1333 max-size presets padded to 32);
+a feature map larger than the constant raises an MXNet shape error.
+
+Styles:
+- ``detectron2`` (``DefaultAnchorGenerator``): for each size s (outer) and ratio r (inner),
+  ``w = sqrt(s*s / r)``, ``h = r * w``, centred at ``((j + offset) * stride, (i + offset) * stride)``:
+  ``(cx - w/2, cy - h/2, cx + w/2, cy + h/2)``. No rounding.
+- ``gluoncv`` (GluonCV ``RPNAnchorGenerator`` with ``base_size = stride`` as its FPN models use it,
+  Detectron1 ``generate_anchors`` conventions): a ``stride x stride`` reference box
+  ``(0, 0, stride-1, stride-1)`` centred at ``c = (stride - 1) / 2``; for each ratio r (outer)
+  ``ws = round(sqrt(stride*stride / r))``, ``hs = round(ws * r)`` (numpy round: half to even),
+  then for each size s (inner) ``W = ws * s / stride``, ``H = hs * s / stride`` and the box
+  ``(c - (W-1)/2, c - (H-1)/2, c + (W-1)/2, c + (H-1)/2)`` ("+1" widths), shifted by
+  ``(j * stride, i * stride)``. ``offset`` must be 0 in this style. For GluonCV's
+  ``mask_rcnn_fpn_resnet50_v1b_coco`` (strides 4..64, scales 2..32 times base_size 16 = sizes
+  32..512, ratios 0.5/1/2) the values equal its anchors exactly.
+
+All values are computed in float64 with numpy and stored as float32.
+"""
+import math
+
+import numpy as np
+import mxnet as mx
+
+__all__ = ["AnchorGenerator", "generate_cell_anchors", "DEFAULT_MAX_SIZE"]
+
+DEFAULT_MAX_SIZE = 1344
+
+
+def _as_tuple(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(float(v) for v in x)
+    return (float(x),)
+
+
+def generate_cell_anchors(stride, sizes, aspect_ratios, style="detectron2"):
+    """The A anchors (A, 4) float64 of feature cell (0, 0), before the offset of detectron2 style.
+
+    detectron2: centred at (0, 0); gluoncv: centred at ((stride-1)/2, (stride-1)/2).
+    """
+    sizes = _as_tuple(sizes)
+    ratios = _as_tuple(aspect_ratios)
+    out = []
+    if style == "detectron2":
+        for s in sizes:
+            for r in ratios:
+                w = math.sqrt(s * s / r)
+                h = r * w
+                out.append((-w / 2.0, -h / 2.0, w / 2.0, h / 2.0))
+    elif style == "gluoncv":
+        base = float(stride)
+        ctr = 0.5 * (base - 1.0)
+        for r in ratios:
+            ws = float(np.round(np.sqrt(base * base / r)))
+            hs = float(np.round(ws * r))
+            for s in sizes:
+                scale = s / base
+                W = ws * scale
+                H = hs * scale
+                out.append((ctr - 0.5 * (W - 1.0), ctr - 0.5 * (H - 1.0),
+                            ctr + 0.5 * (W - 1.0), ctr + 0.5 * (H - 1.0)))
+    else:
+        raise ValueError("unknown anchor style %r (expected 'detectron2' or 'gluoncv')" % (style,))
+    return np.array(out, dtype=np.float64).reshape(-1, 4)
+
+
+def _grid_anchors(stride, cell, offset, height, width):
+    """(1, 1, height, width, A*4) float32 anchors of a height x width feature map."""
+    shift_x = (np.arange(width, dtype=np.float64) + offset) * stride
+    shift_y = (np.arange(height, dtype=np.float64) + offset) * stride
+    sy, sx = np.meshgrid(shift_y, shift_x, indexing="ij")             # (H, W)
+    shifts = np.stack([sx, sy, sx, sy], axis=-1)                      # (H, W, 4)
+    anchors = shifts[:, :, None, :] + cell[None, None, :, :]          # (H, W, A, 4)
+    return anchors.reshape(1, 1, height, width, -1).astype(np.float32)
+
+
+class AnchorGenerator(mx.gluon.HybridBlock):
+    """Anchors of one level: feature (B, C, H, W) -> (1, H*W*A, 4) xyxy input pixels.
+
+    stride: the level's stride in pixels; size: one anchor size (sqrt of area, pixels) or a
+    list of sizes; aspect_ratios: height/width ratios; offset: cell-centre offset in units of
+    the stride (detectron2 style only); style: 'detectron2' or 'gluoncv' (module docstring);
+    max_size: the largest input side in pixels that must be covered.
+    """
+
+    def __init__(self, stride, size, aspect_ratios=(0.5, 1.0, 2.0), offset=0.0,
+                 style="detectron2", max_size=DEFAULT_MAX_SIZE, **kwargs):
+        super(AnchorGenerator, self).__init__(**kwargs)
+        if style not in ("detectron2", "gluoncv"):
+            raise ValueError("unknown anchor style %r (expected 'detectron2' or 'gluoncv')"
+                             % (style,))
+        if style == "gluoncv" and offset != 0:
+            raise ValueError("gluoncv-style anchors are centred at (stride-1)/2; offset must be 0,"
+                             " got %r" % (offset,))
+        if stride <= 0 or max_size <= 0:
+            raise ValueError("stride and max_size must be positive")
+        self.stride = stride
+        self.sizes = _as_tuple(size)
+        self.aspect_ratios = _as_tuple(aspect_ratios)
+        self.offset = float(offset)
+        self.style = style
+        self.max_cells = int(math.ceil(float(max_size) / stride))
+        cell = generate_cell_anchors(stride, self.sizes, self.aspect_ratios, style)
+        self.num_anchors = cell.shape[0]
+        grid = _grid_anchors(stride, cell, self.offset, self.max_cells, self.max_cells)
+        with self.name_scope():
+            self.anchors = self.params.get_constant("anchors", grid)
+
+    def hybrid_forward(self, F, feature, anchors):
+        a = F.slice_like(anchors, feature, axes=(2, 3))               # (1, 1, H, W, A*4)
+        return F.reshape(a, (1, -1, 4))

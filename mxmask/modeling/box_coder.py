@@ -1,0 +1,171 @@
+"""Box maths, written once: encode, decode, clip, area and pairwise IoU.
+
+Every function takes ``F`` (``mx.nd`` or ``mx.sym``) first, so it works inside a HybridBlock's
+``hybrid_forward`` both imperatively and after ``hybridize()``, on any context.
+
+Boxes are ``(x1, y1, x2, y2)`` in pixels on the last axis (size 4). Deltas are
+``(dx, dy, dw, dh)`` on the last axis. Leading axes broadcast (``broadcast_*`` ops), e.g.
+deltas ``(B, R, C, 4)`` with anchors ``(B, R, 1, 4)``, or deltas ``(B, N, 4)`` with anchors
+``(1, N, 4)``.
+
+Box coding (Detectron2 ``Box2BoxTransform``, and equally GluonCV's
+``NormalizedBoxCenterEncoder/Decoder`` and MXNet's ``contrib.box_encode/box_decode`` in "corner"
+format, with ``stds = 1 / weights``)::
+
+    w  = x2 - x1          cx = x1 + 0.5 * w           (the same for anchors and boxes)
+    dx = wx * (cx - cx_a) / w_a      dw = ww * log(w / w_a)
+    decode: cx = dx / wx * w_a + cx_a,   w = exp(min(dw / ww, scale_clamp)) * w_a,
+            x1 = cx - 0.5 * w,   x2 = cx + 0.5 * w
+
+The ``plus_one`` flag. ``model.box_plus_one`` is true for the GluonCV preset and the functions
+here reproduce what GluonCV actually computes under it. Reading GluonCV 0.10.5 (``nn/coder.py``,
+``nn/bbox.py``, ``rpn/proposal.py``, ``rcnn.py``) and MXNet's box ops shows that the "+1" appears
+ONLY in box areas/sizes: the RPN's min-size test (``w = x2 - x1 + 1``) and the FPN level
+assignment (``sqrt((x2-x1+1)*(y2-y1+1))``), plus the Detectron1-style anchor generation (see
+anchors.py). Its coder (``BBoxCornerToCenter``: "we do not have +1 here since our nms and box
+iou does not"), its clipping (``BBoxClipToImage``: ``[0, W] x [0, H]`` of the image tensor, no -1),
+``contrib.box_iou`` and ``contrib.box_nms`` have no +1. Hence:
+
+    function          plus_one=False (Detectron2)        plus_one=True (GluonCV)
+    encode_boxes      w = x2 - x1                         identical (GluonCV has no +1)
+    decode_boxes      w = x2 - x1, exp in the dtype       identical maths, exp evaluated in
+                                                          float64 then rounded, which makes it
+                                                          bit-exact with contrib.box_decode
+    clip_boxes        [0, w] x [0, h]                     identical: [0, w] x [0, h]
+    box_area          (x2 - x1) * (y2 - y1)               (x2 - x1 + 1) * (y2 - y1 + 1)
+    pairwise_iou      as contrib.box_iou                  identical (box_iou has no +1)
+
+``decode_boxes`` multiplies deltas by ``1 / weights`` (GluonCV's ``stds``) rather than dividing by
+the weights; with GluonCV's stds this is bit-exact with its decoder, and within 1 ulp of
+Detectron2's division.
+"""
+import math
+
+__all__ = ["encode_boxes", "decode_boxes", "clip_boxes", "box_area", "pairwise_iou",
+           "DEFAULT_SCALE_CLAMP"]
+
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def _corners(F, boxes):
+    """Split (..., 4) boxes into four (..., 1) arrays x1, y1, x2, y2."""
+    return F.split(boxes, axis=-1, num_outputs=4)
+
+
+def _center_size(F, boxes):
+    """(..., 4) corner boxes -> cx, cy, w, h, each (..., 1); no +1 (see the module notes)."""
+    x1, y1, x2, y2 = _corners(F, boxes)
+    w = x2 - x1
+    h = y2 - y1
+    return x1 + w * 0.5, y1 + h * 0.5, w, h
+
+
+def encode_boxes(F, boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=False):
+    """Regression targets that turn ``anchors`` into ``boxes``.
+
+    boxes and anchors: (..., 4) xyxy, broadcast on the leading axes. Returns deltas (..., 4)
+    ``(wx * (cx - cx_a) / w_a, wy * (cy - cy_a) / h_a, ww * log(w / w_a), wh * log(h / h_a))``.
+    ``plus_one`` is accepted for a uniform signature and does not change the result (GluonCV's
+    encoder has no +1). Anchors and boxes should have positive size; a zero-size box gives
+    ``-inf`` in dw/dh, as in Detectron2 and GluonCV.
+    """
+    del plus_one
+    wx, wy, ww, wh = [float(w) for w in weights]
+    gx, gy, gw, gh = _center_size(F, boxes)
+    ax, ay, aw, ah = _center_size(F, anchors)
+    dx = F.broadcast_div(F.broadcast_sub(gx, ax), aw) * wx
+    dy = F.broadcast_div(F.broadcast_sub(gy, ay), ah) * wy
+    dw = F.log(F.broadcast_div(gw, aw)) * ww
+    dh = F.log(F.broadcast_div(gh, ah)) * wh
+    return F.concat(dx, dy, dw, dh, dim=-1)
+
+
+def decode_boxes(F, deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=False,
+                 scale_clamp=DEFAULT_SCALE_CLAMP):
+    """Apply ``deltas`` (..., 4) to ``anchors`` (..., 4) -> boxes (..., 4) xyxy.
+
+    The leading axes broadcast (e.g. deltas (B, N, 4) with anchors (1, N, 4)). dw and dh are
+    clamped from above at ``scale_clamp`` after dividing by the weights (Detectron2:
+    log(1000/16); GluonCV's FPN models: 4.42); ``None`` or a value <= 0 disables the clamp, as
+    ``clip=-1`` does for ``contrib.box_decode``. With ``plus_one=True`` the result is bit-exact
+    with GluonCV's ``contrib.box_decode(..., format='corner')`` (std_i = 1 / weight_i): that op
+    evaluates exp in double precision, so exp is computed in float64 here (float32 in, float32
+    out). Otherwise exp runs in the input dtype. No +1 either way (see the module notes).
+    """
+    wx, wy, ww, wh = [float(w) for w in weights]
+    ax, ay, aw, ah = _center_size(F, anchors)
+    d = F.split(deltas, axis=-1, num_outputs=4)
+    # same operation order as contrib.box_decode: (d * std) * w_a + cx_a
+    ox = F.broadcast_add(F.broadcast_mul(d[0] * (1.0 / wx), aw), ax)
+    oy = F.broadcast_add(F.broadcast_mul(d[1] * (1.0 / wy), ah), ay)
+    dw = d[2] * (1.0 / ww)
+    dh = d[3] * (1.0 / wh)
+    if scale_clamp is not None and scale_clamp > 0:
+        dw = F.minimum(dw, float(scale_clamp))
+        dh = F.minimum(dh, float(scale_clamp))
+    if plus_one:
+        dw = F.cast(F.exp(F.cast(dw, dtype="float64")), dtype="float32")
+        dh = F.cast(F.exp(F.cast(dh, dtype="float64")), dtype="float32")
+    else:
+        dw = F.exp(dw)
+        dh = F.exp(dh)
+    ow = F.broadcast_mul(dw, aw) * 0.5
+    oh = F.broadcast_mul(dh, ah) * 0.5
+    return F.concat(F.broadcast_sub(ox, ow), F.broadcast_sub(oy, oh),
+                    F.broadcast_add(ox, ow), F.broadcast_add(oy, oh), dim=-1)
+
+
+def clip_boxes(F, boxes, im_info, plus_one=False):
+    """Clip boxes (B, ..., 4) into their image: x to [0, w], y to [0, h].
+
+    im_info (B, 3) = (h, w, scale): the valid (resized, unpadded) image size of each image.
+    Computed as ``min(max(box, 0), (w, h, w, h))`` like GluonCV's ``BBoxClipToImage`` (which clips
+    to the unpadded image tensor's W and H, without -1), so ``plus_one`` does not change the
+    result. +-inf are clipped to the bounds; NaN coordinates stay NaN. Returns boxes of the input
+    shape.
+    """
+    del plus_one
+    hw = F.slice_axis(im_info, axis=1, begin=0, end=2)                  # (B, 2) = (h, w)
+    bounds = F.tile(F.reverse(hw, axis=1), reps=(1, 2))                 # (B, 4) = (w, h, w, h)
+    flat = F.reshape(boxes, (0, -1, 4))                                 # (B, N, 4)
+    clipped = F.broadcast_minimum(F.maximum(flat, 0.0), F.expand_dims(bounds, axis=1))
+    return F.reshape_like(clipped, boxes)
+
+
+def box_area(F, boxes, plus_one=False):
+    """Areas (...) of boxes (..., 4): (x2 - x1 + p) * (y2 - y1 + p), p = 1 if plus_one else 0.
+
+    Not clamped: an inverted box has a negative or sign-flipped "area", as in Detectron2's
+    ``Boxes.area()`` and GluonCV's level assignment. The last axis is removed.
+    """
+    x1, y1, x2, y2 = F.split(boxes, axis=-1, num_outputs=4, squeeze_axis=True)
+    p = 1.0 if plus_one else 0.0
+    return (x2 - x1 + p) * (y2 - y1 + p)
+
+
+def pairwise_iou(F, a, b, plus_one=False):
+    """IoU of every box of ``a`` (B, N, 4) with every box of ``b`` (B, M, 4) -> (B, N, M).
+
+    Per image (no cross-image pairs, unlike ``contrib.box_iou`` on 3-d inputs), with
+    ``contrib.box_iou``'s rules: widths x2 - x1 (no +1, so ``plus_one`` does not change the
+    result, as in GluonCV), an inverted box has area 0, and a pair whose intersection is 0 has
+    IoU 0 (never NaN).
+    """
+    del plus_one
+    ax1, ay1, ax2, ay2 = F.split(F.expand_dims(a, axis=2), axis=-1, num_outputs=4,
+                                 squeeze_axis=True)                     # (B, N, 1) each
+    bx1, by1, bx2, by2 = F.split(F.expand_dims(b, axis=1), axis=-1, num_outputs=4,
+                                 squeeze_axis=True)                     # (B, 1, M) each
+    iw = F.relu(F.broadcast_sub(F.broadcast_minimum(ax2, bx2), F.broadcast_maximum(ax1, bx1)))
+    ih = F.relu(F.broadcast_sub(F.broadcast_minimum(ay2, by2), F.broadcast_maximum(ay1, by1)))
+    inter = iw * ih                                                     # (B, N, M)
+
+    def _area(x1, y1, x2, y2):
+        w = x2 - x1
+        h = y2 - y1
+        return (w * h) * ((w >= 0) * (h >= 0))
+
+    union = F.broadcast_sub(F.broadcast_add(_area(ax1, ay1, ax2, ay2), _area(bx1, by1, bx2, by2)),
+                            inter)
+    iou = inter / F.maximum(union, 1e-12)
+    return F.where(inter > 0, iou, F.zeros_like(iou))
