@@ -1,0 +1,121 @@
+"""Training losses of the RPN, the box head, the mask head and the keypoint head.
+
+Each function takes ``mx.nd`` arrays (inside ``autograd.record``) or ``mx.sym`` symbols (inside a
+``hybrid_forward``); the operator namespace is picked from the type of the first argument, so the
+calls are the same in both modes. Every loss is a shape ``(1,)`` array, built from native ops only,
+and every normaliser is guarded with ``max(count, 1)`` so that a batch without positives gives a
+zero loss (and zero gradients) instead of a NaN. Labels and targets come from
+:mod:`mxmask.modeling.targets` (``-1`` means "not sampled / ignore").
+
+Normalisations follow Detectron2:
+
+``rpn_losses(logits (B, N), deltas (B, N, 4), labels (B, N), box_targets (B, N, 4), beta=0.0,
+batch_size_per_image=256)`` -> ``(loss_objectness, loss_box)``
+    objectness: sigmoid binary cross-entropy summed over the sampled anchors (label 0 or 1);
+    box: smooth-L1 (``beta`` 0 is L1) summed over the 4 deltas of the fg anchors. BOTH sums are
+    divided by ``batch_size_per_image * B`` (Detectron2's ``normalizer``), not by the number of
+    anchors actually sampled.
+
+``fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S) or (B*S,),
+box_targets (B, S, 4) or (B*S, 4), beta=0.0)`` -> ``(loss_cls, loss_box)``
+    classification: softmax cross-entropy averaged over the sampled rois (label >= 0);
+    box: smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``) of
+    the fg rois, summed and divided by the number of sampled rois (label >= 0), Detectron2's
+    ``max(gt_classes.numel(), 1)``.
+
+``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M))``
+    per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1), averaged
+    over all pixels of the positive slots (label > 0).
+
+``keypoint_rcnn_loss(heatmap_logits (B*P, K, S, S), targets (B, P, K), valid (B, P, K))``
+    softmax cross-entropy over the S*S positions of each heatmap, summed over the valid
+    keypoints and divided by their number in the batch (Detectron2's default
+    ``NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS``; the caller multiplies by
+    ``model.keypoint_head.loss_weight``).
+"""
+import mxnet as mx
+
+__all__ = ["sigmoid_bce_with_logits", "smooth_l1", "rpn_losses", "fast_rcnn_losses",
+           "mask_rcnn_loss", "keypoint_rcnn_loss"]
+
+
+def _ns(x):
+    """The operator namespace of ``x``: ``mx.sym`` for a Symbol, ``mx.nd`` otherwise."""
+    return mx.sym if isinstance(x, mx.sym.Symbol) else mx.nd
+
+
+def sigmoid_bce_with_logits(F, x, z):
+    """Elementwise ``-z*log(sigmoid(x)) - (1-z)*log(1-sigmoid(x))``, computed stably."""
+    return F.relu(x) - x * z + F.log1p(F.exp(-F.abs(x)))
+
+
+def smooth_l1(F, x, beta):
+    """Detectron2's smooth-L1 of the difference ``x``: ``|x|`` when beta < 1e-5, otherwise
+    ``0.5*x^2/beta`` for ``|x| < beta`` and ``|x| - 0.5*beta`` beyond."""
+    ax = F.abs(x)
+    if beta < 1e-5:
+        return ax
+    return F.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
+
+
+def _total(F, x):
+    """Sum of all elements as a (1,) array."""
+    return F.reshape(F.sum(x), shape=(1,))
+
+
+def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_image=256):
+    F = _ns(logits)
+    sampled = labels >= 0
+    fg = labels > 0
+    # number of images B as a (1,) array, from the labels' own shape
+    num_images = _total(F, F.ones_like(F.slice_axis(labels, axis=1, begin=0, end=1)))
+    normalizer = F.maximum(num_images * float(batch_size_per_image), 1.0)
+    bce = sigmoid_bce_with_logits(F, logits, fg)
+    loss_obj = _total(F, bce * sampled) / normalizer
+    l1 = F.sum(smooth_l1(F, deltas - box_targets, beta), axis=-1)
+    loss_box = _total(F, l1 * fg) / normalizer
+    return loss_obj, loss_box
+
+
+def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0):
+    F = _ns(cls_logits)
+    labels = F.reshape(labels, shape=(-1,))
+    box_targets = F.reshape(box_targets, shape=(-1, 4))
+    sampled = labels >= 0
+    fg = labels > 0
+    num_sampled = F.maximum(_total(F, sampled), 1.0)
+    logp = F.log_softmax(cls_logits, axis=-1)
+    nll = -F.pick(logp, F.relu(labels), axis=-1)
+    loss_cls = _total(F, nll * sampled) / num_sampled
+    # (B*S, C*4) -> (B*S, C, 4) -> deltas of the gt class (B*S, 4); bg rois use class 0, masked
+    per_class = F.reshape(deltas, shape=(0, -1, 4))
+    cls = F.relu(labels - 1)
+    index = F.broadcast_like(F.reshape(cls, shape=(-1, 1)), box_targets)
+    picked = F.pick(per_class, index, axis=1)
+    l1 = F.sum(smooth_l1(F, picked - box_targets, beta), axis=-1)
+    loss_box = _total(F, l1 * fg) / num_sampled
+    return loss_cls, loss_box
+
+
+def mask_rcnn_loss(mask_logits, labels, mask_targets):
+    F = _ns(mask_logits)
+    labels = F.reshape(labels, shape=(-1,))
+    targets = F.reshape(mask_targets, shape=(-3, -2))                   # (B*P, M, M)
+    fg = labels > 0
+    index = F.broadcast_like(F.reshape(F.relu(labels - 1), shape=(-1, 1, 1)), targets)
+    logits = F.pick(mask_logits, index, axis=1)                         # (B*P, M, M)
+    bce = sigmoid_bce_with_logits(F, logits, targets)
+    per_roi = F.sum(bce, axis=(1, 2))
+    pixels = _total(F, F.ones_like(F.slice_axis(targets, axis=0, begin=0, end=1)))
+    count = F.maximum(_total(F, fg) * pixels, 1.0)
+    return _total(F, per_roi * fg) / count
+
+
+def keypoint_rcnn_loss(heatmap_logits, targets, valid):
+    F = _ns(heatmap_logits)
+    flat = F.reshape(heatmap_logits, shape=(-3, -3))                    # (B*P*K, S*S)
+    logp = F.log_softmax(flat, axis=-1)
+    nll = -F.pick(logp, F.reshape(targets, shape=(-1,)), axis=-1)
+    valid = F.reshape(valid, shape=(-1,))
+    count = F.maximum(_total(F, valid), 1.0)
+    return _total(F, nll * valid) / count
