@@ -87,10 +87,10 @@ class BasicBlockV1b(HybridBlock):
         self.downsample = downsample
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.Activation(act_type="relu", data=self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return F.Activation(act_type="relu", data=out + shortcut)
 
 
 class BottleneckV1b(HybridBlock):
@@ -115,11 +115,11 @@ class BottleneckV1b(HybridBlock):
         self.downsample = downsample
 
     def hybrid_forward(self, F, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.Activation(act_type="relu", data=self.bn1(self.conv1(x)))
+        out = F.Activation(act_type="relu", data=self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        return F.Activation(act_type="relu", data=out + shortcut)
 
 
 class ResNetV1b(HybridBlock):
@@ -189,7 +189,7 @@ class ResNetV1b(HybridBlock):
                 param.grad_req = "null"
 
     def hybrid_forward(self, F, x):
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.Activation(act_type="relu", data=self.bn1(self.conv1(x)))
         x = F.Pooling(x, kernel=(3, 3), stride=(2, 2), pad=(1, 1), pool_type="max")
         c2 = self.layer1(x)
         c3 = self.layer2(c2)

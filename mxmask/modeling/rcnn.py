@@ -1,0 +1,205 @@
+"""Mask R-CNN / Keypoint R-CNN with FPN: the whole inference network, top to bottom.
+
+    net = build_model(cfg)                      # MaskRCNN, parameters initialised
+    net.hybridize(static_alloc=True, static_shape=True)
+    outputs = net(data, im_info)                # one graph; names in net.output_names
+
+Inputs: data (B, 3, H, W) normalised RGB, H and W multiples of 32; im_info (B, 3) = (h, w, scale)
+with (h, w) the valid (unpadded) resized size. Outputs, in this order (DEVELOPING.md, "Network
+outputs"), D = cfg.test.max_dets:
+
+    ids        (B, D)             class label 0..C-1 (float), -1 for padding rows
+    scores     (B, D)             softmax score, -1 for padding rows; rows sorted by score
+    boxes      (B, D, 4)          x1, y1, x2, y2 in network-input pixels, 0 for padding rows
+    masks      (B, D, 28, 28)     mask probability of the predicted class    if model.mask_on
+    keypoints  (B, D, K, 3)       x, y, peak logit (argmax decode)             if model.keypoint_on
+    heatmaps   (B, D, K, 56, 56)  keypoint logits                              if model.keypoint_on
+
+The stages, as attributes and methods that the training code reuses:
+
+    backbone       data -> (P2, P3, P4, P5, P6)                      fpn.build_backbone
+    rpn            (im_info, P2..P6) -> rois (B, R, 4), roi_scores (B, R)
+                   (in training mode also anchors, logits and deltas per level; see rpn.py)
+    box_head       (rois, P2..P5) -> box features (B*R, fc_dim)      RoIAlign + avg-pool + fcs
+    box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4)
+    box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
+    detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
+    mask_head      (rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 28, 28)       or None
+    keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
+    roi_features(features) -> the levels the RoI heads pool from (P2..P5)
+
+At inference the mask and keypoint heads run on the D final detections of each image, never on
+all proposals.
+
+``hybrid_forward`` is the inference graph. Called in training mode it still returns the outputs
+above (computed from the RPN's training-mode proposal counts); the training step composes the
+stages itself (``rpn`` in training mode, target sampling, ``box_forward``, ``mask_head``,
+``keypoint_head``). A hybridized MaskRCNN retraces its graph when the autograd training mode
+changes between calls.
+
+Export: ``net.export(prefix)`` (after one hybridized forward) writes a graph whose two inputs are
+named ``data0`` (data) and ``data1`` (im_info), Gluon's names for a two-input block; load it
+with ``mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data0", "data1"],
+prefix + "-0000.params")``. The anchors are constants saved among the parameters.
+"""
+import warnings
+
+import mxnet as mx
+
+from ..utils import UserError
+from .fpn import build_backbone
+from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
+                        detect, detection_settings, select_class_masks)
+from .rpn import RPN
+
+__all__ = ["MaskRCNN", "build_model", "output_names", "init_weights"]
+
+
+def output_names(cfg):
+    """Names of the inference outputs of a model built from ``cfg``, in order."""
+    names = ["ids", "scores", "boxes"]
+    if cfg.model.mask_on:
+        names.append("masks")
+    if cfg.model.keypoint_on:
+        names += ["keypoints", "heatmaps"]
+    return names
+
+
+def _check_config(cfg):
+    m = cfg.model
+    if m.num_classes <= 0:
+        raise UserError("model.num_classes must be > 0 to build the network (got %d); it is set "
+                        "from the training data's categories, or pass --set model.num_classes=N"
+                        % m.num_classes)
+    if m.keypoint_on and m.num_keypoints <= 0:
+        raise UserError("model.num_keypoints must be > 0 when model.keypoint_on is true (got %d); "
+                        "it is set from the training data, or pass --set model.num_keypoints=K"
+                        % m.num_keypoints)
+    if len(m.anchor.strides) != 5 or len(m.anchor.sizes) != 5:
+        raise UserError("model.anchor.sizes and model.anchor.strides need one entry per level "
+                        "P2..P6 (5), got %d and %d" % (len(m.anchor.sizes), len(m.anchor.strides)))
+    if cfg.test.max_dets <= 0:
+        raise UserError("test.max_dets must be > 0, got %d" % cfg.test.max_dets)
+
+
+class MaskRCNN(mx.gluon.HybridBlock):
+    """Backbone + FPN, RPN, box head, detection, mask head, keypoint head (see module doc)."""
+
+    def __init__(self, cfg, num_devices=None, **kwargs):
+        super(MaskRCNN, self).__init__(**kwargs)
+        _check_config(cfg)
+        m = cfg.model
+        self.num_classes = m.num_classes
+        self.num_keypoints = m.num_keypoints if m.keypoint_on else 0
+        self.output_names = output_names(cfg)
+        self.detect_kwargs = detection_settings(cfg)
+        with self.name_scope():
+            # 1. ResNet-v1b + FPN -> P2..P6 (strides 4..64)
+            self.backbone = build_backbone(cfg, num_devices=num_devices)
+            # 2. anchors + shared RPN head + proposals (decode, clip, top-k, NMS)
+            self.rpn = RPN(cfg)
+            # 3. RoIAlign on P2..P5 + fc layers, then class logits and class-specific deltas
+            self.box_head = BoxHead(cfg)
+            self.box_predictor = BoxPredictor(self.box_head.out_units, m.num_classes)
+            # 4. mask and keypoint heads, run on the final detections
+            self.mask_head = MaskHead(cfg) if m.mask_on else None
+            self.keypoint_head = KeypointHead(cfg) if m.keypoint_on else None
+        self.keypoint_resolution = m.keypoint_head.resolution
+        self._traced_training = None
+
+    def forward(self, *args):
+        # the RPN's proposal counts depend on the training mode: retrace the graph on a change
+        training = mx.autograd.is_training()
+        if self._active and self._traced_training is not None and training != self._traced_training:
+            self._clear_cached_op()
+        self._traced_training = training
+        return super(MaskRCNN, self).forward(*args)
+
+    @staticmethod
+    def roi_features(features):
+        """The FPN levels pooled by the RoI heads: P2..P5 (P6 only feeds the RPN)."""
+        return tuple(features[:4])
+
+    def box_forward(self, rois, *features):
+        """Box head + predictor on rois (B, R, 4) -> cls_logits (B*R, C+1), deltas (B*R, C*4).
+
+        ``features`` are the backbone outputs (P2..P6 or P2..P5); works on NDArrays and Symbols.
+        """
+        return self.box_predictor(self.box_head(rois, *self.roi_features(features)))
+
+    def hybrid_forward(self, F, data, im_info):
+        # backbone: (B, 3, H, W) -> P2..P6
+        features = self.backbone(data)
+        pooled_levels = self.roi_features(features)
+        # RPN: rois (B, R, 4), roi_scores (B, R); padded rows have score -1
+        rpn_out = self.rpn(im_info, *features)
+        rois, roi_scores = F.stop_gradient(rpn_out[0]), rpn_out[1]
+        # box head on all proposals, then per-class NMS -> D detections per image
+        cls_logits, box_deltas = self.box_forward(rois, *features)
+        ids, scores, boxes = detect(F, cls_logits, box_deltas, rois, roi_scores, im_info,
+                                    **self.detect_kwargs)
+        outputs = [ids, scores, boxes]
+        # mask head on the B*D detected boxes -> the predicted class's mask
+        if self.mask_head is not None:
+            mask_logits = self.mask_head(boxes, *pooled_levels)
+            outputs.append(select_class_masks(F, mask_logits, ids, self.num_classes))
+        # keypoint head on the B*D detected boxes -> heatmaps and argmax keypoints
+        if self.keypoint_head is not None:
+            heatmaps = self.keypoint_head(boxes, *pooled_levels)
+            heatmaps = F.reshape_like(heatmaps, ids, lhs_begin=0, lhs_end=1,
+                                      rhs_begin=0, rhs_end=2)          # (B, D, K, S, S)
+            outputs.append(decode_keypoints(F, heatmaps, boxes, self.keypoint_resolution))
+            outputs.append(heatmaps)
+        return tuple(outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation (Detectron2-like)
+# --------------------------------------------------------------------------------------------
+def _msra_fan_out():
+    # kaiming_normal(mode="fan_out", nonlinearity="relu") = Detectron2's c2_msra_fill
+    return mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2.0)
+
+
+def _xavier_fill():
+    # kaiming_uniform(a=1) = Detectron2's c2_xavier_fill, used for its box-head fc layers
+    return mx.init.Xavier(rnd_type="uniform", factor_type="in", magnitude=3.0)
+
+
+def init_weights(net, ctx=None):
+    """Initialise every parameter of ``net`` (biases 0; norm gamma 1, beta 0):
+
+    backbone: the layers' own initialisers (He fan-out convs, Xavier FPN), else Xavier;
+    RPN head: N(0, 0.01); box fcs: c2_xavier_fill; cls_score N(0, 0.01); bbox_pred N(0, 0.001);
+    mask/keypoint convs and deconvs: He fan-out; mask predictor N(0, 0.001).
+    """
+    ctx = ctx or mx.cpu()
+    subsets = [(net.backbone, mx.init.Xavier()),
+               (net.rpn, mx.init.Normal(0.01)),
+               (net.box_head, _xavier_fill()),
+               (net.box_predictor.cls_score, mx.init.Normal(0.01)),
+               (net.box_predictor.bbox_pred, mx.init.Normal(0.001))]
+    if net.mask_head is not None:
+        subsets += [(net.mask_head.predictor, mx.init.Normal(0.001)),
+                    (net.mask_head, _msra_fan_out())]
+    if net.keypoint_head is not None:
+        subsets.append((net.keypoint_head, _msra_fan_out()))
+    with warnings.catch_warnings():
+        # a parameter of a nested subset (mask predictor) is initialised once, first; the later
+        # call on its parent skips it with a warning that is expected here
+        warnings.simplefilter("ignore")
+        for block, init in subsets:
+            block.collect_params().initialize(init=init, ctx=ctx)
+        net.collect_params().initialize(init=mx.init.Xavier(), ctx=ctx)   # anything left over
+    return net
+
+
+def build_model(cfg, ctx=None, num_devices=None):
+    """Build and initialise the network of ``cfg`` (``MaskRCNN``) on ``ctx`` (default CPU).
+
+    Pretrained backbone weights are not loaded here (see backbone.load_pretrained_from_config).
+    Raises UserError when model.num_classes (or num_keypoints with keypoint_on) is 0.
+    """
+    net = MaskRCNN(cfg, num_devices=num_devices)
+    init_weights(net, ctx)
+    return net

@@ -1,0 +1,296 @@
+"""RoI heads: box head + predictor, detection post-processing, mask head, keypoint head.
+
+Everything here is a HybridBlock or a function of ``F`` (``mx.nd`` or ``mx.sym``) that builds
+fixed-size outputs with native ops (no Python loop over rois or classes), so the whole inference
+path hybridizes into one graph. ``B`` images, ``R`` rois per image, ``C`` foreground classes,
+``D = test.max_dets``, ``K`` keypoints. Boxes are ``(x1, y1, x2, y2)`` in network-input pixels.
+
+Box branch (Detectron2 ``FastRCNNConvFCHead`` / GluonCV ``box_features``)::
+
+    BoxHead(cfg)       forward(rois (B, R, 4), P2, P3, P4, P5) -> features (B*R, fc_dim)
+                       MultiLevelRoIAlign at box_head.pooler_resolution; with pool_then_avgpool
+                       (GluonCV) a 3x3/2 pad-1 average pool (count_include_pad) brings 14x14 to
+                       7x7; then num_fc x (Dense(fc_dim) + ReLU) on the flattened (C*P*P) input.
+    BoxPredictor(C)    forward(features) -> cls_logits (B*R, C+1)   column 0 is background,
+                                            box_deltas (B*R, C*4)   class c at columns 4c..4c+3
+                       (the layout of GluonCV's class_predictor / box_predictor, copied as is).
+
+Detection (``detect``): softmax, class-specific decode from the rois, optional clip, score
+threshold (strict ``>``), per-class NMS (one ``contrib.box_nms`` call over a (B, C, R, 6) array:
+each class of each image is an independent batch) and the top ``D`` scores per image
+-> ids (B, D) float (label 0..C-1, -1 padding), scores (B, D) (-1 padding), boxes (B, D, 4)
+(0 padding). Rows are sorted by score, valid rows first.
+
+Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 convs)::
+
+    MaskHead(cfg)      forward(rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 2P, 2P)
+                       RoIAlign at mask_head.pooler_resolution (14), num_conv x (3x3 conv_dim +
+                       ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C channels (28x28).
+    select_class_masks(F, logits, ids, C) -> probabilities (B, D, 28, 28) of the predicted class.
+
+Keypoint branch (Detectron2 ``KRCNNConvDeconvUpsampleHead``)::
+
+    KeypointHead(cfg)  forward(rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)
+                       RoIAlign at 14, num_conv x (3x3 conv_dim + ReLU), 4x4/2 pad-1 deconv to K
+                       channels (28x28), bilinear x2 (half-pixel centres, align_corners=False).
+    decode_keypoints(F, heatmaps (B, D, K, S, S), boxes (B, D, 4), S)
+                       -> keypoints (B, D, K, 3) = (x, y, peak logit)
+                       of the argmax: x = (px + 0.5) / S * max(x2 - x1, 1) + x1, same for y.
+
+At inference the mask and keypoint heads run on the ``B*D`` final detections only. Padded
+detections (id -1, box 0) are safe to pool: the pooler never gives ROIAlign a degenerate roi.
+
+Notes for the ``gluoncv_mask_rcnn_r50_fpn`` preset (GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco``):
+- GluonCV's RCNN decoder (``NormalizedBoxCenterDecoder(clip=4.42)`` -> ``contrib.box_decode``
+  with stds 0.1/0.1/0.2/0.2) has no "+1" in widths (box_coder.decode_boxes with plus_one=True is
+  bit-exact with it) and clamps the log-scales at 4.42 instead of log(1000/16): the scale clamp of
+  :func:`detection_settings` is 4.42 when ``model.anchor.style`` is ``gluoncv``.
+- Its ``MultiPerClassDecoder`` keeps ``score > 0.01``; per-class NMS at 0.5 with ``topk=-1``
+  and ``valid_thresh=0.0001`` on a (C, N, 6) array per image (the same computation as here);
+  it then argsorts all C*N results by score, takes the top ``rcnn_max_dets`` (the preset uses
+  100) and does not clip. Only the order of exactly equal scores can differ (argsort vs topk).
+"""
+import math
+
+import mxnet as mx
+from mxnet.gluon import nn
+
+from .box_coder import clip_boxes, decode_boxes
+from .poolers import MultiLevelRoIAlign
+
+__all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
+           "select_class_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
+           "GLUONCV_SCALE_CLAMP"]
+
+DETECTRON2_SCALE_CLAMP = math.log(1000.0 / 16)
+GLUONCV_SCALE_CLAMP = 4.42          # GluonCV's predefined FPN models: clip=4.42
+
+
+def pooler_style(cfg):
+    """The level-assignment style of :class:`MultiLevelRoIAlign` for this config."""
+    return "gluoncv" if cfg.model.box_plus_one else "detectron2"
+
+
+def _pooler(cfg, resolution):
+    """A multi-level RoIAlign over P2..P5 at ``resolution`` with the box head's sampling mode."""
+    bh = cfg.model.box_head
+    return MultiLevelRoIAlign(resolution, tuple(cfg.model.anchor.strides[:4]), bh.sampling_ratio,
+                              bh.aligned, pooler_style(cfg))
+
+
+# --------------------------------------------------------------------------------------------
+# Box branch
+# --------------------------------------------------------------------------------------------
+class BoxHead(mx.gluon.HybridBlock):
+    """Pool each roi from P2..P5 and run the fc layers: (B, R, 4) rois -> (B*R, fc_dim)."""
+
+    def __init__(self, cfg, **kwargs):
+        super(BoxHead, self).__init__(**kwargs)
+        bh = cfg.model.box_head
+        channels = cfg.model.fpn.out_channels
+        resolution = bh.pooler_resolution
+        with self.name_scope():
+            self.pooler = _pooler(cfg, resolution)
+            if bh.pool_then_avgpool:
+                self.avgpool = nn.AvgPool2D(pool_size=3, strides=2, padding=1)
+                resolution = (resolution + 2 - 3) // 2 + 1
+            else:
+                self.avgpool = None
+            self.fcs = nn.HybridSequential(prefix="")
+            in_units = channels * resolution * resolution
+            for i in range(bh.num_fc):
+                self.fcs.add(nn.Dense(bh.fc_dim, activation="relu", in_units=in_units,
+                                      prefix="fc%d_" % (i + 1)))
+                in_units = bh.fc_dim
+        self.out_units = in_units
+
+    def hybrid_forward(self, F, rois, *features):
+        x = self.pooler(rois, *features)
+        if self.avgpool is not None:
+            x = self.avgpool(x)
+        x = F.flatten(x)
+        return self.fcs(x)
+
+
+class BoxPredictor(mx.gluon.HybridBlock):
+    """Class logits (C+1, background first) and class-specific box deltas (C*4)."""
+
+    def __init__(self, in_units, num_classes, **kwargs):
+        super(BoxPredictor, self).__init__(**kwargs)
+        self.num_classes = num_classes
+        with self.name_scope():
+            self.cls_score = nn.Dense(num_classes + 1, in_units=in_units, prefix="cls_score_")
+            self.bbox_pred = nn.Dense(num_classes * 4, in_units=in_units, prefix="bbox_pred_")
+
+    def hybrid_forward(self, F, x):
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def detection_settings(cfg):
+    """Keyword arguments of :func:`detect` taken from the config (see the module notes)."""
+    bh = cfg.model.box_head
+    clamp = getattr(bh, "scale_clamp", None)  # a config field the lead may add
+    if clamp is None:
+        gluoncv = cfg.model.anchor.style == "gluoncv"
+        clamp = GLUONCV_SCALE_CLAMP if gluoncv else DETECTRON2_SCALE_CLAMP
+    if cfg.test.max_dets <= 0:
+        raise ValueError("test.max_dets must be > 0, got %d" % cfg.test.max_dets)
+    return dict(num_classes=cfg.model.num_classes,
+                bbox_reg_weights=tuple(float(w) for w in bh.bbox_reg_weights),
+                score_thresh=float(cfg.test.score_thresh),
+                nms_thresh=float(cfg.test.nms_thresh),
+                max_dets=int(cfg.test.max_dets),
+                clip=bool(cfg.model.clip_boxes),
+                clip_plus_one=bool(cfg.model.box_plus_one),
+                decode_plus_one=bool(cfg.model.box_plus_one),
+                scale_clamp=float(clamp))
+
+
+def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
+           bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
+           max_dets=100, clip=True, clip_plus_one=False, decode_plus_one=False,
+           scale_clamp=DETECTRON2_SCALE_CLAMP):
+    """Turn box-head outputs into at most ``max_dets`` detections per image.
+
+    cls_logits (B*R, C+1) and box_deltas (B*R, C*4) from :class:`BoxPredictor`; rois (B, R, 4)
+    and roi_scores (B, R) from the RPN (rois with a negative score are padding and yield no
+    detection); im_info (B, 3) = (h, w, scale). Returns ids (B, D), scores (B, D), boxes (B, D, 4)
+    with D = max_dets, sorted by score; padded rows are id -1, score -1, box 0.
+    """
+    C = int(num_classes)
+    # (B*R, X) -> (B, R, X)
+    probs = F.softmax(F.reshape_like(cls_logits, rois, lhs_begin=0, lhs_end=1,
+                                     rhs_begin=0, rhs_end=2), axis=-1)
+    fg = F.slice_axis(probs, axis=-1, begin=1, end=None)                       # (B, R, C)
+    deltas = F.reshape_like(box_deltas, rois, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
+    deltas = F.reshape(deltas, (0, 0, -4, C, 4))                               # (B, R, C, 4)
+    anchors = F.broadcast_like(F.expand_dims(rois, axis=2), deltas)           # (B, R, C, 4)
+    boxes = decode_boxes(F, deltas, anchors, weights=tuple(bbox_reg_weights),
+                         plus_one=decode_plus_one, scale_clamp=scale_clamp)
+    boxes = F.reshape(boxes, (0, -3, 4))                                       # (B, R*C, 4)
+    if clip:
+        boxes = clip_boxes(F, boxes, im_info, plus_one=clip_plus_one)
+    # score threshold; padded rois (score < 0) never produce a detection
+    keep = F.broadcast_mul(fg > score_thresh, F.expand_dims(roi_scores >= 0, axis=2))
+    scores = F.where(keep, fg, F.ones_like(fg) * -1)
+    class_ids = F.broadcast_like(F.reshape(F.contrib.arange_like(fg, axis=2), (1, 1, C)), fg)
+    class_ids = F.where(keep, class_ids, F.ones_like(fg) * -1)
+    entries = F.concat(F.expand_dims(class_ids, axis=3), F.expand_dims(scores, axis=3),
+                       F.reshape(boxes, (0, -4, -1, C, 4)), dim=-1)            # (B, R, C, 6)
+    # per-class NMS: box_nms treats the leading axes as independent batches, so with the class
+    # axis in front each class of each image is its own NMS (C * R^2 pairs instead of
+    # (C * R)^2 for one NMS with id_index over all classes: 0.6 s instead of 27 s for 1000 rois
+    # x 80 classes all above the threshold). Each (b, c) row comes back sorted by score, with
+    # the suppressed and invalid entries as rows of -1.
+    nms = F.contrib.box_nms(F.transpose(entries, axes=(0, 2, 1, 3)), overlap_thresh=nms_thresh,
+                            valid_thresh=0.0, topk=-1, coord_start=2, score_index=1, id_index=0,
+                            background_id=-1, force_suppress=False, in_format="corner",
+                            out_format="corner")                              # (B, C, R, 6)
+    nms = F.reshape(nms, (0, -3, 0))                                           # (B, C*R, 6)
+    # append max_dets padding rows so that top-k exists even when C*R < max_dets
+    pad = F.broadcast_axis(F.ones_like(F.slice_axis(nms, axis=1, begin=0, end=1)) * -1,
+                           axis=1, size=max_dets)
+    nms = F.concat(nms, pad, dim=1)
+    # the max_dets highest scores over all classes (invalid rows have score -1)
+    key = F.reshape(F.slice_axis(nms, axis=-1, begin=1, end=2), (0, -1))
+    top = F.topk(key, axis=1, k=max_dets, ret_typ="indices", is_ascend=False)  # (B, D)
+    bidx = F.broadcast_like(F.reshape(F.contrib.arange_like(key, axis=0), (-1, 1)), top)
+    out = F.gather_nd(nms, F.stack(bidx, top, axis=0))                         # (B, D, 6)
+    ids = F.reshape(F.slice_axis(out, axis=-1, begin=0, end=1), (0, -1))
+    valid = ids >= 0
+    scores = F.where(valid, F.reshape(F.slice_axis(out, axis=-1, begin=1, end=2), (0, -1)),
+                     F.ones_like(ids) * -1)
+    boxes = F.broadcast_mul(F.slice_axis(out, axis=-1, begin=2, end=6), F.expand_dims(valid, 2))
+    return ids, scores, boxes
+
+
+# --------------------------------------------------------------------------------------------
+# Mask branch
+# --------------------------------------------------------------------------------------------
+class MaskHead(mx.gluon.HybridBlock):
+    """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits."""
+
+    def __init__(self, cfg, **kwargs):
+        super(MaskHead, self).__init__(**kwargs)
+        mh = cfg.model.mask_head
+        self.num_classes = cfg.model.num_classes
+        channels = cfg.model.fpn.out_channels
+        with self.name_scope():
+            self.pooler = _pooler(cfg, mh.pooler_resolution)
+            self.convs = nn.HybridSequential(prefix="")
+            for i in range(mh.num_conv):
+                self.convs.add(nn.Conv2D(mh.conv_dim, 3, padding=1, activation="relu",
+                                         in_channels=channels, prefix="mask_fcn%d_" % (i + 1)))
+                channels = mh.conv_dim
+            self.deconv = nn.Conv2DTranspose(mh.conv_dim, 2, strides=2, in_channels=channels,
+                                             activation="relu", prefix="deconv_")
+            self.predictor = nn.Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
+                                       prefix="predictor_")
+
+    def hybrid_forward(self, F, rois, *features):
+        x = self.convs(self.pooler(rois, *features))
+        x = self.deconv(x)            # with its ReLU (Activation op: MKLDNN can fuse it)
+        return self.predictor(x)
+
+
+def select_class_masks(F, mask_logits, ids, num_classes):
+    """mask_logits (B*D, C, S, S) and ids (B, D) -> sigmoid of the id's channel (B, D, S, S).
+
+    Padding ids (-1) select channel 0 (their masks are meaningless but finite).
+    """
+    logits = F.reshape_like(mask_logits, ids, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
+    onehot = F.one_hot(F.clip(ids, 0, num_classes - 1), num_classes)          # (B, D, C)
+    picked = F.sum(F.broadcast_mul(logits, F.reshape(onehot, (0, 0, 0, 1, 1))), axis=2)
+    return F.sigmoid(picked)
+
+
+# --------------------------------------------------------------------------------------------
+# Keypoint branch
+# --------------------------------------------------------------------------------------------
+class KeypointHead(mx.gluon.HybridBlock):
+    """Pool, num_conv x (3x3 conv + ReLU), 4x4/2 deconv to K, bilinear x2 -> (B*D, K, 4P, 4P)."""
+
+    def __init__(self, cfg, **kwargs):
+        super(KeypointHead, self).__init__(**kwargs)
+        kh = cfg.model.keypoint_head
+        self.num_keypoints = cfg.model.num_keypoints
+        self.resolution = 4 * kh.pooler_resolution
+        if kh.resolution != self.resolution:
+            raise ValueError("model.keypoint_head.resolution must be 4 x pooler_resolution (%d), "
+                             "got %d" % (self.resolution, kh.resolution))
+        channels = cfg.model.fpn.out_channels
+        with self.name_scope():
+            self.pooler = _pooler(cfg, kh.pooler_resolution)
+            self.convs = nn.HybridSequential(prefix="")
+            for i in range(kh.num_conv):
+                self.convs.add(nn.Conv2D(kh.conv_dim, 3, padding=1, activation="relu",
+                                         in_channels=channels, prefix="conv_fcn%d_" % (i + 1)))
+                channels = kh.conv_dim
+            self.deconv = nn.Conv2DTranspose(self.num_keypoints, 4, strides=2, padding=1,
+                                             in_channels=channels, prefix="score_lowres_")
+
+    def hybrid_forward(self, F, rois, *features):
+        x = self.deconv(self.convs(self.pooler(rois, *features)))
+        return F.contrib.BilinearResize2D(x, height=self.resolution, width=self.resolution,
+                                          align_corners=False)
+
+
+def decode_keypoints(F, heatmaps, boxes, resolution):
+    """Argmax decode: heatmaps (B, D, K, S, S) logits, boxes (B, D, 4) -> (B, D, K, 3).
+
+    ``resolution`` is S. The peak cell (px, py) maps to x = (px + 0.5) / S * max(x2 - x1, 1) + x1
+    (same for y); the third value is the peak logit. Finer decodes (bicubic / Taylor) live in
+    postprocess.py.
+    """
+    S = float(resolution)
+    flat = F.reshape(heatmaps, (0, 0, 0, -1))                                 # (B, D, K, S*S)
+    idx = F.expand_dims(F.argmax(flat, axis=-1), axis=-1)                      # (B, D, K, 1)
+    peak = F.max(flat, axis=-1, keepdims=True)
+    py = F.floor(idx / S)
+    px = idx - py * S
+    x1, y1, x2, y2 = [F.expand_dims(v, axis=2) for v in F.split(boxes, num_outputs=4, axis=-1)]
+    w = F.maximum(x2 - x1, 1.0)                                                # (B, D, 1, 1)
+    h = F.maximum(y2 - y1, 1.0)
+    x = F.broadcast_add(F.broadcast_mul((px + 0.5) / S, w), x1)
+    y = F.broadcast_add(F.broadcast_mul((py + 0.5) / S, h), y1)
+    return F.concat(x, y, peak, dim=-1)

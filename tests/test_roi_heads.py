@@ -1,0 +1,368 @@
+"""Tests of mxmask.modeling.roi_heads: detect() against numpy and GluonCV, the heads' layouts."""
+import math
+import warnings
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet.gluon import nn
+
+from mxmask.config import get_config
+from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead,
+                                       decode_keypoints, detect, detection_settings,
+                                       select_class_masks, GLUONCV_SCALE_CLAMP,
+                                       DETECTRON2_SCALE_CLAMP)
+
+
+def shapes_cfg(*extra):
+    return get_config("shapes", ["model.num_classes=3", "model.num_keypoints=4"] + list(extra))
+
+
+# --------------------------------------------------------------------------------------------
+# numpy reference of the detection post-processing
+# --------------------------------------------------------------------------------------------
+def np_softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_decode(deltas, rois, weights, clamp):
+    w = rois[..., 2] - rois[..., 0]
+    h = rois[..., 3] - rois[..., 1]
+    cx = rois[..., 0] + 0.5 * w
+    cy = rois[..., 1] + 0.5 * h
+    dx, dy, dw, dh = [deltas[..., i] / weights[i] for i in range(4)]
+    dw = np.minimum(dw, clamp)
+    dh = np.minimum(dh, clamp)
+    pcx, pcy = dx * w + cx, dy * h + cy
+    pw, ph = np.exp(dw) * w, np.exp(dh) * h
+    return np.stack([pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2], axis=-1)
+
+
+def np_iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if inter > 0 else 0.0
+
+
+def np_detect(logits, deltas, rois, roi_scores, im_info, C, weights=(10, 10, 5, 5),
+              score_thresh=0.05, nms_thresh=0.5, max_dets=100, clip=True,
+              clamp=DETECTRON2_SCALE_CLAMP):
+    """Per image: threshold, greedy per-class NMS, top max_dets; padded like detect()."""
+    B, R = rois.shape[:2]
+    probs = np_softmax(logits.reshape(B, R, C + 1))[..., 1:]
+    boxes = np_decode(deltas.reshape(B, R, C, 4), rois[:, :, None, :], weights, clamp)
+    ids = -np.ones((B, max_dets), np.float32)
+    scores = -np.ones((B, max_dets), np.float32)
+    out_boxes = np.zeros((B, max_dets, 4), np.float32)
+    for b in range(B):
+        bx = boxes[b].copy()
+        if clip:
+            h, w = im_info[b, :2]
+            bx[..., 0::2] = np.clip(bx[..., 0::2], 0, w)
+            bx[..., 1::2] = np.clip(bx[..., 1::2], 0, h)
+        kept = []
+        for c in range(C):
+            cand = [(probs[b, r, c], r) for r in range(R)
+                    if probs[b, r, c] > score_thresh and roi_scores[b, r] >= 0]
+            cand.sort(key=lambda t: -t[0])
+            keep_c = []
+            for s, r in cand:
+                if all(np_iou(bx[r, c], bx[k, c]) <= nms_thresh for _, k in keep_c):
+                    keep_c.append((s, r))
+            kept += [(s, c, bx[r, c]) for s, r in keep_c]
+        kept.sort(key=lambda t: -t[0])
+        for i, (s, c, box) in enumerate(kept[:max_dets]):
+            ids[b, i], scores[b, i], out_boxes[b, i] = c, s, box
+    return ids, scores, out_boxes
+
+
+def run_detect(logits, deltas, rois, roi_scores, im_info, **kw):
+    outs = detect(mx.nd, mx.nd.array(logits), mx.nd.array(deltas), mx.nd.array(rois),
+                  mx.nd.array(roi_scores), mx.nd.array(im_info), **kw)
+    return [o.asnumpy() for o in outs]
+
+
+class DetectBlock(mx.gluon.HybridBlock):
+    def __init__(self, **kw):
+        super(DetectBlock, self).__init__()
+        self.kw = kw
+
+    def hybrid_forward(self, F, logits, deltas, rois, roi_scores, im_info):
+        return detect(F, logits, deltas, rois, roi_scores, im_info, **self.kw)
+
+
+def logits_from_probs(p):
+    """Logits whose softmax is exactly-ish p (rows sum to 1)."""
+    return np.log(np.asarray(p, np.float64)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# detect()
+# --------------------------------------------------------------------------------------------
+def test_detect_hand_made_case():
+    # C = 2 classes, R = 5 rois, zero deltas (boxes = rois)
+    rois = np.array([[[0, 0, 10, 10],
+                      [1, 1, 11, 11],       # IoU 0.68 with roi 0
+                      [50, 50, 60, 70],
+                      [20, 20, 30, 30],     # a padded proposal (roi score -1)
+                      [80, 0, 90, 10]]], np.float32)
+    probs = [[0.1, 0.8, 0.1],    # class 0 kept (0.8); class 1 (0.1) suppressed by roi 1's 0.3
+             [0.1, 0.6, 0.3],    # class 0 suppressed by roi 0 (same class); class 1 kept
+             [0.9, 0.04, 0.06],  # class 0 under the 0.05 threshold; class 1 kept (0.06)
+             [0.05, 0.9, 0.05],  # padded roi: nothing, whatever its scores
+             [0.8, 0.12, 0.08]]  # no overlap: both classes kept
+    logits = logits_from_probs(probs)
+    deltas = np.zeros((5, 8), np.float32)
+    roi_scores = np.array([[0.9, 0.8, 0.7, -1, 0.5]], np.float32)
+    im_info = np.array([[100, 100, 1]], np.float32)
+    ids, scores, boxes = run_detect(logits, deltas, rois, roi_scores, im_info, num_classes=2,
+                                    max_dets=6)
+    np.testing.assert_array_equal(ids[0], [0, 1, 0, 1, 1, -1])
+    np.testing.assert_allclose(scores[0], [0.8, 0.3, 0.12, 0.08, 0.06, -1], rtol=1e-5)
+    np.testing.assert_allclose(boxes[0, :5], rois[0, [0, 1, 4, 4, 2]], atol=1e-4)
+    np.testing.assert_array_equal(boxes[0, 5], 0)
+    # max_dets truncates the lowest scores
+    ids, scores, boxes = run_detect(logits, deltas, rois, roi_scores, im_info, num_classes=2,
+                                    max_dets=4)
+    np.testing.assert_array_equal(ids[0], [0, 1, 0, 1])
+    np.testing.assert_allclose(scores[0], [0.8, 0.3, 0.12, 0.08], rtol=1e-5)
+    # the same with the numpy reference
+    ref = np_detect(logits, deltas, rois, roi_scores, im_info, 2, max_dets=6)
+    got = run_detect(logits, deltas, rois, roi_scores, im_info, num_classes=2, max_dets=6)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5)
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-4)
+
+
+def random_case(rng, B=2, R=40, C=3, H=100, W=120, delta_scale=0.5):
+    xy = rng.uniform(0, [W, H], size=(B, R, 2))
+    wh = rng.uniform(4, 50, size=(B, R, 2))
+    rois = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+    logits = (rng.randn(B * R, C + 1) * 2).astype(np.float32)
+    deltas = (rng.randn(B * R, C * 4) * delta_scale).astype(np.float32)
+    roi_scores = rng.uniform(0, 1, size=(B, R)).astype(np.float32)
+    roi_scores[:, -5:] = -1          # the last rois are padding
+    im_info = np.array([[H, W, 1.0]] * B, np.float32)
+    im_info[-1, :2] = [H - 30, W - 20]
+    return logits, deltas, rois, roi_scores, im_info
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_detect_matches_numpy_reference(clip):
+    rng = np.random.RandomState(0)
+    C = 3
+    case = random_case(rng, C=C)
+    for max_dets in (15, 200):     # fewer than the valid entries, and more than R*C
+        got = run_detect(*case, num_classes=C, max_dets=max_dets, clip=clip)
+        ref = np_detect(*case, C, max_dets=max_dets, clip=clip)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-3)
+        assert got[0].shape == (2, max_dets) and got[2].shape == (2, max_dets, 4)
+    if clip:
+        h, w = case[4][1, :2]
+        assert got[2][1, :, 0::2].max() <= w and got[2][1, :, 1::2].max() <= h
+    # some detections are suppressed and padding exists in the 200 case
+    assert (got[0] == -1).any() and (got[0] >= 0).sum() > 15
+
+
+def test_detect_padding_consistent_and_hybrid_equal():
+    rng = np.random.RandomState(1)
+    case = random_case(rng, C=4)
+    kw = dict(num_classes=4, max_dets=60, score_thresh=0.2)
+    ids, scores, boxes = run_detect(*case, **kw)
+    pad = ids < 0
+    assert pad.any() and (~pad).any()
+    assert (scores[pad] == -1).all() and (scores[~pad] > 0.2).all()
+    assert (boxes[pad] == 0).all()
+    for b in range(ids.shape[0]):                       # valid rows first, sorted by score
+        n = int((~pad[b]).sum())
+        assert (~pad[b, :n]).all()
+        assert (np.diff(scores[b, :n]) <= 0).all()
+    block = DetectBlock(**kw)
+    block.hybridize(static_alloc=True, static_shape=True)
+    hyb = block(*[mx.nd.array(a) for a in case])
+    for a, h in zip((ids, scores, boxes), hyb):
+        np.testing.assert_array_equal(a, h.asnumpy())
+
+
+def test_detect_matches_gluoncv_decoder():
+    """GluonCV's RCNN test path (MultiPerClassDecoder, box_decode clip 4.42, per-class box_nms,
+    argsort, top-k) gives the same detections as detect() with the gluoncv preset's settings."""
+    gcoder = pytest.importorskip("gluoncv.nn.coder")
+    cfg = get_config("gluoncv_mask_rcnn_r50_fpn", ["test.max_dets=100"])
+    kw = detection_settings(cfg)
+    assert kw["scale_clamp"] == GLUONCV_SCALE_CLAMP and kw["score_thresh"] == 0.01
+    assert not kw["clip"] and kw["num_classes"] == 80
+    rng = np.random.RandomState(2)
+    C, N = 80, 60
+    logits, deltas, rois, roi_scores, im_info = random_case(rng, B=1, R=N, C=C, H=300, W=400)
+    roi_scores[:] = 0.5
+    deltas[:7, 2::4] = 30.0         # far beyond the 4.42 clamp after the 0.2 std
+    cls_pred = mx.nd.array(logits).reshape((1, N, C + 1))
+    box_pred = mx.nd.array(deltas).reshape((1, N, C, 4))
+    cls_ids, scores = gcoder.MultiPerClassDecoder(num_class=C + 1)(mx.nd.softmax(cls_pred, axis=-1))
+    cls_ids = cls_ids.transpose((0, 2, 1)).reshape((0, 0, 0, 1))[0]      # (C, N, 1)
+    scores = scores.transpose((0, 2, 1)).reshape((0, 0, 0, 1))[0]
+    bbox = gcoder.NormalizedBoxCenterDecoder(clip=4.42, convert_anchor=True)(
+        box_pred.transpose((0, 2, 1, 3))[0], mx.nd.array(rois))          # (C, N, 4)
+    res = mx.nd.concat(cls_ids, scores, bbox, dim=-1)
+    res = mx.nd.contrib.box_nms(res, overlap_thresh=0.5, topk=-1, valid_thresh=0.0001,
+                                id_index=0, score_index=1, coord_start=2, force_suppress=False)
+    res = res.reshape((-3, 0))
+    order = mx.nd.argsort(res[:, 1], is_ascend=False)[:100]
+    ref = mx.nd.take(res, order).asnumpy()
+    ids, sc, boxes = run_detect(logits, deltas, rois, roi_scores, im_info, **kw)
+    valid = ref[:, 0] >= 0
+    assert valid.sum() > 50
+    np.testing.assert_array_equal(ids[0], np.where(valid, ref[:, 0], -1))
+    np.testing.assert_array_equal(sc[0][valid], ref[valid, 1])
+    np.testing.assert_array_equal(boxes[0][valid], ref[valid, 2:])
+
+
+def test_detection_settings():
+    d2 = detection_settings(get_config("mask_rcnn_r50_fpn"))
+    assert d2["scale_clamp"] == DETECTRON2_SCALE_CLAMP == math.log(1000 / 16)
+    assert d2["clip"] and not d2["decode_plus_one"] and d2["score_thresh"] == 0.05
+    assert d2["bbox_reg_weights"] == (10.0, 10.0, 5.0, 5.0) and d2["max_dets"] == 100
+    g = detection_settings(get_config("gluoncv_mask_rcnn_r50_fpn"))
+    assert g["decode_plus_one"] and not g["clip"] and g["nms_thresh"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------
+def features(B=2, C=128, H=64, W=80, seed=0):
+    rng = np.random.RandomState(seed)
+    return [mx.nd.array(rng.randn(B, C, H // s, W // s).astype(np.float32))
+            for s in (4, 8, 16, 32)]
+
+
+def test_box_head_and_predictor_shapes():
+    cfg = shapes_cfg()
+    head = BoxHead(cfg)
+    head.initialize()
+    pred = BoxPredictor(head.out_units, 3)
+    pred.initialize()
+    rois = mx.nd.array(np.tile([[[4, 4, 40, 30], [0, 0, 0, 0], [10, 20, 60, 60]]], (2, 1, 1)))
+    x = head(rois, *features())
+    assert x.shape == (6, cfg.model.box_head.fc_dim)
+    cls, box = pred(x)
+    assert cls.shape == (6, 4) and box.shape == (6, 12)
+    assert np.isfinite(x.asnumpy()).all()
+
+
+def test_gluoncv_box_head_matches_gluoncv_layers():
+    """pool_then_avgpool: RoIAlign at 14, AvgPool 3x3/2 pad 1 (count_include_pad), 2 x fc+ReLU,
+    equal to GluonCV's box_features on the same pooled input and weights."""
+    cfg = get_config("gluoncv_mask_rcnn_r50_fpn", ["model.box_head.fc_dim=64"])
+    head = BoxHead(cfg)
+    head.initialize(mx.init.Normal(0.01))
+    assert head.pooler.output_size == (14, 14) and head.out_units == 64
+    ref = nn.HybridSequential()
+    ref.add(nn.AvgPool2D(pool_size=(3, 3), strides=2, padding=1))
+    for _ in range(2):
+        ref.add(nn.Dense(64), nn.Activation("relu"))
+    ref.initialize()
+    pooled = mx.nd.random.normal(shape=(5, 256, 14, 14))
+    ref(pooled)
+    ref[1].weight.set_data(head.fcs[0].weight.data())
+    ref[1].bias.set_data(mx.nd.random.normal(shape=(64,)))
+    head.fcs[0].bias.set_data(ref[1].bias.data())
+    ref[3].weight.set_data(head.fcs[1].weight.data())
+    ref[3].bias.set_data(head.fcs[1].bias.data())
+    ours = head.fcs(mx.nd.flatten(head.avgpool(pooled)))
+    np.testing.assert_allclose(ours.asnumpy(), ref(pooled).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mask_head_matches_gluoncv_mask_block():
+    """Same computation as GluonCV's Mask head (4 conv+ReLU, deconv, ReLU, 1x1) with copied
+    weights: the converter copies mask.deconv.{0,2,4,6,8} and mask.mask one to one."""
+    mrcnn = pytest.importorskip("gluoncv.model_zoo.rcnn.mask_rcnn.mask_rcnn")
+    cfg = get_config("gluoncv_mask_rcnn_r50_fpn", ["model.num_classes=5",
+                                                   "model.mask_head.conv_dim=32",
+                                                   "model.fpn.out_channels=32"])
+    head = MaskHead(cfg)
+    head.initialize(mx.init.Normal(0.05))
+    g = mrcnn.Mask(1, ["c%d" % i for i in range(5)], 32, num_fcn_convs=4)
+    g.initialize()
+    x = mx.nd.random.normal(shape=(3, 32, 14, 14))
+    g(x)
+    ours = list(head.convs) + [head.deconv, head.predictor]
+    theirs = [g.deconv[i] for i in (0, 2, 4, 6, 8)] + [g.mask]
+    for a, b in zip(ours, theirs):
+        b.weight.set_data(a.weight.data())
+        b.bias.set_data(a.bias.data() + 0.01)
+        a.bias.set_data(b.bias.data())
+    out = head.predictor(head.deconv(head.convs(x)))
+    np.testing.assert_allclose(out.asnumpy(), g(x).asnumpy()[0], rtol=1e-4, atol=1e-5)
+    rois = mx.nd.array([[[0, 0, 20, 20], [0, 0, 0, 0]]])
+    full = head(rois, *features(B=1, C=32))
+    assert full.shape == (2, 5, 28, 28)
+
+
+def test_select_class_masks():
+    logits = np.zeros((2 * 3, 4, 28, 28), np.float32)
+    for i in range(6):
+        for c in range(4):
+            logits[i, c] = i * 10 + c
+    ids = np.array([[2, 0, -1], [3, 1, 1]], np.float32)
+    out = select_class_masks(mx.nd, mx.nd.array(logits), mx.nd.array(ids), 4).asnumpy()
+    assert out.shape == (2, 3, 28, 28)
+    expect = 1 / (1 + np.exp(-np.array([[2, 10, 20], [33, 41, 51]], np.float64)))
+    np.testing.assert_allclose(out[:, :, 5, 7], expect, rtol=1e-6)
+
+
+def np_upsample2_half_pixel(x):
+    """Bilinear x2 with half-pixel centres (torch align_corners=False) on the last two axes."""
+    def matrix(n):
+        src = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, None)
+        i0 = np.minimum(np.floor(src).astype(int), n - 1)
+        i1 = np.minimum(i0 + 1, n - 1)
+        m = np.zeros((2 * n, n))
+        m[np.arange(2 * n), i0] += 1 - (src - i0)
+        m[np.arange(2 * n), i1] += src - i0
+        return m
+    mh, mw = matrix(x.shape[-2]), matrix(x.shape[-1])
+    return np.einsum("ij,...jk,lk->...il", mh, x, mw)
+
+
+def test_keypoint_head_shapes_and_upsampling():
+    cfg = shapes_cfg()
+    head = KeypointHead(cfg)
+    head.initialize(mx.init.Normal(0.05))
+    rois = mx.nd.array([[[0, 0, 30, 40], [5, 5, 60, 60]], [[0, 0, 0, 0], [10, 0, 20, 8]]])
+    feats = features()
+    out = head(rois, *feats)
+    assert out.shape == (4, 4, 56, 56)
+    low = head.deconv(head.convs(head.pooler(rois, *feats)))
+    assert low.shape == (4, 4, 28, 28)
+    np.testing.assert_allclose(out.asnumpy(), np_upsample2_half_pixel(low.asnumpy()),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_decode_keypoints_hand_made():
+    S = 56
+    hm = np.full((1, 2, 3, S, S), -5.0, np.float32)
+    hm[0, 0, 0, 20, 10] = 7.0      # py=20, px=10
+    hm[0, 0, 1, 0, 55] = 3.0
+    hm[0, 0, 2, 55, 0] = 1.0
+    hm[0, 1, :, 3, 4] = 2.0
+    boxes = np.array([[[100, 50, 156, 162], [0, 0, 0, 0]]], np.float32)
+    kp = decode_keypoints(mx.nd, mx.nd.array(hm), mx.nd.array(boxes), S).asnumpy()
+    assert kp.shape == (1, 2, 3, 3)
+    np.testing.assert_allclose(kp[0, 0, 0], [100 + 10.5, 50 + 20.5 * 2, 7.0], rtol=1e-6)
+    np.testing.assert_allclose(kp[0, 0, 1], [100 + 55.5, 50 + 0.5 * 2, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(kp[0, 0, 2], [100 + 0.5, 50 + 55.5 * 2, 1.0], rtol=1e-6)
+    # a zero-size (padding) box: width clamped to 1 pixel
+    np.testing.assert_allclose(kp[0, 1, 0], [4.5 / S, 3.5 / S, 2.0], rtol=1e-5)
+
+
+def test_head_errors():
+    with pytest.raises(ValueError):
+        KeypointHead(shapes_cfg("model.keypoint_head.resolution=28"))
+    with pytest.raises(ValueError):
+        detection_settings(shapes_cfg("test.max_dets=0"))
