@@ -5,6 +5,7 @@ Each verb parses its arguments here and calls one function in the package. A
 stderr and exit code 2, never a traceback.
 """
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -47,7 +48,156 @@ def _add_data(sub):
 
 
 # --------------------------------------------------------------------------------------------
-VERBS = [_add_data]
+# contexts
+# --------------------------------------------------------------------------------------------
+def parse_ctx(text):
+    """``cpu`` / ``cpu:N`` (N CPU contexts) / ``gpu:0,1`` (those GPUs) -> list of contexts."""
+    import mxnet as mx
+    kind, _, rest = text.strip().partition(":")
+    kind = kind.lower()
+    try:
+        if kind == "cpu":
+            return [mx.cpu(i) for i in range(int(rest) if rest else 1)]
+        if kind == "gpu":
+            ids = [int(x) for x in rest.split(",")] if rest else [0]
+            num = mx.context.num_gpus()
+            missing = [i for i in ids if i >= num]
+            if missing:
+                raise UserError("--ctx %s: this machine has %d GPU(s); gpu %s does not exist"
+                                % (text, num, ",".join(map(str, missing))))
+            return [mx.gpu(i) for i in ids]
+    except ValueError:
+        pass
+    raise UserError("--ctx %s: expected cpu, cpu:N (N CPU contexts) or gpu:I,J (GPU ids)" % text)
+
+
+# --------------------------------------------------------------------------------------------
+# eval / predict
+# --------------------------------------------------------------------------------------------
+def _cmd_eval(args):
+    from .engine.evaluator import evaluate_results
+    if args.results:
+        if not args.ann:
+            raise UserError("eval --results needs --ann GT.json")
+        out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
+        evaluate_results(args.results, args.ann, kpt_oks_sigmas=args.sigmas, out_dir=out_dir,
+                         plots=args.plots)
+        print("metrics: %s" % os.path.join(out_dir, "metrics.json"))
+        return 0
+    if not args.ckpt:
+        raise UserError("eval needs a checkpoint folder, or --results FILE --ann GT.json")
+    from .engine.inference import evaluate_on_dataset
+    from .predictor import Predictor
+    predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx))
+    cfg = predictor.cfg
+    ann = args.ann or cfg.data.val_ann
+    images = args.images or (cfg.data.val_images if not args.ann else None)
+    if images is None:
+        raise UserError("eval --ann needs --images DIR too")
+    out_dir = args.out_dir or args.ckpt
+    results = args.out or os.path.join(out_dir, "results.json")
+    evaluate_on_dataset(predictor, ann, images, out_dir=out_dir, results_path=results,
+                        plots=args.plots)
+    print("results: %s\nmetrics: %s" % (results, os.path.join(out_dir, "metrics.json")))
+    return 0
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint, or of a saved results json")
+    p.add_argument("ckpt", nargs="?", help="checkpoint folder")
+    p.add_argument("--ann", help="COCO json to evaluate on (default: the config's val set)")
+    p.add_argument("--images", help="image folder of --ann")
+    p.add_argument("--results", help="score this results json instead of running a model")
+    p.add_argument("--out", help="where to write the results json (default CKPT/results.json)")
+    p.add_argument("--out-dir", help="where metrics.json and plots go (default: the checkpoint)")
+    p.add_argument("--plots", action="store_true", help="write precision/recall curves (PNG)")
+    p.add_argument("--sigmas", type=float, nargs="+", help="keypoint OKS sigmas (with --results)")
+    p.add_argument("--ctx", default="cpu", help="cpu, cpu:N or gpu:0,1 (default cpu)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_predict(args):
+    from .predictor import Predictor
+    predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh)
+    vis_thresh = args.score_thresh if args.score_thresh is not None else 0.5
+
+    def on_image(path, image, entries):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if args.vis:
+            from .vis import draw_instances
+            draw_instances(image, entries, predictor.class_names,
+                           predictor.cfg.data.skeleton, os.path.join(args.vis, stem + ".png"),
+                           score_thresh=vis_thresh)
+        if args.cutout:
+            from .vis import write_cutouts
+            write_cutouts(image, entries, args.cutout, stem, score_thresh=vis_thresh)
+        print("%s: %d detections" % (path, len(entries)))
+
+    from .predictor import list_images
+    paths = list_images(args.inputs)
+    if not paths:
+        raise UserError("no image files in %s" % " ".join(args.inputs))
+    results, failures = predictor.predict_paths(paths, on_image=on_image)
+    from .utils import atomic_write_json
+    atomic_write_json(args.out, results)
+    print("results: %s (%d entries)" % (args.out, len(results)))
+    for path, message in failures:
+        print("mxmask: skipped %s" % message, file=sys.stderr)
+    if failures:
+        print("mxmask: error: %d of %d images could not be read: %s"
+              % (len(failures), len(paths), ", ".join(p for p, _ in failures)), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="detect, segment and find keypoints in images")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="results.json", help="COCO results json (default results.json)")
+    p.add_argument("--vis", help="folder for pictures of the detections")
+    p.add_argument("--cutout", help="folder for one RGBA PNG cut-out per instance")
+    p.add_argument("--score-thresh", type=float, help="drop detections below this score")
+    p.add_argument("--ctx", default="cpu", help="cpu or gpu:0 (default cpu)")
+    p.set_defaults(func=_cmd_predict)
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def _cmd_train(args):
+    from .config import get_config
+    from .engine.launch import run_training
+    cfg = get_config(args.config, args.set)
+    if args.out:
+        cfg.output_dir = args.out
+    ctxs = parse_ctx(args.ctx)
+    out_dir, metrics = run_training(cfg, ctxs, kvstore=args.kvstore, resume=args.resume)
+    if metrics is not None:
+        print("checkpoint: %s" % os.path.abspath(out_dir))
+        print("metrics:    %s" % os.path.abspath(os.path.join(out_dir, "metrics.json")))
+        print("curves:     %s" % os.path.abspath(os.path.join(out_dir, "curves.png")))
+        print("results:    %s" % os.path.abspath(os.path.join(out_dir, "results.json")))
+        for task, m in metrics.items():
+            print("%-10s AP %.3f  AP50 %.3f  AP75 %.3f" % (task, m["AP"], m["AP50"], m["AP75"]))
+    return 0
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a model (default: the shapes preset on synthetic data)")
+    p.add_argument("--config", default="shapes", help="preset name or YAML file (default shapes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set solver.max_iter=1000 (repeatable)")
+    p.add_argument("--out", help="checkpoint folder (default: the config's output_dir)")
+    p.add_argument("--ctx", default="cpu", help="cpu, cpu:N (N CPU contexts) or gpu:0,1")
+    p.add_argument("--kvstore", default="device", choices=["device", "local", "dist_sync"],
+                   help="gradient aggregation (default device)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=_cmd_train)
+
+
+# --------------------------------------------------------------------------------------------
+VERBS = [_add_data, _add_train, _add_eval, _add_predict]
 
 
 def build_parser():

@@ -25,6 +25,8 @@ def _randomize(named_params, seed=0):
     rng = np.random.RandomState(seed)
     for name, p in sorted(named_params.items()):
         shape = p.shape
+        if name.endswith(("affine_mean", "affine_var")):
+            continue  # GroupNorm's fixed constants, not learnt values
         if name.endswith(("running_var",)):
             value = rng.uniform(0.5, 1.5, shape)
         elif name.endswith("gamma"):

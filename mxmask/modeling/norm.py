@@ -26,10 +26,13 @@ Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``ep
 (default 1e-5), ``num_devices`` (syncbn only).
 """
 import mxnet as mx
+import numpy as np
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
 from ..utils import UserError
+
+_AFFINE_EPS = 1e-5
 
 NORM_KINDS = ("frozen_bn", "bn", "syncbn", "gn")
 
@@ -69,15 +72,23 @@ class GroupNorm(HybridBlock):
         self._epsilon = epsilon
         self.gamma = self.params.get("gamma", shape=(in_channels,), init="ones")
         self.beta = self.params.get("beta", shape=(in_channels,), init="zeros")
+        # The per-channel affine runs as an inference-mode BatchNorm with mean 0 and variance
+        # 1 - eps (so that 1 / sqrt(var + eps) is exactly 1): the same result as
+        # broadcast_mul + broadcast_add, but its backward is about 2x faster on CPU, where the
+        # broadcast ops' gradient reductions dominated the training step.
+        self.affine_mean = self.params.get_constant(
+            "affine_mean", np.zeros((in_channels,), np.float32))
+        self.affine_var = self.params.get_constant(
+            "affine_var", np.full((in_channels,), 1.0 - _AFFINE_EPS, np.float32))
 
-    def hybrid_forward(self, F, x, gamma, beta):
+    def hybrid_forward(self, F, x, gamma, beta, affine_mean, affine_var):
         # A unit, zero per-group affine for the operator, built from gamma so that it lives on
         # gamma's context and exists in symbolic graphs too (no gradient flows through ones_like).
         unit = F.ones_like(F.slice_axis(gamma, axis=0, begin=0, end=self._num_groups))
         x_hat = F.GroupNorm(x, gamma=unit, beta=F.zeros_like(unit),
                             num_groups=self._num_groups, eps=self._epsilon)
-        y = F.broadcast_mul(x_hat, F.reshape(gamma, shape=(1, -1, 1, 1)))
-        return F.broadcast_add(y, F.reshape(beta, shape=(1, -1, 1, 1)))
+        return F.BatchNorm(x_hat, gamma, beta, affine_mean, affine_var, eps=_AFFINE_EPS,
+                           use_global_stats=True, fix_gamma=False)
 
     def __repr__(self):
         return "%s(%d channels, num_groups=%d, eps=%g)" % (

@@ -1,0 +1,155 @@
+"""The predictor: a checkpoint in, COCO result entries out.
+
+    predictor = Predictor("runs/shapes")                    # a checkpoint folder
+    entries = predictor.predict_image("image.png")          # COCO result dicts, original pixels
+    results, failures = predictor.predict_paths(["a.png", "b.jpg", "dir/"])
+
+What goes in: image files (any size; folders are expanded to their image files) or HxWx3 uint8
+RGB arrays. Each image is resized as at test time (``input.min_size_test``/``max_size_test``),
+normalised and padded to a multiple of 32, run through the hybridized network, and its outputs
+are post-processed (:mod:`mxmask.postprocess`): boxes mapped back to the original image, masks
+pasted and RLE-encoded, keypoints decoded with ``test.keypoint_decode``.
+
+What comes out: COCO result entries (``image_id`` or ``file_name``, ``category_id``, ``bbox`` as
+xywh, ``score``, ``segmentation`` RLE, ``keypoints``) with COCO category ids taken from the
+checkpoint's config (``data.category_ids``).
+
+Several contexts: :meth:`Predictor.run_batches` sends consecutive batches to the contexts in turn
+and lets MXNet's engine run them in parallel; each image's results are produced exactly once.
+"""
+import os
+
+import mxnet as mx
+import numpy as np
+
+from .data.transforms import TestTransform, batchify_test
+from .engine.checkpoint import checkpoint_files, load_checkpoint_config
+from .modeling.rcnn import build_model
+from .postprocess import detections_to_coco
+from .utils import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(paths):
+    """Expand files and folders (sorted, non-recursive) into image file paths."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            out.extend(os.path.join(path, n) for n in names)
+        else:
+            out.append(path)
+    return out
+
+
+def load_network(cfg, params, ctxs, hybridize=True):
+    """Build the network of ``cfg`` on ``ctxs`` and load ``params`` (a file path)."""
+    net = build_model(cfg, ctx=ctxs)
+    try:
+        net.load_parameters(params, ctx=ctxs)
+    except (AssertionError, mx.base.MXNetError) as e:
+        raise UserError("%s: does not match the network of its config (%s)"
+                        % (params, str(e).splitlines()[0][:300]))
+    if hybridize:
+        net.hybridize(static_alloc=True)
+    return net
+
+
+class Predictor:
+    """Runs a trained model on images. ``ckpt``: a checkpoint folder (config.yaml + params)."""
+
+    def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None):
+        self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
+        self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
+        if net is None:
+            params = params or checkpoint_files(ckpt)[0]
+            net = load_network(self.cfg, params, self.ctxs)
+        self.net = net
+        self.output_names = list(net.output_names)
+        self.transform = TestTransform(self.cfg)
+        self.score_thresh = self.cfg.test.score_thresh if score_thresh is None else score_thresh
+        d = self.cfg.data
+        if len(d.category_ids) != self.cfg.model.num_classes:
+            raise UserError("checkpoint config: data.category_ids has %d ids but the model has %d "
+                            "classes" % (len(d.category_ids), self.cfg.model.num_classes))
+        self.category_ids = list(d.category_ids)
+        self.class_names = dict(zip(d.category_ids, d.class_names))
+        self.keypoint_category_ids = list(d.keypoint_category_ids) or None
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, batch, ctx):
+        """Run one test batch (numpy dict) on ``ctx``; returns the raw outputs (NDArrays)."""
+        data = mx.nd.array(batch["data"], ctx=ctx)
+        im_info = mx.nd.array(batch["im_info"], ctx=ctx)
+        outputs = self.net(data, im_info)
+        return outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+    def to_entries(self, outputs, batch, names=None):
+        """Raw outputs of a batch -> list (per image) of lists of COCO result entries."""
+        arrays = [o.asnumpy() for o in outputs]
+        per_image = []
+        for i in range(len(batch["data"])):
+            out = {name: a[i] for name, a in zip(self.output_names, arrays)}
+            key = {"file_name": names[i]} if names is not None else {}
+            per_image.append(detections_to_coco(
+                out, batch["im_info"][i], batch["orig_size"][i], int(batch["image_id"][i]),
+                self.category_ids, score_thresh=self.score_thresh,
+                mask_thresh=self.cfg.test.mask_thresh,
+                keypoint_decode=self.cfg.test.keypoint_decode,
+                keypoint_category_ids=self.keypoint_category_ids,
+                box_plus_one=self.cfg.model.box_plus_one, **key))
+        return per_image
+
+    def run_batches(self, batches, names_of=None):
+        """Yield ``(batch, entries per image)`` for an iterable of test batches, using every
+        context: batches are dispatched to the contexts in turn before any result is read."""
+        pending = []
+        for batch in batches:
+            ctx = self.ctxs[len(pending) % len(self.ctxs)]
+            pending.append((batch, self.forward(batch, ctx)))
+            if len(pending) == len(self.ctxs):
+                for b, outs in pending:
+                    yield b, self.to_entries(outs, b, names_of(b) if names_of else None)
+                pending = []
+        for b, outs in pending:
+            yield b, self.to_entries(outs, b, names_of(b) if names_of else None)
+
+    # ----------------------------------------------------------------------------------------
+    def prepare(self, image, image_id=0):
+        """HxWx3 uint8 RGB -> a test batch of one image."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise UserError("expected an HxWx3 RGB image, got shape %s" % (image.shape,))
+        data, im_info = self.transform.apply_image(image.astype(np.uint8, copy=False))
+        return batchify_test([(data, im_info, image_id, np.array(image.shape[:2], np.int64))],
+                             self.cfg.input.size_divisibility)
+
+    def predict_array(self, image, image_id=0, file_name=None):
+        """One RGB array -> its COCO result entries."""
+        batch = self.prepare(image, image_id)
+        names = [file_name] if file_name is not None else None
+        return self.to_entries(self.forward(batch, self.ctxs[0]), batch, names)[0]
+
+    def predict_image(self, path):
+        """One image file -> its COCO result entries (keyed by ``file_name``)."""
+        from .data.coco import read_image
+        return self.predict_array(read_image(path), file_name=os.path.basename(path))
+
+    def predict_paths(self, paths, on_image=None):
+        """Files and folders -> (all entries, failures). An unreadable image is reported in
+        ``failures`` as ``(path, message)`` and skipped; the others are still processed.
+        ``on_image(path, image, entries)`` is called for each image that worked."""
+        from .data.coco import read_image
+        results, failures = [], []
+        for path in list_images(paths):
+            try:
+                image = read_image(path)
+            except UserError as e:
+                failures.append((path, str(e)))
+                continue
+            entries = self.predict_array(image, file_name=os.path.basename(path))
+            results.extend(entries)
+            if on_image is not None:
+                on_image(path, image, entries)
+        return results, failures
