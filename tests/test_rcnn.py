@@ -174,7 +174,7 @@ def test_box_forward_and_init(shapes_net):
     assert 0.007 < std("rpn.head.logits.weight") < 0.013
     assert 0.0007 < std("box_predictor.bbox_pred.weight") < 0.0013
     assert 0.007 < std("box_predictor.cls_score.weight") < 0.013
-    fan_out = 128 * 9
+    fan_out = p["mask_head.convs.0.weight"].shape[0] * 9   # He fan-out: out channels x 3 x 3
     assert abs(std("mask_head.convs.0.weight") / np.sqrt(2.0 / fan_out) - 1) < 0.1
     for k, v in p.items():
         if k.endswith("bias") and "backbone" not in k:
