@@ -197,7 +197,33 @@ def _add_train(sub):
 
 
 # --------------------------------------------------------------------------------------------
-VERBS = [_add_data, _add_train, _add_eval, _add_predict]
+# bench
+# --------------------------------------------------------------------------------------------
+def _cmd_bench(args):
+    from .bench import run_bench
+    run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
+              runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
+              json_path=args.json)
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="inference and training-step speed, stage by stage")
+    p.add_argument("--preset", default="mask_rcnn_r50_fpn", help="preset with random weights")
+    p.add_argument("--ckpt", help="measure this checkpoint instead of a preset")
+    p.add_argument("--size", default="800x1344", help="input HxW, rounded up to 32 (800x1344)")
+    p.add_argument("--batch", type=int, default=1, help="images per forward (default 1)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs after warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
+    p.add_argument("--train", action="store_true", help="also time a training step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.set_defaults(func=_cmd_bench)
+
+
+# --------------------------------------------------------------------------------------------
+VERBS = [_add_data, _add_train, _add_eval, _add_predict, _add_bench]
 
 
 def build_parser():
