@@ -330,7 +330,8 @@ def test_fpn_shapes_strides_and_hybridize(p6, size):
         np.testing.assert_array_equal(outs[4].asnumpy(), outs[3].asnumpy()[:, :, ::2, ::2])
         assert not hasattr(net.fpn, "P6_conv1")
     else:
-        assert net.fpn.P6_conv1.weight.shape == (128, 128, 3, 3)
+        c = cfg.model.fpn.out_channels
+        assert net.fpn.P6_conv1.weight.shape == (c, c, 3, 3)
     net.hybridize()
     _assert_close(net(x), outs, 1e-5)
 

@@ -15,7 +15,9 @@ from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, Mask
 
 
 def shapes_cfg(*extra):
-    return get_config("shapes", ["model.num_classes=3", "model.num_keypoints=4"] + list(extra))
+    # 128 FPN channels, as the synthetic features below (independent of the preset's tuning)
+    return get_config("shapes", ["model.num_classes=3", "model.num_keypoints=4",
+                                 "model.fpn.out_channels=128"] + list(extra))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from mxmask.modeling.rpn import RPN, RPNHead, anchor_max_size
 
 
 def shapes_cfg(*extra):
-    return get_config("shapes", ["model.num_classes=3", "model.num_keypoints=4"] + list(extra))
+    # 128 FPN channels, as the synthetic features below (independent of the preset's tuning)
+    return get_config("shapes", ["model.num_classes=3", "model.num_keypoints=4",
+                                 "model.fpn.out_channels=128"] + list(extra))
 
 
 def pyramid(B=2, C=128, H=64, W=96, seed=0):
