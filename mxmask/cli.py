@@ -75,44 +75,95 @@ def parse_ctx(text):
 # eval / predict
 # --------------------------------------------------------------------------------------------
 def _cmd_eval(args):
-    from .engine.evaluator import evaluate_results
+    """``mxmask eval``: score a checkpoint on its val set or on --ann/--images (optionally as one
+    shard of several processes), or score a saved results json with --results."""
+    def _print_metrics(metrics):
+        for task, m in metrics.items():
+            print("%-10s %s" % (task, "  ".join("%s %.3f" % (k, v) for k, v in m.items())))
+
+    if args.images and not args.ann:
+        raise UserError("eval --images needs --ann GT.json too")
     if args.results:
+        from .engine.evaluator import evaluate_results
         if not args.ann:
             raise UserError("eval --results needs --ann GT.json")
-        out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.results))
-        evaluate_results(args.results, args.ann, kpt_oks_sigmas=args.sigmas, out_dir=out_dir,
-                         plots=args.plots)
+        sigmas = args.sigmas
+        if args.ckpt and not sigmas:          # the checkpoint's keypoint OKS sigmas
+            from .engine.checkpoint import load_checkpoint_config
+            sigmas = list(load_checkpoint_config(args.ckpt).test.keypoint_oks_sigmas) or None
+        out_dir = args.out_dir or args.ckpt or os.path.dirname(os.path.abspath(args.results))
+        metrics = evaluate_results(args.results, args.ann, kpt_oks_sigmas=sigmas,
+                                   out_dir=out_dir, plots=args.plots)
+        _print_metrics(metrics)
         print("metrics: %s" % os.path.join(out_dir, "metrics.json"))
         return 0
     if not args.ckpt:
         raise UserError("eval needs a checkpoint folder, or --results FILE --ann GT.json")
-    from .engine.inference import evaluate_on_dataset
+    if args.ann and not args.images:
+        raise UserError("eval --ann needs --images DIR too")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1, got %d" % args.batch_size)
+    if not args.gather_timeout > 0:
+        raise UserError("--gather-timeout must be > 0 seconds, got %g" % args.gather_timeout)
+    from .engine.inference import evaluate_on_dataset, parse_shard
     from .predictor import Predictor
-    predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx))
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
+    ctxs = parse_ctx(args.ctx)
+    if not os.path.isdir(args.ckpt):
+        raise UserError("%s: checkpoint folder not found" % args.ckpt)
+    predictor = Predictor(args.ckpt, ctx=ctxs)
     cfg = predictor.cfg
     ann = args.ann or cfg.data.val_ann
-    images = args.images or (cfg.data.val_images if not args.ann else None)
-    if images is None:
-        raise UserError("eval --ann needs --images DIR too")
+    images = args.images or cfg.data.val_images
+    if not args.ann and not os.path.exists(ann):
+        s = cfg.data.shapes
+        hint = ""
+        if os.path.normpath(ann) == os.path.join(os.path.normpath(s.root), "annotations",
+                                                 "val.json"):
+            hint = " (make it with: mxmask data shapes %s --train %d --val %d --size %d " \
+                   "--seed %d)" % (s.root, s.train, s.val, s.size, s.seed)
+        raise UserError("%s: the checkpoint's validation json (data.val_ann) does not exist%s; "
+                        "or pass --ann GT.json --images DIR" % (ann, hint))
     out_dir = args.out_dir or args.ckpt
     results = args.out or os.path.join(out_dir, "results.json")
-    evaluate_on_dataset(predictor, ann, images, out_dir=out_dir, results_path=results,
-                        plots=args.plots)
+    metrics = evaluate_on_dataset(predictor, ann, images, out_dir=out_dir, results_path=results,
+                                  plots=args.plots, shard=shard,
+                                  gather_timeout=args.gather_timeout,
+                                  batch_size=args.batch_size, kpt_oks_sigmas=args.sigmas)
+    if metrics is None:                   # a rank > 0 of a sharded evaluation
+        print("shard %d/%d written to %s; rank 0 writes the metrics" % (shard + (out_dir,)))
+        return 0
+    _print_metrics(metrics)
     print("results: %s\nmetrics: %s" % (results, os.path.join(out_dir, "metrics.json")))
     return 0
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="COCO metrics of a checkpoint, or of a saved results json")
+    p = sub.add_parser("eval", help="COCO metrics of a checkpoint, or of a saved results json",
+                       description="Score CKPT on its validation set (or --ann/--images), or "
+                                   "score a saved results json (--results R.json --ann GT.json)."
+                                   " Prints the pycocotools tables and per-category AP, writes "
+                                   "the results json and metrics.json.")
     p.add_argument("ckpt", nargs="?", help="checkpoint folder")
     p.add_argument("--ann", help="COCO json to evaluate on (default: the config's val set)")
     p.add_argument("--images", help="image folder of --ann")
     p.add_argument("--results", help="score this results json instead of running a model")
-    p.add_argument("--out", help="where to write the results json (default CKPT/results.json)")
-    p.add_argument("--out-dir", help="where metrics.json and plots go (default: the checkpoint)")
+    p.add_argument("--out", help="where to write the results json (default OUT_DIR/results.json)")
+    p.add_argument("--out-dir", help="where metrics.json, plots and shard files go (default: the "
+                                     "checkpoint; with --results and no CKPT: the results' folder)")
     p.add_argument("--plots", action="store_true", help="write precision/recall curves (PNG)")
-    p.add_argument("--sigmas", type=float, nargs="+", help="keypoint OKS sigmas (with --results)")
+    p.add_argument("--sigmas", type=float, nargs="+", metavar="S",
+                   help="keypoint OKS sigmas, one per keypoint (needed when K != 17 and the "
+                        "checkpoint has no test.keypoint_oks_sigmas)")
     p.add_argument("--ctx", default="cpu", help="cpu, cpu:N or gpu:0,1 (default cpu)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per forward on each context (default 1)")
+    p.add_argument("--shard", metavar="RANK/NUM",
+                   help="run as process RANK of NUM: each processes images RANK::NUM and writes "
+                        "OUT_DIR/results.rankRANK.json; rank 0 waits for the others, merges and "
+                        "scores (all ranks need the same --out-dir)")
+    p.add_argument("--gather-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long rank 0 waits for the other shards (default 600)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -191,8 +242,11 @@ def _add_train(sub):
     p.add_argument("--out", help="checkpoint folder (default: the config's output_dir)")
     p.add_argument("--ctx", default="cpu", help="cpu, cpu:N (N CPU contexts) or gpu:0,1")
     p.add_argument("--kvstore", default="device", choices=["device", "local", "dist_sync"],
-                   help="gradient aggregation (default device)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+                   help="gradient aggregation over the contexts (default device); dist_sync "
+                   "trains over processes or machines: start it with scripts/train_dist.sh")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its saved "
+                   "config.yaml (--config and --set are not used then)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -223,7 +277,77 @@ def _add_bench(sub):
 
 
 # --------------------------------------------------------------------------------------------
-VERBS = [_add_data, _add_train, _add_eval, _add_predict, _add_bench]
+# convert
+# --------------------------------------------------------------------------------------------
+def _cmd_convert_gluoncv(args):
+    from .convert.gluoncv import convert_gluoncv
+    info = convert_gluoncv(args.src, args.out)
+    print("converted %d GluonCV arrays from %s" % (info["copied"], args.src))
+    print("checkpoint: %s (preset gluoncv_mask_rcnn_r50_fpn)" % os.path.abspath(args.out))
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="turn other frameworks' weights into a checkpoint")
+    csub = p.add_subparsers(dest="convert_cmd", metavar="{gluoncv}")
+    csub.required = True
+    g = csub.add_parser("gluoncv", help="GluonCV mask_rcnn_fpn_resnet50_v1b_coco .params -> "
+                                        "checkpoint of preset gluoncv_mask_rcnn_r50_fpn")
+    g.add_argument("src", help="GluonCV parameter file (from net.save_parameters)")
+    g.add_argument("--out", required=True, help="checkpoint folder to write")
+    g.set_defaults(func=_cmd_convert_gluoncv)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def _cmd_export(args):
+    from .engine.checkpoint import load_checkpoint_config
+    from .export import export_checkpoint, parse_size
+    size = parse_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
+    result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
+                               check=not args.no_check)
+    for path in result["files"]:
+        print("wrote %s" % path)
+    report = result["check"]
+    if report is not None:
+        h, w = result["size"]
+        diffs = "  ".join("%s %.3g" % (k, v) for k, v in report.items()
+                          if k not in ("ids_agree", "matched", "matched_score", "matched_box"))
+        print("check on a random %dx%d input, exported vs Gluon fp32: max |diff| %s"
+              % (h, w, diffs))
+        print("  same class per row %.1f%%; detections matched (same class, IoU >= 0.9) %.1f%%, "
+              "their max score diff %.3g, box diff %.3g px"
+              % (100 * report["ids_agree"], 100 * report["matched"], report["matched_score"],
+                 report["matched_box"]))
+        exact = args.dtype == "float32" and not args.fuse
+        if exact and max(report[k] for k in ("scores", "boxes")) > 1e-4:
+            print("mxmask: error: the exported graph does not reproduce the Gluon model",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a checkpoint as PREFIX-symbol.json + "
+                                      "PREFIX-0000.params (SymbolBlock.imports, no mxmask needed)")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("--out", required=True, metavar="PREFIX",
+                   help="output prefix: PREFIX-symbol.json, -0000.params, -config.yaml, -meta.json")
+    p.add_argument("--size", metavar="HxW", help="example input to trace, fuse and check with "
+                   "(multiples of 32; default min_size_test square, at most 512); the graph "
+                   "still takes any size")
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: convolutions and fc layers in bf16 (use with --fuse)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip running the export against the Gluon model")
+    p.set_defaults(func=_cmd_export)
+
+
+# --------------------------------------------------------------------------------------------
+VERBS = [_add_data, _add_train, _add_eval, _add_predict, _add_bench, _add_convert, _add_export]
 
 
 def build_parser():

@@ -183,6 +183,7 @@ class SolverConfig:
     log_period: int = 20
     amp: str = ""                        # "" | float16 (GPU) | bfloat16 (CPU)
     nonfinite_policy: str = "stop"       # stop | skip
+    dist_timeout: float = 600.0          # seconds a dist kvstore wait may take; 0 = forever
 
 
 @dataclass

@@ -321,7 +321,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
         flat = np.empty((kpts.shape[0], kpts.shape[1], 3), np.float64)
         flat[:, :, :2] = kpts[:, :, :2] - 0.5   # continuous -> COCO's integer pixel indices
         flat[:, :, 2] = 2.0
-        kpt_lists = flat.reshape(len(keep), -1).tolist()
+        kpt_lists = flat.reshape(len(keep), kpts.shape[1] * 3).tolist()
         kpt_cats = (None if keypoint_category_ids is None
                     else set(int(c) for c in keypoint_category_ids))
 

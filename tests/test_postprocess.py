@@ -155,3 +155,14 @@ def test_round_trip_through_coco_evaluation(tmp_path):
                              [0] * len(anns)).diagonal()
         # ~0.98 on average; half a pixel of misalignment in the pasting drops it to ~0.955
         assert ious.min() > 0.95 and ious.mean() > 0.97, ious
+
+
+def test_no_detections_with_keypoints_gives_no_entries():
+    outputs = {"ids": -np.ones(5, np.float32), "scores": -np.ones(5, np.float32),
+               "boxes": np.zeros((5, 4), np.float32),
+               "masks": np.zeros((5, 28, 28), np.float32),
+               "keypoints": np.zeros((5, 7, 3), np.float32),
+               "heatmaps": np.zeros((5, 7, 56, 56), np.float32)}
+    for method in ("taylor", "bicubic"):
+        assert detections_to_coco(outputs, np.array([64, 80, 1.0]), (64, 80), 3, [1, 2],
+                                  keypoint_decode=method) == []

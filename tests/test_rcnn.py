@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mxmask.config import get_config, list_presets
+from mxmask.convert.gluoncv import GLUONCV_HEADS
 from mxmask.modeling.rcnn import MaskRCNN, build_model, output_names
 from mxmask.utils import UserError
 
@@ -246,16 +247,6 @@ def _gluoncv_pyramid_roi_feats(self, F, features, rpn_rois, roi_size, strides, r
                                sample_ratio=sampling_ratio)
         pooled.append(F.where(level == lvl, p, F.zeros_like(p)))
     return F.ElementWiseSum(*pooled)
-
-
-GLUONCV_HEADS = {
-    "rpn.rpn_head.conv1.0": "rpn.head.conv", "rpn.rpn_head.score": "rpn.head.logits",
-    "rpn.rpn_head.loc": "rpn.head.deltas", "box_features.1": "box_head.fcs.0",
-    "box_features.3": "box_head.fcs.1", "class_predictor": "box_predictor.cls_score",
-    "box_predictor": "box_predictor.bbox_pred", "mask.deconv.0": "mask_head.convs.0",
-    "mask.deconv.2": "mask_head.convs.1", "mask.deconv.4": "mask_head.convs.2",
-    "mask.deconv.6": "mask_head.convs.3", "mask.deconv.8": "mask_head.deconv",
-    "mask.mask": "mask_head.predictor"}
 
 
 def test_gluoncv_preset_reproduces_gluoncv_outputs():

@@ -83,6 +83,7 @@ def load_gt(gt_ann):
         coco.createIndex()
     except (KeyError, TypeError) as e:
         raise UserError("%s: not a COCO annotation file (missing or bad field %s)" % (gt_ann, e))
+    coco.mxmask_source = str(gt_ann)      # the file name for messages (evaluate_results)
     return coco
 
 
@@ -209,8 +210,9 @@ def keypoint_sigmas(gt, kpt_oks_sigmas, gt_ann="annotations"):
     if not given:
         if k == 17:
             return kp_cats, None
-        raise UserError("%s: keypoint category has K=%d keypoints but test.keypoint_oks_sigmas "
-                        "is empty; give %d sigmas (COCO's defaults only fit K=17)"
+        raise UserError("%s: keypoint category has K=%d keypoints but no OKS sigmas were given "
+                        "(test.keypoint_oks_sigmas is empty): pass %d with --sigmas or set "
+                        "test.keypoint_oks_sigmas; COCO's defaults only fit K=17"
                         % (gt_ann, k, k))
     if len(given) != k:
         raise UserError("%s: keypoint category has K=%d keypoints but test.keypoint_oks_sigmas "
@@ -320,14 +322,18 @@ def evaluate_results(results, gt_ann, tasks=None, kpt_oks_sigmas=None, out_dir=N
                      per_category=True, plots=False, image_ids=None):
     """Score COCO result entries against ``gt_ann`` and return the metrics dict.
 
-    ``results``: a list of entries or the path of a results json. ``tasks``: any of
+    ``results``: a list of entries or the path of a results json. ``gt_ann``: the path of a
+    COCO json, or a ``COCO`` object from :func:`load_gt` (not loaded again). ``tasks``: any of
     ``bbox``/``segm``/``keypoints``; by default those whose field (``bbox``, ``segmentation``,
     ``keypoints``) appears in the results (``bbox`` when there are no results). A task without
     entries scores 0.0 everywhere. ``kpt_oks_sigmas``: ``test.keypoint_oks_sigmas`` (needed when
     K != 17). ``out_dir``: where ``metrics.json`` (atomic) and, with ``plots``, ``pr_<task>.png``
     go. ``image_ids``: score only these gt images (default: all).
     """
-    gt = load_gt(gt_ann)
+    if hasattr(gt_ann, "loadRes"):
+        gt, gt_ann = gt_ann, getattr(gt_ann, "mxmask_source", "annotations")
+    else:
+        gt = load_gt(gt_ann)
     entries, label = _load_results(results)
     clean = validate_results(entries, gt, label)
     if tasks is None:

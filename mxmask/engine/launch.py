@@ -12,12 +12,20 @@
 4. Training: :class:`mxmask.engine.trainer.Trainer` (kvstore, schedule, checkpoints).
 5. Evaluation on the validation set with pycocotools, ``metrics.json``, ``curves.png``.
 
-In a ``dist_sync`` run every worker reads its shard of each global batch (``kv.rank``,
-``kv.num_workers``); worker 0 writes the checkpoints and runs the evaluation.
+In a ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) every worker reads
+its shard of each global batch (``kv.rank``, ``kv.num_workers``); worker 0 prepares the data
+first (the others wait at a kvstore barrier), writes the config and the checkpoints, and runs
+the evaluation after all workers have left the job (the kvstore is finalised first, so the
+others exit instead of waiting). Every blocking kvstore call is bounded by the trainer's
+watchdog (``MXMASK_DIST_TIMEOUT``), and an error in a worker ends that worker at once
+(``os._exit``; a normal exit would wait in the kvstore's final barrier for workers that are
+themselves waiting for it). ``--resume`` needs ``--out`` on a file system all workers share.
 """
+import gc
 import os
 import sys
 import time
+import traceback
 
 import mxnet as mx
 
@@ -80,8 +88,64 @@ def _log_to(out):
     return log
 
 
+def _check_dist_env(kvstore):
+    if "dist" in kvstore and not os.environ.get("DMLC_ROLE"):
+        raise UserError("--kvstore %s needs the processes of a distributed job: start it with "
+                        "scripts/train_dist.sh NUM_WORKERS [train arguments] (DMLC_ROLE is not "
+                        "set)" % kvstore)
+
+
+def _abort_distributed(rank, exc):
+    """Leave a distributed worker at once after an error. A normal exit would finalise the
+    kvstore with a barrier that the other workers, blocked in their next exchange, never reach."""
+    code = 1
+    try:
+        sys.stdout.flush()
+        if isinstance(exc, (UserError, ConfigError)):
+            sys.stderr.write("mxmask: error: worker %d: %s\n" % (rank, exc))
+            code = 2
+        elif isinstance(exc, KeyboardInterrupt):
+            sys.stderr.write("mxmask: worker %d interrupted\n" % rank)
+            code = 130
+        else:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            sys.stderr.write("mxmask: error: worker %d failed (%s); stopping it\n"
+                             % (rank, type(exc).__name__))
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def run_training(cfg, ctxs, kvstore="device", resume=False, out=sys.stdout):
     """Train ``cfg`` on ``ctxs``; returns (checkpoint folder, metrics or None)."""
+    from .trainer import Watchdog, dist_timeout
+
+    _check_dist_env(kvstore)
+    progress = ckpt_io.read_progress(cfg.output_dir)
+    if progress is not None and not resume:
+        raise UserError("%s already holds a checkpoint (iteration %d of %d): pass --resume to "
+                        "continue it, or --out DIR for a new run"
+                        % (cfg.output_dir, progress["iter"], progress["max_iter"]))
+    if resume and progress is not None:
+        saved = ckpt_io.load_checkpoint_config(cfg.output_dir)
+        saved.output_dir = cfg.output_dir
+        cfg = saved
+    if "dist" not in kvstore:
+        return _train(cfg, ctxs, [mx.kv.create(kvstore)], resume, out, None)
+    watchdog = Watchdog(dist_timeout(cfg), "worker")
+    with watchdog.guard("joining the distributed job (mx.kv.create)"):
+        box = [mx.kv.create(kvstore)]         # no local name: _train drops the last reference
+    rank = box[0].rank
+    watchdog.who = "worker %d" % rank
+    try:
+        return _train(cfg, ctxs, box, resume, out, watchdog)
+    except BaseException as e:
+        _abort_distributed(rank, e)
+
+
+def _train(cfg, ctxs, kv_box, resume, out, watchdog):
+    """The body of :func:`run_training`. ``kv_box``: a one-element list holding the kvstore,
+    emptied before the final evaluation so that a dist kvstore can be finalised."""
     from ..data.loader import build_train_loader
     from ..modeling.backbone import load_pretrained_from_config
     from ..modeling.rcnn import build_model
@@ -90,19 +154,17 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=sys.stdout):
 
     log = _log_to(out)
     out_dir = cfg.output_dir
-    progress = ckpt_io.read_progress(out_dir)
-    if progress is not None and not resume:
-        raise UserError("%s already holds a checkpoint (iteration %d of %d): pass --resume to "
-                        "continue it, or --out DIR for a new run"
-                        % (out_dir, progress["iter"], progress["max_iter"]))
-    if resume and progress is not None:
-        saved = ckpt_io.load_checkpoint_config(out_dir)
-        saved.output_dir = out_dir
-        cfg = saved
-    kv = mx.kv.create(kvstore)
-    records, info = prepare_data(cfg, log if kv.rank == 0 else (lambda _: None))
-    if kv.rank == 0:
+    distributed = watchdog is not None
+    kv = kv_box[0]
+    rank, num_workers, kv_type = kv.rank, kv.num_workers, kv.type
+    if rank == 0:
+        records, info = prepare_data(cfg, log)   # may generate the shapes set: rank 0 first
         ckpt_io.save_config(cfg, out_dir)
+    if distributed:
+        with watchdog.guard("waiting for worker 0 to prepare the data"):
+            kv._barrier()
+    if rank != 0:
+        records, info = prepare_data(cfg, lambda _: None)
 
     mx.random.seed(cfg.seed)
     net = build_model(cfg, ctx=ctxs, num_devices=len(ctxs))
@@ -110,28 +172,39 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=sys.stdout):
         load_pretrained_from_config(net.backbone, cfg, ctx=ctxs)
     loss_net = RCNNLoss(net, cfg)
     loss_net.hybridize(static_alloc=True)
-    trainer = Trainer(cfg, net, loss_net, ctxs, kvstore=kv, out=out)
+    trainer = Trainer(cfg, net, loss_net, ctxs, kvstore=kv, out=out, watchdog=watchdog)
+    del kv
     start_iter = trainer.resume_from(out_dir) if resume else 0
     if start_iter:
-        log("resuming %s at iteration %d" % (out_dir, start_iter))
-    log("training %s: %d images, %d classes, %s, kvstore %s, %d worker(s), %d iterations"
-        % (out_dir, len(records), cfg.model.num_classes, ",".join(str(c) for c in ctxs),
-           kv.type, kv.num_workers, cfg.solver.max_iter))
+        log("resuming %s at iteration %d (with its saved config.yaml)" % (out_dir, start_iter))
+    if rank == 0:
+        log("training %s: %d images, %d classes, %s, kvstore %s, %d worker(s), %d iterations"
+            % (out_dir, len(records), cfg.model.num_classes, ",".join(str(c) for c in ctxs),
+               kv_type, num_workers, cfg.solver.max_iter))
 
     def loader_fn(start):
-        return build_train_loader(cfg, records, info, start_iter=start, rank=kv.rank,
-                                  num_workers=kv.num_workers)
+        return build_train_loader(cfg, records, info, start_iter=start, rank=rank,
+                                  num_workers=num_workers)
 
     def evaluate_fn(it):
-        if kv.rank != 0:
+        if rank != 0:
             return None
         return evaluate(cfg, net, ctxs, out_dir, log)
 
     t0 = time.time()
     history = trainer.train(loader_fn, start_iter, evaluate_fn)
-    log("training took %.1f s" % (time.time() - t0))
+    if rank == 0:
+        log("training took %.1f s" % (time.time() - t0))
+    if distributed:
+        # Leave the job before evaluating: dropping the last kvstore reference finalises it
+        # (a barrier over all workers), so the other workers exit now instead of waiting,
+        # unbounded, for worker 0's evaluation.
+        with watchdog.guard("leaving the distributed job (kvstore finalisation)"):
+            trainer.close()
+            kv_box.clear()
+            gc.collect()
     metrics = None
-    if kv.rank == 0:
+    if rank == 0:
         metrics = evaluate(cfg, net, ctxs, out_dir, log)
         history.add_eval(cfg.solver.max_iter, metrics)
         history.save()

@@ -3,25 +3,56 @@
 What goes in: a resolved config, a list of contexts (``[mx.cpu(0), mx.cpu(1)]`` or
 ``[mx.gpu(0), ...]``) and a kvstore name (``device``, ``local`` or ``dist_sync``).
 What comes out: the checkpoint folder ``cfg.output_dir`` (see :mod:`mxmask.engine.checkpoint`)
-with ``history.json`` and ``curves.png`` beside it.
+with ``history.json`` beside it (``curves.png`` is drawn from it by :mod:`mxmask.engine.launch`).
 
-How a step works: the loader yields this worker's share of the global batch
-(``solver.ims_per_batch`` images over all workers); it is split across the contexts (odd counts
-too); each context computes the losses of its images under ``autograd.record``, scaled by its
-share of the images so that the gradients summed by the kvstore are the global batch mean;
-``trainer.step(1)`` applies SGD with momentum and weight decay at the scheduled rate.
+How a step works:
+
+1. The loader yields this worker's share of the global batch (``solver.ims_per_batch`` images
+   over all workers). :func:`split_batch` cuts it across the contexts, uneven counts too
+   (5 images on 3 contexts: 2/1/2).
+2. Each context computes the losses of its images under ``autograd.record``. Its total is scaled
+   by its share of the *global* batch (its images / ``ims_per_batch``), so the gradients summed
+   over contexts and workers are the global-batch mean. Each context normalises its losses
+   over its own images (and its own sampled rois / positives), as Detectron2 does per GPU, so
+   the model's losses depend a little on how the batch is split; the trainer adds nothing to that.
+   A context that gets no image has its gradients zeroed.
+3. ``allreduce_grads()`` sums the gradients of all contexts and workers (the Gluon trainer
+   always runs with ``update_on_kvstore=False``, also for ``dist_sync``: servers only sum, each
+   worker applies the same update to the same weights). Every context then holds the global
+   mean gradient.
+4. Its global L2 norm decides the rest. A non-finite norm, or a non-finite loss on this worker
+   (which poisons the gradient it sends, so every worker takes the same decision), stops the run
+   with :class:`NonFiniteLoss`, keeping the last good checkpoint, or with
+   ``solver.nonfinite_policy=skip`` skips the batch (no parameter or momentum change). Gradient
+   clipping (``solver.clip_gradient > 0``) scales the *reduced* gradient so that its global norm
+   is at most the threshold (as ``torch.nn.utils.clip_grad_norm_`` on the averaged gradient,
+   Detectron2's ``CLIP_TYPE=norm`` over the full model). Gluon's ``clip_global_norm`` on each
+   context's un-reduced gradient would instead clip partial sums, so its result would depend on
+   the number of contexts.
+5. ``update()`` applies SGD with momentum and weight decay at the scheduled rate (linear warmup,
+   then step or cosine, :mod:`mxmask.engine.schedule`).
 
 Determinism and exact resume: the batch of iteration ``it`` and its augmentation are pure
 functions of ``(seed, it)`` (see :mod:`mxmask.data.loader`), MXNet's RNG (used for target
 sampling) is re-seeded from ``(seed, it)`` at every step, and the learning rate is a pure
 function of ``it``. A run resumed from the checkpoint of iteration ``k`` therefore repeats the
 straight run from ``k`` on, given the saved weights and optimizer state.
+
+Distributed runs (``dist_sync``): a kvstore call that waits for a process that died would block
+forever (ps-lite has no failure detection that ends the others). Every blocking exchange runs
+under a :class:`Watchdog` that ends the process with a clear message when it takes longer than
+``MXMASK_DIST_TIMEOUT`` seconds (default :data:`DEFAULT_DIST_TIMEOUT`; 0 disables; the config
+field ``solver.dist_timeout`` is used when the config has it). The exchange right after a
+periodic evaluation is not bounded, because the other workers wait there for worker 0's
+evaluation.
 """
 import json
 import math
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import mxnet as mx
 import numpy as np
@@ -31,9 +62,13 @@ from ..utils import UserError, atomic_write_json
 from . import checkpoint as ckpt_io
 from .schedule import lr_at
 
+DEFAULT_DIST_TIMEOUT = 600.0
+EXIT_DIST_TIMEOUT = 3
+DUMP_PARAMS_ENV = "MXMASK_DUMP_WORKER_PARAMS"   # set: every worker saves OUT/worker{rank}.params
+
 
 class NonFiniteLoss(UserError):
-    """A loss became NaN or inf and the policy is to stop."""
+    """A loss or the gradient became NaN or inf and the policy is to stop."""
 
 
 def split_batch(batch, ctxs):
@@ -59,6 +94,88 @@ def _dtype(v):
 def step_seed(seed, it):
     """The MXNet RNG seed of iteration ``it``: fixed by the run seed and the iteration."""
     return (int(seed) * 1000003 + int(it)) % (2 ** 31 - 1)
+
+
+def dist_timeout(cfg):
+    """Seconds a distributed exchange may take: ``MXMASK_DIST_TIMEOUT``, else the config's
+    ``solver.dist_timeout`` when it has one, else :data:`DEFAULT_DIST_TIMEOUT`. 0 disables."""
+    text = os.environ.get("MXMASK_DIST_TIMEOUT", "").strip()
+    if text:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UserError("MXMASK_DIST_TIMEOUT=%r: expected a number of seconds" % text)
+    else:
+        value = float(getattr(cfg.solver, "dist_timeout", DEFAULT_DIST_TIMEOUT))
+    if value < 0 or not math.isfinite(value):
+        raise UserError("the distributed timeout must be >= 0 seconds (0 disables), not %s"
+                        % value)
+    return value
+
+
+def _exit_on_timeout(message):
+    try:
+        sys.stdout.flush()
+        sys.stderr.write("mxmask: error: %s\n" % message)
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_DIST_TIMEOUT)
+
+
+class Watchdog:
+    """Ends the process when a guarded call takes longer than ``timeout`` seconds.
+
+    ``with watchdog.guard("gradient exchange"): ...``. The check runs in a daemon thread (MXNet
+    releases the GIL while it waits), which calls ``on_timeout(message)``; the default prints
+    the message and leaves with :data:`EXIT_DIST_TIMEOUT` without running exit handlers (a
+    blocked kvstore would hang them). ``timeout`` 0 or None disables it.
+    """
+
+    def __init__(self, timeout, who="", on_timeout=None, poll=0.5):
+        self.timeout = float(timeout or 0)
+        self.who = who
+        self.on_timeout = on_timeout or _exit_on_timeout
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._deadline = None
+        self._what = ""
+        self._thread = None
+        self.fired = False
+
+    @contextmanager
+    def guard(self, what, enabled=True):
+        if not enabled or self.timeout <= 0:
+            yield
+            return
+        self._start()
+        with self._lock:
+            self._deadline = time.monotonic() + self.timeout
+            self._what = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deadline = None
+
+    def _start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mxmask-watchdog", daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while True:
+            time.sleep(self.poll)
+            with self._lock:
+                late = self._deadline is not None and time.monotonic() > self._deadline
+                what = self._what
+                if late:
+                    self._deadline = None
+            if late:
+                self.fired = True
+                self.on_timeout(
+                    "%s%s took longer than %g s (MXMASK_DIST_TIMEOUT); another process of the "
+                    "distributed job has probably died or hangs; stopping this one"
+                    % (self.who + ": " if self.who else "", what, self.timeout))
 
 
 class History:
@@ -102,6 +219,14 @@ def format_eta(seconds):
     return "%d:%02d:%02d" % (h, m, s) if h else "%d:%02d" % (m, s)
 
 
+def format_progress(done, max_iter, speed, lr, losses, eta_seconds):
+    """The periodic progress line: iteration, it/s, lr, total and each loss, ETA."""
+    loss_text = "  ".join("%s %.4f" % (k, v) for k, v in losses.items())
+    return ("iter %d/%d  %.2f it/s  lr %.6g  loss %.4f  %s  eta %s"
+            % (done, max_iter, speed, lr, sum(losses.values()), loss_text,
+               format_eta(eta_seconds)))
+
+
 class Trainer:
     """Runs ``solver.max_iter`` iterations of ``loss_net`` over batches from ``loader_fn``.
 
@@ -110,22 +235,32 @@ class Trainer:
     ``start_iter``; ``evaluate_fn(it) -> metrics`` runs evaluation (or None).
     """
 
-    def __init__(self, cfg, net, loss_net, ctxs, kvstore="device", out=sys.stdout):
+    def __init__(self, cfg, net, loss_net, ctxs, kvstore="device", out=sys.stdout,
+                 watchdog=None):
         self.cfg = cfg
         self.net = net
         self.loss_net = loss_net
         self.ctxs = list(ctxs)
         self.out = out
         self.kv = mx.kv.create(kvstore) if isinstance(kvstore, str) else kvstore
-        distributed = "dist" in self.kv.type
+        self.distributed = "dist" in self.kv.type
+        if self.distributed and "async" in self.kv.type:
+            raise UserError("kvstore %s is not supported: use dist_sync" % self.kv.type)
         params = {k: v for k, v in net.collect_params().items() if v.grad_req != "null"}
         s = cfg.solver
+        # One context on one machine needs no kvstore. Otherwise the kvstore only sums the
+        # gradients (update_on_kvstore=False), so that they can be checked and clipped.
+        use_kv = self.kv if (self.distributed or len(self.ctxs) > 1) else None
         self.trainer = gluon.Trainer(
             params, "sgd",
             {"learning_rate": s.base_lr, "momentum": s.momentum, "wd": s.weight_decay,
              "rescale_grad": 1.0},
-            kvstore=self.kv, update_on_kvstore=False if distributed else None)
+            kvstore=use_kv, update_on_kvstore=False)
         self.params = list(params.values())
+        if watchdog is None and self.distributed:
+            watchdog = Watchdog(dist_timeout(cfg), "worker %d" % self.kv.rank)
+        self.watchdog = watchdog
+        self._unbounded_next_exchange = False
 
     @property
     def rank(self):
@@ -139,46 +274,113 @@ class Trainer:
         if self.rank == 0:
             print(text, file=self.out, flush=True)
 
-    def _forward_backward(self, batch):
-        """Losses of the local batch; returns {name: value} averaged over the global batch."""
+    @contextmanager
+    def _guard(self, what):
+        if self.watchdog is None:
+            yield
+        else:
+            with self.watchdog.guard(what, enabled=not self._unbounded_next_exchange):
+                yield
+
+    # ----------------------------------------------------------------------------------------
+    # One step
+    # ----------------------------------------------------------------------------------------
+    def forward_backward(self, batch):
+        """Losses and gradients of this worker's batch; returns {name: value}, the mean over
+        this worker's images of each context's losses (what the progress line shows)."""
         parts = split_batch(batch, self.ctxs)
+        local_images = float(len(batch["data"]))
         global_images = float(self.cfg.solver.ims_per_batch)
-        totals = {}
+        outs = []
         with autograd.record():
-            outs = []
             for ctx, inputs in parts:
                 losses = self.loss_net(**inputs)
-                share = inputs["data"].shape[0] / global_images
-                total = sum(losses.values()) * share
-                outs.append((total, losses, share))
+                count = inputs["data"].shape[0]
+                total = mx.nd.add_n(*losses.values()) * (count / global_images)
+                outs.append((total, losses, count))
         autograd.backward([o[0] for o in outs])
-        for _, losses, share in outs:
+        used = {str(ctx) for ctx, _ in parts}
+        idle = [i for i, ctx in enumerate(self.ctxs) if str(ctx) not in used]
+        for p in self.params:
+            grads, data = p.list_grad(), p.list_data()
+            for i in idle:
+                grads[i][:] = 0
+                data[i]._fresh_grad = True      # Gluon keeps the flag on the weight array
+        totals = {}
+        for _, losses, count in outs:
             for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v.asscalar()) * share
+                totals[k] = totals.get(k, 0.0) + float(v.asscalar()) * count / local_images
         return totals
 
-    def _clip_gradients(self):
-        max_norm = self.cfg.solver.clip_gradient
-        if max_norm <= 0:
-            return
-        for ctx_index in range(len(self.ctxs)):
-            grads = [p.list_grad()[ctx_index] for p in self.params]
-            gluon.utils.clip_global_norm(grads, max_norm, check_isfinite=False)
+    def global_grad_norm(self):
+        """L2 norm over all parameters of the gradient held by the first context (after
+        ``allreduce_grads`` the global mean gradient); NaN/inf when any entry is."""
+        grads = [p.list_grad()[0] for p in self.params]
+        norms = mx.nd.concat(*[mx.nd.norm(g).reshape((1,)) for g in grads], dim=0)
+        norms = norms.asnumpy().astype(np.float64)
+        return float(np.sqrt(np.sum(norms * norms)))
 
-    def _check_finite(self, losses, it):
-        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        if not bad:
-            return True
-        text = ", ".join("%s=%s" % (k, v) for k, v in bad.items())
+    def _scale_gradients(self, factor):
+        for p in self.params:
+            for g in p.list_grad():
+                g *= factor
+
+    def step(self, it, losses):
+        """Reduce, check, clip and apply the gradients of iteration ``it``; True if applied."""
+        loss_ok = all(math.isfinite(v) for v in losses.values())
+        if not loss_ok and self.distributed:
+            # Tell the other workers: a NaN in what we send makes the reduced gradient NaN.
+            self.params[0].list_grad()[0][:] = float("nan")
+        with self._guard("iteration %d: the gradient exchange" % (it + 1)):
+            self.trainer.allreduce_grads()
+            norm = self.global_grad_norm()
+        self._unbounded_next_exchange = False
+        if not loss_ok or not math.isfinite(norm):
+            return self._nonfinite(it, losses, norm)
+        max_norm = self.cfg.solver.clip_gradient
+        if max_norm > 0 and norm > max_norm:
+            self._scale_gradients(max_norm / (norm + 1e-6))
+        self.trainer.update(1)
+        return True
+
+    def _nonfinite(self, it, losses, norm):
+        bad = ["%s=%s" % (k, v) for k, v in losses.items() if not math.isfinite(v)]
+        what = "non-finite loss (%s)" % ", ".join(bad) if bad else \
+            "non-finite gradient (global norm %s%s)" % (
+                norm, ", from another worker" if self.distributed else "")
         if self.cfg.solver.nonfinite_policy == "skip":
-            self._log("iter %d: non-finite loss (%s): batch skipped" % (it, text))
+            self._log("iter %d: %s: batch skipped (solver.nonfinite_policy=skip)" % (it + 1, what))
             for p in self.params:
                 p.zero_grad()
             return False
+        progress = ckpt_io.read_progress(self.cfg.output_dir)
+        kept = ("the last good checkpoint (iteration %d) in %s is kept"
+                % (progress["iter"], self.cfg.output_dir)) if progress else \
+            "no checkpoint had been written yet"
         raise NonFiniteLoss(
-            "iter %d: non-finite loss (%s); the last good checkpoint in %s is kept. Lower "
-            "solver.base_lr, set solver.clip_gradient, or set solver.nonfinite_policy=skip"
-            % (it, text, self.cfg.output_dir))
+            "iter %d: %s; %s. Lower solver.base_lr, set solver.clip_gradient, or set "
+            "solver.nonfinite_policy=skip" % (it + 1, what, kept))
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+    # ----------------------------------------------------------------------------------------
+    def init_kvstore(self):
+        """Put the weights into the kvstore, worker 0's (and context 0's) overwriting the
+        others, and wait until every copy has them.
+
+        Gluon does this lazily inside the first ``allreduce_grads``, where with a dist kvstore
+        it races: the broadcast's pull into the weights and the gradients' push on the same key
+        are ordered by different engine variables, so a worker's pull can be answered after the
+        server has stored the gradient sum, and the worker's weights become that sum (measured
+        with MXNet 1.9.1 and 2 workers). Waiting here, before any gradient is pushed, avoids it.
+        """
+        t = self.trainer
+        with self._guard("broadcasting the initial weights"):
+            if not t._kv_initialized:
+                t._init_kvstore()
+            if t._params_to_init:
+                t._init_params()
+            mx.nd.waitall()
 
     def resume_from(self, out_dir):
         """Load the last checkpoint of ``out_dir``; return the iteration to start from."""
@@ -188,21 +390,55 @@ class Trainer:
         params, states = ckpt_io.checkpoint_files(out_dir)
         self.net.load_parameters(params, ctx=self.ctxs)
         if states is not None:
+            self.init_kvstore()
             self.trainer.load_states(states)
         return int(progress["iter"])
 
     def save(self, it):
+        """Write the checkpoint of iteration ``it`` (worker 0 only). A failed write (full disk)
+        is a :class:`UserError`; the previous checkpoint stays complete."""
         if self.rank != 0:
             return
-        ckpt_io.save_checkpoint(self.cfg.output_dir, self.net, self.trainer, it,
-                                self.cfg.solver.max_iter)
+        out_dir = self.cfg.output_dir
+        try:
+            ckpt_io.save_checkpoint(out_dir, self.net, self.trainer, it, self.cfg.solver.max_iter)
+        except OSError as e:
+            progress = ckpt_io.read_progress(out_dir)
+            kept = ("the checkpoint of iteration %d is intact" % progress["iter"]) if progress \
+                else "no earlier checkpoint exists"
+            raise UserError("iter %d: could not write the checkpoint to %s (%s); %s"
+                            % (it, out_dir, e, kept))
 
+    def close(self):
+        """Drop this trainer's references to the kvstore (a dist kvstore is finalised, with a
+        barrier over all workers, when the last reference goes)."""
+        self.trainer._kvstore = None
+        self.trainer._kvstore_params = {"kvstore": None, "update_on_kvstore": False}
+        self.kv = _Closed(self.kv)
+
+    # ----------------------------------------------------------------------------------------
+    # The loop
+    # ----------------------------------------------------------------------------------------
     def train(self, loader_fn, start_iter=0, evaluate_fn=None, history=None):
-        s = self.cfg.solver
+        """Iterations ``start_iter .. solver.max_iter - 1``; returns the :class:`History`."""
         history = history or History(os.path.join(self.cfg.output_dir, "history.json"))
         history.truncate(start_iter)
+        self.init_kvstore()
         loader = loader_fn(start_iter)
-        t_start, it_start = time.time(), start_iter
+        try:
+            self._loop(loader, start_iter, evaluate_fn, history)
+        finally:
+            close = getattr(loader, "close", None)
+            if close:
+                close()
+        if os.environ.get(DUMP_PARAMS_ENV):
+            self.net.save_parameters(
+                os.path.join(self.cfg.output_dir, "worker%d.params" % self.rank))
+        return history
+
+    def _loop(self, loader, start_iter, evaluate_fn, history):
+        s = self.cfg.solver
+        t_start = time.time()
         window = []
         for it in range(start_iter, s.max_iter):
             mx.random.seed(step_seed(self.cfg.seed, it))
@@ -210,33 +446,33 @@ class Trainer:
             self.trainer.set_learning_rate(lr)
             t0 = time.time()
             batch = next(loader)
-            losses = self._forward_backward(batch)
-            if self._check_finite(losses, it):
-                self._clip_gradients()
-                self.trainer.step(1)
+            losses = self.forward_backward(batch)
+            self.step(it, losses)
             window.append(time.time() - t0)
             done = it + 1
             if done % s.log_period == 0 or done == s.max_iter or done == start_iter + 1:
                 history.add(done, lr, losses)
                 speed = len(window) / max(1e-9, sum(window))
                 window = []
-                elapsed = time.time() - t_start
-                rate = (done - it_start) / max(1e-9, elapsed)
-                eta = (s.max_iter - done) / max(1e-9, rate)
-                loss_text = "  ".join("%s %.4f" % (k, v) for k, v in losses.items())
-                self._log("iter %d/%d  %.2f it/s  lr %.5f  loss %.4f  %s  eta %s"
-                          % (done, s.max_iter, speed, lr, sum(losses.values()), loss_text,
-                             format_eta(eta)))
+                rate = (done - start_iter) / max(1e-9, time.time() - t_start)
+                self._log(format_progress(done, s.max_iter, speed, lr, losses,
+                                          (s.max_iter - done) / max(1e-9, rate)))
             if done % s.checkpoint_period == 0 or done == s.max_iter:
-                self.save(done)
+                # history first: a crash between the two leaves records past the checkpoint,
+                # which a resumed run truncates; the other order could lose records
                 if self.rank == 0:
                     history.save()
+                self.save(done)
             if evaluate_fn is not None and s.eval_period > 0 and done % s.eval_period == 0 \
                     and done != s.max_iter:
                 metrics = evaluate_fn(done)
                 if metrics:
                     history.add_eval(done, metrics)
-        close = getattr(loader, "close", None)
-        if close:
-            close()
-        return history
+                self._unbounded_next_exchange = self.distributed
+
+
+class _Closed:
+    """Stands in for a closed kvstore: keeps ``rank``/``num_workers``/``type`` readable."""
+
+    def __init__(self, kv):
+        self.rank, self.num_workers, self.type = kv.rank, kv.num_workers, kv.type

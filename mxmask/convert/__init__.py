@@ -1,0 +1,10 @@
+"""Converters from other frameworks' weight files into mxmask checkpoint folders.
+
+- :mod:`mxmask.convert.gluoncv`: GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` parameters (a file
+  written by GluonCV's ``net.save_parameters``) -> a checkpoint folder of preset
+  ``gluoncv_mask_rcnn_r50_fpn`` (``mxmask convert gluoncv SRC.params --out CKPT``).
+
+A converted folder is an ordinary checkpoint (``config.yaml``, ``model.params``,
+``progress.json`` with ``iter`` 0 and the ``source`` file), so ``mxmask predict``, ``eval`` and
+``export`` take it as they take a trained run.
+"""

@@ -1,0 +1,228 @@
+"""GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` weights -> an mxmask checkpoint folder.
+
+In: a parameter file written by GluonCV's ``net.save_parameters`` for
+``gluoncv.model_zoo.get_model("mask_rcnn_fpn_resnet50_v1b_coco")`` (for example the published
+``mask_rcnn_fpn_resnet50_v1b_coco-*.params``; nothing is downloaded here). Its keys are the
+model's structural parameter names (``features.resnetv1b_conv0_weight``,
+``rpn.rpn_head.conv1.0.weight``, ``class_predictor.bias``, ...).
+
+Out: a checkpoint folder of preset ``gluoncv_mask_rcnn_r50_fpn``::
+
+    config.yaml      the full preset config, with data.class_names / data.category_ids set to the
+                     80 COCO classes in GluonCV's order and their COCO category ids (1..90 with
+                     gaps), model.num_classes 80 and data.{train,val}_{ann,images} at the usual
+                     datasets/coco paths, so the results json scores on COCO val2017 as it is
+    model.params     mxmask parameter names (``backbone.*``, ``rpn.head.*``, ``box_head.*``, ...)
+    progress.json    {"iter": 0, "max_iter": 0, "source": <absolute SRC path>, ...}
+
+The name mapping: ``features.*`` (ResNet-50-v1b and FPN) goes through
+:func:`mxmask.modeling.fpn.gluoncv_backbone_name_map`; the heads through :data:`GLUONCV_HEADS`
+(``<gluoncv prefix>.weight/.bias -> <mxmask prefix>.weight/.bias``). GluonCV's anchor constants
+(``rpn.anchor_generator.*.anchors``) are skipped: mxmask stores its own anchors (same boxes,
+different table size) and keeps the ones the network builds. Every other GluonCV parameter must be
+consumed and every mxmask parameter but the anchors filled, with equal shapes; anything else is a
+:class:`~mxmask.utils.UserError` naming the file and listing the missing, unexpected and
+wrong-shape names.
+
+The tensors are copied as they are: the class column layout (background first), the
+class-specific box deltas and mask channels are GluonCV's layout in mxmask too.
+"""
+import os
+
+import mxnet as mx
+import numpy as np
+
+from ..config import get_config
+from ..engine.checkpoint import read_progress, save_checkpoint, save_config
+from ..utils import UserError
+
+__all__ = ["GLUONCV_HEADS", "COCO_CLASS_NAMES", "COCO_CATEGORY_IDS", "PRESET",
+           "gluoncv_name_map", "convert_gluoncv_params", "convert_gluoncv", "load_params_file",
+           "converted_config"]
+
+PRESET = "gluoncv_mask_rcnn_r50_fpn"
+
+# GluonCV head prefix -> mxmask prefix (each has a .weight and a .bias)
+GLUONCV_HEADS = {
+    "rpn.rpn_head.conv1.0": "rpn.head.conv",
+    "rpn.rpn_head.score": "rpn.head.logits",
+    "rpn.rpn_head.loc": "rpn.head.deltas",
+    "box_features.1": "box_head.fcs.0",
+    "box_features.3": "box_head.fcs.1",
+    "class_predictor": "box_predictor.cls_score",
+    "box_predictor": "box_predictor.bbox_pred",
+    "mask.deconv.0": "mask_head.convs.0",
+    "mask.deconv.2": "mask_head.convs.1",
+    "mask.deconv.4": "mask_head.convs.2",
+    "mask.deconv.6": "mask_head.convs.3",
+    "mask.deconv.8": "mask_head.deconv",
+    "mask.mask": "mask_head.predictor",
+}
+
+# The 80 COCO classes in GluonCV's order (gluoncv.data.COCODetection.CLASSES: the categories of
+# instances_*2017.json sorted by id) and their COCO category ids.
+COCO_CLASS_NAMES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+COCO_CATEGORY_IDS = [i for i in range(1, 91)
+                     if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+COCO_PATHS = {
+    "train_ann": "datasets/coco/annotations/instances_train2017.json",
+    "train_images": "datasets/coco/train2017",
+    "val_ann": "datasets/coco/annotations/instances_val2017.json",
+    "val_images": "datasets/coco/val2017",
+}
+
+
+def _is_anchor(name):
+    """GluonCV's anchor constants (``rpn.anchor_generator.<i>.anchors``)."""
+    return "anchor_generator" in name and name.endswith("anchors")
+
+
+def _is_our_anchor(name):
+    return name.endswith("anchors")
+
+
+def _shorten(items, limit=5):
+    items = sorted(items)
+    text = ", ".join(items[:limit])
+    if len(items) > limit:
+        text += ", ... (%d more)" % (len(items) - limit)
+    return text
+
+
+def gluoncv_name_map(gluon_names, net):
+    """``{gluoncv name: mxmask structural name}`` for the GluonCV names that have a counterpart
+    in ``net`` (a ``MaskRCNN`` of the gluoncv preset). Anchors and unknown names are left out;
+    :func:`convert_gluoncv_params` reports what is left over."""
+    from ..modeling.fpn import gluoncv_backbone_name_map
+    mapping = {k: "backbone." + v for k, v in
+               gluoncv_backbone_name_map(gluon_names, net.backbone, strict=False).items()}
+    heads = {}
+    for theirs, ours in GLUONCV_HEADS.items():
+        for suffix in (".weight", ".bias"):
+            heads[theirs + suffix] = ours + suffix
+    for name in gluon_names:
+        if name in heads:
+            mapping[name] = heads[name]
+    return mapping
+
+
+def convert_gluoncv_params(arrays, net, source="GluonCV parameters"):
+    """Copy GluonCV arrays (``{name: NDArray}``) into ``net`` (a gluoncv-preset ``MaskRCNN``).
+
+    Every non-anchor GluonCV name must map to an mxmask parameter of the same shape, and every
+    mxmask parameter except the anchors must be covered; otherwise a UserError (one line, naming
+    ``source``) lists the missing, unexpected and wrong-shape names. Returns the number of arrays
+    copied.
+    """
+    ours = net._collect_params_with_prefix()
+    names = [k for k in arrays if not _is_anchor(k)]
+    mapping = gluoncv_name_map(names, net)
+    unexpected = [k for k in names if k not in mapping]
+    wanted = {k for k in ours if not _is_our_anchor(k)}
+    missing = wanted - set(mapping.values())
+    wrong = []
+    for theirs, target in mapping.items():
+        got, want = tuple(arrays[theirs].shape), tuple(ours[target].shape)
+        if got != want:
+            wrong.append("%s %s (mxmask %s %s)" % (theirs, got, target, want))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append("missing %d: %s" % (len(missing), _shorten(
+                [_gluon_name_of(m, net) for m in missing])))
+        if unexpected:
+            parts.append("unexpected %d: %s" % (len(unexpected), _shorten(unexpected)))
+        if wrong:
+            parts.append("wrong shape %d: %s" % (len(wrong), _shorten(wrong)))
+        raise UserError("%s: not GluonCV mask_rcnn_fpn_resnet50_v1b_coco parameters (%s)"
+                        % (source, "; ".join(parts)))
+    for theirs, target in mapping.items():
+        value = arrays[theirs]
+        if value.dtype != np.float32:
+            value = value.astype(np.float32)
+        ours[target].set_data(value)
+    return len(mapping)
+
+
+def _gluon_name_of(ours, net):
+    """The GluonCV name that fills the mxmask parameter ``ours`` (for error messages)."""
+    for theirs, mine in GLUONCV_HEADS.items():
+        for suffix in (".weight", ".bias"):
+            if ours == mine + suffix:
+                return theirs + suffix
+    if ours.startswith("backbone."):
+        param = net.backbone._collect_params_with_prefix().get(ours[len("backbone."):])
+        if param is not None:
+            return "features." + param.name[len(net.backbone.prefix):]
+    return ours
+
+
+def load_params_file(path):
+    """A ``save_parameters`` file -> ``{name: NDArray}``; UserError when it is not one."""
+    if not os.path.exists(path):
+        raise UserError("%s: parameter file not found" % path)
+    if not os.path.isfile(path):
+        raise UserError("%s: is a folder, expected a .params file" % path)
+    try:
+        arrays = mx.nd.load(path)
+    except mx.base.MXNetError as e:
+        lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+        reason = lines[-1].replace("MXNetError: ", "") if lines else type(e).__name__
+        raise UserError("%s: not an MXNet parameter file (%s)" % (path, reason[:200]))
+    if not isinstance(arrays, dict) or not arrays:
+        raise UserError("%s: holds no named parameters (expected a file from "
+                        "net.save_parameters)" % path)
+    return arrays
+
+
+def converted_config():
+    """The config of a converted checkpoint: preset ``gluoncv_mask_rcnn_r50_fpn`` with the COCO
+    classes, ids and dataset paths."""
+    cfg = get_config(PRESET)
+    cfg.model.num_classes = len(COCO_CLASS_NAMES)
+    cfg.data.class_names = list(COCO_CLASS_NAMES)
+    cfg.data.category_ids = list(COCO_CATEGORY_IDS)
+    for key, value in COCO_PATHS.items():
+        setattr(cfg.data, key, value)
+    cfg.output_dir = ""
+    return cfg
+
+
+def convert_gluoncv(src, out_dir):
+    """Convert the GluonCV file ``src`` into the checkpoint folder ``out_dir``.
+
+    Refuses (UserError) to write into a folder that already holds a checkpoint other than an
+    earlier conversion. Returns ``{"params": path, "config": path, "copied": n}``.
+    """
+    from ..modeling.rcnn import build_model
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError("%s: is a file, expected a folder for the checkpoint" % out_dir)
+    if os.path.isdir(out_dir):
+        try:
+            progress = read_progress(out_dir)
+        except UserError:
+            progress = {}
+        if (progress is not None and "source" not in progress) or (
+                progress is None and os.path.exists(os.path.join(out_dir, "model.params"))):
+            raise UserError("%s: already holds a checkpoint that is not a conversion; "
+                            "choose another --out folder" % out_dir)
+    arrays = load_params_file(src)
+    cfg = converted_config()
+    net = build_model(cfg)
+    copied = convert_gluoncv_params(arrays, net, source=src)
+    cfg.output_dir = out_dir
+    save_config(cfg, out_dir)
+    save_checkpoint(out_dir, net, None, 0, 0, extra={"source": os.path.abspath(src)})
+    return {"params": os.path.join(out_dir, "model.params"),
+            "config": os.path.join(out_dir, "config.yaml"), "copied": copied}

@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Run a model exported by ``mxmask export`` on images, without mxmask.
+
+    python scripts/predict_exported.py PREFIX IMAGE [IMAGE ...] [--out results.json]
+                                       [--score-thresh T]
+
+Needs only MXNet, NumPy and OpenCV (plus the standard library): this file is meant to be copied
+next to an export and used where mxmask is not installed. It reads:
+
+    PREFIX-symbol.json, PREFIX-0000.params   the graph and weights (SymbolBlock.imports)
+    PREFIX-meta.json                         resize rule, mean/std, size divisibility, output
+                                             names, class names, COCO category ids, thresholds
+
+Each image is decoded as RGB, resized so that its short side is ``min_size_test`` (long side at
+most ``max_size_test``; sizes rounded half up), normalised as ``(x / 255 - mean) / std``, zero
+padded at the bottom/right to a multiple of ``size_divisibility`` and run with
+``im_info = (h, w, scale)``. This is the same arithmetic as mxmask's Predictor, so the results are
+the same. Detections are mapped back to the original image:
+
+    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels),
+    segmentation   the mask pasted into the image (aligned bilinear, >= mask_thresh), as COCO
+                   *uncompressed* RLE {"size": [h, w], "counts": [...]} (column-major runs
+                   starting with 0s; pycocotools' frPyObjects reads it), and "area" its pixels
+    keypoints      [x, y, 2, ...] in COCO pixel indices, from the graph's argmax keypoints
+                   (``mxmask predict`` refines them from the heatmaps, so they differ slightly)
+
+One line per detection is printed; ``--out`` writes them all as a JSON list.
+"""
+import argparse
+import json
+import os
+import sys
+
+import cv2
+import mxnet as mx
+import numpy as np
+
+INPUTS = ("data", "im_info")
+
+
+class ScriptError(Exception):
+    """A problem with the user's files: printed as one line, exit code 2."""
+
+
+def load_meta(prefix):
+    path = prefix + "-meta.json"
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ScriptError("%s: not found (written by mxmask export next to the graph)" % path)
+    except ValueError as e:
+        raise ScriptError("%s: not valid JSON (%s)" % (path, e))
+    if meta.get("format") != "mxmask-export":
+        raise ScriptError("%s: not an mxmask export record (field 'format')" % path)
+    for key in ("outputs", "min_size_test", "max_size_test", "size_divisibility", "pixel_mean",
+                "pixel_std", "category_ids", "score_thresh", "mask_thresh"):
+        if key not in meta:
+            raise ScriptError("%s: field '%s' is missing" % (path, key))
+    return meta
+
+
+def load_network(prefix):
+    import warnings
+    for suffix in ("-symbol.json", "-0000.params"):
+        if not os.path.exists(prefix + suffix):
+            raise ScriptError("%s%s: not found" % (prefix, suffix))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot decide type")
+        return mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", list(INPUTS),
+                                            prefix + "-0000.params", ctx=mx.cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# Input
+# ----------------------------------------------------------------------------------------------
+def read_rgb(path):
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imread(path, flags) if os.path.isfile(path) else None
+    if image is None:
+        raise ScriptError("%s: not a readable image file" % path)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def prepare(image, meta):
+    """HxWx3 uint8 RGB -> data (1, 3, Hp, Wp) float32 and im_info (1, 3) float32."""
+    h, w = image.shape[:2]
+    short, longest = float(meta["min_size_test"]), float(meta["max_size_test"])
+    scale = min(short / min(h, w), longest / max(h, w))
+    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+    if (new_h, new_w) != (h, w):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    std = np.asarray(meta["pixel_std"], np.float64)
+    mul = 1.0 / (255.0 * std)
+    sub = np.asarray(meta["pixel_mean"], np.float64) / std
+    div = max(int(meta["size_divisibility"]), 1)
+    hp, wp = -(-new_h // div) * div, -(-new_w // div) * div
+    biggest = meta.get("max_input_size")
+    if biggest and max(hp, wp) > biggest:
+        raise ScriptError("the resized image (%dx%d) is larger than the %d pixels the model "
+                          "supports" % (hp, wp, biggest))
+    data = np.zeros((1, 3, hp, wp), np.float32)
+    for c in range(3):
+        channel = image[:, :, c].astype(np.float32)
+        channel *= np.float32(mul[c])
+        channel -= np.float32(sub[c])
+        data[0, c, :new_h, :new_w] = channel
+    im_info = np.array([[new_h, new_w, scale]], np.float32)
+    return data, im_info
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def _axis_weights(start, length, cells, size):
+    """Bilinear weights (pixels, cells) from pixel centres of [a, b) to a mask axis of ``cells``
+    spanning [start, start + length), zero outside the grid; returns (a, b, weights)."""
+    half = 0.5 * length / cells
+    a = int(max(np.floor(start - half - 0.5), 0))
+    b = int(min(np.ceil(start + length + half - 0.5) + 1, size))
+    if b <= a:
+        return a, b, None
+    g = (np.arange(a, b) + 0.5 - start) / length * cells - 0.5
+    j0 = np.floor(g)
+    frac = g - j0
+    j0 = j0.astype(np.int64)
+    rows = np.arange(b - a)
+    weights = np.zeros((b - a, cells), np.float64)
+    lo = (j0 >= 0) & (j0 < cells)
+    weights[rows[lo], j0[lo]] = 1.0 - frac[lo]
+    hi = (j0 + 1 >= 0) & (j0 + 1 < cells)
+    weights[rows[hi], j0[hi] + 1] = frac[hi]
+    return a, b, weights
+
+
+def paste_mask(mask, box, height, width, threshold):
+    """(M, M) probabilities + box (x1, y1, x2, y2) -> bool (height, width) image mask."""
+    out = np.zeros((height, width), bool)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not (np.isfinite([x1, y1, x2, y2]).all() and x2 > x1 and y2 > y1):
+        return out
+    xa, xb, wx = _axis_weights(x1, x2 - x1, mask.shape[1], width)
+    ya, yb, wy = _axis_weights(y1, y2 - y1, mask.shape[0], height)
+    if wx is None or wy is None:
+        return out
+    # x first, then y: the order mxmask.postprocess uses, so the sums round the same way
+    crop_t = wx @ mask.astype(np.float64).T @ wy.T
+    out[ya:yb, xa:xb] = (crop_t >= threshold).T
+    return out
+
+
+def uncompressed_rle(mask):
+    """bool (H, W) -> COCO uncompressed RLE: run lengths in column-major order, 0s first."""
+    flat = mask.T.reshape(-1).astype(np.uint8)
+    if flat.size == 0:
+        return {"size": list(mask.shape), "counts": []}
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    if flat[0]:
+        runs = [0] + runs
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": runs}
+
+
+def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
+    """The graph's outputs for one image -> result dicts in original-image coordinates."""
+    out = {name: value[0] for name, value in zip(meta["outputs"], outputs)}
+    ids, scores = out["ids"].reshape(-1), out["scores"].reshape(-1).astype(np.float64)
+    boxes = out["boxes"].reshape(-1, 4).astype(np.float64)
+    keep = np.flatnonzero((ids >= 0) & (scores >= score_thresh) & np.isfinite(scores))
+    height, width = orig_size
+    im_h, im_w, scale = (float(v) for v in im_info[0])
+    sx = im_w / width if im_w > 0 else scale
+    sy = im_h / height if im_h > 0 else scale
+    boxes = boxes[keep] / np.array([sx, sy, sx, sy])
+    extent = boxes.copy()
+    if meta.get("box_plus_one"):
+        extent[:, 2:] += 1.0
+    names = meta.get("class_names") or []
+    kpt_cats = set(meta.get("keypoint_category_ids") or []) or None
+    entries = []
+    for row, k in enumerate(keep):
+        label = int(ids[k])
+        category = int(meta["category_ids"][label])
+        x1, y1, x2, y2 = extent[row].tolist()
+        entry = {"file_name": file_name, "category_id": category,
+                 "class_name": names[label] if label < len(names) else str(category),
+                 "score": float(scores[k]), "bbox": [x1, y1, x2 - x1, y2 - y1]}
+        if "masks" in out:
+            mask = paste_mask(out["masks"][k], extent[row], height, width, meta["mask_thresh"])
+            entry["segmentation"] = uncompressed_rle(mask)
+            entry["area"] = int(mask.sum())
+        if "keypoints" in out and (kpt_cats is None or category in kpt_cats):
+            kp = out["keypoints"][k].astype(np.float64)
+            flat = np.stack([kp[:, 0] / sx - 0.5, kp[:, 1] / sy - 0.5,
+                             np.full(len(kp), 2.0)], axis=1)
+            entry["keypoints"] = flat.reshape(-1).tolist()
+        entries.append(entry)
+    return entries
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run an mxmask export (no mxmask needed).")
+    parser.add_argument("prefix", help="export prefix (PREFIX-symbol.json, -0000.params, "
+                                       "-meta.json)")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--out", help="write the detections as a JSON list here")
+    parser.add_argument("--score-thresh", type=float,
+                        help="drop detections below this score (default: the model's)")
+    args = parser.parse_args(argv)
+    try:
+        meta = load_meta(args.prefix)
+        net = load_network(args.prefix)
+        thresh = meta["score_thresh"] if args.score_thresh is None else args.score_thresh
+        results = []
+        for path in args.images:
+            image = read_rgb(path)
+            data, im_info = prepare(image, meta)
+            outputs = net(mx.nd.array(data), mx.nd.array(im_info))
+            outputs = [o.asnumpy() for o in (outputs if isinstance(outputs, (list, tuple))
+                                             else [outputs])]
+            entries = to_entries(outputs, meta, im_info, image.shape[:2],
+                                 os.path.basename(path), thresh)
+            print("%s: %d detections" % (path, len(entries)))
+            for e in entries:
+                x, y, w, h = e["bbox"]
+                area = "  mask %d px" % e["area"] if "area" in e else ""
+                print("  %-12s %.3f  box %.1f %.1f %.1f %.1f%s"
+                      % (e["class_name"], e["score"], x, y, x + w, y + h, area))
+            results.extend(entries)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f)
+            print("results: %s (%d entries)" % (args.out, len(results)))
+    except ScriptError as e:
+        print("predict_exported: error: %s" % e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
