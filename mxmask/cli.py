@@ -257,7 +257,7 @@ def _cmd_bench(args):
     from .bench import run_bench
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
               runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
-              json_path=args.json)
+              json_path=args.json, fuse=args.fuse, dtype=args.dtype)
     return 0
 
 
@@ -270,6 +270,10 @@ def _add_bench(sub):
     p.add_argument("--runs", type=int, default=5, help="timed runs after warm-up (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
     p.add_argument("--train", action="store_true", help="also time a training step")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False,
+                   help="time the MKLDNN-fused graph too (--no-fuse: plain only)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the timed graph (bfloat16: CPU AMP conversion)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
     p.add_argument("--json", help="write the results as JSON here")

@@ -334,6 +334,28 @@ def _convert_bf16(block, names):
                                     excluded_sym_names=list(names))
 
 
+def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
+    """The network graph ``sym`` with ``params`` as a SymbolBlock, converted to bfloat16 (with
+    the fp32 exclusions above) and/or MKLDNN-fused, in that order (DESIGN.md section 6), and run
+    once on the example inputs. Returns ``(block, names of the nodes kept in fp32)``."""
+    pinned = []
+    with warnings.catch_warnings():
+        # SymbolBlocks warn that the graph inputs have no declared type (they are fp32)
+        warnings.filterwarnings("ignore", message="Cannot decide type")
+        block = _symbol_block(sym, params)
+        if dtype == "bfloat16":
+            block.hybridize(static_alloc=False)
+            block(data, im_info)
+            pinned = bf16_fp32_exclusions(sym)
+            block = _convert_bf16(block, pinned)
+        if fuse:
+            block.optimize_for(data, im_info, backend="MKLDNN")
+        else:
+            block.hybridize()
+        block(data, im_info)
+    return block, pinned
+
+
 # --------------------------------------------------------------------------------------------
 # Export of a checkpoint
 # --------------------------------------------------------------------------------------------
@@ -537,21 +559,8 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             atomic_write_text(tmp + "-symbol.json", graph_json_text(sym))
             mx.nd.save(tmp + "-0000.params", _param_dict(sym, params))
         else:
-            with warnings.catch_warnings():
-                # SymbolBlocks warn that the graph inputs have no declared type (they are fp32)
-                warnings.filterwarnings("ignore", message="Cannot decide type")
-                block = _symbol_block(sym, params)
-                if dtype == "bfloat16":
-                    block.hybridize(static_alloc=False)
-                    block(data, im_info)
-                    pinned = bf16_fp32_exclusions(sym)
-                    block = _convert_bf16(block, pinned)
-                if fuse:
-                    block.optimize_for(data, im_info, backend="MKLDNN")
-                else:
-                    block.hybridize()
-                block(data, im_info)
-                block.export(tmp, remove_amp_cast=False)
+            block, pinned = optimized_block(sym, params, data, im_info, fuse, dtype)
+            block.export(tmp, remove_amp_cast=False)
         dump_yaml(cfg, tmp + "-config.yaml")
         atomic_write_json(tmp + "-meta.json", export_meta(cfg, net.output_names, dtype, fuse,
                                                           size), indent=1)

@@ -19,3 +19,15 @@ def test_bench_writes_stages_and_totals(tmp_path, capsys):
     assert result["settings"]["size"] == "96x128"   # rounded up to a multiple of 32
     assert m["peak_rss_mb"] > 0 and m["train_images_per_s"] > 0
     assert "keypoint_head" in capsys.readouterr().out
+
+
+def test_bench_fused_and_bf16_variants(tmp_path):
+    for extra in (["--fuse"], ["--fuse", "--dtype", "bfloat16"]):
+        path = tmp_path / "bench.json"
+        assert main(["bench", "--preset", "shapes", "--size", "96x128", "--runs", "1",
+                     "--warmup", "1", "--json", str(path), "--set", "test.max_dets=5"] + extra) == 0
+        result = json.loads(path.read_text())
+        m = result["mxmask"]
+        assert result["settings"]["fuse"] is True
+        assert result["settings"]["dtype"] == (extra[-1] if len(extra) > 1 else "float32")
+        assert m["total_s"]["median"] > 0 and m["plain_total_s"]["median"] > 0
