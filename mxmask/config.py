@@ -181,7 +181,6 @@ class SolverConfig:
     checkpoint_period: int = 5000
     eval_period: int = 0                 # 0: only at the end
     log_period: int = 20
-    amp: str = ""                        # "" | float16 (GPU) | bfloat16 (CPU)
     nonfinite_policy: str = "stop"       # stop | skip
     dist_timeout: float = 600.0          # seconds a dist kvstore wait may take; 0 = forever
 
@@ -214,7 +213,6 @@ CHOICES = {
     "model.anchor.style": ("detectron2", "gluoncv"),
     "model.fpn.norm": ("", "gn"),
     "solver.lr_schedule": ("step", "cosine"),
-    "solver.amp": ("", "float16", "bfloat16"),
     "solver.nonfinite_policy": ("stop", "skip"),
     "test.keypoint_decode": ("bicubic", "taylor"),
 }

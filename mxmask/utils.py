@@ -47,3 +47,12 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_json(path, obj, indent=None):
     atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def shorten_names(names, limit=6):
+    """``a, b, c, ... (N more)``: a sorted, shortened list of names for a one-line error."""
+    names = sorted(names)
+    text = ", ".join(names[:limit])
+    if len(names) > limit:
+        text += ", ... (%d more)" % (len(names) - limit)
+    return text

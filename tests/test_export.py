@@ -279,3 +279,29 @@ def test_predict_exported_script_imports_and_errors(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("predict_exported: error: %s-meta.json: not found (written "
                                    "by mxmask export next to the graph)" % (tmp_path / "none"))
+
+
+@pytest.mark.parametrize("preset", ["mask_rcnn_r50_fpn", "mask_rcnn_r101_fpn",
+                                    "keypoint_rcnn_r50_fpn", "gluoncv_mask_rcnn_r50_fpn"])
+def test_every_coco_preset_exports_and_matches_gluon(preset, tmp_path):
+    """Every shipped preset exports; the imported graph equals the Gluon model at two sizes."""
+    ckpt = str(tmp_path / "ckpt")
+    cfg = preset_config(preset)
+    cfg.test.max_dets = 20                       # keep the heads' work small in the suite
+    mx.random.seed(1)
+    net = build_model(cfg)
+    save_config(cfg, ckpt)
+    net.save_parameters(os.path.join(ckpt, "model.params"))
+    prefix = str(tmp_path / "out" / preset)
+    result = export_checkpoint(ckpt, prefix, size=(128, 160), check=False)
+    assert [os.path.basename(f) for f in result["files"]] == \
+        [preset + s for s in ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json")]
+    imported = import_exported(prefix)
+    gluon = load_network(cfg, os.path.join(ckpt, "model.params"), [mx.cpu()])
+    for h, w in ((128, 160), (160, 96)):
+        rng = np.random.RandomState(h)
+        data = mx.nd.array(rng.normal(0, 1, (1, 3, h, w)))
+        im_info = mx.nd.array([[h, w, 1.0]])
+        for name, a, b in zip(gluon.output_names, gluon(data, im_info), imported(data, im_info)):
+            np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg="%s %s at %dx%d" % (preset, name, h, w))

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import get_config
 from ..engine.checkpoint import read_progress, save_checkpoint, save_config
-from ..utils import UserError
+from ..utils import UserError, shorten_names
 
 __all__ = ["GLUONCV_HEADS", "COCO_CLASS_NAMES", "COCO_CATEGORY_IDS", "PRESET",
            "gluoncv_name_map", "convert_gluoncv_params", "convert_gluoncv", "load_params_file",
@@ -92,12 +92,6 @@ def _is_our_anchor(name):
     return name.endswith("anchors")
 
 
-def _shorten(items, limit=5):
-    items = sorted(items)
-    text = ", ".join(items[:limit])
-    if len(items) > limit:
-        text += ", ... (%d more)" % (len(items) - limit)
-    return text
 
 
 def gluoncv_name_map(gluon_names, net):
@@ -139,12 +133,12 @@ def convert_gluoncv_params(arrays, net, source="GluonCV parameters"):
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append("missing %d: %s" % (len(missing), _shorten(
-                [_gluon_name_of(m, net) for m in missing])))
+            parts.append("missing %d: %s" % (len(missing), shorten_names(
+                [_gluon_name_of(m, net) for m in missing], 5)))
         if unexpected:
-            parts.append("unexpected %d: %s" % (len(unexpected), _shorten(unexpected)))
+            parts.append("unexpected %d: %s" % (len(unexpected), shorten_names(unexpected, 5)))
         if wrong:
-            parts.append("wrong shape %d: %s" % (len(wrong), _shorten(wrong)))
+            parts.append("wrong shape %d: %s" % (len(wrong), shorten_names(wrong, 5)))
         raise UserError("%s: not GluonCV mask_rcnn_fpn_resnet50_v1b_coco parameters (%s)"
                         % (source, "; ".join(parts)))
     for theirs, target in mapping.items():

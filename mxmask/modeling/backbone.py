@@ -37,7 +37,7 @@ import mxnet as mx
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
-from ..utils import UserError
+from ..utils import UserError, shorten_names
 from .norm import make_norm
 
 # depth -> (block kind, blocks per stage)
@@ -217,12 +217,6 @@ def build_backbone(cfg, num_devices=None):
 # --------------------------------------------------------------------------------------------
 # Pretrained ImageNet weights
 # --------------------------------------------------------------------------------------------
-def _shorten(names, limit=6):
-    names = sorted(names)
-    text = ", ".join(names[:limit])
-    if len(names) > limit:
-        text += ", ... (%d more)" % (len(names) - limit)
-    return text
 
 
 def _find_resnet(backbone):
@@ -285,12 +279,12 @@ def load_pretrained_backbone(backbone, path, ctx=None):
     if missing or unexpected or mismatched:
         problems = []
         if missing:
-            problems.append("missing %d: %s" % (len(missing), _shorten(missing)))
+            problems.append("missing %d: %s" % (len(missing), shorten_names(missing)))
         if unexpected:
-            problems.append("unexpected %d: %s" % (len(unexpected), _shorten(unexpected)))
+            problems.append("unexpected %d: %s" % (len(unexpected), shorten_names(unexpected)))
         if mismatched:
             problems.append("shape mismatch (file vs model) %d: %s"
-                            % (len(mismatched), _shorten(mismatched, 3)))
+                            % (len(mismatched), shorten_names(mismatched, 3)))
         raise UserError("%s: does not fit the %s backbone; %s"
                         % (path, resnet.describe(), "; ".join(problems)))
 

@@ -45,8 +45,8 @@ import mxnet as mx
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
-from ..utils import UserError
-from .backbone import ResNetV1b, _shorten
+from ..utils import UserError, shorten_names
+from .backbone import ResNetV1b
 from .norm import make_norm
 
 LEVELS = (2, 3, 4, 5)
@@ -176,9 +176,9 @@ def gluoncv_backbone_name_map(gluon_names, backbone=None, strict=True):
             parts = []
             if unmapped:
                 parts.append("GluonCV parameters with no mxmask counterpart (%d): %s"
-                             % (len(unmapped), _shorten(unmapped)))
+                             % (len(unmapped), shorten_names(unmapped)))
             if uncovered:
                 parts.append("mxmask backbone parameters not in the GluonCV file (%d): %s"
-                             % (len(uncovered), _shorten(uncovered)))
+                             % (len(uncovered), shorten_names(uncovered)))
             raise UserError("GluonCV backbone names do not match: " + "; ".join(parts))
     return mapping

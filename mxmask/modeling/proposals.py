@@ -70,7 +70,23 @@ def _batch_index(F, x, like):
     return F.broadcast_like(b, like)
 
 
-class ProposalGenerator(HybridBlock):
+class TrainTestBlock(HybridBlock):
+    """A HybridBlock whose graph differs between training and inference (``autograd.is_training()``
+    is read while tracing): when hybridized, it retraces when the mode changes."""
+
+    def __init__(self, **kwargs):
+        super(TrainTestBlock, self).__init__(**kwargs)
+        self._traced_training = None
+
+    def forward(self, *args):
+        training = autograd.is_training()
+        if self._active and self._traced_training is not None and training != self._traced_training:
+            self._clear_cached_op()
+        self._traced_training = training
+        return super(TrainTestBlock, self).forward(*args)
+
+
+class ProposalGenerator(TrainTestBlock):
     """RPN outputs of L levels -> rois (B, post, 4), scores (B, post). See the module docstring."""
 
     def __init__(self, pre_nms_topk_train, pre_nms_topk_test, post_nms_topk_train,
@@ -94,15 +110,7 @@ class ProposalGenerator(HybridBlock):
         if scale_clamp is None:
             scale_clamp = GLUONCV_RPN_SCALE_CLAMP if style == "gluoncv" else DEFAULT_SCALE_CLAMP
         self.scale_clamp = scale_clamp
-        self._traced_training = None
 
-    def forward(self, *args):
-        # a hybridized block keeps the counts of the mode it was traced in: retrace on change
-        training = autograd.is_training()
-        if self._active and self._traced_training is not None and training != self._traced_training:
-            self._clear_cached_op()
-        self._traced_training = training
-        return super(ProposalGenerator, self).forward(*args)
 
     # ----------------------------------------------------------------------------------------
     def _size_ok(self, F, boxes):

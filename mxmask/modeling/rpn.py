@@ -34,7 +34,7 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 from .anchors import AnchorGenerator
-from .proposals import ProposalGenerator
+from .proposals import ProposalGenerator, TrainTestBlock
 
 __all__ = ["RPNHead", "RPN", "anchor_max_size"]
 
@@ -73,8 +73,10 @@ def anchor_max_size(cfg):
     return int(-(-side // div) * div)
 
 
-class RPN(mx.gluon.HybridBlock):
-    """Anchors per level + shared :class:`RPNHead` + :class:`ProposalGenerator` (module doc)."""
+class RPN(TrainTestBlock):
+    """Anchors per level + shared :class:`RPNHead` + :class:`ProposalGenerator` (module doc).
+    Train and test modes build different graphs (outputs, top-k counts): a hybridized RPN
+    retraces when the mode changes."""
 
     def __init__(self, cfg, **kwargs):
         super(RPN, self).__init__(**kwargs)
@@ -99,15 +101,6 @@ class RPN(mx.gluon.HybridBlock):
                 r.post_nms_topk_test, r.nms_thresh, r.min_size, per_level_nms=r.per_level_nms,
                 plus_one=m.box_plus_one, style=a.style, num_levels=self.num_levels)
         self.num_anchors = num_anchors
-        self._traced_training = None
-
-    def forward(self, *args):
-        # train and test modes build different graphs (outputs, top-k counts): retrace on change
-        training = autograd.is_training()
-        if self._active and self._traced_training is not None and training != self._traced_training:
-            self._clear_cached_op()
-        self._traced_training = training
-        return super(RPN, self).forward(*args)
 
     def hybrid_forward(self, F, im_info, *features):
         L = self.num_levels
