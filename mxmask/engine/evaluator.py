@@ -41,6 +41,17 @@ METRIC_NAMES = {
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------
+def _read_json(path, what):
+    """The parsed json of ``path``; a missing or unreadable file is one UserError line."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError("%s: %s not found" % (path, what))
+    except (OSError, ValueError) as e:
+        raise UserError("%s: not a readable json file (%s)" % (path, str(e).splitlines()[0]))
+
+
 def load_gt(gt_ann):
     """Load a COCO annotation json into a ``pycocotools.coco.COCO``; UserError when unusable.
 
@@ -50,13 +61,7 @@ def load_gt(gt_ann):
     that pycocotools' keypoint evaluation never fails on a missing field.
     """
     from pycocotools.coco import COCO
-    try:
-        with open(gt_ann) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError("%s: annotation file not found" % gt_ann)
-    except (OSError, ValueError) as e:
-        raise UserError("%s: not a readable json file (%s)" % (gt_ann, str(e).splitlines()[0]))
+    data = _read_json(gt_ann, "annotation file")
     if not isinstance(data, dict):
         raise UserError("%s: not a COCO annotation file (expected an object)" % gt_ann)
     for key in ("images", "annotations", "categories"):
@@ -96,13 +101,7 @@ def _load_results(results):
     """(entries, label): the label names the file in messages."""
     if isinstance(results, (str, os.PathLike)):
         label = str(results)
-        try:
-            with open(label) as f:
-                entries = json.load(f)
-        except FileNotFoundError:
-            raise UserError("%s: results file not found" % label)
-        except (OSError, ValueError) as e:
-            raise UserError("%s: not a readable json file (%s)" % (label, str(e).splitlines()[0]))
+        entries = _read_json(label, "results file")
     else:
         label, entries = "results", results
     if not isinstance(entries, list):

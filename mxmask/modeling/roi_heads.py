@@ -207,6 +207,17 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
 # --------------------------------------------------------------------------------------------
 # Mask branch
 # --------------------------------------------------------------------------------------------
+def _conv_stack(num_conv, channels, in_channels, prefix_format):
+    """``num_conv`` x (3x3 conv to ``channels`` + ReLU); layer i is named ``prefix_format % i``
+    (1-based, Detectron2's names)."""
+    convs = nn.HybridSequential(prefix="")
+    for i in range(num_conv):
+        convs.add(nn.Conv2D(channels, 3, padding=1, activation="relu", in_channels=in_channels,
+                            prefix=prefix_format % (i + 1)))
+        in_channels = channels
+    return convs
+
+
 class MaskHead(mx.gluon.HybridBlock):
     """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits."""
 
@@ -217,11 +228,8 @@ class MaskHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
-            self.convs = nn.HybridSequential(prefix="")
-            for i in range(mh.num_conv):
-                self.convs.add(nn.Conv2D(mh.conv_dim, 3, padding=1, activation="relu",
-                                         in_channels=channels, prefix="mask_fcn%d_" % (i + 1)))
-                channels = mh.conv_dim
+            self.convs = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_")
+            channels = mh.conv_dim if mh.num_conv else channels
             self.deconv = nn.Conv2DTranspose(mh.conv_dim, 2, strides=2, in_channels=channels,
                                              activation="relu", prefix="deconv_")
             self.predictor = nn.Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
@@ -261,11 +269,8 @@ class KeypointHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, kh.pooler_resolution)
-            self.convs = nn.HybridSequential(prefix="")
-            for i in range(kh.num_conv):
-                self.convs.add(nn.Conv2D(kh.conv_dim, 3, padding=1, activation="relu",
-                                         in_channels=channels, prefix="conv_fcn%d_" % (i + 1)))
-                channels = kh.conv_dim
+            self.convs = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_")
+            channels = kh.conv_dim if kh.num_conv else channels
             self.deconv = nn.Conv2DTranspose(self.num_keypoints, 4, strides=2, padding=1,
                                              in_channels=channels, prefix="score_lowres_")
 
