@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from mxmask.cli import main
 from mxmask.data.shapes import KEYPOINT_OKS_SIGMAS
 from mxmask.engine.checkpoint import load_checkpoint_config, save_config
-from test_inference import build_tiny_checkpoint, shapes_paths
+from tiny_checkpoint import build_tiny_checkpoint, shapes_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SH = os.path.join(ROOT, "scripts", "eval.sh")

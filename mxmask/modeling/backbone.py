@@ -201,19 +201,6 @@ class ResNetV1b(HybridBlock):
         return "ResNet-%d v1b (width %d, norm %s)" % (self.depth, self.width, self.norm)
 
 
-def build_resnet(cfg, num_devices=None):
-    """The ResNet-v1b of ``cfg.model.backbone`` (no FPN); see :func:`mxmask.modeling.fpn.build_backbone`."""
-    b = cfg.model.backbone
-    return ResNetV1b(depth=b.depth, width=b.width, norm=b.norm, gn_groups=b.gn_groups,
-                     freeze_at=b.freeze_at, num_devices=num_devices)
-
-
-def build_backbone(cfg, num_devices=None):
-    """ResNet + FPN, returning (P2..P6); defined in :mod:`mxmask.modeling.fpn`, re-exported here."""
-    from .fpn import build_backbone as _build
-    return _build(cfg, num_devices=num_devices)
-
-
 # --------------------------------------------------------------------------------------------
 # Pretrained ImageNet weights
 # --------------------------------------------------------------------------------------------
@@ -236,7 +223,7 @@ def _is_classifier(name, structural):
 def load_pretrained_backbone(backbone, path, ctx=None):
     """Load a GluonCV ImageNet ResNet-v1b ``.params`` file into ``backbone``.
 
-    ``backbone`` is a :class:`ResNetV1b` or the block of :func:`build_backbone` (its
+    ``backbone`` is a :class:`ResNetV1b` or the block of :func:`mxmask.modeling.fpn.build_backbone` (its
     ``bottom_up`` is used). The file may use structural names (``conv1.weight``, written by
     ``save_parameters``) or prefixed names (``resnetv1b_conv0_weight``, ``arg:``/``aux:`` allowed);
     the classifier (``fc.*`` / ``dense*``) is ignored. Parameters already initialised keep their
