@@ -4,6 +4,7 @@
 session (8 train / 4 val images at size 128, seed 0): ``images/{train,val}/*.png`` and
 ``annotations/{train,val}.json``.
 """
+import mxmask  # noqa: F401  (first, so that its OpenMP thread setting precedes `import mxnet`)
 import pytest
 
 

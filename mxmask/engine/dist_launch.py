@@ -65,6 +65,11 @@ def role_env(role, task_id, num_workers, num_servers, root_uri, root_port, base=
     # ps-lite picks a node's own address from the first non-loopback interface unless told;
     # on one machine the loopback address always works (also with no network at all).
     env.setdefault("DMLC_NODE_HOST", root_uri)
+    if "OMP_NUM_THREADS" not in env:
+        # the workers of a local job share this machine's cores (mxmask/__init__.py would give
+        # each process all of them); servers and the scheduler only move gradients
+        share = (os.cpu_count() or 1) // max(1, num_workers) if role == "worker" else 1
+        env["OMP_NUM_THREADS"] = str(max(1, share))
     return env
 
 
