@@ -108,6 +108,16 @@ def test_group_norm_per_group_statistics_and_per_channel_affine(hybridize):
     y0 = ((y.asnumpy() - beta[None, :, None, None]) / gamma[None, :, None, None]).reshape(n, g, -1)
     np.testing.assert_allclose(y0.mean(-1), 0, atol=1e-4)
     np.testing.assert_allclose(y0.var(-1), 1, atol=1e-3)
+    # the input gradient equals that of MXNet's GroupNorm operator + the same affine
+    xo = nd.array(x)
+    xo.attach_grad()
+    with autograd.record():
+        yo = nd.GroupNorm(xo, nd.ones(g), nd.zeros(g), num_groups=g, eps=1e-5)
+        yo = yo * nd.array(gamma).reshape((1, c, 1, 1)) + nd.array(beta).reshape((1, c, 1, 1))
+        lo = (yo * nd.array(head)).sum()
+    lo.backward()
+    np.testing.assert_allclose(y.asnumpy(), yo.asnumpy(), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(xs.grad.asnumpy(), xo.grad.asnumpy(), atol=1e-4, rtol=1e-4)
     # and the input gradient agrees with a finite difference
     idx = (1, 3, 2, 4)
     eps = 1e-2

@@ -21,6 +21,7 @@ from mxmask.modeling.poolers import MultiLevelRoIAlign, assign_fpn_levels, sanit
 
 nd = mx.nd
 STRIDES = (4, 8, 16, 32)
+IMAGE_H, IMAGE_W = 480, 640    # large enough for rois on P5 (sqrt(area) >= 448)
 
 
 # ------------------------------------------------------------------------------------------
@@ -90,16 +91,25 @@ def np_multilevel(features, rois, pooled, sampling_ratio, aligned, style):
     return out
 
 
-def _random_rois(rng, B, R, style="detectron2"):
-    """Rois on all four levels, some partly outside the 256x320 image, none within 1e-3 (in
-    log2 units) of a level boundary, so float32 and float64 agree on the level."""
+def _random_rois(rng, B, R, style="detectron2", image=None):
+    """Rois inside the IMAGE_H x IMAGE_W image (as proposals, training rois and detections are:
+    clipped to the image), some touching its borders, cycling through levels 2..5, none within
+    1e-3 (in log2 units) of a level boundary, so float32 and float64 agree on the level."""
+    H, W = image or (IMAGE_H, IMAGE_W)
     rois = np.zeros((B, R, 4), np.float32)
     for b in range(B):
         n = 0
         while n < R:
-            size = np.exp(rng.uniform(np.log(6), np.log(800), 2))
-            xy = rng.uniform(-60, 300, 2)
-            roi = np.concatenate([xy, xy + size]).astype(np.float32)
+            level = 2 + (b * R + n) % 4
+            side = 224.0 * 2 ** rng.uniform(level - 4, level - 3)     # sqrt(area) on that level
+            side = max(side, 6.0)
+            aspect = np.exp(rng.uniform(-0.7, 0.7))
+            w, h = side * np.sqrt(aspect), side / np.sqrt(aspect)
+            xy = rng.uniform(-0.2, 1.0, 2) * [W - w, H - h]
+            roi = np.concatenate([xy, xy + [w, h]])
+            roi = np.clip(roi, 0, [W, H, W, H]).astype(np.float32)
+            if min(roi[2] - roi[0], roi[3] - roi[1]) < 2:
+                continue
             _, raw = np_levels(roi.astype(np.float64)[None], style)
             if abs(raw[0] - round(raw[0])) < 1e-3:
                 continue
@@ -108,7 +118,8 @@ def _random_rois(rng, B, R, style="detectron2"):
     return rois
 
 
-def _features(rng, B=2, C=3, H=256, W=320):
+def _features(rng, B=2, C=3, H=None, W=None):
+    H, W = H or IMAGE_H, W or IMAGE_W
     return [rng.randn(B, C, H // s, W // s).astype(np.float32) for s in STRIDES]
 
 
@@ -172,6 +183,23 @@ def test_multilevel_matches_numpy(aligned, sampling_ratio, pooled, style):
     ref = np_multilevel(feats, rois, pooled, sampling_ratio, aligned, style)
     np.testing.assert_allclose(out, ref, atol=1e-4)
     assert set(np_levels(rois.astype(np.float64), style)[0].ravel()) == {2.0, 3.0, 4.0, 5.0}
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_one_hybridized_pooler_serves_any_input_size(aligned):
+    """The level canvas takes its tile offsets from the feature shapes at run time: one
+    hybridized pooler, inputs of three sizes (one not a multiple of 32, whose coarse levels are
+    ceil-sized as the backbone's strided convs make them), each equal to the numpy reference."""
+    pooler = MultiLevelRoIAlign(7, STRIDES, 0, aligned)
+    pooler.initialize()
+    pooler.hybridize(static_alloc=True)
+    rng = np.random.RandomState(5)
+    for H, W in [(480, 640), (200, 300), (452, 600)]:
+        feats = [rng.randn(1, 2, -(-H // s), -(-W // s)).astype(np.float32) for s in STRIDES]
+        rois = _random_rois(rng, 1, 12, image=(H, W))
+        out = pooler(nd.array(rois), *[nd.array(f) for f in feats]).asnumpy()
+        np.testing.assert_allclose(out, np_multilevel(feats, rois, 7, 0, aligned, "detectron2"),
+                                   atol=1e-4)
 
 
 @pytest.mark.parametrize("aligned", [True, False])

