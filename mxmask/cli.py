@@ -257,7 +257,8 @@ def _cmd_bench(args):
     from .bench import run_bench
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
               runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
-              json_path=args.json, fuse=args.fuse, dtype=args.dtype)
+              json_path=args.json, fuse=args.fuse, dtype=args.dtype, against=args.against,
+              resnet50=args.resnet50, chart_path=args.chart)
     return 0
 
 
@@ -277,6 +278,13 @@ def _add_bench(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--against", choices=["gluoncv"],
+                   help="also time GluonCV's mask_rcnn_fpn_resnet50_v1b_coco on the same input "
+                        "(and training step with --train) and print the speed ratios")
+    p.add_argument("--resnet50", action="store_true",
+                   help="also time a plain ResNet-50 forward (plain and MKLDNN-fused) for its "
+                        "GFLOP/s (implied by --against)")
+    p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the stages here")
     p.set_defaults(func=_cmd_bench)
 
 

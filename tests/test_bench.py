@@ -1,7 +1,21 @@
-"""mxmask bench: the table and the JSON record on a tiny model."""
+"""mxmask bench: the table, the JSON record and the chart on tiny inputs; the MAC counter; the
+GluonCV reference (RoIAlign workarounds, RPN targets) that ``--against gluoncv`` runs."""
 import json
+import types
+
+import mxmask  # noqa: F401  (first: it sets OMP_NUM_THREADS before mxnet loads)
+import mxnet as mx
+import numpy as np
+import pytest
 
 from mxmask.cli import main
+from mxmask.flops import count_block_macs, count_macs
+
+STAT_KEYS = {"median", "min", "max"}
+
+
+def _check_stats(s):
+    assert set(s) == STAT_KEYS and 0 < s["min"] <= s["median"] <= s["max"], s
 
 
 def test_bench_writes_stages_and_totals(tmp_path, capsys):
@@ -13,12 +27,26 @@ def test_bench_writes_stages_and_totals(tmp_path, capsys):
     m = result["mxmask"]
     assert set(m["stages"]) == {"backbone+fpn", "rpn+proposals", "box_head+nms", "mask_head",
                                 "keypoint_head", "paste/decode"}
-    for s in list(m["stages"].values()) + [m["total_s"], m["train_step_s"]]:
-        assert 0 < s["min"] <= s["median"] <= s["max"]
+    for s in list(m["stages"].values()) + [m["total_s"], m["network_s"], m["train_step_s"]]:
+        _check_stats(s)
+    assert m["total_s"]["median"] > m["network_s"]["median"]      # + paste/decode
     assert m["detections_per_image"] == 10          # the raised class bias fills max_dets
     assert result["settings"]["size"] == "96x128"   # rounded up to a multiple of 32
     assert m["peak_rss_mb"] > 0 and m["train_images_per_s"] > 0
-    assert "keypoint_head" in capsys.readouterr().out
+    # arithmetic: every network stage has its MACs, they add up, and the rate is 2*MAC/time
+    assert set(m["gmac_stages"]) == set(m["stages"]) - {"paste/decode"}
+    assert all(v > 0 for v in m["gmac_stages"].values())
+    assert m["gmac"] == pytest.approx(sum(m["gmac_stages"].values()), rel=1e-9)
+    assert m["gflop_per_s"] == pytest.approx(2 * m["gmac"] / m["network_s"]["median"], rel=1e-9)
+    # keypoint head on exactly 10 and 100 rois: the head's arithmetic is linear in the rois
+    kp = m["keypoint_head_per_rois"]
+    assert set(kp) == {"10", "100"}
+    for s in kp.values():
+        _check_stats(s)
+    gmac = m["keypoint_head_gmac_per_rois"]
+    assert gmac["100"] == pytest.approx(10 * gmac["10"], rel=1e-9) and gmac["10"] > 0
+    out = capsys.readouterr().out
+    assert "keypoint_head" in out and "keypoint head 100 rois" in out and "GFLOP/s" in out
 
 
 def test_bench_fused_and_bf16_variants(tmp_path):
@@ -31,3 +59,184 @@ def test_bench_fused_and_bf16_variants(tmp_path):
         assert result["settings"]["fuse"] is True
         assert result["settings"]["dtype"] == (extra[-1] if len(extra) > 1 else "float32")
         assert m["total_s"]["median"] > 0 and m["plain_total_s"]["median"] > 0
+        assert m["plain_network_s"]["median"] > 0
+        # the rate is that of the timed (optimised) graph
+        assert m["gflop_per_s"] == pytest.approx(2 * m["gmac"] / m["network_s"]["median"])
+
+
+def test_bench_against_gluoncv_end_to_end(tmp_path, capsys):
+    """``--against gluoncv --train`` through the CLI: JSON schema, ratios, table lines, chart."""
+    from PIL import Image
+    path, chart = tmp_path / "bench.json", tmp_path / "stages.png"
+    assert main(["bench", "--preset", "shapes", "--size", "128x160", "--runs", "1", "--warmup",
+                 "0", "--train", "--against", "gluoncv", "--json", str(path), "--chart",
+                 str(chart), "--set", "test.max_dets=10"]) == 0
+    result = json.loads(path.read_text())
+    assert set(result) == {"settings", "mxmask", "gluoncv", "speedup", "network_speedup",
+                           "train_speedup", "resnet50"}
+    m, g, r = result["mxmask"], result["gluoncv"], result["resnet50"]
+    settings = result["settings"]
+    assert settings["against"] == "gluoncv" and settings["size"] == "128x160"
+    assert settings["gluoncv"]["model"] == "mask_rcnn_fpn_resnet50_v1b_coco"
+    assert settings["gluoncv"]["max_dets"] == 10 == settings["max_dets"]
+    # GluonCV's record
+    assert {"total_s", "network_s", "paste_s", "detections_per_image", "gmac", "gmac_stages",
+            "gflop_per_s", "train_step_s", "train_images_per_s", "rpn_targets_s"} <= set(g)
+    for s in (g["total_s"], g["network_s"], g["paste_s"], g["train_step_s"], g["rpn_targets_s"]):
+        _check_stats(s)
+    assert g["detections_per_image"] == 10                   # matched max_dets
+    assert g["total_s"]["median"] == pytest.approx(g["network_s"]["median"]
+                                                   + g["paste_s"]["median"], rel=1e-9)
+    assert g["train_step_s"]["median"] > g["rpn_targets_s"]["median"]
+    assert set(g["gmac_stages"]) == {"backbone+fpn", "rpn", "box_head", "mask_head"}
+    assert g["gmac"] == pytest.approx(sum(g["gmac_stages"].values()), rel=1e-9)
+    assert g["gmac"] > 10 * m["gmac"]          # a ResNet-50 network vs the shapes preset's R18/32
+    assert g["gflop_per_s"] == pytest.approx(2 * g["gmac"] / g["network_s"]["median"], rel=1e-9)
+    # the ratios
+    assert result["speedup"] == pytest.approx(g["total_s"]["median"] / m["total_s"]["median"],
+                                              rel=1e-12)
+    assert result["network_speedup"] == pytest.approx(
+        g["network_s"]["median"] / m["network_s"]["median"], rel=1e-12)
+    assert result["train_speedup"] == pytest.approx(
+        g["train_step_s"]["median"] / m["train_step_s"]["median"], rel=1e-12)
+    # the plain ResNet-50 (implied by --against)
+    assert r["gmac"] == pytest.approx(4.0892 * 128 * 160 / 224 ** 2, rel=0.02)
+    _check_stats(r["plain_s"])
+    _check_stats(r["mkldnn_s"])
+    assert r["gflop_per_s"]["plain"] == pytest.approx(2 * r["gmac"] / r["plain_s"]["median"])
+    out = capsys.readouterr().out
+    for line in ("gluoncv total", "gluoncv train step", "speedup (gluoncv / mxmask median)",
+                 "resnet50 mkldnn"):
+        assert line in out
+    # the chart: 6 stages + 2 totals at 0.45 in each, not blank, GluonCV's bar drawn in orange
+    image = np.asarray(Image.open(str(chart)).convert("RGB"))
+    assert image.shape == (int(round(100 * (1.2 + 0.45 * 8))), 800, 3)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20
+    orange = (np.abs(image.astype(int) - [0xdd, 0x84, 0x52]).sum(axis=2) < 10).sum()
+    assert orange > 1000
+
+
+def test_against_needs_batch_one(capsys):
+    assert main(["bench", "--preset", "shapes", "--size", "64x64", "--batch", "2", "--against",
+                 "gluoncv"]) == 2
+    assert "--batch 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# MAC counting
+# --------------------------------------------------------------------------------------------
+def test_count_macs_by_hand():
+    """A grouped convolution, a grouped deconvolution and a fully connected layer."""
+    x = mx.sym.var("data")
+    conv = mx.sym.Convolution(x, kernel=(3, 3), num_filter=8, num_group=2, pad=(1, 1),
+                              stride=(2, 2), name="head_conv")
+    deconv = mx.sym.Deconvolution(conv, kernel=(4, 4), num_filter=6, num_group=2, stride=(2, 2),
+                                  pad=(1, 1), name="head_deconv")
+    fc = mx.sym.FullyConnected(mx.sym.relu(deconv), num_hidden=10, name="fc")
+    macs = count_macs(fc, {"data": (2, 4, 10, 12)}, groups={"head": ["head_"]})
+    # conv: output (2, 8, 5, 6), each output value sums (4 / 2 groups) * 3 * 3 products
+    conv_macs = 2 * 8 * 5 * 6 * (4 // 2) * 3 * 3
+    # deconv: input (2, 8, 5, 6), each input value meets (6 / 2 groups) * 4 * 4 weights;
+    # output (2, 6, 10, 12)
+    deconv_macs = 2 * 8 * 5 * 6 * (6 // 2) * 4 * 4
+    # fc: input flattened to 6 * 10 * 12 = 720 features, 2 rows, 10 outputs
+    fc_macs = 2 * 10 * 6 * 10 * 12
+    assert (conv_macs, deconv_macs, fc_macs) == (8640, 23040, 14400)
+    assert macs["by_op"] == {"Convolution": conv_macs, "Deconvolution": deconv_macs,
+                             "FullyConnected": fc_macs}
+    assert macs["total"] == conv_macs + deconv_macs + fc_macs
+    assert macs["by_group"] == {"head": conv_macs + deconv_macs, "other": fc_macs}
+    assert [layer[0] for layer in macs["layers"]] == ["head_conv", "head_deconv", "fc"]
+    # FullyConnected(flatten=False) on (2, 3, 7) rows: 2 * 3 rows of 7 inputs
+    flat = count_macs(mx.sym.FullyConnected(x, num_hidden=5, flatten=False, name="f"),
+                      {"data": (2, 3, 7)})
+    assert flat["total"] == 2 * 3 * 5 * 7
+    # a name shared by several nodes (a block called once per level) is counted per node
+    w = mx.sym.var("shared_weight")
+    a = mx.sym.Convolution(x, w, kernel=(1, 1), num_filter=4, no_bias=True, name="same")
+    b = mx.sym.Convolution(mx.sym.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max"), w,
+                           kernel=(1, 1), num_filter=4, no_bias=True, name="same")
+    shared = count_macs(mx.sym.Group([a, b]), {"data": (1, 3, 8, 8)},
+                        groups={"by_weight": ["shared_"]})
+    assert shared["total"] == 4 * 3 * (8 * 8 + 4 * 4) == shared["by_group"]["by_weight"]
+    with pytest.raises(ValueError, match="could not be inferred"):
+        count_macs(fc, {})
+
+
+def test_count_macs_resnet50():
+    """GluonCV resnet50_v1b at 224x224: 4,089,184,256 MACs here (4,087,136,256 in convolutions
+    + 2,048,000 in the classifier), the usual "4.1 GMAC" of ResNet-50."""
+    from gluoncv.model_zoo import resnet50_v1b
+    macs = count_block_macs(resnet50_v1b(pretrained=False), {"data": (1, 3, 224, 224)})
+    assert macs["total"] == pytest.approx(4.1e9, rel=0.01)
+    assert macs["by_op"]["FullyConnected"] == 2048 * 1000
+    assert len(macs["layers"]) == 53 + 1          # 53 convolutions (incl. 4 downsamples) + fc
+    assert macs["total"] == 4089184256
+
+
+# --------------------------------------------------------------------------------------------
+# The GluonCV reference
+# --------------------------------------------------------------------------------------------
+def _rois_and_features(rng, n=300, channels=8):
+    features = [mx.nd.array(rng.randn(1, channels, s, s)) for s in (64, 32, 16, 8)]
+    xy = rng.uniform(0, 200, (n, 2))
+    wh = rng.uniform(2, 250, (n, 2))
+    rois = mx.nd.array(np.concatenate([np.zeros((n, 1)), xy, xy + wh], axis=1))
+    return features, rois
+
+
+def test_roi_feats_workarounds_agree_and_gluoncv_own_is_corrupted():
+    """The three workarounds give the same pooled features bit for bit (the masked one also as a
+    symbol); GluonCV's own version on the same input does not (the CPU bug they work around)."""
+    from gluoncv.model_zoo.rcnn.faster_rcnn.faster_rcnn import FasterRCNN
+    from mxmask.convert.gluoncv_reference import ROI_FEATS
+    features, rois = _rois_and_features(np.random.RandomState(0))
+    args = ((14, 14), (4, 8, 16, 32))
+    ref = ROI_FEATS["gathered"](None, mx.nd, features, rois, *args).asnumpy()
+    assert ref.shape == (300, 8, 14, 14) and np.abs(ref).min(axis=(1, 2, 3)).max() > 0
+    for name in ("masked", "every_level"):
+        np.testing.assert_array_equal(ROI_FEATS[name](None, mx.nd, features, rois, *args)
+                                      .asnumpy(), ref)
+    feats_sym = [mx.sym.var("f%d" % i) for i in range(4)]
+    sym = ROI_FEATS["masked"](None, mx.sym, feats_sym, mx.sym.var("rois"), *args)
+    bound = {"f%d" % i: f for i, f in enumerate(features)}
+    bound["rois"] = rois
+    np.testing.assert_array_equal(sym.bind(mx.cpu(), bound).forward()[0].asnumpy(), ref)
+    owner = types.SimpleNamespace(_min_stage=2, _max_stage=6)
+    theirs = FasterRCNN._pyramid_roi_feats(owner, mx.nd, features, rois, *args).asnumpy()
+    assert not np.array_equal(theirs, ref)
+
+
+def test_gluoncv_rpn_targets_equal_its_data_loader(monkeypatch):
+    """GluonCVRPNTargets gives what GluonCV's MaskRCNNDefaultTrainTransform + MaskRCNNTrainBatchify
+    give for the same image and boxes (flip disabled, same numpy seed for the sampling)."""
+    import warnings
+    from gluoncv.data.batchify import MaskRCNNTrainBatchify
+    from gluoncv.data.transforms import image as timage
+    from gluoncv.data.transforms.presets.rcnn import MaskRCNNDefaultTrainTransform
+    from mxmask.bench import synthetic_train_batch
+    from mxmask.config import get_config
+    from mxmask.convert.gluoncv_reference import GluonCVRPNTargets, build_gluoncv_mask_rcnn
+    h, w = 128, 160
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = build_gluoncv_mask_rcnn(max_dets=10)
+        batch = synthetic_train_batch(get_config("shapes"), (h, w), 1)
+        boxes = batch["gt_boxes"][0]
+        np.random.seed(5)
+        ours = [x.asnumpy() for x in GluonCVRPNTargets(net)(batch["gt_boxes"], h, w)]
+        monkeypatch.setattr(timage, "random_flip", lambda img, px=0, py=0: (img, (False, False)))
+        transform = MaskRCNNDefaultTrainTransform(h, w, net, ashape=net.ashape, multi_stage=True)
+        label = np.concatenate([boxes, np.zeros((len(boxes), 1))], axis=1)
+        polygons = [[np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]])]
+                    for x1, y1, x2, y2 in boxes]
+        image = mx.nd.array(np.zeros((h, w, 3)), dtype=np.uint8)
+        np.random.seed(5)
+        sample = transform(image, label, polygons)
+        _, _, _, cls_t, box_t, mask_t = MaskRCNNTrainBatchify(net)([sample])
+    theirs = [cls_t[0].asnumpy(), box_t[0].asnumpy(), mask_t[0].asnumpy()]
+    n_anchors = 3 * sum((h // s) * (w // s) for s in (4, 8, 16, 32)) + 3 * 2 * 3
+    assert ours[0].shape == (1, n_anchors) and ours[1].shape == (1, n_anchors, 4)
+    assert (ours[0] == 1).sum() > 0 and (ours[0] == 0).sum() > 0     # positives and negatives
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)

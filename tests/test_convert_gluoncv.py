@@ -5,8 +5,9 @@ a checkpoint of preset ``gluoncv_mask_rcnn_r50_fpn`` that reproduces GluonCV's n
 One GluonCV build (module fixture) with random weights, randomised BatchNorm statistics and
 rescaled prediction layers so that scores and mask probabilities are spread out (GluonCV's
 default init gives near-tied class scores of ~1/81 and mask probabilities near 0.5, which would
-compare nothing). Nothing is downloaded. GluonCV's FPN pooling is patched as in test_rcnn.py
-(its -1 batch index corrupts ROIAlign on CPU, DESIGN.md section 6).
+compare nothing). Nothing is downloaded. GluonCV's FPN pooling is patched (its -1 batch index
+corrupts ROIAlign on CPU, DESIGN.md section 6) with the imperative-only "gathered" workaround of
+mxmask.convert.gluoncv_reference: each level's rois pooled once, the GluonCV net not hybridized.
 """
 import json
 import os
@@ -21,6 +22,7 @@ from mxmask import cli
 from mxmask.config import load_yaml
 from mxmask.convert.gluoncv import (COCO_CATEGORY_IDS, COCO_CLASS_NAMES, GLUONCV_HEADS,
                                     convert_gluoncv)
+from mxmask.convert.gluoncv_reference import patch_pyramid_roi_feats
 from mxmask.postprocess import paste_masks_in_image
 from mxmask.utils import UserError
 
@@ -28,29 +30,6 @@ gcv = pytest.importorskip("gluoncv")
 
 SHORT, MAX_SIZE = 800, 1333
 IMAGE_HW = (200, 256)          # resized x4 to 800x1024: a multiple of 32, so no padding either side
-
-
-def _pool_each_roi_once(self, F, features, rpn_rois, roi_size, strides, roi_mode="align",
-                        roi_canonical_scale=224.0, sampling_ratio=2, eps=1e-6):
-    """GluonCV's ``RCNN._pyramid_roi_feats`` (same level rule, same op sequence) without its -1
-    batch index, which corrupts ROIAlign's output on CPU (DESIGN.md section 6): each level's rois
-    are gathered and pooled with their real batch index, then put back in order. Imperative only
-    (the GluonCV net is not hybridized here); 4x cheaper than pooling every roi on every level
-    (test_rcnn.py's hybridizable patch)."""
-    assert F is mx.nd
-    _, x1, y1, x2, y2 = F.split(rpn_rois, axis=-1, num_outputs=5)
-    level = F.floor(4 + F.log2(F.sqrt((x2 - x1 + 1) * (y2 - y1 + 1)) / roi_canonical_scale + eps))
-    level = F.clip(level, 2, 5).asnumpy().reshape(-1)
-    pooled, order = [], []
-    for i, lvl in enumerate(range(2, 6)):
-        idx = np.flatnonzero(level == lvl)
-        if len(idx):
-            rois = F.take(rpn_rois, mx.nd.array(idx, dtype="int64"))
-            pooled.append(F.contrib.ROIAlign(features[i], rois, roi_size, 1. / strides[i],
-                                             sample_ratio=sampling_ratio))
-            order.append(idx)
-    inverse = np.argsort(np.concatenate(order))
-    return F.take(F.concat(*pooled, dim=0), mx.nd.array(inverse, dtype="int64"))
 
 
 def _randomise(g, rng):
@@ -84,7 +63,7 @@ def converted(tmp_path_factory):
     g = gcv.model_zoo.get_model("mask_rcnn_fpn_resnet50_v1b_coco", pretrained=False,
                                 pretrained_base=False)
     g.initialize()
-    g._pyramid_roi_feats = types.MethodType(_pool_each_roi_once, g)
+    patch_pyramid_roi_feats(g, "gathered")
     # resolve the deferred shapes with a cheap forward (10 rois), then GluonCV's test settings
     g._rpn_test_post_nms = g.rpn._test_post_nms = g._rcnn_max_dets = 10
     g(mx.nd.zeros((1, 3, 64, 64)))

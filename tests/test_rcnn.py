@@ -1,6 +1,5 @@
 """Tests of mxmask.modeling.rcnn: every preset builds and runs, output contract, hybridize and
 export equality, heads on the final detections only, and exact agreement with GluonCV."""
-import types
 import warnings
 
 import mxnet as mx
@@ -9,6 +8,7 @@ import pytest
 
 from mxmask.config import get_config, list_presets
 from mxmask.convert.gluoncv import GLUONCV_HEADS
+from mxmask.convert.gluoncv_reference import patch_pyramid_roi_feats
 from mxmask.modeling.rcnn import MaskRCNN, build_model, output_names
 from mxmask.utils import UserError
 
@@ -234,21 +234,6 @@ def test_gluoncv_preset_has_gluoncv_parameter_shapes():
     assert ours == theirs
 
 
-def _gluoncv_pyramid_roi_feats(self, F, features, rpn_rois, roi_size, strides, roi_mode="align",
-                               roi_canonical_scale=224.0, sampling_ratio=2, eps=1e-6):
-    """GluonCV's level rule, but every roi pooled with its real batch index (the -1 index of
-    GluonCV's own version corrupts ROIAlign's output on CPU, DESIGN.md section 6)."""
-    _, x1, y1, x2, y2 = F.split(rpn_rois, axis=-1, num_outputs=5)
-    level = F.floor(4 + F.log2(F.sqrt((x2 - x1 + 1) * (y2 - y1 + 1)) / roi_canonical_scale + eps))
-    level = F.squeeze(F.clip(level, 2, 5))
-    pooled = []
-    for i, lvl in enumerate(range(2, 6)):
-        p = F.contrib.ROIAlign(features[i], rpn_rois, roi_size, 1. / strides[i],
-                               sample_ratio=sampling_ratio)
-        pooled.append(F.where(level == lvl, p, F.zeros_like(p)))
-    return F.ElementWiseSum(*pooled)
-
-
 def test_gluoncv_preset_reproduces_gluoncv_outputs():
     """With GluonCV's weights copied in, the gluoncv preset gives GluonCV's detections and masks
     bit for bit (GluonCV's FPN pooling patched to avoid the ROIAlign -1 index bug)."""
@@ -259,7 +244,8 @@ def test_gluoncv_preset_reproduces_gluoncv_outputs():
     g = gcv.model_zoo.get_model("mask_rcnn_fpn_resnet50_v1b_coco", pretrained=False,
                                 pretrained_base=False)
     g.initialize()
-    g._pyramid_roi_feats = types.MethodType(_gluoncv_pyramid_roi_feats, g)
+    # every roi pooled on every level with its real batch index (hybridizable)
+    patch_pyramid_roi_feats(g, "every_level")
     g._rcnn_max_dets = dets
     g._rpn_test_post_nms = post
     g.rpn._test_post_nms = post
