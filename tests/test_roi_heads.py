@@ -9,6 +9,7 @@ from mxnet.gluon import nn
 
 from mxmask.config import get_config
 from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead,
+                                       upsample2x_bilinear,
                                        decode_keypoints, detect, detection_settings,
                                        select_class_masks, GLUONCV_SCALE_CLAMP,
                                        DETECTRON2_SCALE_CLAMP)
@@ -368,3 +369,25 @@ def test_head_errors():
         KeypointHead(shapes_cfg("model.keypoint_head.resolution=28"))
     with pytest.raises(ValueError):
         detection_settings(shapes_cfg("test.max_dets=0"))
+
+
+def _forward_backward(fn, x, head):
+    x = x.copy()
+    x.attach_grad()
+    with mx.autograd.record():
+        y = fn(x)
+        loss = (y * head).sum()
+    loss.backward()
+    return y.asnumpy(), x.grad.asnumpy()
+
+
+def test_upsample2x_bilinear_equals_bilinear_resize_with_gradients():
+    rng = np.random.RandomState(1)
+    x = mx.nd.array(rng.randn(2, 3, 6, 6))
+    head = mx.nd.array(rng.randn(2, 3, 12, 12))
+    ya, ga = _forward_backward(lambda v: mx.nd.contrib.BilinearResize2D(
+        v, height=12, width=12, align_corners=False), x, head)
+    yb, gb = _forward_backward(lambda v: upsample2x_bilinear(mx.nd, v, 3), x, head)
+    np.testing.assert_allclose(yb, ya, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(yb, np_upsample2_half_pixel(x.asnumpy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-5)
