@@ -395,9 +395,8 @@ def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
             step = GluonCVTrainStep(g, batch, ctx=ctx)
             batch_np = synthetic_train_batch(cfg, size, batch)
             arrays = step.inputs(batch_np)
-            train_runs = max(1, runs // 2)
-            _, times = _timed(lambda: step.step(batch_np, arrays), train_runs, 1)
-            _, target_times = _timed(lambda: step.rpn_targets(batch_np), train_runs, 0)
+            _, times = _timed(lambda: step.step(batch_np, arrays), runs, max(1, warmup))
+            _, target_times = _timed(lambda: step.rpn_targets(batch_np), runs, 0)
             record.update({"train_step_s": _stats(times),
                            "train_images_per_s": batch / float(np.median(times)),
                            "rpn_targets_s": _stats(target_times)})
@@ -565,7 +564,7 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         m["total_s"] = {k: v + paste for k, v in network.items()}
     m.update(_gmac_record(count_network_macs(net, hw, batch), m["network_s"]["median"]))
     if train:
-        m.update(bench_train_step(cfg, net, hw, batch, max(1, runs // 2), 1))
+        m.update(bench_train_step(cfg, net, hw, batch, runs, max(1, warmup)))
     if against == "gluoncv":
         result["gluoncv"], settings["gluoncv"] = bench_gluoncv(cfg, hw, batch, runs, warmup,
                                                                train)
