@@ -17,11 +17,15 @@ def _default_omp_threads():
     """
     if "OMP_NUM_THREADS" in _os.environ or "mxnet" in _sys.modules:
         return
+    _os.environ["OMP_NUM_THREADS"] = str(usable_cores())
+
+
+def usable_cores():
+    """The number of cores this process may run on (its CPU affinity where the OS tells it)."""
     try:
-        cores = len(_os.sched_getaffinity(0))
+        return max(1, len(_os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        cores = _os.cpu_count() or 1
-    _os.environ["OMP_NUM_THREADS"] = str(max(1, cores))
+        return max(1, _os.cpu_count() or 1)
 
 
 _default_omp_threads()

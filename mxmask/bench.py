@@ -359,13 +359,10 @@ def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
 
 def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
     """GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` on the bench input (module docstring):
-    ``(record, settings)``."""
+    ``(record, settings)``. ``batch`` must be 1 (:func:`run_bench` checks it up front)."""
     from .convert.gluoncv_reference import (MODEL_NAME, GluonCVTrainStep, build_gluoncv_mask_rcnn,
                                             gluoncv_postprocess, mac_groups)
     from .flops import count_macs
-    if batch != 1:
-        raise UserError("--against gluoncv: GluonCV's Mask R-CNN infers one image at a time; "
-                        "use --batch 1")
     ctx = ctx or mx.cpu()
     h, w = size
     with warnings.catch_warnings():

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from .. import usable_cores
+
 GRACE = 5.0              # seconds between SIGTERM and SIGKILL when stopping the job
 SERVER_EXIT_WAIT = 60.0  # seconds the servers/scheduler get to leave after the workers
 POLL = 0.2
@@ -68,7 +70,7 @@ def role_env(role, task_id, num_workers, num_servers, root_uri, root_port, base=
     if "OMP_NUM_THREADS" not in env:
         # the workers of a local job share this machine's cores (mxmask/__init__.py would give
         # each process all of them); servers and the scheduler only move gradients
-        share = (os.cpu_count() or 1) // max(1, num_workers) if role == "worker" else 1
+        share = usable_cores() // max(1, num_workers) if role == "worker" else 1
         env["OMP_NUM_THREADS"] = str(max(1, share))
     return env
 

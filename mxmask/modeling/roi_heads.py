@@ -287,7 +287,8 @@ def upsample2x_bilinear(F, x, channels):
     x[S] the edge values: a depthwise 4x4 stride-2 transposed convolution with the kernel
     outer([.25, .75, .75, .25]) of the edge-padded input (pad 3 crops it to 2S). The same
     numbers as ``BilinearResize2D``, whose CPU backward alone took 107 ms of the shapes
-    training step (this: about 2 ms). Needs S >= 4; ``channels`` is C.
+    training step (forward + backward of 64 rois x 7 channels at 28 -> 56: 56 ms against the
+    op's 136 ms). Needs S >= 4; ``channels`` is C.
     """
     i = F.slice_axis(F.contrib.arange_like(x, axis=3), axis=0, begin=0, end=4)   # 0, 1, 2, 3
     k = 1.0 - 0.5 * F.abs(i - 1.5)                                                 # .25 .75 .75 .25
