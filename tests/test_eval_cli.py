@@ -118,13 +118,6 @@ def gt_like_results(gt_ann, seed=0):
 
 
 @pytest.fixture(scope="module")
-def ckpt(shapes_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("eval_ckpt"))
-    build_tiny_checkpoint(shapes_dataset, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def evaluated(ckpt):
     """``scripts/eval.sh CKPT --plots`` (a real process): its result."""
     return run_script([ckpt, "--plots"])

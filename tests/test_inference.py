@@ -18,7 +18,7 @@ from mxmask.engine.inference import (evaluate_on_dataset, gather_shards, inferen
                                      wait_for_shards, write_shard)
 from mxmask.predictor import Predictor
 from mxmask.utils import UserError
-from tiny_checkpoint import build_tiny_checkpoint, shapes_paths
+from tiny_checkpoint import shapes_paths
 
 def entry_key(e):
     return (e["image_id"], e["category_id"], tuple(np.round(e["bbox"], 2)), round(e["score"], 4))
@@ -37,13 +37,6 @@ def assert_same_entries(a, b, score_tol=1e-5):
             np.testing.assert_allclose(x["keypoints"], y["keypoints"], atol=1e-3)
         if "segmentation" in x:
             assert x["segmentation"] == y["segmentation"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(shapes_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny_ckpt"))
-    build_tiny_checkpoint(shapes_dataset, out)
-    return out
 
 
 @pytest.fixture(scope="module")
