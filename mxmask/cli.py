@@ -111,7 +111,7 @@ def _cmd_eval(args):
     ctxs = parse_ctx(args.ctx)
     if not os.path.isdir(args.ckpt):
         raise UserError("%s: checkpoint folder not found" % args.ckpt)
-    predictor = Predictor(args.ckpt, ctx=ctxs)
+    predictor = Predictor(args.ckpt, ctx=ctxs, fuse=args.fuse, dtype=args.dtype)
     cfg = predictor.cfg
     ann = args.ann or cfg.data.val_ann
     images = args.images or cfg.data.val_images
@@ -164,12 +164,14 @@ def _add_eval(sub):
                         "scores (all ranks need the same --out-dir)")
     p.add_argument("--gather-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long rank 0 waits for the other shards (default 600)")
+    _add_graph_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_predict(args):
     from .predictor import Predictor
-    predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh)
+    predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh,
+                          fuse=args.fuse, dtype=args.dtype)
     vis_thresh = args.score_thresh if args.score_thresh is not None else 0.5
 
     def on_image(path, image, entries):
@@ -210,6 +212,7 @@ def _add_predict(sub):
     p.add_argument("--cutout", help="folder for one RGBA PNG cut-out per instance")
     p.add_argument("--score-thresh", type=float, help="drop detections below this score")
     p.add_argument("--ctx", default="cpu", help="cpu or gpu:0 (default cpu)")
+    _add_graph_args(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -340,6 +343,15 @@ def _cmd_export(args):
     return 0
 
 
+def _add_graph_args(p):
+    """--fuse and --dtype: the graph as mxmask export writes it (export, eval, predict)."""
+    p.add_argument("--fuse", action="store_true",
+                   help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: convolutions, deconvolutions and fc layers in bf16 (use with "
+                        "--fuse)")
+
+
 def _add_export(sub):
     p = sub.add_parser("export", help="write a checkpoint as PREFIX-symbol.json + "
                                       "PREFIX-0000.params (SymbolBlock.imports, no mxmask needed)")
@@ -349,10 +361,7 @@ def _add_export(sub):
     p.add_argument("--size", metavar="HxW", help="example input to trace, fuse and check with "
                    "(multiples of 32; default min_size_test square, at most 512); the graph "
                    "still takes any size")
-    p.add_argument("--fuse", action="store_true",
-                   help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="bfloat16: convolutions and fc layers in bf16 (use with --fuse)")
+    _add_graph_args(p)
     p.add_argument("--no-check", action="store_true",
                    help="skip running the export against the Gluon model")
     p.set_defaults(func=_cmd_export)

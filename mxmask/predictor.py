@@ -14,6 +14,9 @@ What comes out: COCO result entries (``image_id`` or ``file_name``, ``category_i
 xywh, ``score``, ``segmentation`` RLE, ``keypoints``) with COCO category ids taken from the
 checkpoint's config (``data.category_ids``).
 
+``fuse`` / ``dtype="bfloat16"`` run the network as ``mxmask export --fuse --dtype bfloat16``
+would (:func:`optimize_network`), on one CPU context.
+
 Several contexts: :meth:`Predictor.run_batches` sends consecutive batches to the contexts in turn
 and lets MXNet's engine run them in parallel; each image's results are produced exactly once.
 """
@@ -56,17 +59,40 @@ def load_network(cfg, params, ctxs, hybridize=True):
     return net
 
 
+def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
+    """``net`` as ``mxmask export --fuse --dtype`` runs it (:func:`mxmask.export.optimized_block`:
+    MKLDNN fusion and/or bfloat16), so that evaluating it measures what a deployment gets.
+    MKLDNN graphs run on the CPU: ``ctxs`` must be one CPU context. The example input that traces
+    the graph is one image of the test size; the result takes any size and batch."""
+    from .export import network_symbol, optimized_block
+    if dtype not in ("float32", "bfloat16"):
+        raise UserError("--dtype %s: expected float32 or bfloat16" % dtype)
+    if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
+        raise UserError("--fuse / --dtype bfloat16 build an MKLDNN graph, which runs on one CPU "
+                        "context; got --ctx %s" % ",".join(str(c) for c in ctxs))
+    div = max(1, cfg.input.size_divisibility)
+    h, w = (-(-v // div) * div for v in (cfg.input.min_size_test, cfg.input.max_size_test))
+    data = mx.nd.zeros((1, 3, h, w), ctx=ctxs[0])
+    im_info = mx.nd.array([[h, w, 1.0]], ctx=ctxs[0])
+    block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,
+                               fuse=fuse, dtype=dtype)
+    return block
+
+
 class Predictor:
     """Runs a trained model on images. ``ckpt``: a checkpoint folder (config.yaml + params)."""
 
-    def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None):
+    def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None,
+                 fuse=False, dtype="float32"):
         self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
         self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
         if net is None:
             params = params or checkpoint_files(ckpt)[0]
             net = load_network(self.cfg, params, self.ctxs)
-        self.net = net
         self.output_names = list(net.output_names)
+        if fuse or dtype != "float32":
+            net = optimize_network(net, self.cfg, self.ctxs, fuse, dtype)
+        self.net = net
         self.transform = TestTransform(self.cfg)
         self.score_thresh = self.cfg.test.score_thresh if score_thresh is None else score_thresh
         d = self.cfg.data

@@ -243,6 +243,8 @@ def test_user_errors_exit_2_with_one_line(ckpt, evaluated, shapes_dataset, tmp_p
     assert_one_error_line(*run(["eval", ckpt, "--ann", val_ann]), "--ann needs --images")
     assert_one_error_line(*run(["eval", ckpt, "--shard", "2/2"]), "--shard 2/2")
     assert_one_error_line(*run(["eval"]), "needs a checkpoint folder")
+    assert_one_error_line(*run(["eval", ckpt, "--ctx", "cpu:2", "--dtype", "bfloat16"]),
+                          "--ctx cpu(0),cpu(1)", "one CPU context")
     # the checkpoint's val set is gone: say which file, and how to make the shapes set
     moved = str(tmp_path / "moved_ckpt")
     shutil.copytree(ckpt, moved)

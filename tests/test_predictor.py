@@ -21,6 +21,7 @@ from mxmask.data.coco import load_coco
 from mxmask.engine.checkpoint import save_checkpoint, save_config
 from mxmask.modeling.rcnn import build_model
 from mxmask.predictor import Predictor, list_images
+from mxmask.utils import UserError
 
 # small test-time sizes keep every forward cheap; sizes not multiples of 32 exercise the padding
 SETTINGS = ["input.min_size_test=96", "input.max_size_test=160", "test.max_dets=12",
@@ -217,6 +218,46 @@ def test_predictor_refuses_a_config_without_category_ids(ckpt, tmp_path):
     from mxmask.config import load_yaml
     cfg = load_yaml(os.path.join(ckpt, "config.yaml"))
     cfg.data.category_ids = []
-    from mxmask.utils import UserError
     with pytest.raises(UserError, match="data.category_ids"):
         Predictor(ckpt, cfg=cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# the exported graph's variants (mxmask export --fuse --dtype) as predictors
+# --------------------------------------------------------------------------------------------
+def test_fused_predictor_gives_the_plain_results(ckpt, predictor, images):
+    """MKLDNN fusion of fp32 (export's stated tolerance: scores 1e-4, boxes 1e-2 px); the graph
+    was traced on one size and runs on images of other sizes."""
+    fused = Predictor(ckpt, score_thresh=0.0, fuse=True)
+    assert type(fused.net).__name__ == "SymbolBlock"
+    for name in sorted(SIZES):
+        path = os.path.join(images, name)
+        plain, got = predictor.predict_image(path), fused.predict_image(path)
+        check_entries(got, name, SIZES[name], fused.cfg)
+        assert len(got) == len(plain)
+        for a, b in zip(plain, got):
+            assert a["category_id"] == b["category_id"]
+            assert abs(a["score"] - b["score"]) < 1e-4
+            np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-2)
+
+
+def test_bfloat16_predictor_runs_the_bf16_graph(ckpt, predictor, images):
+    bf16 = Predictor(ckpt, score_thresh=0.0, fuse=True, dtype="bfloat16")
+    dtypes = [str(np.dtype(p.dtype)) for p in bf16.net.collect_params().values()]
+    assert "[('bfloat16', '<u2')]" in dtypes          # weights cast for the bf16 layers
+    path = os.path.join(images, "a.png")
+    plain, got = predictor.predict_image(path), bf16.predict_image(path)
+    check_entries(got, "a.png", SIZES["a.png"], bf16.cfg)
+    assert len(got) == len(plain)
+    # bf16 keeps 8 bits of mantissa: the same top detection, its score within 2%
+    assert got[0]["category_id"] == plain[0]["category_id"]
+    assert abs(got[0]["score"] - plain[0]["score"]) < 0.02 * plain[0]["score"]
+
+
+def test_optimized_graphs_need_one_cpu_context(ckpt, images, capsys):
+    with pytest.raises(UserError, match="one CPU context"):
+        Predictor(ckpt, ctx=[mx.cpu(0), mx.cpu(1)], fuse=True)
+    code = cli.main(["predict", ckpt, os.path.join(images, "a.png"), "--ctx", "cpu:2",
+                     "--dtype", "bfloat16", "--fuse"])
+    assert code == 2
+    assert "one CPU context" in capsys.readouterr().err
