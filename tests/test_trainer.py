@@ -97,6 +97,25 @@ def reference_sgd(cfg, batches, clip=0.0, skip=()):
     return w, b
 
 
+def reference_adam(cfg, batches):
+    """Adam (Kingma & Ba, bias-corrected; eps added to the uncorrected root as MXNet does) with
+    the L2 weight decay added to the gradient, at the scheduled learning rate."""
+    s = cfg.solver
+    w, b = W0.astype(np.float64), B0.astype(np.float64)
+    state = [(np.zeros_like(w), np.zeros_like(w)), (np.zeros_like(b), np.zeros_like(b))]
+    for it, batch in enumerate(batches):
+        t = it + 1
+        lr = lr_at(s, it) * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        new = []
+        for p, g, (m, v) in zip((w, b), reference_grads(w, b, batch), state):
+            g = g + s.weight_decay * p
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+            new.append((p - lr * m / (np.sqrt(v) + 1e-8), (m, v)))
+        (w, sw), (b, sb) = new
+        state = [sw, sb]
+    return w, b
+
+
 def run(tr, batches):
     tr.cfg.solver.max_iter = len(batches)
     tr.train(lambda start: iter(batches[start:]))
@@ -145,6 +164,19 @@ def test_three_contexts_give_the_single_context_sgd_update(ims, kvstore, tmp_pat
     np.testing.assert_allclose(b1, b_ref, atol=1e-5)
     np.testing.assert_allclose(w3, w1, atol=1e-5)
     np.testing.assert_allclose(b3, b1, atol=1e-5)
+
+
+@pytest.mark.parametrize("ctxs", [[mx.cpu(0)], [mx.cpu(0), mx.cpu(1)]])
+def test_adam_gives_the_reference_update(ctxs, tmp_path):
+    batches = toy_batches(4, 4)
+    cfg = toy_cfg(4, optimizer="adam", base_lr=0.01)
+    tr = toy_trainer(cfg, ctxs, tmp_path)
+    run(tr, batches)
+    w_ref, b_ref = reference_adam(cfg, batches)
+    w, b = params_on_every_context(tr)
+    np.testing.assert_allclose(w, w_ref, atol=1e-5)
+    np.testing.assert_allclose(b, b_ref, atol=1e-5)
+    assert np.abs(w_ref - reference_sgd(toy_cfg(4, base_lr=0.01), batches)[0]).max() > 1e-3
 
 
 def test_a_context_without_images_gets_zero_gradients_not_stale_ones(tmp_path):

@@ -29,8 +29,9 @@ How a step works:
    Detectron2's ``CLIP_TYPE=norm`` over the full model). Gluon's ``clip_global_norm`` on each
    context's un-reduced gradient would instead clip partial sums, so its result would depend on
    the number of contexts.
-5. ``update()`` applies SGD with momentum and weight decay at the scheduled rate (linear warmup,
-   then step or cosine, :mod:`mxmask.engine.schedule`).
+5. ``update()`` applies ``solver.optimizer`` (SGD with momentum as Detectron2, or Adam;
+   :func:`optimizer_settings`) with weight decay at the scheduled rate (linear warmup, then step
+   or cosine, :mod:`mxmask.engine.schedule`).
 
 Determinism and exact resume: the batch of iteration ``it`` and its augmentation are pure
 functions of ``(seed, it)`` (see :mod:`mxmask.data.loader`), MXNet's RNG (used for target
@@ -94,6 +95,18 @@ def _dtype(v):
 def step_seed(seed, it):
     """The MXNet RNG seed of iteration ``it``: fixed by the run seed and the iteration."""
     return (int(seed) * 1000003 + int(it)) % (2 ** 31 - 1)
+
+
+def optimizer_settings(solver):
+    """The ``gluon.Trainer`` settings of ``solver.optimizer``: SGD with momentum (Detectron2's
+    solver) or Adam (beta 0.9/0.999, eps 1e-8). Both take ``weight_decay`` as an L2 term added to
+    the gradient, and the learning rate of the schedule (warmup, steps or cosine)."""
+    settings = {"learning_rate": solver.base_lr, "wd": solver.weight_decay, "rescale_grad": 1.0}
+    if solver.optimizer == "sgd":
+        settings["momentum"] = solver.momentum
+    else:
+        settings.update(beta1=0.9, beta2=0.999, epsilon=1e-8)
+    return settings
 
 
 def dist_timeout(cfg):
@@ -251,11 +264,8 @@ class Trainer:
         # One context on one machine needs no kvstore. Otherwise the kvstore only sums the
         # gradients (update_on_kvstore=False), so that they can be checked and clipped.
         use_kv = self.kv if (self.distributed or len(self.ctxs) > 1) else None
-        self.trainer = gluon.Trainer(
-            params, "sgd",
-            {"learning_rate": s.base_lr, "momentum": s.momentum, "wd": s.weight_decay,
-             "rescale_grad": 1.0},
-            kvstore=use_kv, update_on_kvstore=False)
+        self.trainer = gluon.Trainer(params, s.optimizer, optimizer_settings(s),
+                                     kvstore=use_kv, update_on_kvstore=False)
         self.params = list(params.values())
         if watchdog is None and self.distributed:
             watchdog = Watchdog(dist_timeout(cfg), "worker %d" % self.kv.rank)
