@@ -116,6 +116,25 @@ def test_bench_against_gluoncv_end_to_end(tmp_path, capsys):
     assert orange > 1000
 
 
+def test_chart_of_an_optimised_run_draws_both_totals(tmp_path):
+    """With --fuse / --dtype the stages are the plain graph's: the plain total and the
+    optimised total get a bar each (the darkest blue is the optimised one)."""
+    from PIL import Image
+    from mxmask.bench import write_chart
+    stat = lambda v: {"median": v, "min": v * 0.9, "max": v * 1.1}       # noqa: E731
+    result = {"mxmask": {"stages": {"backbone+fpn": stat(2.0), "mask_head": stat(0.8)},
+                         "total_s": stat(1.5), "plain_total_s": stat(4.0)},
+              "gluoncv": {"total_s": stat(6.0)}}
+    settings = {"preset": "p", "size": "64x64", "batch": 1, "runs": 3, "dtype": "bfloat16",
+                "fuse": True}
+    path = tmp_path / "chart.png"
+    write_chart(str(path), result, settings)
+    image = np.asarray(Image.open(str(path)).convert("RGB"))
+    assert image.shape == (int(round(100 * (1.2 + 0.45 * 5))), 800, 3)
+    darkest = (np.abs(image.astype(int) - [0x0b, 0x1d, 0x33]).sum(axis=2) < 10).sum()
+    assert darkest > 1000
+
+
 def test_against_needs_batch_one(capsys):
     assert main(["bench", "--preset", "shapes", "--size", "64x64", "--batch", "2", "--against",
                  "gluoncv"]) == 2
