@@ -15,6 +15,7 @@ import time
 
 import mxnet as mx
 import numpy as np
+import pytest
 
 from test_trainer import tiny_args
 
@@ -68,12 +69,15 @@ def load(path):
     return {k: v.asnumpy() for k, v in mx.nd.load(path).items()}
 
 
-def test_kill_9_then_resume_gives_the_straight_run(shapes_dataset, tmp_path):
+@pytest.mark.parametrize("solver", [["solver.optimizer=sgd"],
+                                    ["solver.optimizer=adam", "solver.base_lr=0.001"]])
+def test_kill_9_then_resume_gives_the_straight_run(shapes_dataset, tmp_path, solver):
+    """SGD's momentum, and Adam's moments and step count (its bias correction), come back."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    run(train_cmd(shapes_dataset, straight, "data.num_workers=0"))
+    run(train_cmd(shapes_dataset, straight, "data.num_workers=0", *solver))
 
-    it = kill_after_first_checkpoint(train_cmd(shapes_dataset, killed, "data.num_workers=2"),
-                                     killed)
+    it = kill_after_first_checkpoint(
+        train_cmd(shapes_dataset, killed, "data.num_workers=2", *solver), killed)
     assert PERIOD <= it < MAX_ITER
     assert progress_iter(killed) == it
     assert not os.path.exists(os.path.join(killed, "metrics.json"))
