@@ -170,7 +170,7 @@ class SolverConfig:
     max_iter: int = 90000
     base_lr: float = 0.02
     ims_per_batch: int = 16
-    optimizer: str = "sgd"               # sgd (Detectron2) | adam (L2 weight decay; momentum unused)
+    optimizer: str = "sgd"               # sgd (Detectron2) | adam (L2 wd; momentum unused)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: str = "step"            # step | cosine

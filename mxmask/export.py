@@ -288,9 +288,9 @@ def bf16_fp32_exclusions(sym, excluded=()):
     be fp32 after the conversion, and the grouped deconvolutions (:func:`_bf16_op_lists`).
 
     Each node's precision is predicted as the pass decides it: variables fp32; lp16 ops
-    (Convolution, FullyConnected, Deconvolution) bf16; fp32 ops, the conditional ones that match and
-    ``excluded`` names fp32; widest-type ops bf16 only when all inputs are bf16; others follow
-    their first input."""
+    (Convolution, FullyConnected, Deconvolution) bf16; fp32 ops, the conditional ones that
+    match and ``excluded`` names fp32; widest-type ops bf16 only when all inputs are bf16;
+    others follow their first input."""
     from mxnet.contrib import amp
     from mxnet.contrib.amp.amp import bfloat16
     lp16, fp32 = (set(ops) for ops in _bf16_op_lists())
