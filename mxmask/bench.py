@@ -94,6 +94,7 @@ import numpy as np
 
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
+from .export import check_dtype
 from .modeling.rcnn import build_model
 from .modeling.roi_heads import detect, select_class_masks
 from .postprocess import detections_to_coco
@@ -539,8 +540,7 @@ def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
 def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, runs=5,
               warmup=2, train=False, overrides=(), json_path=None, fuse=False, dtype="float32",
               against=None, resnet50=False, chart_path=None, out=print):
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError("--dtype %s: expected float32 or bfloat16" % dtype)
+    check_dtype(dtype)
     if against not in (None, "gluoncv"):
         raise UserError("--against %s: expected gluoncv" % against)
     if runs < 1 or warmup < 0:

@@ -67,14 +67,20 @@ import numpy as np
 
 from .utils import UserError, atomic_write_json, atomic_write_text
 
-__all__ = ["EXPORT_PREFIX", "INPUT_NAMES", "build_export_net", "network_symbol", "preset_config",
-           "preset_symbol", "graph_json_text", "write_preset_symbols", "graph_diff",
+__all__ = ["EXPORT_PREFIX", "INPUT_NAMES", "check_dtype", "build_export_net", "network_symbol",
+           "preset_config", "preset_symbol", "graph_json_text", "write_preset_symbols", "graph_diff",
            "bf16_fp32_exclusions", "export_checkpoint", "export_meta", "parse_size",
            "compare_outputs", "main"]
 
 EXPORT_PREFIX = "mxmask_"
 INPUT_NAMES = ("data", "im_info")
 DTYPES = ("float32", "bfloat16")
+
+
+def check_dtype(dtype):
+    """Raise UserError naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`."""
+    if dtype not in DTYPES:
+        raise UserError("--dtype %s: expected one of %s" % (dtype, ", ".join(DTYPES)))
 META_FORMAT = "mxmask-export"
 META_VERSION = 1
 # variable attributes that describe training, not the graph (``__init__`` of a constant holds
@@ -561,8 +567,7 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
     """
     import mxnet as mx
     from .config import dump_yaml
-    if dtype not in DTYPES:
-        raise UserError("--dtype %s: expected one of %s" % (dtype, ", ".join(DTYPES)))
+    check_dtype(dtype)
     if not os.path.basename(prefix) or os.path.isdir(prefix):
         raise UserError("--out %s: expected a file prefix such as export/model (the files are "
                         "PREFIX-symbol.json, ...), not a folder" % prefix)

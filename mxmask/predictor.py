@@ -25,7 +25,7 @@ import os
 import mxnet as mx
 import numpy as np
 
-from .data.transforms import TestTransform, batchify_test
+from .data.transforms import TestTransform, batchify_test, padded_size
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .modeling.rcnn import build_model
 from .postprocess import detections_to_coco
@@ -64,14 +64,13 @@ def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
     MKLDNN fusion and/or bfloat16), so that evaluating it measures what a deployment gets.
     MKLDNN graphs run on the CPU: ``ctxs`` must be one CPU context. The example input that traces
     the graph is one image of the test size; the result takes any size and batch."""
-    from .export import network_symbol, optimized_block
-    if dtype not in ("float32", "bfloat16"):
-        raise UserError("--dtype %s: expected float32 or bfloat16" % dtype)
+    from .export import check_dtype, network_symbol, optimized_block
+    check_dtype(dtype)
     if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
         raise UserError("--fuse / --dtype bfloat16 build an MKLDNN graph, which runs on one CPU "
                         "context; got --ctx %s" % ",".join(str(c) for c in ctxs))
-    div = max(1, cfg.input.size_divisibility)
-    h, w = (-(-v // div) * div for v in (cfg.input.min_size_test, cfg.input.max_size_test))
+    h, w = padded_size(cfg.input.min_size_test, cfg.input.max_size_test,
+                       cfg.input.size_divisibility)
     data = mx.nd.zeros((1, 3, h, w), ctx=ctxs[0])
     im_info = mx.nd.array([[h, w, 1.0]], ctx=ctxs[0])
     block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,
