@@ -1,6 +1,7 @@
 """The training graph: the model's own stages, plus targets and losses.
 
     loss_net = RCNNLoss(net, cfg)             # net = build_model(cfg); shares its parameters
+                                              # roi_align="auto": see below
     loss_net.hybridize(static_alloc=True)     # optional: one training graph
     with autograd.record():
         losses = loss_net(**batch_on_ctx)     # dict name -> (1,) loss
@@ -19,10 +20,16 @@ The path, stage by stage (the same sub-blocks as inference, see rcnn.py):
 backbone -> RPN (anchors, logits, deltas, proposals) -> anchor targets -> RPN losses;
 proposals -> RoI sampler (gt boxes appended; S rois, positives in the first P slots) ->
 ``net.box_forward`` -> box losses; the first P slots -> mask head / keypoint head -> losses.
+
+RoIAlign kernel (``roi_align``): ``"auto"`` picks ``"mxmask"`` when the network's parameters live
+on CPU contexts only and :func:`mxmask.ops.load_roi_align` can build the op, else ``"mxnet"``.
+Both pool the same values (tests/test_roi_align_op.py); ``"mxmask"`` has a parallel CPU backward
+(:mod:`mxmask.ops`). The choice holds for this training graph only.
 """
 import mxnet as mx
 
 from . import losses as L
+from .poolers import roi_align_kernel
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 
 __all__ = ["RCNNLoss"]
@@ -31,10 +38,19 @@ __all__ = ["RCNNLoss"]
 class RCNNLoss(mx.gluon.HybridBlock):
     """Losses of Mask R-CNN / Keypoint R-CNN for a training batch (see module doc)."""
 
-    def __init__(self, net, cfg, **kwargs):
+    def __init__(self, net, cfg, roi_align="auto", **kwargs):
         super(RCNNLoss, self).__init__(**kwargs)
         m = cfg.model
         self.net = net
+        from .. import ops
+        if roi_align == "auto":
+            roi_align = ops.roi_align_backend(next(iter(net.collect_params().values())).list_ctx())
+        if roi_align not in ("mxnet", "mxmask"):
+            raise ValueError("roi_align must be 'auto', 'mxnet' or 'mxmask', got %r"
+                             % (roi_align,))
+        if roi_align == "mxmask" and not ops.load_roi_align():
+            raise RuntimeError("roi_align='mxmask': the op could not be built (see the warning)")
+        self.roi_align = roi_align
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None
         self.rpn_batch = m.rpn.batch_size_per_image
@@ -68,6 +84,10 @@ class RCNNLoss(mx.gluon.HybridBlock):
         return dict(zip(self.loss_names, outputs))
 
     def hybrid_forward(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra):
+        with roi_align_kernel(self.roi_align):
+            return self._losses(F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra)
+
+    def _losses(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra):
         net = self.net
         gt_masks = extra[0] if self.mask_on else None
         gt_keypoints = extra[-1] if self.keypoint_on else None

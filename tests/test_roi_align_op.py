@@ -1,0 +1,184 @@
+"""mxmask_roi_align (mxmask/ops): the compiled training RoIAlign.
+
+It must pool exactly what contrib.ROIAlign pools (and the numpy reference of test_roi_align.py)
+and give the same gradient; the training graph uses it on CPU; a machine without a working
+compiler falls back to contrib.ROIAlign with a warning.
+"""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import mxnet as mx
+import pytest
+
+from mxmask import ops
+from mxmask.bench import build_bench_model, synthetic_train_batch
+from mxmask.modeling.training import RCNNLoss
+
+from test_roi_align import np_roi_align, np_roi_align_weights
+
+nd = mx.nd
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,
+                                    reason="no C++ compiler on this machine")
+
+
+def _rois(rng, B, R, H, W, scale):
+    """(R, 5) rois in input pixels over feature maps of H x W at ``scale``: some reaching past
+    the borders, sizes from a fraction of a feature pixel to most of the map."""
+    b = rng.randint(0, B, R)
+    size = np.exp(rng.uniform(np.log(0.3), np.log(0.8 * min(H, W)), (R, 2))) / scale
+    xy = rng.uniform(-0.1, 0.95, (R, 2)) * [W / scale, H / scale]
+    return np.concatenate([b[:, None], xy, xy + size], 1).astype(np.float32)
+
+
+def _pool_and_grad(kind, feat, rois, pooled, scale, ratio, aligned, ograd):
+    x = nd.array(feat)
+    x.attach_grad()
+    with mx.autograd.record():
+        if kind == "mxmask":
+            y = nd.mxmask_roi_align(x, nd.array(rois), pooled_h=pooled, pooled_w=pooled,
+                                    spatial_scale=scale, sample_ratio=ratio, aligned=int(aligned))
+        else:
+            y = nd.contrib.ROIAlign(x, nd.array(rois), (pooled, pooled), scale,
+                                    sample_ratio=ratio, aligned=aligned)
+    y.backward(nd.array(ograd))
+    return y.asnumpy(), x.grad.asnumpy()
+
+
+@needs_compiler
+def test_builds_into_an_empty_cache_and_loads(tmp_path):
+    out = str(tmp_path / "lib.so")
+    ops.build(os.environ.get("CXX") or "g++", out)
+    assert os.path.getsize(out) > 0
+    assert os.listdir(str(tmp_path)) == ["lib.so"]          # no temp file left behind
+    assert ops.load_roi_align()
+    assert hasattr(mx.sym, "mxmask_roi_align")
+
+
+@needs_compiler
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("ratio", [0, 2])
+def test_forward_and_gradient_equal_contrib_and_numpy(aligned, ratio):
+    assert ops.load_roi_align()
+    rng = np.random.RandomState(3 + ratio + aligned)
+    B, C, H, W, pooled, scale = 2, 3, 13, 17, 5, 0.25
+    feat = rng.randn(B, C, H, W).astype(np.float32)
+    rois = _rois(rng, B, 40, H, W, scale)
+    ograd = rng.randn(len(rois), C, pooled, pooled).astype(np.float32)
+    y, g = _pool_and_grad("mxmask", feat, rois, pooled, scale, ratio, aligned, ograd)
+    y_ref, g_ref = _pool_and_grad("contrib", feat, rois, pooled, scale, ratio, aligned, ograd)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    # and against numpy: pooled values, and the gradient as the adjoint of the weights
+    g_np = np.zeros(feat.shape)
+    for r, roi in enumerate(rois):
+        b = int(roi[0])
+        np.testing.assert_allclose(y[r], np_roi_align(feat[b], roi[1:], scale, pooled, ratio,
+                                                      aligned), rtol=1e-4, atol=1e-5)
+        wy, wx = np_roi_align_weights(roi[1:], scale, pooled, ratio, aligned, H, W)
+        g_np[b] += np.einsum("ph,cpq,qw->chw", wy, ograd[r].astype(np.float64), wx)
+    np.testing.assert_allclose(g, g_np, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiler
+def test_negative_batch_index_pools_zeros_and_gets_no_gradient():
+    """contrib.ROIAlign writes its zero into another roi's output here (DESIGN.md section 6);
+    this op zeroes the roi's own row and leaves every other roi alone."""
+    assert ops.load_roi_align()
+    rng = np.random.RandomState(0)
+    feat = rng.randn(1, 2, 8, 8).astype(np.float32)
+    rois = np.array([[0, 1, 1, 20, 20], [-1, 0, 0, 30, 30], [0, 5, 5, 9, 13]], np.float32)
+    ograd = np.ones((3, 2, 4, 4), np.float32)
+    y, g = _pool_and_grad("mxmask", feat, rois, 4, 0.25, 2, True, ograd)
+    assert not y[1].any()
+    keep = rois[[0, 2]]
+    y_ref, g_ref = _pool_and_grad("mxmask", feat, keep, 4, 0.25, 2, True, ograd[[0, 2]])
+    np.testing.assert_array_equal(y[[0, 2]], y_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_empty_aligned_roi_does_not_abort():
+    """contrib.ROIAlign(aligned=True) aborts the process on x2 <= x1; this op takes one sample
+    per bin at the roi's corner."""
+    assert ops.load_roi_align()
+    feat = np.arange(2 * 6 * 6, dtype=np.float32).reshape(1, 2, 6, 6)
+    rois = np.array([[0, 8, 8, 8, 4]], np.float32)           # zero width, negative height
+    y, g = _pool_and_grad("mxmask", feat, rois, 3, 0.5, 0, True, np.ones((1, 2, 3, 3), "f"))
+    assert np.isfinite(y).all() and np.isfinite(g).all()
+
+
+def _loss_and_grads(net, cfg, kind, batch):
+    loss_net = RCNNLoss(net, cfg, roi_align=kind)
+    loss_net.hybridize(static_alloc=True)
+    params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    mx.random.seed(11)
+    with mx.autograd.record():
+        losses = loss_net(**batch)
+        total = nd.add_n(*losses.values())
+    total.backward()
+    graph = [(n["op"], n["name"]) for n in json.loads(loss_net._cached_graph[1].tojson())["nodes"]]
+    return ({k: float(v.asscalar()) for k, v in losses.items()},
+            {p.name: p.grad().asnumpy().copy() for p in params}, graph)
+
+
+@needs_compiler
+def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients():
+    cfg, net = build_bench_model("shapes")
+    cfg.model.rpn.pre_nms_topk_train = 200
+    np_batch = synthetic_train_batch(cfg, (96, 128), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    losses_ref, grads_ref, graph_ref = _loss_and_grads(net, cfg, "mxnet", batch)
+    losses, grads, graph = _loss_and_grads(net, cfg, "mxmask", batch)
+    # every pooler runs the compiled op (the mask targets, gt masks with no gradient, keep
+    # contrib.ROIAlign), and only in the graph that asked for it
+    pooled = [name for op, name in graph if op == "mxmask_roi_align"]
+    assert len(pooled) == 3
+    assert [name.split("_", 1)[1] for op, name in graph if op == "_contrib_ROIAlign"] == \
+        ["masktargets0_roialign0"]
+    assert len([1 for op, _ in graph_ref if op == "_contrib_ROIAlign"]) == 4
+    for k in losses_ref:
+        assert losses[k] == pytest.approx(losses_ref[k], rel=1e-5, abs=1e-6), k
+    for name, ref in grads_ref.items():
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        np.testing.assert_allclose(grads[name], ref, rtol=1e-3, atol=1e-4 * scale,
+                                   err_msg=name)
+    # the inference graph of the same network keeps the stock op
+    net.hybridize(static_alloc=True)
+    net(batch["data"], batch["im_info"])
+    assert '"mxmask_roi_align"' not in net._cached_graph[1].tojson()
+
+
+@needs_compiler
+def test_auto_picks_the_compiled_op_on_cpu_only():
+    assert ops.roi_align_backend([mx.cpu(0), mx.cpu(1)]) == "mxmask"
+    assert ops.roi_align_backend([mx.cpu(0), mx.gpu(0)]) == "mxnet"
+
+
+def test_forced_stock_op_and_failed_builds_fall_back_with_a_warning(monkeypatch, tmp_path,
+                                                                     caplog):
+    monkeypatch.setenv("MXMASK_CACHE", str(tmp_path))
+    monkeypatch.setattr(ops, "_STATE", {})
+    monkeypatch.setenv("MXMASK_ROI_ALIGN", "mxnet")
+    assert not ops.load_roi_align()
+    assert ops.roi_align_backend([mx.cpu()]) == "mxnet"
+    monkeypatch.delenv("MXMASK_ROI_ALIGN")
+
+    caplog.set_level(logging.WARNING, logger="mxmask.ops")
+    monkeypatch.setattr(ops, "_STATE", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert not ops.load_roi_align()
+    assert "no C++ compiler" in caplog.text
+
+    caplog.clear()
+    failing = tmp_path / "broken-cxx"
+    failing.write_text("#!/bin/sh\necho 'broken-cxx: cannot compile' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setattr(ops, "_STATE", {})
+    monkeypatch.setenv("CXX", str(failing))
+    assert not ops.load_roi_align()
+    assert "could not build or load" in caplog.text and "exit 1" in caplog.text
+    assert [n for n in os.listdir(str(tmp_path)) if n.endswith(".so")] == []
