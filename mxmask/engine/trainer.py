@@ -303,8 +303,13 @@ class Trainer:
         global_images = float(self.cfg.solver.ims_per_batch)
         outs = []
         with autograd.record():
-            for ctx, inputs in parts:
-                losses = self.loss_net(**inputs)
+            # every context's first stage is queued before any second stage waits for its
+            # number of positives (RCNNLoss.begin / finish, modeling/training.py); a loss
+            # block without stages is simply called
+            staged = hasattr(self.loss_net, "begin")
+            states = [self.loss_net.begin(**inputs) if staged else inputs for _, inputs in parts]
+            for (ctx, inputs), state in zip(parts, states):
+                losses = self.loss_net.finish(state) if staged else self.loss_net(**state)
                 count = inputs["data"].shape[0]
                 total = mx.nd.add_n(*losses.values()) * (count / global_images)
                 outs.append((total, losses, count))

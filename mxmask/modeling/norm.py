@@ -20,7 +20,9 @@ Why not ``mx.gluon.nn.GroupNorm``: in MXNet 1.9.1 its gamma and beta have shape
 ``(num_groups,)``, one scale per group instead of per channel, and the ``GroupNorm`` operator's
 kernels are slow on CPU. :class:`GroupNorm` takes the per-group statistics with a
 ``LayerNorm`` over each (sample, group) row (checked against numpy and against the operator in
-tests/test_backbone.py) and applies the per-channel affine itself.
+tests/test_backbone.py) and applies the per-channel affine itself. Inside
+:func:`mxmask.ops.compiled_kernels` (the training graph on CPU) it is one ``mxmask_group_norm``
+operator instead: the same values, with a multi-threaded backward (tests/test_compiled_ops.py).
 
 Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``epsilon``
 (default 1e-5), ``num_devices`` (syncbn only).
@@ -30,6 +32,7 @@ import numpy as np
 from mxnet.gluon import nn
 from mxnet.gluon.block import HybridBlock
 
+from ..ops import compiled_kernels_active
 from ..utils import UserError
 
 _AFFINE_EPS = 1e-5
@@ -82,6 +85,10 @@ class GroupNorm(HybridBlock):
             "affine_var", np.full((in_channels,), 1.0 - _AFFINE_EPS, np.float32))
 
     def hybrid_forward(self, F, x, gamma, beta, affine_mean, affine_var):
+        if compiled_kernels_active():
+            # the training graph on CPU (mxmask.ops): the same x_hat, faster backward
+            x_hat = F.mxmask_group_norm(x, num_groups=self._num_groups, eps=self._epsilon)[0]
+            return self._affine(F, x_hat, gamma, beta, affine_mean, affine_var)
         # Per-group statistics as a LayerNorm over the rows of (N*G, C/G*H*W): the GroupNorm
         # operator's result within float rounding (tests/test_backbone.py), but MXNet's
         # LayerNorm kernels are multi-threaded: forward 8x and backward 1.2x faster than the
@@ -92,6 +99,10 @@ class GroupNorm(HybridBlock):
         x_hat = F.reshape_like(F.LayerNorm(rows, F.BlockGrad(unit),
                                            F.BlockGrad(F.zeros_like(unit)), axis=-1,
                                            eps=self._epsilon), x)
+        return self._affine(F, x_hat, gamma, beta, affine_mean, affine_var)
+
+    @staticmethod
+    def _affine(F, x_hat, gamma, beta, affine_mean, affine_var):
         return F.BatchNorm(x_hat, gamma, beta, affine_mean, affine_var, eps=_AFFINE_EPS,
                            use_global_stats=True, fix_gamma=False)
 

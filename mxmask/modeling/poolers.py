@@ -72,40 +72,25 @@ Cost of the canvas: one copy of the levels (about 1.9x P2) instead of L pooling 
 rois. On the ``shapes`` training step the pooler's backward went from 12 ROIAlign calls (one per
 level and head, 532 ms) to 3 (about 170 ms).
 
-Kernel: ``contrib.ROIAlign`` by default. Inside :func:`roi_align_kernel` ``("mxmask")`` (the
+Kernel: ``contrib.ROIAlign`` by default. Inside :func:`mxmask.ops.compiled_kernels` (the
 training graph on CPU, :mod:`mxmask.modeling.training`) the pooler calls ``mxmask_roi_align``
-(:mod:`mxmask.ops`) with the same arguments: the same values, and a parallel CPU backward
-(``shapes`` step: those 3 backward calls 200 -> 28 ms).
+with the same arguments: the same values, and a parallel CPU backward (``shapes`` step: those 3
+backward calls 200 -> 28 ms).
 """
-import contextlib
 import math
-import threading
 
 from mxnet.gluon import HybridBlock
+
+from ..ops import compiled_kernels_active
 
 from .box_coder import box_area
 
 __all__ = ["assign_fpn_levels", "sanitize_rois", "MultiLevelRoIAlign", "MIN_ROI_SIZE",
-           "COORD_LIMIT", "roi_align_kernel"]
+           "COORD_LIMIT"]
 
 MIN_ROI_SIZE = 0.01
 COORD_LIMIT = 1.0e4
 _EPS = {"detectron2": 2.220446049250313e-16, "gluoncv": 1e-6}
-_KERNEL = threading.local()
-
-
-@contextlib.contextmanager
-def roi_align_kernel(name):
-    """Within the block, :class:`MultiLevelRoIAlign` pools with ``name``: ``"mxnet"``
-    (``contrib.ROIAlign``, the default) or ``"mxmask"`` (``mxmask_roi_align`` of
-    :mod:`mxmask.ops`: the same values, a parallel CPU backward; it must be loaded). The
-    training graph sets it while it is traced; inference graphs never do."""
-    previous = getattr(_KERNEL, "name", "mxnet")
-    _KERNEL.name = name
-    try:
-        yield
-    finally:
-        _KERNEL.name = previous
 
 
 def sanitize_rois(F, rois):
@@ -174,7 +159,7 @@ class MultiLevelRoIAlign(HybridBlock):
         return self._pool_per_level(F, rois, levels, bidx, features)
 
     def _roi_align(self, F, data, rois5, spatial_scale):
-        if getattr(_KERNEL, "name", "mxnet") == "mxmask":
+        if compiled_kernels_active():
             return F.mxmask_roi_align(data, rois5, pooled_h=self.output_size[0],
                                       pooled_w=self.output_size[1], spatial_scale=spatial_scale,
                                       sample_ratio=self.sampling_ratio, aligned=int(self.aligned))

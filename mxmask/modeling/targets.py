@@ -63,7 +63,9 @@ plus_one=False, box_weights=(10, 10, 5, 5))``::
   ``rois[:, :P]`` and use the slots whose label is > 0 (leading slots beyond ``num_pos`` hold
   negatives or padding, label 0 or -1, and get no mask/keypoint loss).
 
-``MaskTargets(num_pos_slots=P, resolution=28, sampling_ratio=0, aligned=True)``::
+``MaskTargets(num_pos_slots=P, resolution=28, sampling_ratio=0, aligned=True)``, and
+``KeypointTargets`` below, use the first ``P`` slots of their inputs, or every slot when ``P``
+is None (the training graph passes ``rois[:, :k]``, ``k`` covering every positive)::
 
     forward(rois (B, S, 4), labels (B, S), matched (B, S), gt_masks (B, G, Hp, Wp) uint8)
       -> mask_targets (B, P, M, M) float32 in {0, 1}; all 0 for slots whose label <= 0
@@ -312,9 +314,10 @@ class RoISampler(mx.gluon.HybridBlock):
 # Mask and keypoint targets for the first P slots
 # --------------------------------------------------------------------------------------------
 def _leading_slots(F, P, rois, labels, matched):
-    rois = F.slice_axis(rois, axis=1, begin=0, end=P)
-    labels = F.slice_axis(labels, axis=1, begin=0, end=P)
-    matched = F.slice_axis(matched, axis=1, begin=0, end=P)
+    if P is not None:
+        rois = F.slice_axis(rois, axis=1, begin=0, end=P)
+        labels = F.slice_axis(labels, axis=1, begin=0, end=P)
+        matched = F.slice_axis(matched, axis=1, begin=0, end=P)
     is_pos = labels > 0
     return rois, is_pos, F.where(is_pos, matched, F.zeros_like(matched))
 
@@ -324,7 +327,7 @@ class MaskTargets(mx.gluon.HybridBlock):
 
     def __init__(self, num_pos_slots, resolution=28, sampling_ratio=0, aligned=True, **kwargs):
         super(MaskTargets, self).__init__(**kwargs)
-        self._P = int(num_pos_slots)
+        self._P = None if num_pos_slots is None else int(num_pos_slots)
         self._M = int(resolution)
         self._ratio = int(sampling_ratio)
         self._aligned = bool(aligned)
@@ -348,7 +351,8 @@ class MaskTargets(mx.gluon.HybridBlock):
         masks = F.expand_dims(F.cast(F.reshape(gt_masks, shape=(-3, -2)), "float32"), axis=1)
         crops = F.contrib.ROIAlign(masks, pool_rois, pooled_size=(M, M), spatial_scale=1.0,
                                    sample_ratio=self._ratio, aligned=self._aligned)
-        crops = F.reshape(crops, shape=(-1, P, M, M))
+        crops = F.reshape_like(crops, is_pos, lhs_begin=0, lhs_end=2, rhs_begin=0,
+                               rhs_end=2)                                     # (B, P, M, M)
         keep = F.reshape(is_pos, shape=(0, 0, 1, 1))
         return F.BlockGrad(F.broadcast_mul(crops >= 0.5, keep))
 
@@ -358,7 +362,7 @@ class KeypointTargets(mx.gluon.HybridBlock):
 
     def __init__(self, num_pos_slots, resolution=56, **kwargs):
         super(KeypointTargets, self).__init__(**kwargs)
-        self._P = int(num_pos_slots)
+        self._P = None if num_pos_slots is None else int(num_pos_slots)
         self._S = int(resolution)
 
     def hybrid_forward(self, F, rois, labels, matched, gt_keypoints):

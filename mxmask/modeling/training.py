@@ -1,10 +1,12 @@
 """The training graph: the model's own stages, plus targets and losses.
 
     loss_net = RCNNLoss(net, cfg)             # net = build_model(cfg); shares its parameters
-                                              # roi_align="auto": see below
-    loss_net.hybridize(static_alloc=True)     # optional: one training graph
+                                              # kernels="auto": see below
+    loss_net.hybridize(static_alloc=True)     # optional: two hybridized graphs (below)
     with autograd.record():
         losses = loss_net(**batch_on_ctx)     # dict name -> (1,) loss
+        # or, over several contexts, all first stages before any second stage:
+        states = [loss_net.begin(**b) for b in batches]; losses = [loss_net.finish(s) for s in states]
 
 Inputs (one context's share of a training batch, DEVELOPING.md "Training batches"):
 ``data`` (B, 3, Hp, Wp), ``im_info`` (B, 3), ``gt_boxes`` (B, G, 4), ``gt_labels`` (B, G),
@@ -16,47 +18,66 @@ Inputs (one context's share of a training batch, DEVELOPING.md "Training batches
     loss_mask                      per-pixel sigmoid BCE on the gt class's 28x28 mask
     loss_keypoint                  softmax CE over the 56x56 heatmap of each visible keypoint
 
-The path, stage by stage (the same sub-blocks as inference, see rcnn.py):
-backbone -> RPN (anchors, logits, deltas, proposals) -> anchor targets -> RPN losses;
-proposals -> RoI sampler (gt boxes appended; S rois, positives in the first P slots) ->
-``net.box_forward`` -> box losses; the first P slots -> mask head / keypoint head -> losses.
+The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two graphs:
 
-RoIAlign kernel (``roi_align``): ``"auto"`` picks ``"mxmask"`` when the network's parameters live
-on CPU contexts only and :func:`mxmask.ops.load_roi_align` can build the op, else ``"mxnet"``.
-Both pool the same values (tests/test_roi_align_op.py); ``"mxmask"`` has a parallel CPU backward
-(:mod:`mxmask.ops`). The choice holds for this training graph only.
+1. :class:`BoxStage`: backbone -> RPN (anchors, logits, deltas, proposals) -> anchor targets ->
+   RPN losses; proposals -> RoI sampler (gt boxes appended; S rois, positives in the first P
+   slots) -> ``net.box_forward`` -> box losses. It also returns the sampled rois, labels and
+   matched gts, and the FPN levels the RoI heads pool from.
+2. :class:`HeadStage`: the mask head / keypoint head and their targets and losses on the first
+   ``k`` slots, where ``k`` (:meth:`RCNNLoss.head_slots`) is the largest number of positives of
+   an image of the batch, rounded up to a multiple of 8 (at most P). Slots past an image's
+   positives carry no loss, so the losses equal those over all P slots (Detectron2 and
+   torchvision also run these heads on the positives only), while the heads' cost follows the
+   real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of the 128 slots
+   instead of all of them. Reading ``k`` waits for stage 1; :meth:`RCNNLoss.begin` /
+   :meth:`RCNNLoss.finish` let a multi-context step start every context's stage 1 first.
+
+Kernels (``kernels``): ``"auto"`` picks ``"mxmask"`` when the network's parameters live on CPU
+contexts only and :func:`mxmask.ops.load_ops` can build the compiled operators, else
+``"mxnet"``. With ``"mxmask"`` the RoI poolers and GroupNorm layers of these training graphs run
+``mxmask_roi_align`` / ``mxmask_group_norm``: the same values as the stock operators
+(tests/test_compiled_ops.py), with faster CPU backward passes (:mod:`mxmask.ops`). Inference
+graphs of the same network are not affected.
 """
 import mxnet as mx
 
 from . import losses as L
-from .poolers import roi_align_kernel
+from ..ops import compiled_kernels, kernels_for, load_ops
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 
-__all__ = ["RCNNLoss"]
+__all__ = ["RCNNLoss", "BoxStage", "HeadStage"]
+
+_SLOT_STEP = 8           # k is rounded up to a multiple of this (fewer distinct graph shapes)
 
 
-class RCNNLoss(mx.gluon.HybridBlock):
-    """Losses of Mask R-CNN / Keypoint R-CNN for a training batch (see module doc)."""
+def _pick_kernels(net, kernels):
+    if kernels == "auto":
+        kernels = kernels_for(next(iter(net.collect_params().values())).list_ctx())
+    if kernels not in ("mxnet", "mxmask"):
+        raise ValueError("kernels must be 'auto', 'mxnet' or 'mxmask', got %r" % (kernels,))
+    if kernels == "mxmask" and not load_ops():
+        raise RuntimeError("kernels='mxmask': the operators could not be built (see the warning)")
+    return kernels
 
-    def __init__(self, net, cfg, roi_align="auto", **kwargs):
-        super(RCNNLoss, self).__init__(**kwargs)
+
+class BoxStage(mx.gluon.HybridBlock):
+    """Stage 1 (module docstring): (data, im_info, gt_boxes, gt_labels, gt_crowd) ->
+    (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, rois (B, S, 4), labels (B, S),
+    matched (B, S), P2, P3, P4, P5)."""
+
+    def __init__(self, net, cfg, kernels, **kwargs):
+        super(BoxStage, self).__init__(**kwargs)
         m = cfg.model
-        self.net = net
-        from .. import ops
-        if roi_align == "auto":
-            roi_align = ops.roi_align_backend(next(iter(net.collect_params().values())).list_ctx())
-        if roi_align not in ("mxnet", "mxmask"):
-            raise ValueError("roi_align must be 'auto', 'mxnet' or 'mxmask', got %r"
-                             % (roi_align,))
-        if roi_align == "mxmask" and not ops.load_roi_align():
-            raise RuntimeError("roi_align='mxmask': the op could not be built (see the warning)")
-        self.roi_align = roi_align
-        self.mask_on = net.mask_head is not None
-        self.keypoint_on = net.keypoint_head is not None
+        # the network's stages this graph runs (registering all of ``net`` would make Gluon
+        # warn about the parameters of the other stage)
+        self.backbone, self.rpn = net.backbone, net.rpn
+        self.box_head, self.box_predictor = net.box_head, net.box_predictor
+        self.roi_features = net.roi_features
+        self.kernels = kernels
         self.rpn_batch = m.rpn.batch_size_per_image
         self.rpn_beta = m.rpn.smooth_l1_beta
         self.box_beta = m.box_head.smooth_l1_beta
-        self.keypoint_weight = m.keypoint_head.loss_weight
         with self.name_scope():
             self.rpn_targets = RPNTargets(
                 batch_size_per_image=m.rpn.batch_size_per_image,
@@ -66,65 +87,122 @@ class RCNNLoss(mx.gluon.HybridBlock):
                 m.num_classes, batch_size_per_image=m.box_head.batch_size_per_image,
                 positive_fraction=m.box_head.positive_fraction, fg_iou=m.box_head.fg_iou_thresh,
                 plus_one=m.box_plus_one, box_weights=tuple(m.box_head.bbox_reg_weights))
-            positives = self.roi_sampler.num_pos_slots
-            self.num_pos_slots = positives
-            self.mask_targets = MaskTargets(positives, m.mask_head.resolution) \
+
+    def hybrid_forward(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd):
+        with compiled_kernels(self.kernels == "mxmask"):
+            # 1. backbone + FPN
+            features = self.backbone(data)
+            levels = self.roi_features(features)
+
+            # 2. RPN: proposals, plus per-level anchors / logits / deltas for its loss
+            rpn_out = self.rpn(im_info, *features)
+            n = self.rpn.num_levels
+            rois = rpn_out[0]
+            anchors = F.concat(*rpn_out[2:2 + n], dim=1)
+            logits = F.concat(*rpn_out[2 + n:2 + 2 * n], dim=1)
+            deltas = F.concat(*rpn_out[2 + 2 * n:2 + 3 * n], dim=1)
+            rpn_labels, rpn_box_targets, _ = self.rpn_targets(anchors, gt_boxes, gt_crowd,
+                                                              im_info)
+            loss_rpn_cls, loss_rpn_loc = L.rpn_losses(logits, deltas, rpn_labels,
+                                                      rpn_box_targets, self.rpn_beta,
+                                                      self.rpn_batch)
+
+            # 3. RoI sampling and the box head
+            s_rois, s_labels, s_matched, s_box_targets, _ = self.roi_sampler(rois, gt_boxes,
+                                                                             gt_labels)
+            cls_logits, box_deltas = self.box_predictor(self.box_head(s_rois, *levels))
+            loss_cls, loss_box_reg = L.fast_rcnn_losses(cls_logits, box_deltas, s_labels,
+                                                        s_box_targets, self.box_beta)
+        return (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, s_rois, s_labels,
+                s_matched) + tuple(levels)
+
+
+class HeadStage(mx.gluon.HybridBlock):
+    """Stage 2 (module docstring): (rois (B, k, 4), labels (B, k), matched (B, k),
+    [gt_masks], [gt_keypoints], P2..P5) -> ([loss_mask], [loss_keypoint])."""
+
+    def __init__(self, net, cfg, kernels, **kwargs):
+        super(HeadStage, self).__init__(**kwargs)
+        m = cfg.model
+        self.mask_head, self.keypoint_head = net.mask_head, net.keypoint_head
+        self.kernels = kernels
+        self.mask_on = net.mask_head is not None
+        self.keypoint_on = net.keypoint_head is not None
+        self.keypoint_weight = m.keypoint_head.loss_weight
+        with self.name_scope():
+            self.mask_targets = MaskTargets(None, m.mask_head.resolution) \
                 if self.mask_on else None
-            self.keypoint_targets = KeypointTargets(positives, m.keypoint_head.resolution) \
+            self.keypoint_targets = KeypointTargets(None, m.keypoint_head.resolution) \
                 if self.keypoint_on else None
+
+    def hybrid_forward(self, F, rois, labels, matched, *extra):
+        gt_masks = extra[0] if self.mask_on else None
+        gt_keypoints = extra[int(self.mask_on)] if self.keypoint_on else None
+        levels = extra[int(self.mask_on) + int(self.keypoint_on):]
+        outputs = []
+        with compiled_kernels(self.kernels == "mxmask"):
+            if self.mask_on:
+                mask_logits = self.mask_head(rois, *levels)
+                mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
+                outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets))
+            if self.keypoint_on:
+                heatmaps = self.keypoint_head(rois, *levels)
+                kp_targets, kp_valid = self.keypoint_targets(rois, labels, matched, gt_keypoints)
+                loss = L.keypoint_rcnn_loss(heatmaps, kp_targets, kp_valid)
+                outputs.append(loss * self.keypoint_weight)
+        return tuple(outputs)
+
+
+class RCNNLoss(mx.gluon.Block):
+    """Losses of Mask R-CNN / Keypoint R-CNN for a training batch (see module doc)."""
+
+    _BOX_INPUTS = ("data", "im_info", "gt_boxes", "gt_labels", "gt_crowd")
+
+    def __init__(self, net, cfg, kernels="auto", **kwargs):
+        super(RCNNLoss, self).__init__(**kwargs)
+        self.net = net
+        self.kernels = _pick_kernels(net, kernels)
+        self.mask_on = net.mask_head is not None
+        self.keypoint_on = net.keypoint_head is not None
+        with self.name_scope():
+            self.box_stage = BoxStage(net, cfg, self.kernels)
+            self.head_stage = HeadStage(net, cfg, self.kernels) \
+                if self.mask_on or self.keypoint_on else None
+        self.num_pos_slots = self.box_stage.roi_sampler.num_pos_slots
         self.loss_names = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"] + \
             (["loss_mask"] if self.mask_on else []) + \
             (["loss_keypoint"] if self.keypoint_on else [])
 
+    def hybridize(self, active=True, **kwargs):
+        self.box_stage.hybridize(active, **kwargs)
+        if self.head_stage is not None:
+            self.head_stage.hybridize(active, **kwargs)
+
+    def head_slots(self, labels):
+        """k for stage 2: the most positives (label > 0) of one image among the first P slots
+        of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P. Waits for it."""
+        P = self.num_pos_slots
+        first = mx.nd.slice_axis(labels, axis=1, begin=0, end=P)
+        count = int(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
+        return min(P, max(_SLOT_STEP, -(-count // _SLOT_STEP) * _SLOT_STEP))
+
+    def begin(self, **inputs):
+        """Stage 1 on one context's inputs; returns the state that :meth:`finish` takes."""
+        return inputs, self.box_stage(*[inputs[n] for n in self._BOX_INPUTS])
+
+    def finish(self, state):
+        """Stage 2 from :meth:`begin`'s state -> {loss name: (1,) loss}."""
+        inputs, out = state
+        losses = list(out[:4])
+        if self.head_stage is not None:
+            rois, labels, matched = out[4:7]
+            k = self.head_slots(labels)
+            slots = [mx.nd.slice_axis(a, axis=1, begin=0, end=k) for a in (rois, labels, matched)]
+            extra = ([inputs["gt_masks"]] if self.mask_on else []) + \
+                ([inputs["gt_keypoints"]] if self.keypoint_on else [])
+            head = self.head_stage(*(slots + extra + list(out[7:])))
+            losses += list(head) if isinstance(head, (list, tuple)) else [head]
+        return dict(zip(self.loss_names, losses))
+
     def __call__(self, **inputs):
-        names = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd"] + \
-            (["gt_masks"] if self.mask_on else []) + \
-            (["gt_keypoints"] if self.keypoint_on else [])
-        outputs = super(RCNNLoss, self).__call__(*[inputs[n] for n in names])
-        return dict(zip(self.loss_names, outputs))
-
-    def hybrid_forward(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra):
-        with roi_align_kernel(self.roi_align):
-            return self._losses(F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra)
-
-    def _losses(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd, *extra):
-        net = self.net
-        gt_masks = extra[0] if self.mask_on else None
-        gt_keypoints = extra[-1] if self.keypoint_on else None
-
-        # 1. backbone + FPN
-        features = net.backbone(data)
-        pooled_levels = net.roi_features(features)
-
-        # 2. RPN: proposals, plus per-level anchors / logits / deltas for its loss
-        rpn_out = net.rpn(im_info, *features)
-        n = net.rpn.num_levels
-        rois = rpn_out[0]
-        anchors = F.concat(*rpn_out[2:2 + n], dim=1)
-        logits = F.concat(*rpn_out[2 + n:2 + 2 * n], dim=1)
-        deltas = F.concat(*rpn_out[2 + 2 * n:2 + 3 * n], dim=1)
-        rpn_labels, rpn_box_targets, _ = self.rpn_targets(anchors, gt_boxes, gt_crowd, im_info)
-        loss_rpn_cls, loss_rpn_loc = L.rpn_losses(logits, deltas, rpn_labels, rpn_box_targets,
-                                                  self.rpn_beta, self.rpn_batch)
-
-        # 3. RoI sampling and the box head
-        s_rois, s_labels, s_matched, s_box_targets, _ = self.roi_sampler(rois, gt_boxes, gt_labels)
-        cls_logits, box_deltas = net.box_forward(s_rois, *features)
-        loss_cls, loss_box_reg = L.fast_rcnn_losses(cls_logits, box_deltas, s_labels,
-                                                    s_box_targets, self.box_beta)
-        outputs = [loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg]
-
-        # 4. mask and keypoint heads on the first P slots (every positive is there)
-        p = self.num_pos_slots
-        pos_rois = F.slice_axis(s_rois, axis=1, begin=0, end=p)
-        pos_labels = F.slice_axis(s_labels, axis=1, begin=0, end=p)
-        if self.mask_on:
-            mask_logits = net.mask_head(pos_rois, *pooled_levels)
-            mask_targets = self.mask_targets(s_rois, s_labels, s_matched, gt_masks)
-            outputs.append(L.mask_rcnn_loss(mask_logits, pos_labels, mask_targets))
-        if self.keypoint_on:
-            heatmaps = net.keypoint_head(pos_rois, *pooled_levels)
-            kp_targets, kp_valid = self.keypoint_targets(s_rois, s_labels, s_matched, gt_keypoints)
-            loss = L.keypoint_rcnn_loss(heatmaps, kp_targets, kp_valid)
-            outputs.append(loss * self.keypoint_weight)
-        return tuple(outputs)
+        return self.finish(self.begin(**inputs))

@@ -1,21 +1,33 @@
 """Compiled CPU operators for the training graph, built on first use with MXNet's extension API.
 
-    load_roi_align() -> True when ``mx.nd.mxmask_roi_align`` / ``mx.sym.mxmask_roi_align`` exist
+    load_ops() -> True when mxmask_roi_align and mxmask_group_norm exist in mx.nd / mx.sym
+    kernels_for(ctxs) -> "mxmask" (CPU contexts and the ops load) or "mxnet"
+    with compiled_kernels(True): ...   # blocks traced inside use the ops (training graph)
+    compiled_kernels_active() -> bool
 
-``roi_align.cc`` holds ``mxmask_roi_align``: ``contrib.ROIAlign``'s forward and backward for CPU
-(same sampling; see the file's header), with a parallel backward. MXNet 1.9.1's own CPU
-backward is one serial loop that recomputes the sample positions for every output element: on
-a ResNet-50 FPN training step at 512x512 its two calls took 2.8 s of 7.8 s. Only the training
-graph uses this op (:class:`mxmask.modeling.training.RCNNLoss`, on CPU contexts); inference and
-exported graphs keep ``contrib.ROIAlign``, so they need nothing but MXNet.
+Two operators, each the same computation as the stock one it replaces, with a faster CPU
+backward (MXNet 1.9.1's are serial or go through generic reductions):
+
+- ``mxmask_roi_align`` (``roi_align.cc``): ``contrib.ROIAlign`` (same sampling, see the file's
+  header). Its stock CPU backward is one serial loop that recomputes the sample positions for
+  every output element: on a ResNet-50 FPN training step at 512x512 its two calls took 2.8 s
+  of 7.8 s.
+- ``mxmask_group_norm`` (``group_norm.cc``): the per-group normalisation of the GroupNorm of
+  :mod:`mxmask.modeling.norm` (there a LayerNorm, before the per-channel affine), whose
+  LayerNorm backward took 186 ms of the 1.0 s ``shapes`` training step.
+
+Only the training graph uses them (:class:`mxmask.modeling.training.RCNNLoss` on CPU contexts
+traces its graphs inside :func:`compiled_kernels`); inference and exported graphs keep the
+stock operators, so they need nothing but MXNet.
 
 The library is compiled once per machine with the C++ compiler ``$CXX`` (default ``g++``),
 against the headers and ``src/lib_api.cc`` shipped in the mxnet wheel, into
-``$MXMASK_CACHE`` (default ``~/.cache/mxmask``) under a name that hashes the source, the mxnet
+``$MXMASK_CACHE`` (default ``~/.cache/mxmask``) under a name that hashes the sources, the mxnet
 version and the compiler; the file appears atomically (temp file + rename), so concurrent
 processes are safe. When no compiler is found or the build fails, a one-line warning names the
-reason and training uses ``contrib.ROIAlign``. ``MXMASK_ROI_ALIGN=mxnet`` forces the stock op.
+reason and training uses the stock operators. ``MXMASK_OPS=mxnet`` forces the stock operators.
 """
+import contextlib
 import hashlib
 import logging
 import os
@@ -26,11 +38,14 @@ import threading
 
 import mxnet as mx
 
-__all__ = ["load_roi_align", "roi_align_backend"]
+__all__ = ["load_ops", "kernels_for", "compiled_kernels", "compiled_kernels_active"]
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roi_align.cc")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(_HERE, name) for name in ("roi_align.cc", "group_norm.cc")]
+OP_NAMES = ("mxmask_roi_align", "mxmask_group_norm")
 _LOCK = threading.Lock()
-_STATE = {}                      # "roi_align": True/False once tried
+_STATE = {}                      # "loaded": True/False once tried
+_ACTIVE = threading.local()
 _log = logging.getLogger(__name__)
 
 
@@ -44,9 +59,9 @@ def _mxnet_dir():
 
 
 def library_path(compiler):
-    """Where the compiled library for this source, mxnet and compiler lives."""
+    """Where the compiled library for these sources, mxnet and compiler lives."""
     digest = hashlib.sha1()
-    for path in (_SOURCE, os.path.join(_mxnet_dir(), "src", "lib_api.cc")):
+    for path in SOURCES + [os.path.join(_mxnet_dir(), "src", "lib_api.cc")]:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(mx.__version__.encode())
@@ -55,15 +70,15 @@ def library_path(compiler):
 
 
 def build(compiler, out):
-    """Compile ``roi_align.cc`` into ``out`` (atomically); raises RuntimeError with the
-    compiler's message on failure."""
+    """Compile the sources into ``out`` (atomically); raises RuntimeError with the compiler's
+    message on failure."""
     mxdir = _mxnet_dir()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=os.path.dirname(out))
     os.close(fd)
     cmd = [compiler, "-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp",
-           "-I", os.path.join(mxdir, "include"), _SOURCE,
-           os.path.join(mxdir, "src", "lib_api.cc"), "-o", tmp]
+           "-I", os.path.join(mxdir, "include")] + SOURCES + \
+        [os.path.join(mxdir, "src", "lib_api.cc"), "-o", tmp]
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               universal_newlines=True, timeout=600)
@@ -77,35 +92,52 @@ def build(compiler, out):
 
 
 def _load():
-    if os.environ.get("MXMASK_ROI_ALIGN", "").lower() == "mxnet":
+    if os.environ.get("MXMASK_OPS", "").lower() == "mxnet":
         return False
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
-        _log.warning("mxmask: no C++ compiler (%s) found: training uses contrib.ROIAlign, "
-                     "whose CPU backward is serial (slower training steps)", compiler)
+        _log.warning("mxmask: no C++ compiler (%s) found: training uses MXNet's own RoIAlign "
+                     "and GroupNorm kernels, whose CPU backward is slower", compiler)
         return False
     path = library_path(compiler)
     try:
         if not os.path.exists(path):
             build(compiler, path)
         mx.library.load(path, False)
-    except Exception as e:         # noqa: BLE001 - any failure falls back to the stock op
-        _log.warning("mxmask: could not build or load %s (%s): training uses contrib.ROIAlign",
-                     path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:         # noqa: BLE001 - any failure falls back to the stock ops
+        _log.warning("mxmask: could not build or load %s (%s): training uses MXNet's own "
+                     "RoIAlign and GroupNorm kernels", path,
+                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
-    return hasattr(mx.nd, "mxmask_roi_align")
+    return all(hasattr(mx.nd, name) and hasattr(mx.sym, name) for name in OP_NAMES)
 
 
-def load_roi_align():
-    """Build (once per machine) and load ``mxmask_roi_align`` (once per process)."""
+def load_ops():
+    """Build (once per machine) and load the operators (once per process)."""
     with _LOCK:
-        if "roi_align" not in _STATE:
-            _STATE["roi_align"] = _load()
-        return _STATE["roi_align"]
+        if "loaded" not in _STATE:
+            _STATE["loaded"] = _load()
+        return _STATE["loaded"]
 
 
-def roi_align_backend(ctxs):
-    """``"mxmask"`` when every context is a CPU and the op loads, else ``"mxnet"``."""
-    if all(c.device_type == "cpu" for c in ctxs) and load_roi_align():
+def kernels_for(ctxs):
+    """``"mxmask"`` when every context is a CPU and the operators load, else ``"mxnet"``."""
+    if all(c.device_type == "cpu" for c in ctxs) and load_ops():
         return "mxmask"
     return "mxnet"
+
+
+@contextlib.contextmanager
+def compiled_kernels(enabled=True):
+    """Within the block (this thread), the RoI poolers and GroupNorm layers called, or traced
+    into a graph, use the compiled operators (which must be loaded: :func:`load_ops`)."""
+    previous = compiled_kernels_active()
+    _ACTIVE.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _ACTIVE.on = previous
+
+
+def compiled_kernels_active():
+    return getattr(_ACTIVE, "on", False)

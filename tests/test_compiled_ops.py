@@ -1,8 +1,9 @@
-"""mxmask_roi_align (mxmask/ops): the compiled training RoIAlign.
+"""The compiled training operators (mxmask/ops): mxmask_roi_align and mxmask_group_norm.
 
-It must pool exactly what contrib.ROIAlign pools (and the numpy reference of test_roi_align.py)
-and give the same gradient; the training graph uses it on CPU; a machine without a working
-compiler falls back to contrib.ROIAlign with a warning.
+Each must compute what the stock operator it replaces computes (contrib.ROIAlign and the numpy
+RoIAlign of test_roi_align.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy),
+with the same gradients; the training graph uses them on CPU; a machine without a working
+compiler falls back to the stock operators with a warning.
 """
 import json
 import logging
@@ -53,15 +54,15 @@ def test_builds_into_an_empty_cache_and_loads(tmp_path):
     ops.build(os.environ.get("CXX") or "g++", out)
     assert os.path.getsize(out) > 0
     assert os.listdir(str(tmp_path)) == ["lib.so"]          # no temp file left behind
-    assert ops.load_roi_align()
-    assert hasattr(mx.sym, "mxmask_roi_align")
+    assert ops.load_ops()
+    assert hasattr(mx.sym, "mxmask_roi_align") and hasattr(mx.sym, "mxmask_group_norm")
 
 
 @needs_compiler
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("ratio", [0, 2])
 def test_forward_and_gradient_equal_contrib_and_numpy(aligned, ratio):
-    assert ops.load_roi_align()
+    assert ops.load_ops()
     rng = np.random.RandomState(3 + ratio + aligned)
     B, C, H, W, pooled, scale = 2, 3, 13, 17, 5, 0.25
     feat = rng.randn(B, C, H, W).astype(np.float32)
@@ -86,7 +87,7 @@ def test_forward_and_gradient_equal_contrib_and_numpy(aligned, ratio):
 def test_negative_batch_index_pools_zeros_and_gets_no_gradient():
     """contrib.ROIAlign writes its zero into another roi's output here (DESIGN.md section 6);
     this op zeroes the roi's own row and leaves every other roi alone."""
-    assert ops.load_roi_align()
+    assert ops.load_ops()
     rng = np.random.RandomState(0)
     feat = rng.randn(1, 2, 8, 8).astype(np.float32)
     rois = np.array([[0, 1, 1, 20, 20], [-1, 0, 0, 30, 30], [0, 5, 5, 9, 13]], np.float32)
@@ -103,15 +104,57 @@ def test_negative_batch_index_pools_zeros_and_gets_no_gradient():
 def test_empty_aligned_roi_does_not_abort():
     """contrib.ROIAlign(aligned=True) aborts the process on x2 <= x1; this op takes one sample
     per bin at the roi's corner."""
-    assert ops.load_roi_align()
+    assert ops.load_ops()
     feat = np.arange(2 * 6 * 6, dtype=np.float32).reshape(1, 2, 6, 6)
     rois = np.array([[0, 8, 8, 8, 4]], np.float32)           # zero width, negative height
     y, g = _pool_and_grad("mxmask", feat, rois, 3, 0.5, 0, True, np.ones((1, 2, 3, 3), "f"))
     assert np.isfinite(y).all() and np.isfinite(g).all()
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 7), 4), ((3, 6, 4, 4), 3), ((2, 32, 24, 20), 16)])
+def test_group_norm_equals_the_layernorm_block_and_numpy(shape, groups):
+    from mxmask.modeling.norm import GroupNorm
+    assert ops.load_ops()
+    rng = np.random.RandomState(sum(shape))
+    C = shape[1]
+    x_np = (rng.randn(*shape) * 3 + 1).astype(np.float32)
+    g_np = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b_np = rng.randn(C).astype(np.float32)
+    og = nd.array(rng.randn(*shape).astype(np.float32))
+    block = GroupNorm(groups, C)
+    block.initialize()
+    block.gamma.set_data(nd.array(g_np))
+    block.beta.set_data(nd.array(b_np))
+
+    def run(compiled):
+        x = nd.array(x_np)
+        x.attach_grad()
+        with mx.autograd.record(), ops.compiled_kernels(compiled):
+            y = block(x)
+        y.backward(og)
+        return (y.asnumpy(), x.grad.asnumpy(), block.gamma.grad().asnumpy().copy(),
+                block.beta.grad().asnumpy().copy())
+    ref = run(False)
+    out = run(True)
+    for name, a, b in zip(["out", "d_data", "d_gamma", "d_beta"], out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(b).max())),
+                                   err_msg=name)
+    # numpy: normalise each (sample, group) with the biased variance, then the affine
+    xg = x_np.reshape(shape[0], groups, -1).astype(np.float64)
+    x_hat = ((xg - xg.mean(-1, keepdims=True)) /
+             np.sqrt(xg.var(-1, keepdims=True) + 1e-5)).reshape(shape)
+    bshape = (1, C) + (1,) * (len(shape) - 2)
+    np.testing.assert_allclose(out[0], x_hat * g_np.reshape(bshape) + b_np.reshape(bshape),
+                               rtol=1e-4, atol=1e-4)
+    axes = (0,) + tuple(range(2, len(shape)))
+    np.testing.assert_allclose(out[3], og.asnumpy().sum(axis=axes), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(out[2], (og.asnumpy() * x_hat).sum(axis=axes), rtol=1e-4,
+                               atol=1e-3)
+
+
 def _loss_and_grads(net, cfg, kind, batch):
-    loss_net = RCNNLoss(net, cfg, roi_align=kind)
+    loss_net = RCNNLoss(net, cfg, kernels=kind)
     loss_net.hybridize(static_alloc=True)
     params = [p for p in net.collect_params().values() if p.grad_req != "null"]
     mx.random.seed(11)
@@ -119,7 +162,8 @@ def _loss_and_grads(net, cfg, kind, batch):
         losses = loss_net(**batch)
         total = nd.add_n(*losses.values())
     total.backward()
-    graph = [(n["op"], n["name"]) for n in json.loads(loss_net._cached_graph[1].tojson())["nodes"]]
+    graph = [(n["op"], n["name"]) for stage in (loss_net.box_stage, loss_net.head_stage)
+             for n in json.loads(stage._cached_graph[1].tojson())["nodes"]]
     return ({k: float(v.asscalar()) for k, v in losses.items()},
             {p.name: p.grad().asnumpy().copy() for p in params}, graph)
 
@@ -133,44 +177,50 @@ def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients()
     batch = {k: nd.array(np_batch[k]) for k in keys}
     losses_ref, grads_ref, graph_ref = _loss_and_grads(net, cfg, "mxnet", batch)
     losses, grads, graph = _loss_and_grads(net, cfg, "mxmask", batch)
-    # every pooler runs the compiled op (the mask targets, gt masks with no gradient, keep
-    # contrib.ROIAlign), and only in the graph that asked for it
+    # every pooler and GroupNorm runs the compiled op (the mask targets, gt masks with no
+    # gradient, keep contrib.ROIAlign), and only in the graph that asked for it
     pooled = [name for op, name in graph if op == "mxmask_roi_align"]
     assert len(pooled) == 3
-    assert [name.split("_", 1)[1] for op, name in graph if op == "_contrib_ROIAlign"] == \
-        ["masktargets0_roialign0"]
+    norms = [name for op, name in graph if op == "mxmask_group_norm"]
+    assert len(norms) == len([1 for op, _ in graph_ref if op == "LayerNorm"]) > 10
+    assert not [1 for op, _ in graph if op == "LayerNorm"]
+    assert [name.rsplit("_", 2)[1:] for op, name in graph if op == "_contrib_ROIAlign"] == \
+        [["masktargets0", "roialign0"]]
     assert len([1 for op, _ in graph_ref if op == "_contrib_ROIAlign"]) == 4
     for k in losses_ref:
         assert losses[k] == pytest.approx(losses_ref[k], rel=1e-5, abs=1e-6), k
+    # float32 sums in another order (the compiled GroupNorm accumulates in float64): agreement
+    # to 1e-3 of each parameter's largest gradient; a wrong kernel is off by O(1)
     for name, ref in grads_ref.items():
         scale = max(float(np.abs(ref).max()), 1e-6)
-        np.testing.assert_allclose(grads[name], ref, rtol=1e-3, atol=1e-4 * scale,
+        np.testing.assert_allclose(grads[name], ref, rtol=1e-3, atol=1e-3 * scale + 1e-7,
                                    err_msg=name)
     # the inference graph of the same network keeps the stock op
     net.hybridize(static_alloc=True)
     net(batch["data"], batch["im_info"])
-    assert '"mxmask_roi_align"' not in net._cached_graph[1].tojson()
+    inference = net._cached_graph[1].tojson()
+    assert '"mxmask_roi_align"' not in inference and '"mxmask_group_norm"' not in inference
 
 
 @needs_compiler
 def test_auto_picks_the_compiled_op_on_cpu_only():
-    assert ops.roi_align_backend([mx.cpu(0), mx.cpu(1)]) == "mxmask"
-    assert ops.roi_align_backend([mx.cpu(0), mx.gpu(0)]) == "mxnet"
+    assert ops.kernels_for([mx.cpu(0), mx.cpu(1)]) == "mxmask"
+    assert ops.kernels_for([mx.cpu(0), mx.gpu(0)]) == "mxnet"
 
 
 def test_forced_stock_op_and_failed_builds_fall_back_with_a_warning(monkeypatch, tmp_path,
                                                                      caplog):
     monkeypatch.setenv("MXMASK_CACHE", str(tmp_path))
     monkeypatch.setattr(ops, "_STATE", {})
-    monkeypatch.setenv("MXMASK_ROI_ALIGN", "mxnet")
-    assert not ops.load_roi_align()
-    assert ops.roi_align_backend([mx.cpu()]) == "mxnet"
-    monkeypatch.delenv("MXMASK_ROI_ALIGN")
+    monkeypatch.setenv("MXMASK_OPS", "mxnet")
+    assert not ops.load_ops()
+    assert ops.kernels_for([mx.cpu()]) == "mxnet"
+    monkeypatch.delenv("MXMASK_OPS")
 
     caplog.set_level(logging.WARNING, logger="mxmask.ops")
     monkeypatch.setattr(ops, "_STATE", {})
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    assert not ops.load_roi_align()
+    assert not ops.load_ops()
     assert "no C++ compiler" in caplog.text
 
     caplog.clear()
@@ -179,6 +229,6 @@ def test_forced_stock_op_and_failed_builds_fall_back_with_a_warning(monkeypatch,
     failing.chmod(0o755)
     monkeypatch.setattr(ops, "_STATE", {})
     monkeypatch.setenv("CXX", str(failing))
-    assert not ops.load_roi_align()
+    assert not ops.load_ops()
     assert "could not build or load" in caplog.text and "exit 1" in caplog.text
     assert [n for n in os.listdir(str(tmp_path)) if n.endswith(".so")] == []
