@@ -331,9 +331,9 @@ class Trainer:
         """L2 norm over all parameters of the gradient held by the first context (after
         ``allreduce_grads`` the global mean gradient); NaN/inf when any entry is."""
         grads = [p.list_grad()[0] for p in self.params]
-        norms = mx.nd.concat(*[mx.nd.norm(g).reshape((1,)) for g in grads], dim=0)
-        norms = norms.asnumpy().astype(np.float64)
-        return float(np.sqrt(np.sum(norms * norms)))
+        # one multi_sum_sq call for all arrays (one norm per array cost 23 ms per shapes step)
+        squares = mx.nd.multi_sum_sq(*grads, num_arrays=len(grads))
+        return float(np.sqrt(np.sum(squares.asnumpy().astype(np.float64))))
 
     def _scale_gradients(self, factor):
         for p in self.params:
