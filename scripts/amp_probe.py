@@ -41,7 +41,9 @@ from mxmask.cli import parse_ctx
 from mxmask.modeling.training import RCNNLoss
 ctx = parse_ctx(ctx)[0]
 cfg, net = build_bench_model(preset, ctx=ctx)
-loss_net = RCNNLoss(net, cfg)
+# MXNet's own kernels: loading mxmask's compiled ones (mx.library.load) regenerates the operator
+# functions and so silently undoes amp.init's patching (every mode would then run in float32)
+loss_net = RCNNLoss(net, cfg, kernels="mxnet")
 if hybridize == "1":
     loss_net.hybridize(static_alloc=True)
 params = {k: v for k, v in net.collect_params().items() if v.grad_req != "null"}
