@@ -82,7 +82,6 @@ import math
 from mxnet.gluon import HybridBlock
 
 from ..ops import compiled_kernels_active
-
 from .box_coder import box_area
 
 __all__ = ["assign_fpn_levels", "sanitize_rois", "MultiLevelRoIAlign", "MIN_ROI_SIZE",

@@ -42,8 +42,8 @@ graphs of the same network are not affected.
 """
 import mxnet as mx
 
-from . import losses as L
 from ..ops import compiled_kernels, kernels_for, load_ops
+from . import losses as L
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 
 __all__ = ["RCNNLoss", "BoxStage", "HeadStage"]
