@@ -160,7 +160,6 @@ class RCNNLoss(mx.gluon.Block):
 
     def __init__(self, net, cfg, kernels="auto", **kwargs):
         super(RCNNLoss, self).__init__(**kwargs)
-        self.net = net
         self.kernels = _pick_kernels(net, kernels)
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None

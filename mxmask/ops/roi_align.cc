@@ -130,12 +130,25 @@ void SampleRoi(const Params& p, const float* roi, int height, int width, RoiSamp
   }
 }
 
-void SampleAll(const Params& p, const float* rois, int num_rois, int height, int width,
-               std::vector<RoiSamples>* samples) {
-  samples->resize(num_rois);
+// One call's sizes and every roi's samples, from the feature map (B, C, H, W) and rois (R, 5):
+// the forward and the backward start from the same.
+struct Problem {
+  Params p;
+  int batch, channels, height, width, num_rois, bins;
+  int64_t plane;
+  std::vector<RoiSamples> samples;
+
+  Problem(const std::unordered_map<std::string, std::string>& attrs, MXTensor* data,
+          MXTensor* rois)
+      : p(Parse(attrs)), batch(data->shape[0]), channels(data->shape[1]),
+        height(data->shape[2]), width(data->shape[3]), num_rois(rois->shape[0]),
+        bins(p.pooled_h * p.pooled_w), plane(static_cast<int64_t>(height) * width),
+        samples(num_rois) {
+    const float* r = rois->data<float>();
 #pragma omp parallel for schedule(dynamic, 4)
-  for (int r = 0; r < num_rois; ++r) SampleRoi(p, rois + 5 * r, height, width, &(*samples)[r]);
-}
+    for (int i = 0; i < num_rois; ++i) SampleRoi(p, r + 5 * i, height, width, &samples[i]);
+  }
+};
 
 MXReturnValue ParseAttrs(const std::unordered_map<std::string, std::string>& attrs,
                          int* num_in, int* num_out) {
@@ -172,26 +185,20 @@ MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& att
 MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
                       std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                       const OpResource& res) {
-  const Params p = Parse(attrs);
-  MXTensor& data = inputs->at(0);
-  MXTensor& rois = inputs->at(1);
-  const int channels = data.shape[1], height = data.shape[2], width = data.shape[3];
-  const int num_rois = rois.shape[0], bins = p.pooled_h * p.pooled_w;
-  const float* x = data.data<float>();
+  const Problem job(attrs, &inputs->at(0), &inputs->at(1));
+  const int channels = job.channels, bins = job.bins;
+  const float* x = inputs->at(0).data<float>();
   float* y = outputs->at(0).data<float>();
-  std::vector<RoiSamples> samples;
-  SampleAll(p, rois.data<float>(), num_rois, height, width, &samples);
-  const int64_t plane = static_cast<int64_t>(height) * width;
 #pragma omp parallel for schedule(static)
-  for (int64_t rc = 0; rc < static_cast<int64_t>(num_rois) * channels; ++rc) {
+  for (int64_t rc = 0; rc < static_cast<int64_t>(job.num_rois) * channels; ++rc) {
     const int r = static_cast<int>(rc / channels), c = static_cast<int>(rc % channels);
-    const RoiSamples& s = samples[r];
+    const RoiSamples& s = job.samples[r];
     float* out = y + rc * bins;
     if (s.batch < 0) {
       std::fill(out, out + bins, 0.f);
       continue;
     }
-    const float* src = x + (static_cast<int64_t>(s.batch) * channels + c) * plane;
+    const float* src = x + (static_cast<int64_t>(s.batch) * channels + c) * job.plane;
     const Tap* tap = s.taps.data();
     for (int b = 0; b < bins; ++b) {
       float acc = 0.f;
@@ -209,32 +216,26 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
 MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs,
                        std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                        const OpResource& res) {
-  const Params p = Parse(attrs);
-  MXTensor& dy = inputs->at(0);
-  MXTensor& data = inputs->at(1);
-  MXTensor& rois = inputs->at(2);
-  const int batch = data.shape[0], channels = data.shape[1];
-  const int height = data.shape[2], width = data.shape[3];
-  const int num_rois = rois.shape[0], bins = p.pooled_h * p.pooled_w;
-  const float* g = dy.data<float>();
+  const Problem job(attrs, &inputs->at(1), &inputs->at(2));
+  const int batch = job.batch, channels = job.channels, bins = job.bins;
+  const int64_t plane = job.plane;
+  const float* g = inputs->at(0).data<float>();
   float* dx = outputs->at(0).data<float>();
   std::fill(outputs->at(1).data<float>(), outputs->at(1).data<float>() + outputs->at(1).size(),
             0.f);
-  std::vector<RoiSamples> samples;
-  SampleAll(p, rois.data<float>(), num_rois, height, width, &samples);
   // rois of each image, in order (the sum over rois keeps contrib.ROIAlign's order)
   std::vector<std::vector<int>> by_image(batch);
-  for (int r = 0; r < num_rois; ++r) {
-    if (samples[r].batch >= 0 && samples[r].batch < batch) by_image[samples[r].batch].push_back(r);
+  for (int r = 0; r < job.num_rois; ++r) {
+    const int b = job.samples[r].batch;
+    if (b >= 0 && b < batch) by_image[b].push_back(r);
   }
-  const int64_t plane = static_cast<int64_t>(height) * width;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bc = 0; bc < static_cast<int64_t>(batch) * channels; ++bc) {
     const int b = static_cast<int>(bc / channels), c = static_cast<int>(bc % channels);
     float* dst = dx + bc * plane;
     std::fill(dst, dst + plane, 0.f);
     for (int r : by_image[b]) {
-      const RoiSamples& s = samples[r];
+      const RoiSamples& s = job.samples[r];
       const float* grad = g + (static_cast<int64_t>(r) * channels + c) * bins;
       const Tap* tap = s.taps.data();
       for (int bin = 0; bin < bins; ++bin) {
