@@ -236,7 +236,9 @@ def test_gluoncv_preset_has_gluoncv_parameter_shapes():
 
 def test_gluoncv_preset_reproduces_gluoncv_outputs():
     """With GluonCV's weights copied in, the gluoncv preset gives GluonCV's detections and masks
-    bit for bit (GluonCV's FPN pooling patched to avoid the ROIAlign -1 index bug)."""
+    (GluonCV's FPN pooling patched to avoid the ROIAlign -1 index bug): the same ids, and scores
+    and boxes equal up to float32 rounding (the box head pools on the level canvas, where the y
+    of a coarser level's roi loses up to one ulp of its offset: modeling/poolers.py)."""
     gcv = pytest.importorskip("gluoncv")
     from mxmask.modeling.fpn import gluoncv_backbone_name_map
     post, dets = 200, 30
@@ -275,6 +277,6 @@ def test_gluoncv_preset_reproduces_gluoncv_outputs():
     valid = gi[0, :, 0] >= 0
     assert valid.sum() == dets
     np.testing.assert_array_equal(ids[0], gi[0, :, 0])
-    np.testing.assert_array_equal(scores[0], gs[0, :, 0])
-    np.testing.assert_array_equal(boxes[0], gb[0])
+    np.testing.assert_allclose(scores[0], gs[0, :, 0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(boxes[0], gb[0], rtol=0, atol=1e-4)
     np.testing.assert_allclose(masks[0], gm[0], rtol=1e-5, atol=1e-6)

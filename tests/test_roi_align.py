@@ -185,6 +185,56 @@ def test_multilevel_matches_numpy(aligned, sampling_ratio, pooled, style):
     assert set(np_levels(rois.astype(np.float64), style)[0].ravel()) == {2.0, 3.0, 4.0, 5.0}
 
 
+def _edge_slivers(rng, H, W, n):
+    """Rois under one level-2 pixel tall (wide) starting in the last feature rows (columns) of
+    an H x W image: the legacy mode widens them to one pixel, past the level's extent."""
+    rois = []
+    for i in range(n):
+        y1 = H - rng.choice([0.0, 0.5, 1.0, 2.5, 3.9, 4.0, 3.999, 5.0])
+        x1 = W - rng.choice([0.0, 0.5, 1.0, 2.5, 3.9, 4.0, 3.999, 5.0])
+        wide, tall = rng.uniform(2, 60), rng.uniform(2, 60)
+        kind = i % 3
+        if kind == 0:      # bottom edge
+            x0 = rng.uniform(0, W - wide)
+            rois.append([x0, y1, x0 + wide, min(H, y1 + rng.uniform(0, 3.5))])
+        elif kind == 1:    # right edge
+            y0 = rng.uniform(0, H - tall)
+            rois.append([x1, y0, min(W, x1 + rng.uniform(0, 3.5)), y0 + tall])
+        else:              # bottom-right corner
+            rois.append([x1, y1, min(W, x1 + rng.uniform(0, 3.5)), min(H, y1 + rng.uniform(0, 3.5))])
+    return np.array(rois, np.float32)
+
+
+@pytest.mark.parametrize("sampling_ratio,pooled,canonical_size", [
+    (2, 14, 224), (0, 7, 224), (2, 7, 8), (0, 5, 8)])
+def test_legacy_canvas_equals_per_level_pooling(sampling_ratio, pooled, canonical_size):
+    """Legacy mode (aligned=False) with rois inside the image, as the box head's proposals and
+    training rois are: one ROIAlign over the level canvas equals pooling every roi on its own
+    level with contrib.ROIAlign, edge slivers included (the widened sliver samples past the
+    level; see the module docstring). A canonical size of 8 puts slivers on every level."""
+    rng = np.random.RandomState(11)
+    H, W = 256, 320
+    feats = _features(rng, B=2, H=H, W=W)
+    slivers = _edge_slivers(rng, H, W, 24)
+    rois = np.concatenate([_random_rois(rng, 2, 20, "gluoncv", image=(H, W)),
+                           np.stack([slivers[:12], slivers[12:]])], axis=1)
+    kw = dict(output_size=pooled, strides=STRIDES, sampling_ratio=sampling_ratio, aligned=False,
+              style="gluoncv", canonical_size=canonical_size)
+    canvas = MultiLevelRoIAlign(rois_in_image=True, **kw)
+    per_level = MultiLevelRoIAlign(**kw)
+    want = _pool(per_level, rois, feats)
+    got = _pool(canvas, rois, feats)
+    np.testing.assert_allclose(got, want, atol=1e-4)   # offsets: 1 float32 ulp of y
+    np.testing.assert_allclose(_pool(MultiLevelRoIAlign(rois_in_image=True, **kw), rois, feats,
+                                     hybridize=True), want, atol=1e-4)
+    # the slivers matter: pooled on the canvas without the weights, some would differ
+    levels = assign_fpn_levels(nd, nd.array(rois), canonical_size=canonical_size,
+                               style="gluoncv").asnumpy()
+    assert len(set(levels[:, 20:].ravel())) >= (3 if canonical_size == 8 else 1)
+    partly_zero = (want.reshape(2, -1, 3, pooled, pooled)[:, 20:] == 0).all(axis=(2, 4)).any(-1)
+    assert partly_zero.sum() >= 4
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 def test_one_hybridized_pooler_serves_any_input_size(aligned):
     """The level canvas takes its tile offsets from the feature shapes at run time: one

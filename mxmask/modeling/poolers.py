@@ -4,7 +4,8 @@
                       canonical_level=4, style='detectron2') -> levels (...) float32
     sanitize_rois(F, rois (..., 4)) -> rois (..., 4) that ROIAlign accepts
     MultiLevelRoIAlign(output_size, strides=(4, 8, 16, 32), sampling_ratio=0, aligned=True,
-                       style='detectron2', canonical_size=224, canonical_level=4)
+                       style='detectron2', canonical_size=224, canonical_level=4,
+                       rois_in_image=False)
         forward(rois (B, R, 4), P_min, ..., P_max) -> (B*R, C, P, P), image-major
         (row b*R + r is roi r of image b)
 
@@ -37,8 +38,9 @@ Two measured MXNet 1.9.1 CPU bugs are avoided (DESIGN.md section 6):
 
 Two ways to pool, chosen by the mode:
 
-With ``aligned=True`` (the Detectron2 presets, ``shapes``) every roi is pooled exactly once, in
-one ROIAlign call over a "level canvas": the levels are
+With ``aligned=True`` (the Detectron2 presets, ``shapes``), and in the legacy mode for rois
+inside the image (below), every roi is pooled exactly once, in one ROIAlign call over a "level
+canvas": the levels are
 stacked top to bottom into one tensor, left-aligned, the finest first at the origin, each with
 a one-pixel edge-replicated border below and to the right (and above, from the second level
 on), and zero filler on the right up to the width of the finest level:
@@ -59,14 +61,24 @@ are bit for bit those of per-level pooling; the y of a coarser level's roi loses
 float32 ulp of its offset (about 3e-5 px at o_k = 500). The offsets come from ``shape_array``, so
 one graph serves any input size.
 
-In the legacy mode (``aligned=False``, the GluonCV preset) a roi is at least 1x1 feature pixel,
-so a roi starting in a level's last row or column (at the bottom or right edge of an image
-whose size is a multiple of the stride) samples past the level's extent, where ROIAlign reads
-zeros and the canvas would read the next tile: GluonCV's detections then change. So the legacy
-mode pools per level: every level pools every roi, the rois of other levels replaced by the
-tiny valid roi (b, 0, 0, 1, 1) of their own image, and ``where`` selects each roi's level (each
-roi is on exactly one level). A tiny roi costs C*P*P*g*g samples (g = sampling_ratio, or 1 when
-adaptive); the kernel has no safe way to skip a roi.
+In the legacy mode (``aligned=False``, the GluonCV preset) a roi is at least 1x1 feature pixel.
+A roi less than one pixel tall that starts in its level's last row (at the bottom edge of an
+image whose size is a multiple of the stride) is widened past the level, and its samples below
+row H_k read zeros in ROIAlign (``y > H_k``) where the canvas would read the next tile; the same
+for columns. Where the rois are known to lie inside the image (``rois_in_image=True``: the box
+head, whose proposals and sampled training rois are clipped to it) such a sliver is pooled on the
+canvas from the level's last row instead (y in [H_k - 1, H_k]: every sample reads row H_k - 1,
+as every kept sample of the widened roi does) and each output row is multiplied by the share of
+its samples that ROIAlign keeps (those with y <= H_k, computed in the kernel's order of float32
+operations); the same for columns, and both for a corner sliver. That is exact: a sample's value
+does not depend on its y once y is clamped to the last row. Every other roi inside the image
+samples within [0, H_k] x [0, W_k] of its level, where the canvas is exact (above).
+
+Otherwise (the mask head of the GluonCV preset pools its detections, which GluonCV does not clip)
+the legacy mode pools per level: every level pools every roi, the rois of other levels replaced
+by the tiny valid roi (b, 0, 0, 1, 1) of their own image, and ``where`` selects each roi's level
+(each roi is on exactly one level). A tiny roi costs C*P*P*g*g samples (g = sampling_ratio, or
+1 when adaptive); the kernel has no safe way to skip a roi.
 
 Cost of the canvas: one copy of the levels (about 1.9x P2) instead of L pooling passes over all
 rois. On the ``shapes`` training step the pooler's backward went from 12 ROIAlign calls (one per
@@ -79,6 +91,7 @@ backward calls 200 -> 28 ms).
 """
 import math
 
+import numpy as np
 from mxnet.gluon import HybridBlock
 
 from ..ops import compiled_kernels_active
@@ -120,7 +133,8 @@ class MultiLevelRoIAlign(HybridBlock):
     """rois (B, R, 4) + features -> pooled (B*R, C, P, P); see the module docstring."""
 
     def __init__(self, output_size, strides=(4, 8, 16, 32), sampling_ratio=0, aligned=True,
-                 style="detectron2", canonical_size=224, canonical_level=4, **kwargs):
+                 style="detectron2", canonical_size=224, canonical_level=4, rois_in_image=False,
+                 **kwargs):
         super(MultiLevelRoIAlign, self).__init__(**kwargs)
         if isinstance(output_size, (list, tuple)):
             self.output_size = (int(output_size[0]), int(output_size[1]))
@@ -141,6 +155,7 @@ class MultiLevelRoIAlign(HybridBlock):
         self.style = style
         self.canonical_size = float(canonical_size)
         self.canonical_level = float(canonical_level)
+        self.rois_in_image = bool(rois_in_image)
 
     def hybrid_forward(self, F, rois, *features):
         L = len(self.strides)
@@ -153,7 +168,7 @@ class MultiLevelRoIAlign(HybridBlock):
                                    self.canonical_level, self.style)           # (B, R)
         bidx = F.broadcast_like(F.reshape(F.contrib.arange_like(rois, axis=0), (-1, 1, 1)),
                                 F.slice_axis(rois, axis=-1, begin=0, end=1))   # (B, R, 1)
-        if self.aligned and L > 1:
+        if L > 1 and (self.aligned or self.rois_in_image):
             return self._pool_on_canvas(F, rois, levels, bidx, features)
         return self._pool_per_level(F, rois, levels, bidx, features)
 
@@ -167,20 +182,55 @@ class MultiLevelRoIAlign(HybridBlock):
                                   position_sensitive=False, aligned=self.aligned)
 
     def _pool_on_canvas(self, F, rois, levels, bidx, features):
-        """aligned=True: one ROIAlign over the level canvas (module docstring)."""
+        """One ROIAlign over the level canvas (module docstring); in the legacy mode the rois
+        must lie inside the image, and edge slivers get their zero samples back by weights."""
         k = F.expand_dims(levels - float(self.min_level), axis=-1)             # (B, R, 1)
         scale = (0.5 ** k) / float(self.strides[0])                            # 1 / stride
-        shift_y = F.zeros_like(k)
-        offset = None
-        for i, f in enumerate(features[:-1]):
-            height = F.reshape(F.cast(F.slice_axis(F.shape_array(f), axis=0, begin=2, end=3),
-                                      "float32"), (1, 1, 1))
-            offset = height + 2.0 if offset is None else offset + height + 2.0  # o_{i+1}
-            shift_y = F.where(k > i + 0.5, F.broadcast_like(offset, k), shift_y)
-        x1, y1, x2, y2 = F.split(rois, axis=-1, num_outputs=4)
-        rois5 = F.concat(bidx, x1 * scale, y1 * scale + shift_y, x2 * scale, y2 * scale + shift_y,
-                         dim=-1)
-        return self._roi_align(F, level_canvas(F, features), F.reshape(rois5, (-1, 5)), 1.0)
+        heights = [_extent(F, f, 2) for f in features]                         # (1, 1, 1) each
+        offsets, offset = [], None
+        for height in heights[:-1]:
+            offset = height + 2.0 if offset is None else offset + height + 2.0  # o_1, o_2, ...
+            offsets.append(offset)
+        shift_y = _of_level(F, k, [F.zeros_like(heights[0])] + offsets)
+        x1, y1, x2, y2 = F.split(F.broadcast_mul(rois, scale), axis=-1, num_outputs=4)  # level px
+        if self.aligned:
+            rois5 = F.concat(bidx, x1, y1 + shift_y, x2, y2 + shift_y, dim=-1)
+            return self._roi_align(F, level_canvas(F, features), F.reshape(rois5, (-1, 5)), 1.0)
+        # legacy mode: a roi under one feature pixel is widened to one pixel, so one that starts
+        # in its level's last row (column) samples past the level, where ROIAlign reads zeros and
+        # the canvas the next tile. Such a sliver is pooled on the last row (column) instead, all
+        # of whose samples read that row, and each output row (column) is scaled by the share of
+        # its samples that ROIAlign would have kept (y <= H). Exact: see the module docstring.
+        height = _of_level(F, k, heights)
+        width = _of_level(F, k, [_extent(F, f, 3) for f in features])
+        sliver_y = (y2 - y1 < 1.0) * (y1 > height - 1.0)
+        sliver_x = (x2 - x1 < 1.0) * (x1 > width - 1.0)
+        keep_y = self._kept_share(F, y1, height, sliver_y, self.output_size[0])
+        keep_x = self._kept_share(F, x1, width, sliver_x, self.output_size[1])
+        y1, y2 = F.where(sliver_y, height - 1.0, y1), F.where(sliver_y, height, y2)
+        x1, x2 = F.where(sliver_x, width - 1.0, x1), F.where(sliver_x, width, x2)
+        rois5 = F.concat(bidx, x1, y1 + shift_y, x2, y2 + shift_y, dim=-1)
+        pooled = self._roi_align(F, level_canvas(F, features), F.reshape(rois5, (-1, 5)), 1.0)
+        keep_y = F.expand_dims(F.expand_dims(F.reshape(keep_y, (-3, -1)), axis=1), axis=3)
+        keep_x = F.expand_dims(F.expand_dims(F.reshape(keep_x, (-3, -1)), axis=1), axis=2)
+        keep = F.broadcast_mul(keep_y, keep_x)                                  # (B*R, 1, P, P)
+        return F.broadcast_mul(pooled, keep)
+
+    def _kept_share(self, F, start, size, sliver, pooled):
+        """(B, R, pooled): for a sliver (roi widened to 1 pixel from ``start``), the share of
+        the samples of each output row that ROIAlign keeps (coordinate <= ``size``); else 1."""
+        grid = self.sampling_ratio if self.sampling_ratio > 0 else 1   # ceil(1 / pooled) = 1
+        step = np.float32(1.0) / np.float32(pooled)                    # bin size of a 1-px roi
+        index = F.reshape(F.contrib.arange_like(F.tile(start, reps=(1, 1, pooled)), axis=-1),
+                          (1, 1, -1))                                   # 0 .. pooled-1
+        base = F.broadcast_add(start, index * float(step))
+        kept = None
+        for i in range(grid):
+            # the kernel's order of operations: start + ph * bin + (i + .5) * bin / grid
+            delta = float(np.float32(np.float32(i + 0.5) * step) / np.float32(grid))
+            inside = F.broadcast_lesser_equal(base + delta, size)
+            kept = inside if kept is None else kept + inside
+        return F.where(F.broadcast_like(sliver, kept), kept / float(grid), F.ones_like(kept))
 
     def _pool_per_level(self, F, rois, levels, bidx, features):
         """Legacy mode: every level pools every roi, the rois of other levels replaced by the
@@ -197,6 +247,20 @@ class MultiLevelRoIAlign(HybridBlock):
             pooled = self._roi_align(F, f, level_rois, 1.0 / self.strides[k])
             out = pooled if out is None else F.where(on_level, pooled, out)
         return out
+
+
+def _extent(F, feature, axis):
+    """The size of ``feature`` along ``axis`` as a float32 (1, 1, 1) array (read at run time)."""
+    size = F.slice_axis(F.shape_array(feature), axis=0, begin=axis, end=axis + 1)
+    return F.reshape(F.cast(size, "float32"), (1, 1, 1))
+
+
+def _of_level(F, k, values):
+    """Per-roi value of its level: ``values[k]`` (each (1, 1, 1)) for k (B, R, 1) -> (B, R, 1)."""
+    out = F.broadcast_like(values[0], k)
+    for i, value in enumerate(values[1:], 1):
+        out = F.where(k > i - 0.5, F.broadcast_like(value, k), out)
+    return out
 
 
 def level_canvas(F, features):
