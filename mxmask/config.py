@@ -122,6 +122,9 @@ class BoxHeadConfig:
     pool_then_avgpool: bool = False      # GluonCV: RoIAlign at 14x14, then a 3x3/2 average pool to 7x7
     sampling_ratio: int = 0
     aligned: bool = True
+    num_conv: int = 0                    # Detectron2 NUM_CONV: 3x3 convs on the pooled features
+    conv_dim: int = 256                  # before the fc layers ("4conv1fc": 4 convs, num_fc 1)
+    norm: str = ""                       # "" or gn (after each conv; gn_groups of the backbone)
     num_fc: int = 2
     fc_dim: int = 1024
     bbox_reg_weights: List[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])

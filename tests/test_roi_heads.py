@@ -13,6 +13,7 @@ from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, Mask
                                        decode_keypoints, detect, detection_settings,
                                        select_class_masks, GLUONCV_SCALE_CLAMP,
                                        DETECTRON2_SCALE_CLAMP)
+from mxmask.utils import UserError
 
 
 def shapes_cfg(*extra):
@@ -258,6 +259,51 @@ def test_box_head_and_predictor_shapes():
     assert np.isfinite(x.asnumpy()).all()
 
 
+def np_group_norm(x, groups, gamma, beta, eps=1e-5):
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    g = (g - g.mean(axis=2, keepdims=True)) / np.sqrt(g.var(axis=2, keepdims=True) + eps)
+    return g.reshape(x.shape) * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
+
+
+def test_box_head_convs_with_group_norm_match_reference():
+    """Detectron2's "4conv1fc" GN box head: num_conv x (3x3 conv without bias, GroupNorm, ReLU)
+    then the fc layers, equal to a reference built from Convolution and a numpy GroupNorm, in
+    imperative and hybridized mode, with Detectron2's parameter names."""
+    cfg = shapes_cfg("model.box_head.num_conv=2", "model.box_head.conv_dim=32",
+                     "model.box_head.norm=gn", "model.box_head.num_fc=1",
+                     "model.box_head.fc_dim=24", "model.backbone.gn_groups=8")
+    head = BoxHead(cfg, prefix="box_head_")
+    head.initialize(mx.init.Normal(0.05))
+    for p in head.collect_params().values():
+        if p.name.endswith(("gamma", "beta")):
+            p.set_data(mx.nd.random.uniform(0.5, 1.5, shape=p.shape))
+    names = sorted(k[len("box_head_"):] for k in head.collect_params()
+                   if not k.endswith(("affine_mean", "affine_var")))
+    assert names == ["conv1_norm_beta", "conv1_norm_gamma", "conv1_weight",
+                     "conv2_norm_beta", "conv2_norm_gamma", "conv2_weight",
+                     "fc1_bias", "fc1_weight"]
+    assert head.out_units == 24
+    pooled = mx.nd.random.normal(shape=(5, 128, 7, 7))
+    x = pooled.asnumpy()
+    for i in (1, 2):
+        conv = head.convs[3 * (i - 1)]
+        norm = head.convs[3 * (i - 1) + 1]
+        y = mx.nd.Convolution(mx.nd.array(x), conv.weight.data(), kernel=(3, 3), pad=(1, 1),
+                              num_filter=32, no_bias=True).asnumpy()
+        x = np.maximum(np_group_norm(y, 8, norm.gamma.data().asnumpy(),
+                                     norm.beta.data().asnumpy()), 0)
+    fc = head.fcs[0]
+    want = np.maximum(x.reshape(5, -1) @ fc.weight.data().asnumpy().T + fc.bias.data().asnumpy(), 0)
+    got = head.fcs(mx.nd.flatten(head.convs(pooled))).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    rois = mx.nd.array(np.tile([[[4, 4, 40, 30], [10, 20, 60, 60]]], (2, 1, 1)))
+    imperative = head(rois, *features()).asnumpy()
+    head.hybridize()
+    np.testing.assert_allclose(head(rois, *features()).asnumpy(), imperative, rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_gluoncv_box_head_matches_gluoncv_layers():
     """pool_then_avgpool: RoIAlign at 14, AvgPool 3x3/2 pad 1 (count_include_pad), 2 x fc+ReLU,
     equal to GluonCV's box_features on the same pooled input and weights."""
@@ -369,6 +415,11 @@ def test_head_errors():
         KeypointHead(shapes_cfg("model.keypoint_head.resolution=28"))
     with pytest.raises(ValueError):
         detection_settings(shapes_cfg("test.max_dets=0"))
+    with pytest.raises(UserError, match="model.box_head.norm"):
+        BoxHead(shapes_cfg("model.box_head.num_conv=1", "model.box_head.norm=bn"))
+    with pytest.raises(UserError, match="gn_groups=16 does not divide .* conv_dim=40"):
+        BoxHead(shapes_cfg("model.box_head.num_conv=1", "model.box_head.norm=gn",
+                           "model.box_head.conv_dim=40"))
 
 
 def _forward_backward(fn, x, head):

@@ -170,12 +170,13 @@ def init_weights(net, ctx=None):
     """Initialise every parameter of ``net`` (biases 0; norm gamma 1, beta 0):
 
     backbone: the layers' own initialisers (He fan-out convs, Xavier FPN), else Xavier;
-    RPN head: N(0, 0.01); box fcs: c2_xavier_fill; cls_score N(0, 0.01); bbox_pred N(0, 0.001);
+    RPN head: N(0, 0.01); box convs (if any): He fan-out; box fcs: c2_xavier_fill; cls_score N(0, 0.01); bbox_pred N(0, 0.001);
     mask/keypoint convs and deconvs: He fan-out; mask predictor N(0, 0.001).
     """
     ctx = ctx or mx.cpu()
     subsets = [(net.backbone, mx.init.Xavier()),
                (net.rpn, mx.init.Normal(0.01)),
+               (net.box_head.convs, _msra_fan_out()),
                (net.box_head, _xavier_fill()),
                (net.box_predictor.cls_score, mx.init.Normal(0.01)),
                (net.box_predictor.bbox_pred, mx.init.Normal(0.001))]

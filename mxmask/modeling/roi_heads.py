@@ -10,7 +10,9 @@ Box branch (Detectron2 ``FastRCNNConvFCHead`` / GluonCV ``box_features``)::
     BoxHead(cfg)       forward(rois (B, R, 4), P2, P3, P4, P5) -> features (B*R, fc_dim)
                        MultiLevelRoIAlign at box_head.pooler_resolution; with pool_then_avgpool
                        (GluonCV) a 3x3/2 pad-1 average pool (count_include_pad) brings 14x14 to
-                       7x7; then num_fc x (Dense(fc_dim) + ReLU) on the flattened (C*P*P) input.
+                       7x7; then num_conv x (3x3 conv_dim [+ GroupNorm] + ReLU) (Detectron2's
+                       "4conv1fc" heads; none by default) and num_fc x (Dense(fc_dim) + ReLU) on
+                       the flattened (channels*P*P) input.
     BoxPredictor(C)    forward(features) -> cls_logits (B*R, C+1)   column 0 is background,
                                             box_deltas (B*R, C*4)   class c at columns 4c..4c+3
                        (the layout of GluonCV's class_predictor / box_predictor, copied as is).
@@ -55,7 +57,9 @@ import math
 import mxnet as mx
 from mxnet.gluon import nn
 
+from ..utils import UserError
 from .box_coder import clip_boxes, decode_boxes
+from .norm import make_norm
 from .poolers import MultiLevelRoIAlign
 
 __all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
@@ -71,11 +75,35 @@ def pooler_style(cfg):
     return "gluoncv" if cfg.model.box_plus_one else "detectron2"
 
 
-def _pooler(cfg, resolution):
-    """A multi-level RoIAlign over P2..P5 at ``resolution`` with the box head's sampling mode."""
+def _pooler(cfg, resolution, rois_in_image=False):
+    """A multi-level RoIAlign over P2..P5 at ``resolution`` with the box head's sampling mode.
+    ``rois_in_image``: the rois always lie inside the image (proposals and sampled training rois
+    are clipped to it), which lets the legacy mode pool on the level canvas too."""
     bh = cfg.model.box_head
     return MultiLevelRoIAlign(resolution, tuple(cfg.model.anchor.strides[:4]), bh.sampling_ratio,
-                              bh.aligned, pooler_style(cfg))
+                              bh.aligned, pooler_style(cfg), rois_in_image=rois_in_image)
+
+
+def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_groups=32):
+    """``num_conv`` x (3x3 conv to ``channels`` + ReLU); layer i is named ``prefix_format % i``
+    (1-based, Detectron2's names). With ``norm="gn"`` each conv has no bias and is followed by a
+    GroupNorm of ``gn_groups`` groups (named ``<conv prefix>norm_``) before its ReLU."""
+    if norm and num_conv and channels % gn_groups:
+        raise UserError("model.backbone.gn_groups=%d does not divide the head's conv_dim=%d"
+                        % (gn_groups, channels))
+    convs = nn.HybridSequential(prefix="")
+    for i in range(num_conv):
+        prefix = prefix_format % (i + 1)
+        if not norm:
+            convs.add(nn.Conv2D(channels, 3, padding=1, activation="relu",
+                                in_channels=in_channels, prefix=prefix))
+        else:
+            convs.add(nn.Conv2D(channels, 3, padding=1, use_bias=False, in_channels=in_channels,
+                                prefix=prefix),
+                      make_norm(norm, channels, gn_groups=gn_groups, prefix=prefix + "norm_"),
+                      nn.Activation("relu"))
+        in_channels = channels
+    return convs
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +118,17 @@ class BoxHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         resolution = bh.pooler_resolution
         with self.name_scope():
-            self.pooler = _pooler(cfg, resolution)
+            self.pooler = _pooler(cfg, resolution, rois_in_image=True)
             if bh.pool_then_avgpool:
                 self.avgpool = nn.AvgPool2D(pool_size=3, strides=2, padding=1)
                 resolution = (resolution + 2 - 3) // 2 + 1
             else:
                 self.avgpool = None
+            if bh.norm not in ("", "gn"):
+                raise UserError("model.box_head.norm: expected '' or 'gn', got %r" % (bh.norm,))
+            self.convs = _conv_stack(bh.num_conv, bh.conv_dim, channels, "conv%d_", bh.norm,
+                                     cfg.model.backbone.gn_groups)
+            channels = bh.conv_dim if bh.num_conv else channels
             self.fcs = nn.HybridSequential(prefix="")
             in_units = channels * resolution * resolution
             for i in range(bh.num_fc):
@@ -108,7 +141,7 @@ class BoxHead(mx.gluon.HybridBlock):
         x = self.pooler(rois, *features)
         if self.avgpool is not None:
             x = self.avgpool(x)
-        x = F.flatten(x)
+        x = F.flatten(self.convs(x))
         return self.fcs(x)
 
 
@@ -207,17 +240,6 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
 # --------------------------------------------------------------------------------------------
 # Mask branch
 # --------------------------------------------------------------------------------------------
-def _conv_stack(num_conv, channels, in_channels, prefix_format):
-    """``num_conv`` x (3x3 conv to ``channels`` + ReLU); layer i is named ``prefix_format % i``
-    (1-based, Detectron2's names)."""
-    convs = nn.HybridSequential(prefix="")
-    for i in range(num_conv):
-        convs.add(nn.Conv2D(channels, 3, padding=1, activation="relu", in_channels=in_channels,
-                            prefix=prefix_format % (i + 1)))
-        in_channels = channels
-    return convs
-
-
 class MaskHead(mx.gluon.HybridBlock):
     """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits."""
 
