@@ -25,7 +25,10 @@ from mxmask.utils import UserError
 
 # small test-time sizes keep every forward cheap; sizes not multiples of 32 exercise the padding
 SETTINGS = ["input.min_size_test=96", "input.max_size_test=160", "test.max_dets=12",
-            "model.rpn.post_nms_topk_test=60"]
+            "model.rpn.post_nms_topk_test=60",
+            # the fc-only box head, as in tests/tiny_checkpoint.py: with the bias below its
+            # random-init detections mix both kinds of classes
+            "model.box_head.num_conv=0", "model.box_head.num_fc=2"]
 SIZES = {"a.png": (96, 128), "b.png": (75, 140), "c.jpg": (130, 90)}      # (height, width)
 
 
