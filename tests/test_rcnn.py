@@ -280,3 +280,24 @@ def test_gluoncv_preset_reproduces_gluoncv_outputs():
     np.testing.assert_allclose(scores[0], gs[0, :, 0], rtol=1e-6, atol=0)
     np.testing.assert_allclose(boxes[0], gb[0], rtol=0, atol=1e-4)
     np.testing.assert_allclose(masks[0], gm[0], rtol=1e-5, atol=1e-6)
+
+
+def test_init_weights_of_the_box_head():
+    """Detectron2's initialisation of a conv box head: He fan-out convs (std sqrt(2 / (9 *
+    out_channels))), GroupNorm gamma 1 and beta 0, c2_xavier_fill fcs (uniform within
+    sqrt(3 / fan_in)), zero biases."""
+    cfg = get_config("shapes", ["model.num_classes=5", "model.num_keypoints=7"])
+    assert cfg.model.box_head.num_conv == 2 and cfg.model.box_head.norm == "gn"
+    mx.random.seed(0)
+    head = build_model(cfg).box_head
+    dim = cfg.model.box_head.conv_dim
+    for i in (1, 2):
+        conv, norm = head.convs[3 * (i - 1)], head.convs[3 * (i - 1) + 1]
+        std = float(conv.weight.data().asnumpy().std())
+        assert abs(std - np.sqrt(2.0 / (9 * dim))) < 0.05 * np.sqrt(2.0 / (9 * dim)), std
+        assert (norm.gamma.data().asnumpy() == 1).all() and (norm.beta.data().asnumpy() == 0).all()
+    fc = head.fcs[0]
+    w = fc.weight.data().asnumpy()
+    bound = np.sqrt(3.0 / w.shape[1])
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    assert (fc.bias.data().asnumpy() == 0).all()

@@ -170,8 +170,9 @@ def init_weights(net, ctx=None):
     """Initialise every parameter of ``net`` (biases 0; norm gamma 1, beta 0):
 
     backbone: the layers' own initialisers (He fan-out convs, Xavier FPN), else Xavier;
-    RPN head: N(0, 0.01); box convs (if any): He fan-out; box fcs: c2_xavier_fill; cls_score N(0, 0.01); bbox_pred N(0, 0.001);
-    mask/keypoint convs and deconvs: He fan-out; mask predictor N(0, 0.001).
+    RPN head: N(0, 0.01); box convs (if any): He fan-out; box fcs: c2_xavier_fill;
+    cls_score N(0, 0.01); bbox_pred N(0, 0.001); mask/keypoint convs and deconvs: He fan-out;
+    mask predictor N(0, 0.001).
     """
     ctx = ctx or mx.cpu()
     subsets = [(net.backbone, mx.init.Xavier()),
