@@ -211,7 +211,8 @@ def test_legacy_canvas_equals_per_level_pooling(sampling_ratio, pooled, canonica
     """Legacy mode (aligned=False) with rois inside the image, as the box head's proposals and
     training rois are: one ROIAlign over the level canvas equals pooling every roi on its own
     level with contrib.ROIAlign, edge slivers included (the widened sliver samples past the
-    level; see the module docstring). A canonical size of 8 puts slivers on every level."""
+    level; see the module docstring). A canonical size of 8 puts slivers on three or more
+    levels."""
     rng = np.random.RandomState(11)
     H, W = 256, 320
     feats = _features(rng, B=2, H=H, W=W)
@@ -227,7 +228,8 @@ def test_legacy_canvas_equals_per_level_pooling(sampling_ratio, pooled, canonica
     np.testing.assert_allclose(got, want, atol=1e-4)   # offsets: 1 float32 ulp of y
     np.testing.assert_allclose(_pool(MultiLevelRoIAlign(rois_in_image=True, **kw), rois, feats,
                                      hybridize=True), want, atol=1e-4)
-    # the slivers matter: pooled on the canvas without the weights, some would differ
+    # the slivers matter: ROIAlign zeroes whole output rows (columns) of some of them, which the
+    # canvas reproduces only through the weights
     levels = assign_fpn_levels(nd, nd.array(rois), canonical_size=canonical_size,
                                style="gluoncv").asnumpy()
     assert len(set(levels[:, 20:].ravel())) >= (3 if canonical_size == 8 else 1)
