@@ -14,6 +14,7 @@ from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, Mask
                                        select_class_masks, GLUONCV_SCALE_CLAMP,
                                        DETECTRON2_SCALE_CLAMP)
 from mxmask.utils import UserError
+from np_reference import np_group_norm
 
 
 def shapes_cfg(*extra):
@@ -259,13 +260,6 @@ def test_box_head_and_predictor_shapes():
     assert np.isfinite(x.asnumpy()).all()
 
 
-def np_group_norm(x, groups, gamma, beta, eps=1e-5):
-    n, c = x.shape[:2]
-    g = x.reshape(n, groups, -1)
-    g = (g - g.mean(axis=2, keepdims=True)) / np.sqrt(g.var(axis=2, keepdims=True) + eps)
-    return g.reshape(x.shape) * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
-
-
 def test_box_head_convs_with_group_norm_match_reference():
     """Detectron2's "4conv1fc" GN box head: num_conv x (3x3 conv without bias, GroupNorm, ReLU)
     then the fc layers, equal to a reference built from Convolution and a numpy GroupNorm, in
@@ -292,7 +286,7 @@ def test_box_head_convs_with_group_norm_match_reference():
         y = mx.nd.Convolution(mx.nd.array(x), conv.weight.data(), kernel=(3, 3), pad=(1, 1),
                               num_filter=32, no_bias=True).asnumpy()
         x = np.maximum(np_group_norm(y, 8, norm.gamma.data().asnumpy(),
-                                     norm.beta.data().asnumpy()), 0)
+                                     norm.beta.data().asnumpy())[0], 0)
     fc = head.fcs[0]
     want = np.maximum(x.reshape(5, -1) @ fc.weight.data().asnumpy().T + fc.bias.data().asnumpy(), 0)
     got = head.fcs(mx.nd.flatten(head.convs(pooled))).asnumpy()
