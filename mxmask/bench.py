@@ -212,7 +212,7 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
         lambda: box_stage(im_info, rois, roi_scores, *features), runs, warmup)
     levels = net.roi_features(features)
     if net.mask_head is not None:
-        mask_stage = _HeadStage(net.mask_head, net.num_classes)
+        mask_stage = _HeadStage(net.mask_head, net.mask_head.num_classes)
         mask_stage.hybridize(static_alloc=True, static_shape=True)
         _, stages["mask_head"] = _timed(lambda: mask_stage(boxes, ids, *levels), runs, warmup)
     if net.keypoint_head is not None:

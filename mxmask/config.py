@@ -132,6 +132,7 @@ class BoxHeadConfig:
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
     smooth_l1_beta: float = 0.0
+    cls_agnostic_bbox_reg: bool = False  # Detectron2 CLS_AGNOSTIC_BBOX_REG: one box for all classes
 
 
 @dataclass
@@ -140,6 +141,7 @@ class MaskHeadConfig:
     num_conv: int = 4
     conv_dim: int = 256
     resolution: int = 28
+    cls_agnostic_mask: bool = False      # Detectron2 CLS_AGNOSTIC_MASK: one mask for all classes
 
 
 @dataclass

@@ -91,6 +91,38 @@ def test_fast_rcnn_losses_match_numpy(beta):
     np.testing.assert_allclose(loss_box.asnumpy(), [want_box], rtol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_class_agnostic_box_loss_is_the_class_specific_loss_of_one_shared_box(beta):
+    """cls_agnostic: deltas (B*S, 4) are every class's box, so the loss equals the class-specific
+    loss of those 4 columns repeated for each class, and one hand-computed value."""
+    cls_logits, deltas, labels, targets = _fast_rcnn_case()
+    shared = deltas[:, :4]
+    got = fast_rcnn_losses(nd(cls_logits), nd(shared), nd(labels), nd(targets), beta=beta,
+                           cls_agnostic=True)
+    tiled = fast_rcnn_losses(nd(cls_logits), nd(np.tile(shared, (1, deltas.shape[1] // 4))),
+                             nd(labels), nd(targets), beta=beta)
+    for a, b in zip(got, tiled):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-6)
+    lab = labels.reshape(-1).astype(int)
+    want_box = sum(smooth_l1_np(shared[i] - targets[0, i], beta).sum()
+                   for i in range(5) if lab[i] > 0) / (lab >= 0).sum()
+    np.testing.assert_allclose(got[1].asnumpy(), [want_box], rtol=1e-5)
+    # a roi of class 2 reads columns 0..3, not 4..7: with the class-specific reading it differs
+    specific = fast_rcnn_losses(nd(cls_logits), nd(deltas), nd(labels), nd(targets), beta=beta)
+    assert abs(float(specific[1].asnumpy()[0]) - want_box) > 1e-3
+
+
+def test_class_agnostic_mask_loss_reads_channel_0_for_every_class():
+    rng = np.random.RandomState(3)
+    logits = rng.randn(3, 1, 4, 4)                      # (B*P, 1, M, M)
+    targets = (rng.rand(3, 4, 4) > 0.5).astype(float)[None]
+    labels = np.array([[2, 0, 1]], "float64")
+    got = mask_rcnn_loss(nd(logits), nd(labels), nd(targets), cls_agnostic=True).asnumpy()
+    want = np.concatenate([bce_np(logits[0, 0], targets[0, 0]).ravel(),
+                           bce_np(logits[2, 0], targets[0, 2]).ravel()]).mean()
+    np.testing.assert_allclose(got, [want], rtol=1e-5)
+
+
 def test_mask_loss_matches_numpy():
     rng = np.random.RandomState(2)
     logits = rng.randn(3, 2, 4, 4)                      # (B*P, C, M, M)

@@ -107,6 +107,33 @@ def logits_from_probs(p):
 # --------------------------------------------------------------------------------------------
 # detect()
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_class_agnostic_detect_equals_class_specific_detect_of_the_shared_box(hybridize):
+    """cls_agnostic_bbox_reg: deltas (B*R, 4) decode to one box per roi that every class uses:
+    the same detections as class-specific deltas holding that box in every class's columns."""
+    rng = np.random.RandomState(4)
+    B, R, C = 2, 30, 3
+    xy = rng.uniform(0, 80, (B, R, 2))
+    rois = np.concatenate([xy, xy + rng.uniform(5, 40, (B, R, 2))], -1).astype(np.float32)
+    logits = rng.randn(B * R, C + 1).astype(np.float32) * 2
+    deltas = rng.randn(B * R, 4).astype(np.float32) * 0.3
+    roi_scores = rng.uniform(0, 1, (B, R)).astype(np.float32)
+    im_info = np.array([[100, 110, 1], [90, 120, 1]], np.float32)
+    kw = dict(num_classes=C, max_dets=20, score_thresh=0.1)
+
+    def run(d, **extra):
+        block = DetectBlock(**dict(kw, **extra))
+        if hybridize:
+            block.hybridize()
+        return [o.asnumpy() for o in block(*[mx.nd.array(a) for a in
+                                             (logits, d, rois, roi_scores, im_info)])]
+    got = run(deltas, cls_agnostic_bbox_reg=True)
+    want = run(np.tile(deltas, (1, C)))
+    assert (got[0] >= 0).sum() > 10                     # enough detections to compare
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
 def test_detect_hand_made_case():
     # C = 2 classes, R = 5 rois, zero deltas (boxes = rois)
     rois = np.array([[[0, 0, 10, 10],

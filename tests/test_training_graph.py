@@ -67,3 +67,34 @@ def test_heads_on_the_positive_slots_equal_heads_on_all_slots(preset, monkeypatc
     for name, g in ref_grads.items():
         np.testing.assert_allclose(grads[name], g, rtol=1e-4,
                                    atol=1e-5 * max(float(np.abs(g).max()), 1e-6), err_msg=name)
+
+
+def test_class_agnostic_box_and_mask_heads_train_and_predict():
+    """model.box_head.cls_agnostic_bbox_reg and model.mask_head.cls_agnostic_mask (Detectron2's
+    options): a 4-unit box regressor and a 1-channel mask predictor, a training step whose losses
+    and gradients are finite, and an inference graph whose masks come from that one channel."""
+    cfg, net = build_bench_model("shapes", overrides=["model.box_head.cls_agnostic_bbox_reg=true",
+                                                      "model.mask_head.cls_agnostic_mask=true"])
+    assert net.box_predictor.bbox_pred.weight.shape[0] == 4
+    assert net.mask_head.predictor.weight.shape[0] == 1
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    loss_net.hybridize(static_alloc=True)
+    with mx.autograd.record():
+        losses = loss_net(**batch)
+        total = nd.add_n(*losses.values())
+    total.backward()
+    assert losses["loss_box_reg"].asscalar() > 0 and losses["loss_mask"].asscalar() > 0
+    for name in ("bbox_pred", "predictor"):
+        p = [p for n, p in net.collect_params().items() if name + "_weight" in n][0]
+        g = p.grad().asnumpy()
+        assert np.isfinite(g).all() and np.abs(g).sum() > 0, name
+    net.hybridize(static_alloc=True)
+    outs = dict(zip(net.output_names, net(batch["data"], batch["im_info"])))
+    ids = outs["ids"].asnumpy()
+    assert (ids >= 0).sum() > 0 and len(np.unique(ids[ids >= 0])) > 0
+    logits = net.mask_head(outs["boxes"], *net.roi_features(net.backbone(batch["data"])))
+    want = 1 / (1 + np.exp(-logits.asnumpy()[:, 0]))
+    np.testing.assert_allclose(outs["masks"].asnumpy().reshape(want.shape), want, atol=1e-5)

@@ -17,15 +17,17 @@ batch_size_per_image=256)`` -> ``(loss_objectness, loss_box)``
     anchors actually sampled.
 
 ``fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S) or (B*S,),
-box_targets (B, S, 4) or (B*S, 4), beta=0.0)`` -> ``(loss_cls, loss_box)``
+box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False)`` -> ``(loss_cls, loss_box)``
     classification: softmax cross-entropy averaged over the sampled rois (label >= 0);
-    box: smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``) of
-    the fg rois, summed and divided by the number of sampled rois (label >= 0), Detectron2's
+    box: smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``; with
+    ``cls_agnostic`` deltas is (B*S, 4), the one box of every class) of the fg rois, summed and
+    divided by the number of sampled rois (label >= 0), Detectron2's
     ``max(gt_classes.numel(), 1)``.
 
-``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M))``
-    per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1), averaged
-    over all pixels of the positive slots (label > 0).
+``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M),
+cls_agnostic=False)``
+    per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1; channel 0,
+    of C = 1, with ``cls_agnostic``), averaged over all pixels of the positive slots (label > 0).
 
 ``keypoint_rcnn_loss(heatmap_logits (B*P, K, S, S), targets (B, P, K), valid (B, P, K))``
     softmax cross-entropy over the S*S positions of each heatmap, summed over the valid
@@ -77,7 +79,7 @@ def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_ima
     return loss_obj, loss_box
 
 
-def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0):
+def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agnostic=False):
     F = _ns(cls_logits)
     labels = F.reshape(labels, shape=(-1,))
     box_targets = F.reshape(box_targets, shape=(-1, 4))
@@ -87,22 +89,26 @@ def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0):
     logp = F.log_softmax(cls_logits, axis=-1)
     nll = -F.pick(logp, F.relu(labels), axis=-1)
     loss_cls = _total(F, nll * sampled) / num_sampled
-    # (B*S, C*4) -> (B*S, C, 4) -> deltas of the gt class (B*S, 4); bg rois use class 0, masked
-    per_class = F.reshape(deltas, shape=(0, -1, 4))
-    cls = F.relu(labels - 1)
-    index = F.broadcast_like(F.reshape(cls, shape=(-1, 1)), box_targets)
-    picked = F.pick(per_class, index, axis=1)
+    if cls_agnostic:
+        picked = deltas                                                 # (B*S, 4)
+    else:
+        # (B*S, C*4) -> (B*S, C, 4) -> deltas of the gt class (B*S, 4); bg rois: class 0, masked
+        per_class = F.reshape(deltas, shape=(0, -1, 4))
+        cls = F.relu(labels - 1)
+        index = F.broadcast_like(F.reshape(cls, shape=(-1, 1)), box_targets)
+        picked = F.pick(per_class, index, axis=1)
     l1 = F.sum(smooth_l1(F, picked - box_targets, beta), axis=-1)
     loss_box = _total(F, l1 * fg) / num_sampled
     return loss_cls, loss_box
 
 
-def mask_rcnn_loss(mask_logits, labels, mask_targets):
+def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False):
     F = _ns(mask_logits)
     labels = F.reshape(labels, shape=(-1,))
     targets = F.reshape(mask_targets, shape=(-3, -2))                   # (B*P, M, M)
     fg = labels > 0
-    index = F.broadcast_like(F.reshape(F.relu(labels - 1), shape=(-1, 1, 1)), targets)
+    cls = F.zeros_like(labels) if cls_agnostic else F.relu(labels - 1)
+    index = F.broadcast_like(F.reshape(cls, shape=(-1, 1, 1)), targets)
     logits = F.pick(mask_logits, index, axis=1)                         # (B*P, M, M)
     bce = sigmoid_bce_with_logits(F, logits, targets)
     per_roi = F.sum(bce, axis=(1, 2))

@@ -21,7 +21,7 @@ The stages, as attributes and methods that the training code reuses:
     rpn            (im_info, P2..P6) -> rois (B, R, 4), roi_scores (B, R)
                    (in training mode also anchors, logits and deltas per level; see rpn.py)
     box_head       (rois, P2..P5) -> box features (B*R, fc_dim)      RoIAlign + avg-pool + fcs
-    box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4)
+    box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
     box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
     detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
     mask_head      (rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 28, 28)       or None
@@ -100,7 +100,8 @@ class MaskRCNN(mx.gluon.HybridBlock):
             self.rpn = RPN(cfg)
             # 3. RoIAlign on P2..P5 + fc layers, then class logits and class-specific deltas
             self.box_head = BoxHead(cfg)
-            self.box_predictor = BoxPredictor(self.box_head.out_units, m.num_classes)
+            self.box_predictor = BoxPredictor(self.box_head.out_units, m.num_classes,
+                                              m.box_head.cls_agnostic_bbox_reg)
             # 4. mask and keypoint heads, run on the final detections
             self.mask_head = MaskHead(cfg) if m.mask_on else None
             self.keypoint_head = KeypointHead(cfg) if m.keypoint_on else None
@@ -142,7 +143,7 @@ class MaskRCNN(mx.gluon.HybridBlock):
         # mask head on the B*D detected boxes -> the predicted class's mask
         if self.mask_head is not None:
             mask_logits = self.mask_head(boxes, *pooled_levels)
-            outputs.append(select_class_masks(F, mask_logits, ids, self.num_classes))
+            outputs.append(select_class_masks(F, mask_logits, ids, self.mask_head.num_classes))
         # keypoint head on the B*D detected boxes -> heatmaps and argmax keypoints
         if self.keypoint_head is not None:
             heatmaps = self.keypoint_head(boxes, *pooled_levels)

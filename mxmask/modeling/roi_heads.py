@@ -15,6 +15,7 @@ Box branch (Detectron2 ``FastRCNNConvFCHead`` / GluonCV ``box_features``)::
                        the flattened (channels*P*P) input.
     BoxPredictor(C)    forward(features) -> cls_logits (B*R, C+1)   column 0 is background,
                                             box_deltas (B*R, C*4)   class c at columns 4c..4c+3
+                       (B*R, 4) with box_head.cls_agnostic_bbox_reg (Detectron2's option)
                        (the layout of GluonCV's class_predictor / box_predictor, copied as is).
 
 Detection (``detect``): softmax, class-specific decode from the rois, optional clip, score
@@ -26,6 +27,7 @@ each class of each image is an independent batch) and the top ``D`` scores per i
 Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 convs)::
 
     MaskHead(cfg)      forward(rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 2P, 2P)
+                       (C = 1 with mask_head.cls_agnostic_mask)
                        RoIAlign at mask_head.pooler_resolution (14), num_conv x (3x3 conv_dim +
                        ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C channels (28x28).
     select_class_masks(F, logits, ids, C) -> probabilities (B, D, 28, 28) of the predicted class.
@@ -146,14 +148,17 @@ class BoxHead(mx.gluon.HybridBlock):
 
 
 class BoxPredictor(mx.gluon.HybridBlock):
-    """Class logits (C+1, background first) and class-specific box deltas (C*4)."""
+    """Class logits (C+1, background first) and class-specific box deltas (C*4), or one set of
+    deltas for every class (4) with ``cls_agnostic``."""
 
-    def __init__(self, in_units, num_classes, **kwargs):
+    def __init__(self, in_units, num_classes, cls_agnostic=False, **kwargs):
         super(BoxPredictor, self).__init__(**kwargs)
         self.num_classes = num_classes
+        self.cls_agnostic = bool(cls_agnostic)
         with self.name_scope():
             self.cls_score = nn.Dense(num_classes + 1, in_units=in_units, prefix="cls_score_")
-            self.bbox_pred = nn.Dense(num_classes * 4, in_units=in_units, prefix="bbox_pred_")
+            self.bbox_pred = nn.Dense(4 if cls_agnostic else num_classes * 4, in_units=in_units,
+                                      prefix="bbox_pred_")
 
     def hybrid_forward(self, F, x):
         return self.cls_score(x), self.bbox_pred(x)
@@ -169,6 +174,7 @@ def detection_settings(cfg):
     if cfg.test.max_dets <= 0:
         raise ValueError("test.max_dets must be > 0, got %d" % cfg.test.max_dets)
     return dict(num_classes=cfg.model.num_classes,
+                cls_agnostic_bbox_reg=bool(bh.cls_agnostic_bbox_reg),
                 bbox_reg_weights=tuple(float(w) for w in bh.bbox_reg_weights),
                 score_thresh=float(cfg.test.score_thresh),
                 nms_thresh=float(cfg.test.nms_thresh),
@@ -180,12 +186,13 @@ def detection_settings(cfg):
 
 
 def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
-           bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5,
-           max_dets=100, clip=True, clip_plus_one=False, decode_plus_one=False,
-           scale_clamp=DETECTRON2_SCALE_CLAMP):
+           cls_agnostic_bbox_reg=False, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+           score_thresh=0.05, nms_thresh=0.5, max_dets=100, clip=True, clip_plus_one=False,
+           decode_plus_one=False, scale_clamp=DETECTRON2_SCALE_CLAMP):
     """Turn box-head outputs into at most ``max_dets`` detections per image.
 
-    cls_logits (B*R, C+1) and box_deltas (B*R, C*4) from :class:`BoxPredictor`; rois (B, R, 4)
+    cls_logits (B*R, C+1) and box_deltas (B*R, C*4), or (B*R, 4) with ``cls_agnostic_bbox_reg``
+    (one box per roi, shared by the classes), from :class:`BoxPredictor`; rois (B, R, 4)
     and roi_scores (B, R) from the RPN (rois with a negative score are padding and yield no
     detection); im_info (B, 3) = (h, w, scale). Returns ids (B, D), scores (B, D), boxes (B, D, 4)
     with D = max_dets, sorted by score; padded rows are id -1, score -1, box 0.
@@ -196,10 +203,12 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
                                      rhs_begin=0, rhs_end=2), axis=-1)
     fg = F.slice_axis(probs, axis=-1, begin=1, end=None)                       # (B, R, C)
     deltas = F.reshape_like(box_deltas, rois, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
-    deltas = F.reshape(deltas, (0, 0, -4, C, 4))                               # (B, R, C, 4)
+    deltas = F.reshape(deltas, (0, 0, -4, 1 if cls_agnostic_bbox_reg else C, 4))  # (B, R, C, 4)
     anchors = F.broadcast_like(F.expand_dims(rois, axis=2), deltas)           # (B, R, C, 4)
     boxes = decode_boxes(F, deltas, anchors, weights=tuple(bbox_reg_weights),
                          plus_one=decode_plus_one, scale_clamp=scale_clamp)
+    if cls_agnostic_bbox_reg:
+        boxes = F.broadcast_axis(boxes, axis=2, size=C)                        # (B, R, C, 4)
     boxes = F.reshape(boxes, (0, -3, 4))                                       # (B, R*C, 4)
     if clip:
         boxes = clip_boxes(F, boxes, im_info, plus_one=clip_plus_one)
@@ -241,12 +250,13 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
 # Mask branch
 # --------------------------------------------------------------------------------------------
 class MaskHead(mx.gluon.HybridBlock):
-    """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits."""
+    """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits (one,
+    shared by the classes, with ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1)."""
 
     def __init__(self, cfg, **kwargs):
         super(MaskHead, self).__init__(**kwargs)
         mh = cfg.model.mask_head
-        self.num_classes = cfg.model.num_classes
+        self.num_classes = 1 if mh.cls_agnostic_mask else cfg.model.num_classes
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
@@ -266,7 +276,8 @@ class MaskHead(mx.gluon.HybridBlock):
 def select_class_masks(F, mask_logits, ids, num_classes):
     """mask_logits (B*D, C, S, S) and ids (B, D) -> sigmoid of the id's channel (B, D, S, S).
 
-    Padding ids (-1) select channel 0 (their masks are meaningless but finite).
+    Padding ids (-1) select channel 0 (their masks are meaningless but finite). With class-agnostic
+    masks (C = 1) every id selects channel 0.
     """
     cls = F.reshape(F.clip(ids, 0, num_classes - 1), (-1,))                    # (B*D,)
     # a gather of one S x S plane per roi: a one-hot product summed over the C classes read all

@@ -112,7 +112,8 @@ class BoxStage(mx.gluon.HybridBlock):
                                                                              gt_labels)
             cls_logits, box_deltas = self.box_predictor(self.box_head(s_rois, *levels))
             loss_cls, loss_box_reg = L.fast_rcnn_losses(cls_logits, box_deltas, s_labels,
-                                                        s_box_targets, self.box_beta)
+                                                        s_box_targets, self.box_beta,
+                                                        self.box_predictor.cls_agnostic)
         return (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, s_rois, s_labels,
                 s_matched) + tuple(levels)
 
@@ -144,7 +145,8 @@ class HeadStage(mx.gluon.HybridBlock):
             if self.mask_on:
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
-                outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets))
+                outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets,
+                                                self.mask_head.num_classes == 1))
             if self.keypoint_on:
                 heatmaps = self.keypoint_head(rois, *levels)
                 kp_targets, kp_valid = self.keypoint_targets(rois, labels, matched, gt_keypoints)
