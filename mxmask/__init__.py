@@ -89,6 +89,15 @@ class _AfterMxnetImport(object):
         return spec
 
 
+_AMX = {"on": False}
+
+
+def amx_enabled():
+    """True when this process let oneDNN use the AMX tiles (:func:`_enable_amx`): bfloat16
+    convolutions then run about 2-4x faster than float32 ones (``solver.amp=auto`` uses them)."""
+    return _AMX["on"]
+
+
 def _enable_amx():
     """Let MXNet's oneDNN run bfloat16 convolutions on the AMX tiles where the CPU has them.
 
@@ -108,6 +117,7 @@ def _enable_amx():
     if not _amx_available() or not _request_amx_permission():
         return
     _os.environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
+    _AMX["on"] = True
 
     def first_primitive(mx):
         try:

@@ -20,6 +20,8 @@ multiple of 32), a batch size. What comes out: a table, with ``--json`` a JSON r
                 ["keypoint_head_per_rois": {"10": stats, "100": stats},
                  "keypoint_head_gmac_per_rois": {"10": GMAC, "100": GMAC}]    keypoint presets
                 ["train_step_s", "train_images_per_s"]},                      with --train
+                (--dtype bfloat16 --train: the step's convolutions in bf16, solver.amp;
+                 settings["train_amp"] says which)
      ["gluoncv": {"total_s", "network_s", "paste_s", "detections_per_image", "gmac",
                   "gmac_stages", "gflop_per_s", ["train_step_s", "train_images_per_s",
                   "rpn_targets_s"]},
@@ -95,6 +97,7 @@ import numpy as np
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .export import check_dtype
+from .modeling.precision import resolve_amp
 from .modeling.rcnn import build_model
 from .modeling.roi_heads import detect, select_class_masks
 from .postprocess import detections_to_coco
@@ -454,7 +457,8 @@ def format_table(result, settings):
                           "   %7.2f GMAC, %.1f GFLOP/s" % (gmac, 2 * gmac / s["median"])))
     if "train_step_s" in m:
         lines.append(_row("train step", m["train_step_s"],
-                          "   (%.2f images/s)" % m["train_images_per_s"]))
+                          "   (%.2f images/s, convolutions in %s)"
+                          % (m["train_images_per_s"], settings.get("train_amp", "float32"))))
     if "gluoncv" in result:
         gs = settings.get("gluoncv", {})
         gc = result["gluoncv"]
@@ -568,6 +572,9 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         m["total_s"] = {k: v + paste for k, v in network.items()}
     m.update(_gmac_record(count_network_macs(net, hw, batch), m["network_s"]["median"]))
     if train:
+        if dtype == "bfloat16":
+            cfg.solver.amp = "bfloat16"      # the training step's convolutions in bf16
+        settings["train_amp"] = resolve_amp(cfg.solver.amp, [mx.cpu()]) or "float32"
         m.update(bench_train_step(cfg, net, hw, batch, runs, max(1, warmup)))
     if against == "gluoncv":
         result["gluoncv"], settings["gluoncv"] = bench_gluoncv(cfg, hw, batch, runs, warmup,

@@ -189,6 +189,7 @@ class SolverConfig:
     log_period: int = 20
     nonfinite_policy: str = "stop"       # stop | skip
     dist_timeout: float = 600.0          # seconds a dist kvstore wait may take; 0 = forever
+    amp: str = ""                        # "" | bfloat16 | auto: bf16 convs, CPU (precision.py)
 
 
 @dataclass
@@ -221,6 +222,7 @@ CHOICES = {
     "solver.lr_schedule": ("step", "cosine"),
     "solver.optimizer": ("sgd", "adam"),
     "solver.nonfinite_policy": ("stop", "skip"),
+    "solver.amp": ("", "bfloat16", "auto"),
     "test.keypoint_decode": ("bicubic", "taylor"),
 }
 

@@ -21,7 +21,8 @@ def _check_stats(s):
 def test_bench_writes_stages_and_totals(tmp_path, capsys):
     path = tmp_path / "bench.json"
     code = main(["bench", "--preset", "shapes", "--size", "96x120", "--runs", "2", "--warmup", "1",
-                 "--train", "--json", str(path), "--set", "test.max_dets=10"])
+                 "--train", "--json", str(path), "--set", "test.max_dets=10", "--set",
+                 "solver.amp="])
     assert code == 0
     result = json.loads(path.read_text())
     m = result["mxmask"]
@@ -33,6 +34,7 @@ def test_bench_writes_stages_and_totals(tmp_path, capsys):
     assert m["detections_per_image"] == 10          # the raised class bias fills max_dets
     assert result["settings"]["size"] == "96x128"   # rounded up to a multiple of 32
     assert m["peak_rss_mb"] > 0 and m["train_images_per_s"] > 0
+    assert result["settings"]["train_amp"] == "float32"
     # arithmetic: every network stage has its MACs, they add up, and the rate is 2*MAC/time
     assert set(m["gmac_stages"]) == set(m["stages"]) - {"paste/decode"}
     assert all(v > 0 for v in m["gmac_stages"].values())
@@ -62,6 +64,18 @@ def test_bench_fused_and_bf16_variants(tmp_path):
         assert m["plain_network_s"]["median"] > 0
         # the rate is that of the timed (optimised) graph
         assert m["gflop_per_s"] == pytest.approx(2 * m["gmac"] / m["network_s"]["median"])
+
+
+def test_bench_bfloat16_training_step(tmp_path, capsys):
+    """--dtype bfloat16 --train times the training step with solver.amp=bfloat16."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "shapes", "--size", "96x128", "--runs", "1", "--warmup",
+                 "1", "--train", "--dtype", "bfloat16", "--no-fuse", "--json", str(path),
+                 "--set", "test.max_dets=5"]) == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["train_amp"] == "bfloat16"
+    assert result["mxmask"]["train_step_s"]["median"] > 0
+    assert "convolutions in bfloat16" in capsys.readouterr().out
 
 
 def test_bench_against_gluoncv_end_to_end(tmp_path, capsys):

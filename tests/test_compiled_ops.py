@@ -167,7 +167,7 @@ def _loss_and_grads(net, cfg, kind, batch):
 
 @needs_compiler
 def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients():
-    cfg, net = build_bench_model("shapes")
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])     # float32 convolutions
     cfg.model.rpn.pre_nms_topk_train = 200
     np_batch = synthetic_train_batch(cfg, (96, 128), 2, objects=3)
     keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]

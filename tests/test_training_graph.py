@@ -11,7 +11,7 @@ nd = mx.nd
 
 
 def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8():
-    cfg, net = build_bench_model("shapes")           # 64 rois per image, P = 16 slots
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])   # 64 rois, P = 16 slots
     loss_net = RCNNLoss(net, cfg, kernels="mxnet")
     P = loss_net.num_pos_slots
     assert P == 16
@@ -35,6 +35,7 @@ def test_heads_on_the_positive_slots_equal_heads_on_all_slots(preset, monkeypatc
                  "model.mask_head.conv_dim=32", "model.rpn.pre_nms_topk_train=300"] \
         if preset != "shapes" else ["model.rpn.pre_nms_topk_train=300",
                                     "model.box_head.batch_size_per_image=128"]
+    overrides.append("solver.amp=")                  # float32 convolutions: exact comparisons
     cfg, net = build_bench_model(preset, overrides=overrides)
     np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
     keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks"] + \
@@ -74,7 +75,8 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
     options): a 4-unit box regressor and a 1-channel mask predictor, a training step whose losses
     and gradients are finite, and an inference graph whose masks come from that one channel."""
     cfg, net = build_bench_model("shapes", overrides=["model.box_head.cls_agnostic_bbox_reg=true",
-                                                      "model.mask_head.cls_agnostic_mask=true"])
+                                                      "model.mask_head.cls_agnostic_mask=true",
+                                                      "solver.amp="])
     assert net.box_predictor.bbox_pred.weight.shape[0] == 4
     assert net.mask_head.predictor.weight.shape[0] == 1
     np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)

@@ -178,9 +178,10 @@ def _train(cfg, ctxs, kv_box, resume, out, watchdog):
     if start_iter:
         log("resuming %s at iteration %d (with its saved config.yaml)" % (out_dir, start_iter))
     if rank == 0:
-        log("training %s: %d images, %d classes, %s, kvstore %s, %d worker(s), %d iterations"
+        log("training %s: %d images, %d classes, %s, kvstore %s, %d worker(s), %d iterations%s"
             % (out_dir, len(records), cfg.model.num_classes, ",".join(str(c) for c in ctxs),
-               kv_type, num_workers, cfg.solver.max_iter))
+               kv_type, num_workers, cfg.solver.max_iter,
+               ", convolutions in bfloat16" if loss_net.amp else ""))
 
     def loader_fn(start):
         return build_train_loader(cfg, records, info, start_iter=start, rank=rank,

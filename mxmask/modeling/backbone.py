@@ -39,6 +39,7 @@ from mxnet.gluon.block import HybridBlock
 
 from ..utils import UserError, shorten_names
 from .norm import make_norm
+from .precision import Conv2D
 
 # depth -> (block kind, blocks per stage)
 RESNET_SPECS = {
@@ -56,9 +57,9 @@ def _conv_init():
 
 
 def _conv(channels, in_channels, kernel, stride, prefix):
-    return nn.Conv2D(channels, kernel_size=kernel, strides=stride, padding=kernel // 2,
-                     use_bias=False, in_channels=in_channels,
-                     weight_initializer=_conv_init(), prefix=prefix)
+    return Conv2D(channels, kernel_size=kernel, strides=stride, padding=kernel // 2,
+                  use_bias=False, in_channels=in_channels,
+                  weight_initializer=_conv_init(), prefix=prefix)
 
 
 def _norm_prefix(kind, index):
@@ -153,8 +154,8 @@ class ResNetV1b(HybridBlock):
         nk = dict(gn_groups=gn_groups, num_devices=num_devices)
         self.out_channels = []
         with self.name_scope():
-            self.conv1 = nn.Conv2D(width, kernel_size=7, strides=2, padding=3, use_bias=False,
-                                   in_channels=3, weight_initializer=_conv_init(), prefix="conv0_")
+            self.conv1 = Conv2D(width, kernel_size=7, strides=2, padding=3, use_bias=False,
+                                in_channels=3, weight_initializer=_conv_init(), prefix="conv0_")
             self.bn1 = make_norm(stage_norm(1), width, prefix=_norm_prefix(norm, 0), **nk)
             in_channels = width
             for s, num_blocks in enumerate(layers, start=1):

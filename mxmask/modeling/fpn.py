@@ -48,6 +48,7 @@ from mxnet.gluon.block import HybridBlock
 from ..utils import UserError, shorten_names
 from .backbone import ResNetV1b
 from .norm import make_norm
+from .precision import Conv2D
 
 LEVELS = (2, 3, 4, 5)
 
@@ -77,10 +78,10 @@ class FPN(HybridBlock):
         use_bias = not norm
 
         def conv(name, cin, kernel, stride=1):
-            block = nn.Conv2D(out_channels, kernel_size=kernel, strides=stride,
-                              padding=kernel // 2, use_bias=use_bias, in_channels=cin,
-                              weight_initializer=_fpn_init(), bias_initializer="zeros",
-                              prefix=name + "_")
+            block = Conv2D(out_channels, kernel_size=kernel, strides=stride,
+                           padding=kernel // 2, use_bias=use_bias, in_channels=cin,
+                           weight_initializer=_fpn_init(), bias_initializer="zeros",
+                           prefix=name + "_")
             setattr(self, name, block)
 
         def norm_layer(name):

@@ -63,6 +63,7 @@ from ..utils import UserError
 from .box_coder import clip_boxes, decode_boxes
 from .norm import make_norm
 from .poolers import MultiLevelRoIAlign
+from .precision import Conv2D
 
 __all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
            "select_class_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
@@ -97,11 +98,11 @@ def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_grou
     for i in range(num_conv):
         prefix = prefix_format % (i + 1)
         if not norm:
-            convs.add(nn.Conv2D(channels, 3, padding=1, activation="relu",
-                                in_channels=in_channels, prefix=prefix))
+            convs.add(Conv2D(channels, 3, padding=1, activation="relu",
+                             in_channels=in_channels, prefix=prefix))
         else:
-            convs.add(nn.Conv2D(channels, 3, padding=1, use_bias=False, in_channels=in_channels,
-                                prefix=prefix),
+            convs.add(Conv2D(channels, 3, padding=1, use_bias=False, in_channels=in_channels,
+                             prefix=prefix),
                       make_norm(norm, channels, gn_groups=gn_groups, prefix=prefix + "norm_"),
                       nn.Activation("relu"))
         in_channels = channels
@@ -264,8 +265,8 @@ class MaskHead(mx.gluon.HybridBlock):
             channels = mh.conv_dim if mh.num_conv else channels
             self.deconv = nn.Conv2DTranspose(mh.conv_dim, 2, strides=2, in_channels=channels,
                                              activation="relu", prefix="deconv_")
-            self.predictor = nn.Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
-                                       prefix="predictor_")
+            self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
+                                    prefix="predictor_")
 
     def hybrid_forward(self, F, rois, *features):
         x = self.convs(self.pooler(rois, *features))

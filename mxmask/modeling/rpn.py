@@ -34,6 +34,7 @@ from mxnet import autograd
 from mxnet.gluon import nn
 
 from .anchors import AnchorGenerator
+from .precision import Conv2D
 from .proposals import ProposalGenerator, TrainTestBlock
 
 __all__ = ["RPNHead", "RPN", "anchor_max_size"]
@@ -46,12 +47,12 @@ class RPNHead(mx.gluon.HybridBlock):
         super(RPNHead, self).__init__(**kwargs)
         self.num_anchors = int(num_anchors)
         with self.name_scope():
-            self.conv = nn.Conv2D(conv_channels, 3, padding=1, activation="relu",
-                                  in_channels=in_channels, prefix="conv_")
-            self.logits = nn.Conv2D(self.num_anchors, 1, in_channels=conv_channels,
-                                    prefix="objectness_logits_")
-            self.deltas = nn.Conv2D(self.num_anchors * 4, 1, in_channels=conv_channels,
-                                    prefix="anchor_deltas_")
+            self.conv = Conv2D(conv_channels, 3, padding=1, activation="relu",
+                               in_channels=in_channels, prefix="conv_")
+            self.logits = Conv2D(self.num_anchors, 1, in_channels=conv_channels,
+                                 prefix="objectness_logits_")
+            self.deltas = Conv2D(self.num_anchors * 4, 1, in_channels=conv_channels,
+                                 prefix="anchor_deltas_")
 
     def forward_level(self, F, x):
         """One feature map (B, C, H, W) -> logits (B, H*W*A), deltas (B, H*W*A, 4)."""

@@ -39,11 +39,17 @@ contexts only and :func:`mxmask.ops.load_ops` can build the compiled operators, 
 ``mxmask_roi_align`` / ``mxmask_group_norm``: the same values as the stock operators
 (tests/test_compiled_ops.py), with faster CPU backward passes (:mod:`mxmask.ops`). Inference
 graphs of the same network are not affected.
+
+Mixed precision (``solver.amp="bfloat16"``, or ``"auto"`` on a CPU with AMX; ``RCNNLoss.amp``
+says which applies): both stages are traced inside
+:func:`mxmask.modeling.precision.conv_precision`, so every ``Convolution`` of the network computes
+in bfloat16 with float32 inputs, outputs, weights and gradients (:mod:`mxmask.modeling.precision`).
 """
 import mxnet as mx
 
 from ..ops import compiled_kernels, kernels_for, load_ops
 from . import losses as L
+from .precision import check_conv_precision, conv_precision, resolve_amp
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 
 __all__ = ["RCNNLoss", "BoxStage", "HeadStage"]
@@ -66,9 +72,10 @@ class BoxStage(mx.gluon.HybridBlock):
     (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, rois (B, S, 4), labels (B, S),
     matched (B, S), P2, P3, P4, P5)."""
 
-    def __init__(self, net, cfg, kernels, **kwargs):
+    def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(BoxStage, self).__init__(**kwargs)
         m = cfg.model
+        self.amp = amp
         # the network's stages this graph runs (registering all of ``net`` would make Gluon
         # warn about the parameters of the other stage)
         self.backbone, self.rpn = net.backbone, net.rpn
@@ -89,7 +96,7 @@ class BoxStage(mx.gluon.HybridBlock):
                 plus_one=m.box_plus_one, box_weights=tuple(m.box_head.bbox_reg_weights))
 
     def hybrid_forward(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd):
-        with compiled_kernels(self.kernels == "mxmask"):
+        with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp):
             # 1. backbone + FPN
             features = self.backbone(data)
             levels = self.roi_features(features)
@@ -122,11 +129,12 @@ class HeadStage(mx.gluon.HybridBlock):
     """Stage 2 (module docstring): (rois (B, k, 4), labels (B, k), matched (B, k),
     [gt_masks], [gt_keypoints], P2..P5) -> ([loss_mask], [loss_keypoint])."""
 
-    def __init__(self, net, cfg, kernels, **kwargs):
+    def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(HeadStage, self).__init__(**kwargs)
         m = cfg.model
         self.mask_head, self.keypoint_head = net.mask_head, net.keypoint_head
         self.kernels = kernels
+        self.amp = amp
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None
         self.keypoint_weight = m.keypoint_head.loss_weight
@@ -141,7 +149,7 @@ class HeadStage(mx.gluon.HybridBlock):
         gt_keypoints = extra[int(self.mask_on)] if self.keypoint_on else None
         levels = extra[int(self.mask_on) + int(self.keypoint_on):]
         outputs = []
-        with compiled_kernels(self.kernels == "mxmask"):
+        with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp):
             if self.mask_on:
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
@@ -163,11 +171,14 @@ class RCNNLoss(mx.gluon.Block):
     def __init__(self, net, cfg, kernels="auto", **kwargs):
         super(RCNNLoss, self).__init__(**kwargs)
         self.kernels = _pick_kernels(net, kernels)
+        ctxs = next(iter(net.collect_params().values())).list_ctx()
+        self.amp = resolve_amp(cfg.solver.amp, ctxs)            # "" or "bfloat16"
+        check_conv_precision(self.amp, ctxs)
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None
         with self.name_scope():
-            self.box_stage = BoxStage(net, cfg, self.kernels)
-            self.head_stage = HeadStage(net, cfg, self.kernels) \
+            self.box_stage = BoxStage(net, cfg, self.kernels, self.amp)
+            self.head_stage = HeadStage(net, cfg, self.kernels, self.amp) \
                 if self.mask_on or self.keypoint_on else None
         self.num_pos_slots = self.box_stage.roi_sampler.num_pos_slots
         self.loss_names = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"] + \
