@@ -90,7 +90,8 @@ def _pooler(cfg, resolution, rois_in_image=False):
 def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_groups=32):
     """``num_conv`` x (3x3 conv to ``channels`` + ReLU); layer i is named ``prefix_format % i``
     (1-based, Detectron2's names). With ``norm="gn"`` each conv has no bias and is followed by a
-    GroupNorm of ``gn_groups`` groups (named ``<conv prefix>norm_``) before its ReLU."""
+    GroupNorm of ``gn_groups`` groups (named ``<conv prefix>norm_``) before its ReLU. Returns
+    (the stack, its output channels: ``channels``, or ``in_channels`` when ``num_conv`` is 0)."""
     if norm and num_conv and channels % gn_groups:
         raise UserError("model.backbone.gn_groups=%d does not divide the head's conv_dim=%d"
                         % (gn_groups, channels))
@@ -106,7 +107,7 @@ def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_grou
                       make_norm(norm, channels, gn_groups=gn_groups, prefix=prefix + "norm_"),
                       nn.Activation("relu"))
         in_channels = channels
-    return convs
+    return convs, in_channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,9 +130,8 @@ class BoxHead(mx.gluon.HybridBlock):
                 self.avgpool = None
             if bh.norm not in ("", "gn"):
                 raise UserError("model.box_head.norm: expected '' or 'gn', got %r" % (bh.norm,))
-            self.convs = _conv_stack(bh.num_conv, bh.conv_dim, channels, "conv%d_", bh.norm,
-                                     cfg.model.backbone.gn_groups)
-            channels = bh.conv_dim if bh.num_conv else channels
+            self.convs, channels = _conv_stack(bh.num_conv, bh.conv_dim, channels, "conv%d_",
+                                               bh.norm, cfg.model.backbone.gn_groups)
             self.fcs = nn.HybridSequential(prefix="")
             in_units = channels * resolution * resolution
             for i in range(bh.num_fc):
@@ -261,8 +261,7 @@ class MaskHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
-            self.convs = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_")
-            channels = mh.conv_dim if mh.num_conv else channels
+            self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_")
             self.deconv = nn.Conv2DTranspose(mh.conv_dim, 2, strides=2, in_channels=channels,
                                              activation="relu", prefix="deconv_")
             self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
@@ -305,8 +304,7 @@ class KeypointHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, kh.pooler_resolution)
-            self.convs = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_")
-            channels = kh.conv_dim if kh.num_conv else channels
+            self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_")
             self.deconv = nn.Conv2DTranspose(self.num_keypoints, 4, strides=2, padding=1,
                                              in_channels=channels, prefix="score_lowres_")
 
