@@ -97,7 +97,6 @@ import numpy as np
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .export import check_dtype
-from .modeling.precision import resolve_amp
 from .modeling.rcnn import build_model
 from .modeling.roi_heads import detect, select_class_masks
 from .postprocess import detections_to_coco
@@ -358,7 +357,8 @@ def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
         trainer.step(batch)
         return total
     _, times = _timed(step, runs, warmup)
-    return {"train_step_s": _stats(times), "train_images_per_s": batch / float(np.median(times))}
+    return {"train_step_s": _stats(times), "train_images_per_s": batch / float(np.median(times)),
+            "train_amp": loss_net.amp or "float32"}
 
 
 def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
@@ -574,8 +574,8 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     if train:
         if dtype == "bfloat16":
             cfg.solver.amp = "bfloat16"      # the training step's convolutions in bf16
-        settings["train_amp"] = resolve_amp(cfg.solver.amp, [mx.cpu()]) or "float32"
         m.update(bench_train_step(cfg, net, hw, batch, runs, max(1, warmup)))
+        settings["train_amp"] = m.pop("train_amp")      # what RCNNLoss resolved solver.amp to
     if against == "gluoncv":
         result["gluoncv"], settings["gluoncv"] = bench_gluoncv(cfg, hw, batch, runs, warmup,
                                                                train)

@@ -2,6 +2,7 @@
 convolutions against a numpy reference on bfloat16-rounded operands, float32 everywhere else,
 the training graph, the checks, and a short training run."""
 import io
+import json
 
 import mxnet as mx
 import numpy as np
@@ -23,8 +24,9 @@ def _bf16_error():
     return None
 
 
-needs_bf16 = pytest.mark.skipif(_bf16_error() is not None,
-                                reason="no bfloat16 convolution here: %s" % _bf16_error())
+BF16_ERROR = _bf16_error()
+needs_bf16 = pytest.mark.skipif(BF16_ERROR is not None,
+                                reason="no bfloat16 convolution here: %s" % BF16_ERROR)
 
 
 def bf16_round(x):
@@ -69,7 +71,7 @@ def test_outside_the_context_conv2d_is_nn_conv2d(hybridize):
     ref.bias.set_data(layer.bias.data())
     np.testing.assert_array_equal(layer(mx.nd.array(x)).asnumpy(), ref(mx.nd.array(x)).asnumpy())
     sym = layer(mx.sym.var("data"))
-    assert [n["op"] for n in __import__("json").loads(sym.tojson())["nodes"]] == \
+    assert [n["op"] for n in json.loads(sym.tojson())["nodes"]] == \
         ["null", "null", "null", "Convolution", "Activation"]
 
 
