@@ -96,18 +96,18 @@ import numpy as np
 
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
-from .export import check_dtype
+from .export import check_dtype, parse_hw
 from .modeling.rcnn import build_model
-from .modeling.roi_heads import detect, select_class_masks
+from .modeling.roi_heads import select_class_masks
 from .postprocess import detections_to_coco
 from .utils import UserError, atomic_write_bytes, atomic_write_json
 
 
 def parse_size(text):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError("--size %s: expected HxW, e.g. 800x1344" % text)
+    """``"HxW"`` -> (H, W) rounded up to multiples of 32."""
+    h, w = parse_hw(text)
+    if h <= 0 or w <= 0:
+        raise UserError("--size %s: height and width must be positive" % text)
     return -(-h // 32) * 32, -(-w // 32) * 32
 
 
@@ -135,8 +135,7 @@ class _BoxStage(mx.gluon.HybridBlock):
         self.net = net
 
     def hybrid_forward(self, F, im_info, rois, roi_scores, *features):
-        cls_logits, deltas = self.net.box_forward(rois, *features)
-        return detect(F, cls_logits, deltas, rois, roi_scores, im_info, **self.net.detect_kwargs)
+        return self.net.detections(F, im_info, rois, roi_scores, *features)
 
 
 class _HeadStage(mx.gluon.HybridBlock):

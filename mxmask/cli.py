@@ -9,6 +9,7 @@ import os
 import sys
 
 from .config import ConfigError
+from .export import DTYPES
 from .utils import UserError
 
 
@@ -90,7 +91,8 @@ def _cmd_eval(args):
         sigmas = args.sigmas
         if args.ckpt and not sigmas:          # the checkpoint's keypoint OKS sigmas
             from .engine.checkpoint import load_checkpoint_config
-            sigmas = list(load_checkpoint_config(args.ckpt).test.keypoint_oks_sigmas) or None
+            sigmas = list(load_checkpoint_config(args.ckpt, args.set).test.keypoint_oks_sigmas) \
+                or None
         out_dir = args.out_dir or args.ckpt or os.path.dirname(os.path.abspath(args.results))
         metrics = evaluate_results(args.results, args.ann, kpt_oks_sigmas=sigmas,
                                    out_dir=out_dir, plots=args.plots)
@@ -111,7 +113,8 @@ def _cmd_eval(args):
     ctxs = parse_ctx(args.ctx)
     if not os.path.isdir(args.ckpt):
         raise UserError("%s: checkpoint folder not found" % args.ckpt)
-    predictor = Predictor(args.ckpt, ctx=ctxs, fuse=args.fuse, dtype=args.dtype)
+    predictor = Predictor(args.ckpt, ctx=ctxs, fuse=args.fuse, dtype=args.dtype,
+                          overrides=args.set)
     cfg = predictor.cfg
     ann = args.ann or cfg.data.val_ann
     images = args.images or cfg.data.val_images
@@ -171,7 +174,7 @@ def _add_eval(sub):
 def _cmd_predict(args):
     from .predictor import Predictor
     predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh,
-                          fuse=args.fuse, dtype=args.dtype)
+                          fuse=args.fuse, dtype=args.dtype, overrides=args.set)
     vis_thresh = args.score_thresh if args.score_thresh is not None else 0.5
 
     def on_image(path, image, entries):
@@ -276,7 +279,7 @@ def _add_bench(sub):
     p.add_argument("--train", action="store_true", help="also time a training step")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False,
                    help="time the MKLDNN-fused graph too (--no-fuse: plain only)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="precision of the timed graph (bfloat16: CPU AMP conversion)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
@@ -321,7 +324,7 @@ def _cmd_export(args):
     from .export import export_checkpoint, parse_size
     size = parse_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
     result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
-                               check=not args.no_check)
+                               check=not args.no_check, overrides=args.set)
     for path in result["files"]:
         print("wrote %s" % path)
     report = result["check"]
@@ -344,10 +347,14 @@ def _cmd_export(args):
 
 
 def _add_graph_args(p):
-    """--fuse and --dtype: the graph as mxmask export writes it (export, eval, predict)."""
+    """--fuse, --dtype and --set test.*: the graph as mxmask export writes it (export, eval,
+    predict)."""
+    p.add_argument("--set", action="append", default=[], metavar="test.KEY=VALUE",
+                   help="override a test setting of the checkpoint's config, e.g. --set "
+                        "test.refine_boxes=true (repeatable; only test.* keys)")
     p.add_argument("--fuse", action="store_true",
                    help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="bfloat16: convolutions, deconvolutions and fc layers in bf16 (use with "
                         "--fuse)")
 

@@ -198,6 +198,9 @@ class TestConfig:
     nms_thresh: float = 0.5
     max_dets: int = 100
     mask_thresh: float = 0.5
+    # a second box-head pass on the detections: boxes regressed again, scores averaged
+    # (Cascade R-CNN's test-time refinement with one head; roi_heads.refine_detections)
+    refine_boxes: bool = False
     keypoint_decode: str = "bicubic"     # bicubic | taylor
     keypoint_oks_sigmas: List[float] = field(default_factory=list)
 

@@ -69,7 +69,7 @@ from .utils import UserError, atomic_write_json, atomic_write_text
 
 __all__ = ["EXPORT_PREFIX", "INPUT_NAMES", "check_dtype", "build_export_net", "network_symbol",
            "preset_config", "preset_symbol", "graph_json_text", "write_preset_symbols", "graph_diff",
-           "bf16_fp32_exclusions", "export_checkpoint", "export_meta", "parse_size",
+           "bf16_fp32_exclusions", "export_checkpoint", "export_meta", "parse_hw", "parse_size",
            "compare_outputs", "main"]
 
 EXPORT_PREFIX = "mxmask_"
@@ -387,15 +387,21 @@ def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
 # --------------------------------------------------------------------------------------------
 # Export of a checkpoint
 # --------------------------------------------------------------------------------------------
-def parse_size(text, cfg):
-    """``"HxW"`` -> (H, W): positive multiples of ``input.size_divisibility`` that the anchor
-    constants cover. Raises UserError naming ``--size``."""
-    from .modeling.rpn import anchor_max_size
+def parse_hw(text):
+    """``"HxW"`` -> (H, W) integers, or UserError naming ``--size``."""
     parts = str(text).lower().replace(" ", "").split("x")
     try:
         h, w = (int(p) for p in parts)
     except ValueError:
         raise UserError("--size %s: expected HxW, e.g. 800x1344" % text)
+    return h, w
+
+
+def parse_size(text, cfg):
+    """``"HxW"`` -> (H, W): positive multiples of ``input.size_divisibility`` that the anchor
+    constants cover. Raises UserError naming ``--size``."""
+    from .modeling.rpn import anchor_max_size
+    h, w = parse_hw(text)
     div = max(int(cfg.input.size_divisibility), 1)
     biggest = anchor_max_size(cfg)
     if h <= 0 or w <= 0 or h % div or w % div:
@@ -449,11 +455,11 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
     }
 
 
-def _load_checkpoint(ckpt):
+def _load_checkpoint(ckpt, overrides=()):
     """(cfg, MaskRCNN with the export prefix and the checkpoint's weights on the CPU)."""
     import mxnet as mx
     from .engine.checkpoint import checkpoint_files, load_checkpoint_config
-    cfg = load_checkpoint_config(ckpt)
+    cfg = load_checkpoint_config(ckpt, overrides)
     folder = os.path.dirname(ckpt) if ckpt.endswith((".yaml", ".yml")) else ckpt
     params = checkpoint_files(folder)[0]
     net = build_export_net(cfg)
@@ -555,13 +561,15 @@ def compare_outputs(ref, got, names, iou=0.9):
     return report
 
 
-def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", check=True):
+def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", check=True,
+                      overrides=()):
     """Export checkpoint ``ckpt`` to ``PREFIX-{symbol.json,0000.params,config.yaml,meta.json}``.
 
     ``size`` (H, W): the example input used to trace, partition (``fuse``) and check; default
     a square of ``input.min_size_test`` capped at 512. ``fuse``: MKLDNN subgraph fusion.
     ``dtype``: ``float32`` or ``bfloat16``. With ``check`` the written files are loaded back
     with ``SymbolBlock.imports`` and run against the Gluon model on the example input.
+    ``overrides``: ``test.*`` ``key=value`` settings applied to the checkpoint's config.
     Returns ``{"files": [...], "check": compare_outputs report or None, "size": (H, W),
     "bf16_fp32_nodes": [...]}``. The files appear only when everything succeeded.
     """
@@ -571,7 +579,7 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
     if not os.path.basename(prefix) or os.path.isdir(prefix):
         raise UserError("--out %s: expected a file prefix such as export/model (the files are "
                         "PREFIX-symbol.json, ...), not a folder" % prefix)
-    cfg, net = _load_checkpoint(ckpt)
+    cfg, net = _load_checkpoint(ckpt, overrides)
     size = tuple(size) if size else _default_check_size(cfg)
     sym = network_symbol(net)
     params = net.collect_params()

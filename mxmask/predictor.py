@@ -82,8 +82,8 @@ class Predictor:
     """Runs a trained model on images. ``ckpt``: a checkpoint folder (config.yaml + params)."""
 
     def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None,
-                 fuse=False, dtype="float32"):
-        self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt)
+                 fuse=False, dtype="float32", overrides=()):
+        self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt, overrides)
         self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
         if net is None:
             params = params or checkpoint_files(ckpt)[0]

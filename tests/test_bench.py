@@ -155,6 +155,15 @@ def test_against_needs_batch_one(capsys):
     assert "--batch 1" in capsys.readouterr().err
 
 
+def test_bench_size_is_rounded_up_or_a_one_line_error(capsys):
+    from mxmask.bench import parse_size
+    assert parse_size("800x1333") == (800, 1344) and parse_size("64X70") == (64, 96)
+    for text, message in (("0x64", "--size 0x64: height and width must be positive"),
+                          ("big", "--size big: expected HxW")):
+        assert main(["bench", "--preset", "shapes", "--size", text]) == 2
+        assert message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # MAC counting
 # --------------------------------------------------------------------------------------------

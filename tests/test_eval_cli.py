@@ -220,6 +220,28 @@ def test_a_model_without_keypoints_leaves_them_out(shapes_dataset, tmp_path):
     assert not any("keypoints" in e for e in read_json(os.path.join(ckpt, "results.json")))
 
 
+def test_eval_set_changes_test_settings_only(ckpt, evaluated, shapes_dataset, tmp_path):
+    """``eval --set test.KEY=VALUE`` changes how the checkpoint is run (here the second box-head
+    pass, test.refine_boxes: the same detections, moved); any other key is a one-line error."""
+    out_dir = str(tmp_path / "refined")
+    code, out, err = run(["eval", ckpt, "--out-dir", out_dir, "--set", "test.refine_boxes=true"])
+    assert code == 0, out + err
+    plain = read_json(os.path.join(ckpt, "results.json"))
+    refined = read_json(os.path.join(out_dir, "results.json"))
+    key = lambda e: (e["image_id"], e["category_id"])                      # noqa: E731
+    assert refined and {key(e) for e in refined} <= {key(e) for e in plain}
+    plain_boxes = {tuple(np.round(e["bbox"], 3)) for e in plain}
+    moved = [e for e in refined if tuple(np.round(e["bbox"], 3)) not in plain_boxes]
+    assert len(moved) > len(refined) // 2
+    val_ann = shapes_paths(shapes_dataset, "val")[0]
+    assert read_json(os.path.join(out_dir, "metrics.json")) == \
+        pycocotools_metrics(refined, val_ann, KEYPOINT_OKS_SIGMAS)
+    assert_one_error_line(*run(["eval", ckpt, "--set", "model.num_classes=2"]),
+                          "--set model.num_classes=2", "only test.* settings")
+    assert_one_error_line(*run(["eval", ckpt, "--set", "test.refine_box=true"]),
+                          "test.refine_box", "did you mean test.refine_boxes")
+
+
 def test_user_errors_exit_2_with_one_line(ckpt, evaluated, shapes_dataset, tmp_path):
     val_ann, val_images = shapes_paths(shapes_dataset, "val")
     missing = str(tmp_path / "no_such_ckpt")

@@ -145,6 +145,33 @@ def test_hybridized_equals_imperative(shapes_outputs):
         assert [o.shape for o in train_outs] == [o.shape for o in outs]
 
 
+def test_refine_boxes_runs_the_box_head_again_on_the_detections(shapes_net, shapes_outputs):
+    """test.refine_boxes: the first pass's detections, then box_forward on them and
+    refine_detections; the mask and keypoint heads run on the refined boxes. Hybridized too."""
+    from mxmask.modeling.roi_heads import refine_detections, select_class_masks
+    cfg = get_config("shapes", SHAPES + ["test.refine_boxes=true"])
+    mx.random.seed(0)
+    net = build_model(cfg)                               # same seed: shapes_net's weights
+    data, im_info = inputs()
+    got = [o.asnumpy() for o in net(data, im_info)]
+    features = shapes_net.backbone(data)
+    ids, scores, boxes = [mx.nd.array(a) for a in shapes_outputs[:3]]   # the first pass
+    logits, deltas = shapes_net.box_forward(boxes, *features)
+    ids, scores, boxes = refine_detections(mx.nd, logits, deltas, ids, scores, boxes, im_info,
+                                           **shapes_net.detect_kwargs)
+    assert (ids.asnumpy() >= 0).sum() >= 10
+    assert np.abs(boxes.asnumpy() - shapes_outputs[2]).max() > 0.1      # the boxes moved
+    np.testing.assert_array_equal(got[0], ids.asnumpy())
+    np.testing.assert_allclose(got[1], scores.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[2], boxes.asnumpy(), rtol=1e-5, atol=1e-4)
+    masks = select_class_masks(mx.nd, shapes_net.mask_head(boxes, *features[:4]), ids,
+                               cfg.model.num_classes)
+    np.testing.assert_allclose(got[3], masks.asnumpy(), rtol=1e-4, atol=1e-5)
+    net.hybridize(static_alloc=True, static_shape=True)
+    for ref, out in zip(got, net(data, im_info)):
+        np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_export_and_symbolblock(tmp_path):
     cfg = get_config("shapes", SHAPES + ["test.max_dets=8"])
     net = build_model(cfg)

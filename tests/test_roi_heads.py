@@ -11,7 +11,7 @@ from mxmask.config import get_config
 from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead,
                                        upsample2x_bilinear,
                                        decode_keypoints, detect, detection_settings,
-                                       select_class_masks, GLUONCV_SCALE_CLAMP,
+                                       refine_detections, select_class_masks, GLUONCV_SCALE_CLAMP,
                                        DETECTRON2_SCALE_CLAMP)
 from mxmask.utils import UserError
 from np_reference import np_group_norm
@@ -253,6 +253,92 @@ def test_detect_matches_gluoncv_decoder():
     np.testing.assert_array_equal(ids[0], np.where(valid, ref[:, 0], -1))
     np.testing.assert_array_equal(sc[0][valid], ref[valid, 1])
     np.testing.assert_array_equal(boxes[0][valid], ref[valid, 2:])
+
+
+# --------------------------------------------------------------------------------------------
+# refine_detections() (test.refine_boxes)
+# --------------------------------------------------------------------------------------------
+class RefineBlock(mx.gluon.HybridBlock):
+    def __init__(self, **kw):
+        super(RefineBlock, self).__init__()
+        self.kw = kw
+
+    def hybrid_forward(self, F, logits, deltas, ids, scores, boxes, im_info):
+        return refine_detections(F, logits, deltas, ids, scores, boxes, im_info, **self.kw)
+
+
+def test_refine_detections_hand_made_case():
+    """Two detections and a padding row: each box moves by its own class's deltas (hand-decoded),
+    the score is the mean of the two passes', the rows are re-sorted, padding stays padding."""
+    ids = np.array([[1, 0, -1]], np.float32)
+    scores = np.array([[0.6, 0.5, -1]], np.float32)
+    boxes = np.array([[[10, 10, 30, 50], [40, 40, 60, 60], [0, 0, 0, 0]]], np.float32)
+    # columns: background, class 0, class 1
+    probs = [[0.1, 0.7, 0.2],        # second pass: class 1 at 0.2 -> (0.6 + 0.2) / 2 = 0.4
+             [0.1, 0.8, 0.1],        # class 0 at 0.8 -> (0.5 + 0.8) / 2 = 0.65
+             [0.2, 0.4, 0.4]]        # padding: ignored
+    logits = logits_from_probs(probs)
+    deltas = np.zeros((3, 8), np.float32)
+    # detection 0 (class 1, box 20 x 40 centred at (20, 30)): dx 0.1 -> +2 px, dh log(2) -> 80 high
+    deltas[0, 4:8] = [1.0, 0.0, 0.0, 5 * math.log(2.0)]
+    deltas[0, 0:4] = [5.0, 5.0, 1.0, 1.0]                # class 0's deltas: must not be used
+    # detection 1 (class 0, 20 x 20 centred at (50, 50)): dy -0.05 -> -1 px
+    deltas[1, 0:4] = [0.0, -0.5, 0.0, 0.0]
+    deltas[2] = 3.0                                       # padding row: must stay 0
+    im_info = np.array([[100, 100, 1]], np.float32)
+    for hybridize in (False, True):
+        block = RefineBlock(num_classes=2, max_dets=3, score_thresh=0.05)
+        if hybridize:
+            block.hybridize()
+        got = [o.asnumpy() for o in block(*[mx.nd.array(a) for a in
+                                            (logits, deltas, ids, scores, boxes, im_info)])]
+        np.testing.assert_array_equal(got[0], [[0, 1, -1]])
+        np.testing.assert_allclose(got[1], [[0.65, 0.4, -1]], rtol=1e-5)
+        np.testing.assert_allclose(got[2][0, 0], [40, 39, 60, 59], atol=1e-4)
+        # clipped to the image: y from 30 - 40 = -10 to 30 + 40 = 70
+        np.testing.assert_allclose(got[2][0, 1], [12, 0, 32, 70], atol=1e-4)
+        np.testing.assert_array_equal(got[2][0, 2], 0)
+
+
+def test_refine_detections_matches_numpy_and_agnostic_equals_repeated():
+    rng = np.random.RandomState(7)
+    B, D, C = 2, 12, 4
+    xy = rng.uniform(0, 60, (B, D, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (B, D, 2))], -1).astype(np.float32)
+    ids = rng.randint(0, C, (B, D)).astype(np.float32)
+    ids[:, 9:] = -1
+    boxes[:, 9:] = 0
+    scores = np.where(ids >= 0, rng.uniform(0.05, 1, (B, D)), -1).astype(np.float32)
+    logits = rng.randn(B * D, C + 1).astype(np.float32)
+    deltas = (rng.randn(B * D, C * 4) * 0.3).astype(np.float32)
+    im_info = np.array([[80, 90, 1], [100, 70, 1]], np.float32)
+    got = [o.asnumpy() for o in refine_detections(
+        mx.nd, *[mx.nd.array(a) for a in (logits, deltas, ids, scores, boxes, im_info)],
+        num_classes=C)]
+    # numpy: per valid row, its class's deltas and probability
+    probs = np_softmax(logits.reshape(B, D, C + 1))[..., 1:]
+    cls = np.maximum(ids, 0).astype(int)
+    d = deltas.reshape(B, D, C, 4)[np.arange(B)[:, None], np.arange(D)[None], cls]
+    ref_boxes = np_decode(d, boxes, (10, 10, 5, 5), DETECTRON2_SCALE_CLAMP)
+    for b in range(B):
+        ref_boxes[b, :, 0::2] = np.clip(ref_boxes[b, :, 0::2], 0, im_info[b, 1])
+        ref_boxes[b, :, 1::2] = np.clip(ref_boxes[b, :, 1::2], 0, im_info[b, 0])
+    p = probs[np.arange(B)[:, None], np.arange(D)[None], cls]
+    ref_scores = np.where(ids >= 0, (scores + p) / 2, -1)
+    ref_boxes[ids < 0] = 0
+    for b in range(B):
+        order = np.argsort(-ref_scores[b], kind="stable")
+        np.testing.assert_array_equal(got[0][b], ids[b, order])
+        np.testing.assert_allclose(got[1][b], ref_scores[b, order], rtol=1e-5)
+        np.testing.assert_allclose(got[2][b], ref_boxes[b, order], atol=1e-3)
+    # class-agnostic deltas (B*D, 4) = class-specific ones holding the same box for every class
+    shared = deltas[:, :4]
+    outs = [[o.asnumpy() for o in refine_detections(
+        mx.nd, *[mx.nd.array(a) for a in (logits, dd, ids, scores, boxes, im_info)],
+        num_classes=C, cls_agnostic_bbox_reg=agn)]
+        for dd, agn in ((shared, True), (np.tile(shared, (1, C)), False))]
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
 def test_detection_settings():

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 
-from ..config import dump_yaml, load_yaml
+from ..config import ConfigError, dump_yaml, load_yaml, set_value
 from ..utils import UserError, atomic_write_json
 
 PROGRESS = "progress.json"
@@ -138,9 +138,16 @@ def checkpoint_files(out_dir):
     return params, (states if os.path.exists(states) else None)
 
 
-def load_checkpoint_config(ckpt):
-    """The config saved in a checkpoint folder (``ckpt`` may also be a config.yaml path)."""
+def load_checkpoint_config(ckpt, overrides=()):
+    """The config saved in a checkpoint folder (``ckpt`` may also be a config.yaml path), with
+    ``key=value`` overrides of its ``test.*`` settings (the weights fix everything else)."""
     path = ckpt if ckpt.endswith((".yaml", ".yml")) else os.path.join(ckpt, "config.yaml")
     if not os.path.exists(path):
         raise UserError("%s: not a checkpoint folder (config.yaml is missing)" % ckpt)
-    return load_yaml(path)
+    cfg = load_yaml(path)
+    for assignment in overrides or ():
+        if not assignment.strip().startswith("test."):
+            raise ConfigError("--set %s: only test.* settings can change for a trained "
+                              "checkpoint (its weights fix the rest of %s)" % (assignment, path))
+        set_value(cfg, assignment)
+    return cfg

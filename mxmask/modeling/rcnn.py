@@ -24,6 +24,8 @@ The stages, as attributes and methods that the training code reuses:
     box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
     box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
     detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
+    detections(F, im_info, rois, roi_scores, *features) -> box_forward + detect, then with
+                   test.refine_boxes a second box_forward on the detections + refine_detections
     mask_head      (rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 28, 28)       or None
     keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
     roi_features(features) -> the levels the RoI heads pool from (P2..P5)
@@ -49,7 +51,7 @@ import mxnet as mx
 from ..utils import UserError
 from .fpn import build_backbone
 from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
-                        detect, detection_settings, select_class_masks)
+                        detect, detection_settings, refine_detections, select_class_masks)
 from .rpn import RPN
 
 __all__ = ["MaskRCNN", "build_model", "output_names", "init_weights"]
@@ -93,6 +95,7 @@ class MaskRCNN(mx.gluon.HybridBlock):
         self.num_keypoints = m.num_keypoints if m.keypoint_on else 0
         self.output_names = output_names(cfg)
         self.detect_kwargs = detection_settings(cfg)
+        self.refine_boxes = bool(cfg.test.refine_boxes)
         with self.name_scope():
             # 1. ResNet-v1b + FPN -> P2..P6 (strides 4..64)
             self.backbone = build_backbone(cfg, num_devices=num_devices)
@@ -128,6 +131,18 @@ class MaskRCNN(mx.gluon.HybridBlock):
         """
         return self.box_predictor(self.box_head(rois, *self.roi_features(features)))
 
+    def detections(self, F, im_info, rois, roi_scores, *features):
+        """Box head on the proposals, per-class NMS -> ids (B, D), scores (B, D), boxes (B, D, 4);
+        with ``test.refine_boxes`` the box head runs once more on those detections."""
+        cls_logits, box_deltas = self.box_forward(rois, *features)
+        ids, scores, boxes = detect(F, cls_logits, box_deltas, rois, roi_scores, im_info,
+                                    **self.detect_kwargs)
+        if self.refine_boxes:
+            cls_logits, box_deltas = self.box_forward(boxes, *features)
+            ids, scores, boxes = refine_detections(F, cls_logits, box_deltas, ids, scores, boxes,
+                                                   im_info, **self.detect_kwargs)
+        return ids, scores, boxes
+
     def hybrid_forward(self, F, data, im_info):
         # backbone: (B, 3, H, W) -> P2..P6
         features = self.backbone(data)
@@ -136,9 +151,7 @@ class MaskRCNN(mx.gluon.HybridBlock):
         rpn_out = self.rpn(im_info, *features)
         rois, roi_scores = F.stop_gradient(rpn_out[0]), rpn_out[1]
         # box head on all proposals, then per-class NMS -> D detections per image
-        cls_logits, box_deltas = self.box_forward(rois, *features)
-        ids, scores, boxes = detect(F, cls_logits, box_deltas, rois, roi_scores, im_info,
-                                    **self.detect_kwargs)
+        ids, scores, boxes = self.detections(F, im_info, rois, roi_scores, *features)
         outputs = [ids, scores, boxes]
         # mask head on the B*D detected boxes -> the predicted class's mask
         if self.mask_head is not None:

@@ -22,7 +22,9 @@ Detection (``detect``): softmax, class-specific decode from the rois, optional c
 threshold (strict ``>``), per-class NMS (one ``contrib.box_nms`` call over a (B, C, R, 6) array:
 each class of each image is an independent batch) and the top ``D`` scores per image
 -> ids (B, D) float (label 0..C-1, -1 padding), scores (B, D) (-1 padding), boxes (B, D, 4)
-(0 padding). Rows are sorted by score, valid rows first.
+(0 padding). Rows are sorted by score, valid rows first. With ``test.refine_boxes``,
+``refine_detections`` runs the box head once more on the detections: each box moves by its
+class's regression and its score becomes the mean of the two passes' (same outputs).
 
 Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 convs)::
 
@@ -66,6 +68,7 @@ from .poolers import MultiLevelRoIAlign
 from .precision import Conv2D
 
 __all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
+           "refine_detections",
            "select_class_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
            "GLUONCV_SCALE_CLAMP"]
 
@@ -245,6 +248,43 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
                      F.ones_like(ids) * -1)
     boxes = F.broadcast_mul(F.slice_axis(out, axis=-1, begin=2, end=6), F.expand_dims(valid, 2))
     return ids, scores, boxes
+
+
+def refine_detections(F, cls_logits, box_deltas, ids, scores, boxes, im_info, num_classes,
+                      cls_agnostic_bbox_reg=False, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                      clip=True, clip_plus_one=False, decode_plus_one=False,
+                      scale_clamp=DETECTRON2_SCALE_CLAMP, **_):
+    """A second pass of the box head on its own detections (``test.refine_boxes``).
+
+    cls_logits (B*D, C+1) and box_deltas (B*D, C*4) (or (B*D, 4)) are the box head's outputs on
+    ``boxes`` (B, D, 4), the detections of :func:`detect` with their ids (B, D) and scores (B, D).
+    Each valid detection moves to the box its class's deltas give from it (decoded and clipped as
+    in :func:`detect`), and its score becomes the mean of its score and the second pass's
+    probability of its class: Cascade R-CNN's test-time refinement and score averaging, with one
+    head. The class stays. Rows are re-sorted by the new scores; padding rows (id -1) keep score
+    -1 and box 0. Returns ids, scores, boxes in the shapes of the inputs. The keyword arguments
+    are those of :func:`detection_settings` (the NMS and threshold ones are not used).
+    """
+    C = int(num_classes)
+    valid = ids >= 0
+    onehot = F.one_hot(F.relu(ids), C)                                         # (B, D, C)
+    probs = F.softmax(F.reshape_like(cls_logits, ids, lhs_begin=0, lhs_end=1,
+                                     rhs_begin=0, rhs_end=2), axis=-1)
+    prob = F.sum(F.slice_axis(probs, axis=-1, begin=1, end=None) * onehot, axis=-1)   # (B, D)
+    deltas = F.reshape_like(box_deltas, ids, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
+    if not cls_agnostic_bbox_reg:
+        deltas = F.reshape(deltas, (0, 0, -4, C, 4))                            # (B, D, C, 4)
+        deltas = F.sum(F.broadcast_mul(deltas, F.expand_dims(onehot, axis=3)), axis=2)
+    refined = decode_boxes(F, deltas, boxes, weights=tuple(bbox_reg_weights),
+                           plus_one=decode_plus_one, scale_clamp=scale_clamp)
+    if clip:
+        refined = clip_boxes(F, refined, im_info, plus_one=clip_plus_one)
+    refined = F.broadcast_mul(refined, F.expand_dims(valid, axis=2))           # padding: 0
+    new_scores = F.where(valid, (scores + prob) * 0.5, F.ones_like(scores) * -1)
+    order = F.topk(new_scores, axis=1, k=0, ret_typ="indices", is_ascend=False)  # (B, D)
+    bidx = F.broadcast_like(F.reshape(F.contrib.arange_like(ids, axis=0), (-1, 1)), order)
+    index = F.stack(bidx, order, axis=0)
+    return F.gather_nd(ids, index), F.gather_nd(new_scores, index), F.gather_nd(refined, index)
 
 
 # --------------------------------------------------------------------------------------------
