@@ -13,7 +13,7 @@ from mxmask.modeling.rcnn import MaskRCNN, build_model, output_names
 from mxmask.utils import UserError
 
 SHAPES = ["model.num_classes=3", "model.num_keypoints=4", "test.max_dets=20",
-          "model.rpn.post_nms_topk_test=100"]
+          "model.rpn.post_nms_topk_test=100", "test.refine_boxes=false"]
 
 
 def inputs(B=2, H=128, W=160, seed=0):

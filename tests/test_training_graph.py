@@ -11,7 +11,9 @@ nd = mx.nd
 
 
 def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8():
-    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])   # 64 rois, P = 16 slots
+    # 64 rois, a quarter positive: P = 16 slots
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp=",
+                                                      "model.box_head.positive_fraction=0.25"])
     loss_net = RCNNLoss(net, cfg, kernels="mxnet")
     P = loss_net.num_pos_slots
     assert P == 16
