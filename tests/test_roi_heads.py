@@ -8,7 +8,7 @@ import pytest
 from mxnet.gluon import nn
 
 from mxmask.config import get_config
-from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead,
+from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, Deconv2D, KeypointHead, MaskHead,
                                        upsample2x_bilinear,
                                        decode_keypoints, detect, detection_settings,
                                        refine_detections, select_class_masks, GLUONCV_SCALE_CLAMP,
@@ -458,6 +458,41 @@ def test_mask_head_matches_gluoncv_mask_block():
     rois = mx.nd.array([[[0, 0, 20, 20], [0, 0, 0, 0]]])
     full = head(rois, *features(B=1, C=32))
     assert full.shape == (2, 5, 28, 28)
+
+
+@pytest.mark.parametrize("kernel,padding,activation", [(2, 0, "relu"), (4, 1, None)])
+def test_deconv2d_equals_conv2d_transpose(kernel, padding, activation):
+    """Deconv2D (bias added after the operator) = nn.Conv2DTranspose: parameter names and
+    shapes, outputs and the gradients of the input, weight and bias, hybridized or not."""
+    rng = np.random.RandomState(3)
+    x = mx.nd.array(rng.randn(3, 6, 5, 7).astype(np.float32))
+    outs = []
+    for cls in (nn.Conv2DTranspose, Deconv2D):
+        block = cls(4, kernel, strides=2, padding=padding, in_channels=6, activation=activation,
+                    prefix="deconv_")
+        block.initialize(mx.init.Normal(0.5))
+        block.bias.set_data(mx.nd.array(rng.randn(4).astype(np.float32)))
+        outs.append(block)
+    ref, got = outs
+    got.weight.set_data(ref.weight.data())
+    got.bias.set_data(ref.bias.data())
+    assert sorted(got.collect_params()) == sorted(ref.collect_params())
+    for hybridize in (False, True):
+        results = []
+        for block in (ref, got):
+            if hybridize:
+                block.hybridize()
+            xx = x.copy()
+            xx.attach_grad()
+            with mx.autograd.record():
+                y = block(xx)
+                loss = (y * y).sum()
+            loss.backward()
+            results.append([y.asnumpy(), xx.grad.asnumpy(), block.weight.grad().asnumpy(),
+                            block.bias.grad().asnumpy()])
+        for a, b in zip(*results):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert results[0][0].shape == (3, 4, 10, 14)
 
 
 def test_select_class_masks():

@@ -290,6 +290,27 @@ def refine_detections(F, cls_logits, box_deltas, ids, scores, boxes, im_info, nu
 # --------------------------------------------------------------------------------------------
 # Mask branch
 # --------------------------------------------------------------------------------------------
+class Deconv2D(nn.Conv2DTranspose):
+    """``nn.Conv2DTranspose`` (same arguments, parameters and names) that adds its bias after
+    the ``Deconvolution`` operator instead of inside it, as a depthwise 1x1 ``Convolution`` with
+    unit weights (exactly ``+ bias``).
+
+    The same values, faster on CPU: MXNet 1.9.1's ``Deconvolution`` with a bias is slow there
+    (the mask head's 2x2 deconvolution of 32 rois, 64 channels, 14x14, one thread: forward
+    11.7 ms, forward + backward 20.0 ms with the bias inside; 4.0 and 15.0 ms this way; of 100
+    rois, 256 channels: forward 356 -> 213 ms). ``broadcast_add`` is slower still, and a
+    ``BatchNorm`` affine needs its statistics as graph variables (new parameters).
+    """
+
+    def hybrid_forward(self, F, x, weight, bias=None):
+        y = F.Deconvolution(x, weight, name="fwd", **dict(self._kwargs, no_bias=True))
+        if bias is not None:
+            unit = F.BlockGrad(F.ones_like(F.reshape(bias, (-1, 1, 1, 1))))    # (C, 1, 1, 1)
+            y = F.Convolution(y, unit, bias, kernel=(1, 1), num_filter=self._channels,
+                              num_group=self._channels, name="bias")
+        return self.act(y) if self.act is not None else y
+
+
 class MaskHead(mx.gluon.HybridBlock):
     """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits (one,
     shared by the classes, with ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1)."""
@@ -302,8 +323,8 @@ class MaskHead(mx.gluon.HybridBlock):
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
             self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_")
-            self.deconv = nn.Conv2DTranspose(mh.conv_dim, 2, strides=2, in_channels=channels,
-                                             activation="relu", prefix="deconv_")
+            self.deconv = Deconv2D(mh.conv_dim, 2, strides=2, in_channels=channels,
+                                   activation="relu", prefix="deconv_")
             self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
                                     prefix="predictor_")
 
@@ -345,8 +366,8 @@ class KeypointHead(mx.gluon.HybridBlock):
         with self.name_scope():
             self.pooler = _pooler(cfg, kh.pooler_resolution)
             self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_")
-            self.deconv = nn.Conv2DTranspose(self.num_keypoints, 4, strides=2, padding=1,
-                                             in_channels=channels, prefix="score_lowres_")
+            self.deconv = Deconv2D(self.num_keypoints, 4, strides=2, padding=1,
+                                   in_channels=channels, prefix="score_lowres_")
 
     def hybrid_forward(self, F, rois, *features):
         x = self.deconv(self.convs(self.pooler(rois, *features)))
