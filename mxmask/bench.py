@@ -97,6 +97,7 @@ import numpy as np
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .export import check_dtype, parse_hw
+from .modeling.poolers import shared_level_canvas
 from .modeling.rcnn import build_model
 from .modeling.roi_heads import select_class_masks
 from .postprocess import detections_to_coco
@@ -135,7 +136,8 @@ class _BoxStage(mx.gluon.HybridBlock):
         self.net = net
 
     def hybrid_forward(self, F, im_info, rois, roi_scores, *features):
-        return self.net.detections(F, im_info, rois, roi_scores, *features)
+        with shared_level_canvas():         # the box head and the refine_boxes pass
+            return self.net.detections(F, im_info, rois, roi_scores, *features)
 
 
 class _HeadStage(mx.gluon.HybridBlock):

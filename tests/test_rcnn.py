@@ -172,6 +172,20 @@ def test_refine_boxes_runs_the_box_head_again_on_the_detections(shapes_net, shap
         np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_inference_graph_builds_one_level_canvas():
+    """The box head, the refine_boxes pass, the mask head and the keypoint head pool from one
+    level canvas (poolers.shared_level_canvas): the traced graph pads each level once."""
+    import json
+    cfg = get_config("shapes", SHAPES + ["test.refine_boxes=true"])
+    net = build_model(cfg)
+    graph = json.loads(mx.sym.Group(list(net(mx.sym.var("data"), mx.sym.var("im_info"))))
+                       .tojson())
+    canvas_pads = [n for n in graph["nodes"] if n["op"] == "Pad" and
+                   n["attrs"]["pad_width"].endswith(", 0, 1)")]
+    assert len(canvas_pads) == 4                      # P2..P5, once (16 with one canvas per head)
+    assert sum(n["op"] == "_contrib_ROIAlign" for n in graph["nodes"]) == 4
+
+
 def test_export_and_symbolblock(tmp_path):
     cfg = get_config("shapes", SHAPES + ["test.max_dets=8"])
     net = build_model(cfg)

@@ -17,7 +17,8 @@ import numpy as np
 import mxnet as mx
 import pytest
 
-from mxmask.modeling.poolers import MultiLevelRoIAlign, assign_fpn_levels, sanitize_rois
+from mxmask.modeling.poolers import (MultiLevelRoIAlign, assign_fpn_levels, level_canvas,
+                                     sanitize_rois, shared_level_canvas)
 
 nd = mx.nd
 STRIDES = (4, 8, 16, 32)
@@ -286,6 +287,51 @@ def test_extra_features_are_ignored_and_too_few_raise():
         pooler(nd.array(rois), *[nd.array(f) for f in feats[:3]])
     with pytest.raises(ValueError):
         MultiLevelRoIAlign(7, (4, 8, 32))
+
+
+def test_shared_level_canvas_builds_each_canvas_once():
+    """Inside shared_level_canvas, level_canvas of the same level objects returns the canvas
+    built first (nested blocks share it); outside, and for other levels, a new one."""
+    rng = np.random.RandomState(6)
+    feats = [nd.array(f) for f in _features(rng, B=1, C=2, H=64, W=96)]
+    assert level_canvas(nd, feats) is not level_canvas(nd, feats)
+    with shared_level_canvas():
+        first = level_canvas(nd, feats)
+        with shared_level_canvas():
+            assert level_canvas(nd, tuple(feats)) is first
+        assert level_canvas(nd, feats) is first
+        assert level_canvas(nd, [f.copy() for f in feats]) is not first
+    assert level_canvas(nd, feats) is not first
+    np.testing.assert_array_equal(level_canvas(nd, feats).asnumpy(), first.asnumpy())
+
+
+def test_poolers_sharing_a_canvas_give_the_same_values_and_gradients():
+    """A box-head-like and a mask-head-like pooler on the same levels: the same outputs and the
+    same (summed) level gradients with one shared canvas as with one canvas each."""
+    rng = np.random.RandomState(7)
+    feats = _features(rng, C=2)
+    rois = _random_rois(rng, 2, 8)
+    small, large = MultiLevelRoIAlign(7, STRIDES, 0, True), MultiLevelRoIAlign(14, STRIDES, 2, True)
+
+    def run(shared):
+        arrays = [nd.array(f) for f in feats]
+        for a in arrays:
+            a.attach_grad()
+        with mx.autograd.record():
+            if shared:
+                with shared_level_canvas():
+                    outs = [small(nd.array(rois), *arrays), large(nd.array(rois), *arrays)]
+            else:
+                outs = [small(nd.array(rois), *arrays), large(nd.array(rois), *arrays)]
+            total = (outs[0] * 2.0).sum() + (outs[1] * 3.0).sum()
+        total.backward()
+        return [o.asnumpy() for o in outs], [a.grad.asnumpy() for a in arrays]
+
+    outs, grads = run(True)
+    ref_outs, ref_grads = run(False)
+    for a, b in zip(outs + grads, ref_outs + ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert all(np.abs(g).sum() > 0 for g in grads)
 
 
 def test_gradient_reaches_only_the_selected_level():

@@ -50,6 +50,7 @@ import mxnet as mx
 
 from ..utils import UserError
 from .fpn import build_backbone
+from .poolers import shared_level_canvas
 from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
                         detect, detection_settings, refine_detections, select_class_masks)
 from .rpn import RPN
@@ -144,6 +145,11 @@ class MaskRCNN(mx.gluon.HybridBlock):
         return ids, scores, boxes
 
     def hybrid_forward(self, F, data, im_info):
+        # every RoI head pools from one level canvas (poolers.shared_level_canvas)
+        with shared_level_canvas():
+            return self._inference(F, data, im_info)
+
+    def _inference(self, F, data, im_info):
         # backbone: (B, 3, H, W) -> P2..P6
         features = self.backbone(data)
         pooled_levels = self.roi_features(features)

@@ -49,6 +49,7 @@ import mxnet as mx
 
 from ..ops import compiled_kernels, kernels_for, load_ops
 from . import losses as L
+from .poolers import shared_level_canvas
 from .precision import check_conv_precision, conv_precision, resolve_amp
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 
@@ -149,7 +150,8 @@ class HeadStage(mx.gluon.HybridBlock):
         gt_keypoints = extra[int(self.mask_on)] if self.keypoint_on else None
         levels = extra[int(self.mask_on) + int(self.keypoint_on):]
         outputs = []
-        with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp):
+        with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp), \
+                shared_level_canvas():
             if self.mask_on:
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
