@@ -21,12 +21,16 @@ Why not ``mx.gluon.nn.GroupNorm``: in MXNet 1.9.1 its gamma and beta have shape
 kernels are slow on CPU. :class:`GroupNorm` takes the per-group statistics with a
 ``LayerNorm`` over each (sample, group) row (checked against numpy and against the operator in
 tests/test_backbone.py) and applies the per-channel affine itself. Inside
-:func:`mxmask.ops.compiled_kernels` (the training graph on CPU) it is one ``mxmask_group_norm``
-operator instead: the same values, with a multi-threaded backward (tests/test_compiled_ops.py).
+:func:`mxmask.ops.compiled_kernels` (the training graph on CPU) the normalisation and the affine
+are one ``mxmask_group_norm`` operator instead: the same values, with a multi-threaded backward
+(tests/test_compiled_ops.py); the affine's two constants are then unused, and Gluon's warning
+about them is silenced.
 
 Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``epsilon``
 (default 1e-5), ``num_devices`` (syncbn only).
 """
+import warnings
+
 import mxnet as mx
 import numpy as np
 from mxnet.gluon import nn
@@ -38,6 +42,10 @@ from ..utils import UserError
 _AFFINE_EPS = 1e-5
 
 NORM_KINDS = ("frozen_bn", "bn", "syncbn", "gn")
+
+# A graph traced inside compiled_kernels (GroupNorm below) leaves the affine's constants unused.
+warnings.filterwarnings("ignore", message=r"Parameter (\S*affine_(mean|var),? )+is not used by any "
+                        r"computation")
 
 
 class FrozenBatchNorm(nn.BatchNorm):
@@ -86,9 +94,10 @@ class GroupNorm(HybridBlock):
 
     def hybrid_forward(self, F, x, gamma, beta, affine_mean, affine_var):
         if compiled_kernels_active():
-            # the training graph on CPU (mxmask.ops): the same x_hat, faster backward
-            x_hat = F.mxmask_group_norm(x, num_groups=self._num_groups, eps=self._epsilon)[0]
-            return self._affine(F, x_hat, gamma, beta, affine_mean, affine_var)
+            # the training graph on CPU (mxmask.ops): normalisation and affine in one operator,
+            # the same values, faster backward
+            return F.mxmask_group_norm(x, gamma, beta, num_groups=self._num_groups,
+                                       eps=self._epsilon)[0]
         # Per-group statistics as a LayerNorm over the rows of (N*G, C/G*H*W): the GroupNorm
         # operator's result within float rounding (tests/test_backbone.py), but MXNet's
         # LayerNorm kernels are multi-threaded: forward 8x and backward 1.2x faster than the

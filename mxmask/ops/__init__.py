@@ -12,9 +12,9 @@ backward (MXNet 1.9.1's are serial or go through generic reductions):
   header). Its stock CPU backward is one serial loop that recomputes the sample positions for
   every output element: on a ResNet-50 FPN training step at 512x512 its two calls took 2.8 s
   of 7.8 s.
-- ``mxmask_group_norm`` (``group_norm.cc``): the per-group normalisation of the GroupNorm of
-  :mod:`mxmask.modeling.norm` (there a LayerNorm, before the per-channel affine), whose
-  LayerNorm backward took 186 ms of the 1.0 s ``shapes`` training step.
+- ``mxmask_group_norm`` (``group_norm.cc``): the GroupNorm of :mod:`mxmask.modeling.norm`, its
+  per-group normalisation and per-channel affine in one operator (there a LayerNorm, whose
+  backward took 186 ms of the 1.0 s ``shapes`` training step, and an inference-mode BatchNorm).
 
 Only the training graph uses them (:class:`mxmask.modeling.training.RCNNLoss` on CPU contexts
 traces its graphs inside :func:`compiled_kernels`); inference and exported graphs keep the
