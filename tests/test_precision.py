@@ -49,22 +49,22 @@ def np_conv(x, w, b, pad):
     return out + b.reshape(1, -1, 1, 1)
 
 
-def _layer(hybridize):
+def _layer(hybridize, in_channels=16):
     rng = np.random.RandomState(0)
-    layer = Conv2D(6, 3, padding=1, in_channels=5, activation="relu", prefix="conv_")
+    layer = Conv2D(6, 3, padding=1, in_channels=in_channels, activation="relu", prefix="conv_")
     layer.initialize()
-    layer.weight.set_data(mx.nd.array(rng.randn(6, 5, 3, 3) * 0.3))
+    layer.weight.set_data(mx.nd.array(rng.randn(6, in_channels, 3, 3) * 0.3))
     layer.bias.set_data(mx.nd.array(rng.randn(6)))
     if hybridize:
         layer.hybridize()
-    x = rng.randn(2, 5, 7, 8).astype(np.float32) * 2
+    x = rng.randn(2, in_channels, 7, 8).astype(np.float32) * 2
     return layer, x
 
 
 @pytest.mark.parametrize("hybridize", [False, True])
 def test_outside_the_context_conv2d_is_nn_conv2d(hybridize):
     layer, x = _layer(hybridize)
-    ref = nn.Conv2D(6, 3, padding=1, in_channels=5, activation="relu", prefix="conv_")
+    ref = nn.Conv2D(6, 3, padding=1, in_channels=16, activation="relu", prefix="conv_")
     ref.initialize()
     assert sorted(layer.collect_params()) == sorted(ref.collect_params())
     ref.weight.set_data(layer.weight.data())
@@ -104,6 +104,19 @@ def test_bfloat16_convolution_equals_the_convolution_of_rounded_operands(hybridi
     g_ref = np.stack([np.stack([np.einsum("nohw,nchw->oc", mask, xp[:, :, i:i + 7, j:j + 8])
                                 for j in range(3)], -1) for i in range(3)], -2)
     np.testing.assert_allclose(g, g_ref, atol=np.abs(g_ref).max() * 2e-2)
+
+
+@pytest.mark.parametrize("in_channels", [3, 15])
+def test_a_convolution_of_few_input_channels_stays_float32(in_channels):
+    """The stem (3 input channels): bfloat16 gains nothing there, so inside the context the
+    layer is the float32 convolution, bit for bit, with no cast in its graph."""
+    layer, x = _layer(False, in_channels)
+    want = layer(mx.nd.array(x)).asnumpy()
+    with conv_precision("bfloat16"):
+        got = layer(mx.nd.array(x)).asnumpy()
+        sym = layer(mx.sym.var("data"))
+    np.testing.assert_array_equal(got, want)
+    assert "amp_cast" not in sym.tojson()
 
 
 @needs_bf16
