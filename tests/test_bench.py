@@ -162,6 +162,11 @@ def test_bench_size_is_rounded_up_or_a_one_line_error(capsys):
                           ("big", "--size big: expected HxW")):
         assert main(["bench", "--preset", "shapes", "--size", text]) == 2
         assert message in capsys.readouterr().err
+    # larger than the anchor constants cover (shapes: 320): the size and the setting to change
+    assert main(["bench", "--preset", "shapes", "--size", "256x352"]) == 2
+    err = capsys.readouterr().err
+    assert "--size 256x352: larger than 320" in err and "input.max_size_test=352" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------
