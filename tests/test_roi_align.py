@@ -8,6 +8,7 @@ y < -1 or y > H contribute 0, y <= 0 reads row 0, y >= H - 1 reads row H - 1; th
 by the grid count). Degenerate rois run in a subprocess, so an abort fails the test instead of
 killing pytest.
 """
+import contextlib
 import math
 import subprocess
 import sys
@@ -311,18 +312,16 @@ def test_poolers_sharing_a_canvas_give_the_same_values_and_gradients():
     rng = np.random.RandomState(7)
     feats = _features(rng, C=2)
     rois = _random_rois(rng, 2, 8)
-    small, large = MultiLevelRoIAlign(7, STRIDES, 0, True), MultiLevelRoIAlign(14, STRIDES, 2, True)
+    small = MultiLevelRoIAlign(7, STRIDES, 0, True)
+    large = MultiLevelRoIAlign(14, STRIDES, 2, True)
 
     def run(shared):
         arrays = [nd.array(f) for f in feats]
         for a in arrays:
             a.attach_grad()
-        with mx.autograd.record():
-            if shared:
-                with shared_level_canvas():
-                    outs = [small(nd.array(rois), *arrays), large(nd.array(rois), *arrays)]
-            else:
-                outs = [small(nd.array(rois), *arrays), large(nd.array(rois), *arrays)]
+        sharing = shared_level_canvas() if shared else contextlib.nullcontext()
+        with mx.autograd.record(), sharing:
+            outs = [small(nd.array(rois), *arrays), large(nd.array(rois), *arrays)]
             total = (outs[0] * 2.0).sum() + (outs[1] * 3.0).sum()
         total.backward()
         return [o.asnumpy() for o in outs], [a.grad.asnumpy() for a in arrays]

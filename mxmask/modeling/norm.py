@@ -44,8 +44,8 @@ _AFFINE_EPS = 1e-5
 NORM_KINDS = ("frozen_bn", "bn", "syncbn", "gn")
 
 # A graph traced inside compiled_kernels (GroupNorm below) leaves the affine's constants unused.
-warnings.filterwarnings("ignore", message=r"Parameter (\S*affine_(mean|var),? )+is not used by any "
-                        r"computation")
+_UNUSED_AFFINE = r"Parameter (\S*affine_(mean|var),? )+is not used by any computation"
+warnings.filterwarnings("ignore", message=_UNUSED_AFFINE)
 
 
 class FrozenBatchNorm(nn.BatchNorm):

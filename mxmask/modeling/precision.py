@@ -13,10 +13,10 @@ than float32 ones. RCNNLoss resolves it and traces its stages inside :func:`conv
 :class:`Conv2D` is ``nn.Conv2D`` (same parameters, names and graph outside the context) whose
 convolution, inside it, casts its input, weight and bias to bfloat16 and its output back to
 float32 (``amp_cast``); one with fewer than 16 input channels (the stem) stays float32. So only
-the ``Convolution`` operators compute in bfloat16 (oneDNN accumulates in float32); the weights, their gradients and the optimizer state stay float32
-(``amp_cast``'s backward casts the gradient back), and normalisation, pooling, RoIAlign, the
-fc layers, the deconvolutions, targets and losses are unchanged. bfloat16 has float32's
-exponent range, so no loss scaling is needed.
+the ``Convolution`` operators compute in bfloat16 (oneDNN accumulates in float32); the weights,
+their gradients and the optimizer state stay float32 (``amp_cast``'s backward casts the gradient
+back), and normalisation, pooling, RoIAlign, the fc layers, the deconvolutions, targets and
+losses are unchanged. bfloat16 has float32's exponent range, so no loss scaling is needed.
 
 Why not ``mx.contrib.amp``: on MXNet 1.9.1 its bfloat16 mode crashes in the backward of
 ``Deconvolution`` (oneDNN), and with ``Deconvolution`` kept in float32 the hybridized graph fails
