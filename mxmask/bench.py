@@ -96,10 +96,9 @@ import numpy as np
 
 from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
-from .export import check_dtype, parse_hw
+from .export import check_anchors_cover, check_dtype, parse_hw
 from .modeling.poolers import shared_level_canvas
 from .modeling.rcnn import build_model
-from .modeling.rpn import anchor_max_size
 from .modeling.roi_heads import select_class_masks
 from .postprocess import detections_to_coco
 from .utils import UserError, atomic_write_bytes, atomic_write_json
@@ -556,11 +555,8 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
                         "use --batch 1")
     hw = parse_size(size)
     cfg, net = build_bench_model(preset, ckpt, overrides)
-    biggest = anchor_max_size(cfg)
-    if max(hw) > biggest:
-        raise UserError("--size %s: larger than %d, the largest input the anchors of %s cover "
-                        "(input.max_size_train / max_size_test); add --set "
-                        "input.max_size_test=%d" % (size, biggest, ckpt or preset, max(hw)))
+    check_anchors_cover(size, hw, cfg, "input.max_size_train / max_size_test; add --set "
+                        "input.max_size_test=%d" % max(hw))
     settings = {"preset": ckpt or preset, "size": "%dx%d" % hw, "batch": batch, "runs": runs,
                 "warmup": warmup, "dtype": dtype, "fuse": bool(fuse),
                 "max_dets": cfg.test.max_dets,

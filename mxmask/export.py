@@ -400,17 +400,23 @@ def parse_hw(text):
 def parse_size(text, cfg):
     """``"HxW"`` -> (H, W): positive multiples of ``input.size_divisibility`` that the anchor
     constants cover. Raises UserError naming ``--size``."""
-    from .modeling.rpn import anchor_max_size
     h, w = parse_hw(text)
     div = max(int(cfg.input.size_divisibility), 1)
-    biggest = anchor_max_size(cfg)
     if h <= 0 or w <= 0 or h % div or w % div:
         raise UserError("--size %s: height and width must be positive multiples of %d "
                         "(input.size_divisibility)" % (text, div))
-    if max(h, w) > biggest:
-        raise UserError("--size %s: larger than %d, the largest input the model's anchors cover "
-                        "(set by input.max_size_train/max_size_test)" % (text, biggest))
+    check_anchors_cover(text, (h, w), cfg)
     return h, w
+
+
+def check_anchors_cover(text, hw, cfg, remedy="set by input.max_size_train/max_size_test"):
+    """UserError naming ``--size text`` when the input ``hw`` is larger than the anchor
+    constants of ``cfg`` cover; ``remedy`` says what lifts the limit."""
+    from .modeling.rpn import anchor_max_size
+    biggest = anchor_max_size(cfg)
+    if max(hw) > biggest:
+        raise UserError("--size %s: larger than %d, the largest input the model's anchors cover "
+                        "(%s)" % (text, biggest, remedy))
 
 
 def _default_check_size(cfg):
