@@ -63,7 +63,8 @@ rate a well-optimised plain CNN reaches on this machine, to read the detector's 
 same random-normal input tensor, with matched settings: random weights, hybridized
 (``static_alloc``, ``static_shape``, as mxmask), ``test.max_dets`` detections per image (GluonCV's
 ``_rcnn_max_dets``; it keeps its own 1000 RPN test proposals and 80 classes), batch 1 (GluonCV's
-inference graph takes one image), the same runs and warm-up. Its CPU RoIAlign bug is worked around
+inference graph takes one image), no test-time flip on mxmask's side (``test.flip`` is turned
+off), the same runs and warm-up. Its CPU RoIAlign bug is worked around
 with :func:`mxmask.convert.gluoncv_reference.pyramid_roi_feats_masked`, which does the same
 RoIAlign work as GluonCV's own code. Its ``total`` is the network plus GluonCV's evaluation
 post-processing (``mask.fill`` into the image and an RLE per detection), the counterpart of
@@ -169,6 +170,9 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None):
         cfg.model.num_classes = 5
     if cfg.model.keypoint_on and cfg.model.num_keypoints == 0:
         cfg.model.num_keypoints = 7
+    if cfg.test.flip and cfg.model.keypoint_on and not (cfg.data.keypoint_flip_map or
+                                                         cfg.data.keypoint_names):
+        cfg.data.keypoint_flip_map = list(range(cfg.model.num_keypoints))   # same work
     mx.random.seed(cfg.seed)
     net = build_model(cfg, ctx=ctx)
     bias = net.box_predictor.cls_score.bias
@@ -447,6 +451,9 @@ def format_table(result, settings):
     else:
         variant = "total"
     lines.append(_row(variant, m["total_s"]))
+    if settings.get("test_flip"):
+        lines.append("test.flip: the total includes the mirror image's backbone and head "
+                     "passes; the stages time the image's own pass")
     lines.append("detections/image %.0f, peak RSS %.0f MB" % (m["detections_per_image"],
                                                              m["peak_rss_mb"]))
     if "gmac" in m:
@@ -554,12 +561,14 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         raise UserError("--against gluoncv: GluonCV's Mask R-CNN infers one image at a time; "
                         "use --batch 1")
     hw = parse_size(size)
+    if against:
+        overrides = list(overrides) + ["test.flip=false"]    # GluonCV has no test-time flip
     cfg, net = build_bench_model(preset, ckpt, overrides)
     check_anchors_cover(size, hw, cfg, "input.max_size_train / max_size_test; add --set "
                         "input.max_size_test=%d" % max(hw))
     settings = {"preset": ckpt or preset, "size": "%dx%d" % hw, "batch": batch, "runs": runs,
                 "warmup": warmup, "dtype": dtype, "fuse": bool(fuse),
-                "max_dets": cfg.test.max_dets,
+                "max_dets": cfg.test.max_dets, "test_flip": bool(cfg.test.flip),
                 "rpn_post_nms_topk_test": cfg.model.rpn.post_nms_topk_test,
                 "omp_threads": os.environ.get("OMP_NUM_THREADS", "default"),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),

@@ -201,6 +201,10 @@ class TestConfig:
     # a second box-head pass on the detections: boxes regressed again, scores averaged
     # (Cascade R-CNN's test-time refinement with one head; roi_heads.refine_detections)
     refine_boxes: bool = False
+    # horizontal-flip test-time augmentation: the box, mask and keypoint heads also run on the
+    # mirrored image and their outputs are averaged (MaskRCNN docstring; Detectron2's
+    # TEST.AUG.FLIP). About twice the network time.
+    flip: bool = False
     keypoint_decode: str = "bicubic"     # bicubic | taylor
     keypoint_oks_sigmas: List[float] = field(default_factory=list)
 

@@ -49,6 +49,9 @@ def test_bench_writes_stages_and_totals(tmp_path, capsys):
     assert gmac["100"] == pytest.approx(10 * gmac["10"], rel=1e-9) and gmac["10"] > 0
     out = capsys.readouterr().out
     assert "keypoint_head" in out and "keypoint head 100 rois" in out and "GFLOP/s" in out
+    # the shapes preset's test-time flip is in the total, and the table says so
+    assert result["settings"]["test_flip"] is True
+    assert "test.flip: the total includes the mirror image's" in out
 
 
 def test_bench_fused_and_bf16_variants(tmp_path):
@@ -91,6 +94,7 @@ def test_bench_against_gluoncv_end_to_end(tmp_path, capsys):
     m, g, r = result["mxmask"], result["gluoncv"], result["resnet50"]
     settings = result["settings"]
     assert settings["against"] == "gluoncv" and settings["size"] == "128x160"
+    assert settings["test_flip"] is False          # matched: GluonCV has no test-time flip
     assert settings["gluoncv"]["model"] == "mask_rcnn_fpn_resnet50_v1b_coco"
     assert settings["gluoncv"]["max_dets"] == 10 == settings["max_dets"]
     # GluonCV's record

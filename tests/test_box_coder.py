@@ -10,7 +10,8 @@ import mxnet as mx
 import pytest
 
 from mxmask.modeling.box_coder import (encode_boxes, decode_boxes, clip_boxes, box_area,
-                                       pairwise_iou, DEFAULT_SCALE_CLAMP)
+                                       pairwise_iou, hflip_boxes, hflip_deltas,
+                                       DEFAULT_SCALE_CLAMP)
 
 nd = mx.nd
 
@@ -198,3 +199,39 @@ def test_pairwise_iou_matches_box_iou():
     assert (out[1, :, 3] == 0).all()
     assert np.isfinite(out).all()
     assert (out > 0.01).sum() > 20   # the test boxes overlap enough to mean something
+
+
+def test_hflip_boxes_hand_values_and_involution():
+    boxes = nd.array([[[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 100.0, 5.0]]])
+    want = [[[70.0, 20.0, 90.0, 60.0], [0.0, 0.0, 100.0, 5.0]]]     # W = 100: x -> 100 - x
+    width = nd.array([100.0])
+    np.testing.assert_array_equal(_both(lambda F, b, w: hflip_boxes(F, b, w), boxes, width), want)
+    np.testing.assert_array_equal(hflip_boxes(nd, boxes, 100.0).asnumpy(), want)
+    twice = hflip_boxes(nd, hflip_boxes(nd, boxes, width), width).asnumpy()
+    np.testing.assert_array_equal(twice, boxes.asnumpy())
+    # the same map as the data loader's flip (numpy)
+    from mxmask.data.transforms import flip_boxes
+    np.testing.assert_array_equal(flip_boxes(boxes.asnumpy()[0], 100), want[0])
+
+
+def test_hflip_deltas_mirror_the_decoded_box():
+    """decode(hflip_deltas(d), hflip(b)) == hflip(decode(d, b)), class-specific layout (N, 4C)."""
+    rng = np.random.RandomState(7)
+    anchors = _random_boxes(rng, (40,), hi=300, max_wh=200)
+    deltas = rng.normal(0, 1.0, (40, 3 * 4)).astype(np.float32)           # 3 classes
+    weights = (10.0, 10.0, 5.0, 5.0)
+    width = nd.array([512.0])
+    flipped = _both(lambda F, d: hflip_deltas(F, d), nd.array(deltas))
+    assert flipped.shape == (40, 12)
+    d4 = deltas.reshape(40, 3, 4)
+    np.testing.assert_array_equal(flipped.reshape(40, 3, 4)[..., 0], -d4[..., 0])
+    np.testing.assert_array_equal(flipped.reshape(40, 3, 4)[..., 1:], d4[..., 1:])
+    a = nd.array(anchors)[:, None, :]                                      # (40, 1, 4)
+    direct = decode_boxes(nd, nd.array(d4), a, weights=weights)
+    mirrored = decode_boxes(nd, nd.array(flipped.reshape(40, 3, 4)), hflip_boxes(nd, a, width),
+                            weights=weights)
+    np.testing.assert_allclose(hflip_boxes(nd, mirrored, width).asnumpy(), direct.asnumpy(),
+                               rtol=1e-5, atol=2e-3)
+    # without the sign change the centres would not mirror
+    wrong = decode_boxes(nd, nd.array(d4), hflip_boxes(nd, a, width), weights=weights)
+    assert np.abs(hflip_boxes(nd, wrong, width).asnumpy() - direct.asnumpy()).max() > 1.0

@@ -13,7 +13,7 @@ from mxmask.modeling.rcnn import MaskRCNN, build_model, output_names
 from mxmask.utils import UserError
 
 SHAPES = ["model.num_classes=3", "model.num_keypoints=4", "test.max_dets=20",
-          "model.rpn.post_nms_topk_test=100", "test.refine_boxes=false"]
+          "model.rpn.post_nms_topk_test=100", "test.refine_boxes=false", "test.flip=false"]
 
 
 def inputs(B=2, H=128, W=160, seed=0):
@@ -170,6 +170,82 @@ def test_refine_boxes_runs_the_box_head_again_on_the_detections(shapes_net, shap
     net.hybridize(static_alloc=True, static_shape=True)
     for ref, out in zip(got, net(data, im_info)):
         np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def _np_hflip(boxes, width):
+    b = np.array(boxes, dtype=np.float32)
+    return np.stack([width - b[..., 2], b[..., 1], width - b[..., 0], b[..., 3]], axis=-1)
+
+
+def test_flip_averages_every_head_over_the_mirror_image(shapes_net):
+    """test.flip: the box head (proposals and the refine pass), the mask head and the keypoint
+    head average their logits with their pass on the mirrored input; recomputed here from the
+    model's own blocks with numpy flips. Hybridized too."""
+    from mxmask.modeling.roi_heads import detect, refine_detections, select_class_masks
+    flip_map = [1, 0, 2, 3]
+    cfg = get_config("shapes", SHAPES + ["test.refine_boxes=true", "test.flip=true",
+                                         "data.keypoint_flip_map=[1, 0, 2, 3]"])
+    mx.random.seed(0)
+    net = build_model(cfg)                               # same seed: shapes_net's weights
+    data, im_info = inputs()
+    got = dict(zip(net.output_names, [o.asnumpy() for o in net(data, im_info)]))
+    W = data.shape[3]
+    features = shapes_net.backbone(data)
+    mirrored = shapes_net.backbone(mx.nd.array(data.asnumpy()[..., ::-1].copy()))
+    C = cfg.model.num_classes
+
+    def box_pass(rois):
+        logits, deltas = shapes_net.box_forward(rois, *features)
+        m_logits, m_deltas = shapes_net.box_forward(mx.nd.array(_np_hflip(rois.asnumpy(), W)),
+                                                    *mirrored)
+        m_deltas = m_deltas.asnumpy().reshape(-1, C, 4)
+        m_deltas[..., 0] *= -1
+        return ((logits + m_logits) / 2,
+                (deltas + mx.nd.array(m_deltas.reshape(-1, C * 4))) / 2)
+
+    rois, roi_scores = shapes_net.rpn(im_info, *features)
+    ids, scores, boxes = detect(mx.nd, *box_pass(rois), rois, roi_scores, im_info,
+                                **shapes_net.detect_kwargs)
+    ids, scores, boxes = refine_detections(mx.nd, *box_pass(boxes), ids, scores, boxes, im_info,
+                                           **shapes_net.detect_kwargs)
+    assert (ids.asnumpy() >= 0).sum() >= 10
+    np.testing.assert_array_equal(got["ids"], ids.asnumpy())
+    np.testing.assert_allclose(got["scores"], scores.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["boxes"], boxes.asnumpy(), rtol=1e-5, atol=1e-4)
+    flipped_boxes = mx.nd.array(_np_hflip(boxes.asnumpy(), W))
+
+    def head_pair(head):
+        own = head(boxes, *features[:4]).asnumpy()
+        return own, head(flipped_boxes, *mirrored[:4]).asnumpy()[..., ::-1]
+
+    own, back = head_pair(shapes_net.mask_head)
+    masks = select_class_masks(mx.nd, mx.nd.array((own + back) / 2), ids, C).asnumpy()
+    np.testing.assert_allclose(got["masks"], masks, rtol=1e-4, atol=1e-5)
+    assert np.abs(select_class_masks(mx.nd, mx.nd.array(own), ids, C).asnumpy()
+                  - masks).max() > 1e-3                  # the mirror pass changed the masks
+    own, back = head_pair(shapes_net.keypoint_head)
+    heatmaps = (own + back[:, flip_map]) / 2             # left and right swapped back
+    np.testing.assert_allclose(got["heatmaps"], heatmaps.reshape(got["heatmaps"].shape),
+                               rtol=1e-4, atol=1e-4)
+    net.hybridize(static_alloc=True, static_shape=True)
+    for name, out in zip(net.output_names, net(data, im_info)):
+        np.testing.assert_allclose(out.asnumpy(), got[name], rtol=1e-4, atol=1e-4)
+
+
+def test_flip_keypoint_map_is_the_training_flips():
+    """test.flip swaps keypoints with data.keypoint_flip_map, else the map of the keypoint names,
+    else none (as the training flip, data/transforms.py); a map that is not a permutation of
+    the keypoints is an error."""
+    cfg = get_config("shapes", SHAPES + ["test.flip=true"])
+    assert MaskRCNN(cfg).keypoint_flip_map == [0, 1, 2, 3]
+    cfg.data.keypoint_names = ["nose", "left_eye", "right_eye", "tail"]
+    assert MaskRCNN(cfg).keypoint_flip_map == [0, 2, 1, 3]
+    cfg.data.keypoint_flip_map = [3, 1, 2, 0]
+    assert MaskRCNN(cfg).keypoint_flip_map == [3, 1, 2, 0]
+    for bad in ([0, 1, 1, 3], [1, 0, 2]):
+        cfg.data.keypoint_flip_map = bad
+        with pytest.raises(UserError, match="data.keypoint_flip_map must be a permutation"):
+            MaskRCNN(cfg)
 
 
 def test_inference_graph_builds_one_level_canvas():

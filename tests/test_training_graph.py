@@ -78,7 +78,7 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
     and gradients are finite, and an inference graph whose masks come from that one channel."""
     cfg, net = build_bench_model("shapes", overrides=["model.box_head.cls_agnostic_bbox_reg=true",
                                                       "model.mask_head.cls_agnostic_mask=true",
-                                                      "solver.amp="])
+                                                      "solver.amp=", "test.flip=false"])
     assert net.box_predictor.bbox_pred.weight.shape[0] == 4
     assert net.mask_head.predictor.weight.shape[0] == 1
     np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)

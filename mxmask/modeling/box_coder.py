@@ -42,7 +42,7 @@ Detectron2's division.
 import math
 
 __all__ = ["encode_boxes", "decode_boxes", "clip_boxes", "box_area", "pairwise_iou",
-           "DEFAULT_SCALE_CLAMP"]
+           "hflip_boxes", "hflip_deltas", "DEFAULT_SCALE_CLAMP"]
 
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -130,6 +130,35 @@ def clip_boxes(F, boxes, im_info, plus_one=False):
     flat = F.reshape(boxes, (0, -1, 4))                                 # (B, N, 4)
     clipped = F.broadcast_minimum(F.maximum(flat, 0.0), F.expand_dims(bounds, axis=1))
     return F.reshape_like(clipped, boxes)
+
+
+def hflip_boxes(F, boxes, width):
+    """Mirror boxes (..., 4) left to right in an image ``width`` pixels wide -> (..., 4).
+
+    ``x1' = W - x2``, ``x2' = W - x1``; y unchanged. Continuous coordinates: pixel column ``i``
+    of the mirrored image is column ``W - 1 - i`` of the image, so a coordinate ``x`` (pixel
+    edges, pixel ``i`` centred at ``i + 0.5``) becomes ``W - x`` (the data loader's flip,
+    data/transforms.py, is the same map). ``width`` is a number or an array that broadcasts
+    against ``(..., 1)``, e.g. shape (1,). Applied twice it gives the boxes back.
+    """
+    x1, y1, x2, y2 = F.split(boxes, axis=-1, num_outputs=4)
+    if isinstance(width, (int, float)):
+        return F.concat(width - x2, y1, width - x1, y2, dim=-1)
+    return F.concat(F.broadcast_sub(width, x2), y1, F.broadcast_sub(width, x1), y2, dim=-1)
+
+
+def hflip_deltas(F, deltas):
+    """Mirror box deltas (N, 4k) (k sets of ``(dx, dy, dw, dh)``, e.g. one per class) -> (N, 4k):
+    ``dx`` changes sign, the rest stays.
+
+    The deltas that take box ``b`` to ``t`` take ``hflip_boxes(b)`` to ``hflip_boxes(t)`` once
+    mirrored: ``decode_boxes(hflip_deltas(d), hflip_boxes(b)) == hflip_boxes(decode_boxes(d, b))``
+    (the centre offset mirrors, the log-sizes do not).
+    """
+    d = F.reshape(deltas, (0, -1, 4))                                   # (N, k, 4)
+    dx = F.slice_axis(d, axis=-1, begin=0, end=1)
+    rest = F.slice_axis(d, axis=-1, begin=1, end=4)
+    return F.reshape(F.concat(-dx, rest, dim=-1), (0, -1))
 
 
 def box_area(F, boxes, plus_one=False):

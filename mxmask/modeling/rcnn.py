@@ -33,6 +33,15 @@ The stages, as attributes and methods that the training code reuses:
 At inference the mask and keypoint heads run on the D final detections of each image, never on
 all proposals.
 
+With ``test.flip`` (horizontal-flip test-time augmentation) the backbone also runs on the mirrored
+input (the whole padded (H, W) tensor, so a coordinate x maps to W - x), and every head averages
+its logits over the image and the mirror image: the box head on the proposals and, with
+refine_boxes, on the detections (class logits averaged; box deltas averaged after ``dx`` of the
+mirror pass changes sign), the mask head (the mirror pass's 28x28 logits flipped back), the
+keypoint head (heatmap logits flipped back, left and right keypoints swapped with
+``data.keypoint_flip_map``). Proposals come from the image alone. The outputs keep their shapes;
+the network time is about twice as long.
+
 ``hybrid_forward`` is the inference graph. Called in training mode it still returns the outputs
 above (computed from the RPN's training-mode proposal counts); the training step composes the
 stages itself (``rpn`` in training mode, target sampling, ``box_forward``, ``mask_head``,
@@ -49,10 +58,12 @@ import warnings
 import mxnet as mx
 
 from ..utils import UserError
+from .box_coder import hflip_boxes, hflip_deltas
 from .fpn import build_backbone
 from .poolers import shared_level_canvas
 from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
-                        detect, detection_settings, refine_detections, select_class_masks)
+                        detect, detection_settings, hflip_heatmaps, refine_detections,
+                        select_class_masks)
 from .rpn import RPN
 
 __all__ = ["MaskRCNN", "build_model", "output_names", "init_weights"]
@@ -85,6 +96,26 @@ def _check_config(cfg):
         raise UserError("test.max_dets must be > 0, got %d" % cfg.test.max_dets)
 
 
+def keypoint_flip_map(cfg):
+    """The keypoint mirror map of the flip test-time augmentation (``[]`` without keypoints or
+    ``test.flip``): the one the training flip uses, ``data.keypoint_flip_map``, else derived
+    from ``data.keypoint_names`` (``left_*`` <-> ``right_*``), else no swap. Raises UserError
+    when it is not a permutation of the ``num_keypoints`` keypoints."""
+    m = cfg.model
+    if not (cfg.test.flip and m.keypoint_on):
+        return []
+    flip = list(cfg.data.keypoint_flip_map)
+    if not flip and cfg.data.keypoint_names:
+        from ..data.coco import keypoint_flip_map as from_names
+        flip = from_names(cfg.data.keypoint_names)
+    if not flip:
+        flip = list(range(m.num_keypoints))
+    if sorted(flip) != list(range(m.num_keypoints)):
+        raise UserError("data.keypoint_flip_map must be a permutation of the %d keypoints (the "
+                        "mirror of each) for test.flip, got %r" % (m.num_keypoints, flip))
+    return [int(i) for i in flip]
+
+
 class MaskRCNN(mx.gluon.HybridBlock):
     """Backbone + FPN, RPN, box head, detection, mask head, keypoint head (see module doc)."""
 
@@ -97,6 +128,8 @@ class MaskRCNN(mx.gluon.HybridBlock):
         self.output_names = output_names(cfg)
         self.detect_kwargs = detection_settings(cfg)
         self.refine_boxes = bool(cfg.test.refine_boxes)
+        self.flip_test = bool(cfg.test.flip)
+        self.keypoint_flip_map = keypoint_flip_map(cfg)
         with self.name_scope():
             # 1. ResNet-v1b + FPN -> P2..P6 (strides 4..64)
             self.backbone = build_backbone(cfg, num_devices=num_devices)
@@ -132,17 +165,44 @@ class MaskRCNN(mx.gluon.HybridBlock):
         """
         return self.box_predictor(self.box_head(rois, *self.roi_features(features)))
 
-    def detections(self, F, im_info, rois, roi_scores, *features):
-        """Box head on the proposals, per-class NMS -> ids (B, D), scores (B, D), boxes (B, D, 4);
-        with ``test.refine_boxes`` the box head runs once more on those detections."""
+    def mirror(self, F, data):
+        """With ``test.flip``: ``(W, mirrored features)``, the padded width (1,) and the backbone
+        outputs of the input flipped left to right; else None."""
+        if not self.flip_test:
+            return None
+        width = F.cast(F.slice_axis(F.shape_array(data), axis=0, begin=3, end=4), "float32")
+        return width, self.backbone(F.flip(data, axis=3))
+
+    def _box_pass(self, F, rois, features, mirror):
+        # box_forward, averaged with the mirror image's pass (test.flip) when mirror is given
         cls_logits, box_deltas = self.box_forward(rois, *features)
+        if mirror is None:
+            return cls_logits, box_deltas
+        width, mirrored = mirror
+        m_logits, m_deltas = self.box_forward(hflip_boxes(F, rois, width), *mirrored)
+        return (cls_logits + m_logits) * 0.5, (box_deltas + hflip_deltas(F, m_deltas)) * 0.5
+
+    def detections(self, F, im_info, rois, roi_scores, *features, mirror=None):
+        """Box head on the proposals, per-class NMS -> ids (B, D), scores (B, D), boxes (B, D, 4);
+        with ``test.refine_boxes`` the box head runs once more on those detections. ``mirror``
+        (from :meth:`mirror`) averages in the mirror image's box head (``test.flip``)."""
+        cls_logits, box_deltas = self._box_pass(F, rois, features, mirror)
         ids, scores, boxes = detect(F, cls_logits, box_deltas, rois, roi_scores, im_info,
                                     **self.detect_kwargs)
         if self.refine_boxes:
-            cls_logits, box_deltas = self.box_forward(boxes, *features)
+            cls_logits, box_deltas = self._box_pass(F, boxes, features, mirror)
             ids, scores, boxes = refine_detections(F, cls_logits, box_deltas, ids, scores, boxes,
                                                    im_info, **self.detect_kwargs)
         return ids, scores, boxes
+
+    def _head_pass(self, F, head, boxes, features, mirror):
+        # a mask / keypoint head on boxes (B, D, 4) -> (B*D, X, S, S) logits, and with mirror
+        # its logits on the mirrored boxes of the mirror image (still mirrored), else None
+        logits = head(boxes, *self.roi_features(features))
+        if mirror is None:
+            return logits, None
+        width, mirrored = mirror
+        return logits, head(hflip_boxes(F, boxes, width), *self.roi_features(mirrored))
 
     def hybrid_forward(self, F, data, im_info):
         # every RoI head pools from one level canvas (poolers.shared_level_canvas)
@@ -152,20 +212,26 @@ class MaskRCNN(mx.gluon.HybridBlock):
     def _inference(self, F, data, im_info):
         # backbone: (B, 3, H, W) -> P2..P6
         features = self.backbone(data)
-        pooled_levels = self.roi_features(features)
+        # test.flip: (W, backbone outputs of the mirrored input), else None
+        mirror = self.mirror(F, data)
         # RPN: rois (B, R, 4), roi_scores (B, R); padded rows have score -1
         rpn_out = self.rpn(im_info, *features)
         rois, roi_scores = F.stop_gradient(rpn_out[0]), rpn_out[1]
         # box head on all proposals, then per-class NMS -> D detections per image
-        ids, scores, boxes = self.detections(F, im_info, rois, roi_scores, *features)
+        ids, scores, boxes = self.detections(F, im_info, rois, roi_scores, *features,
+                                             mirror=mirror)
         outputs = [ids, scores, boxes]
         # mask head on the B*D detected boxes -> the predicted class's mask
         if self.mask_head is not None:
-            mask_logits = self.mask_head(boxes, *pooled_levels)
+            mask_logits, mirrored = self._head_pass(F, self.mask_head, boxes, features, mirror)
+            if mirrored is not None:
+                mask_logits = (mask_logits + F.flip(mirrored, axis=3)) * 0.5
             outputs.append(select_class_masks(F, mask_logits, ids, self.mask_head.num_classes))
         # keypoint head on the B*D detected boxes -> heatmaps and argmax keypoints
         if self.keypoint_head is not None:
-            heatmaps = self.keypoint_head(boxes, *pooled_levels)
+            heatmaps, mirrored = self._head_pass(F, self.keypoint_head, boxes, features, mirror)
+            if mirrored is not None:
+                heatmaps = (heatmaps + hflip_heatmaps(F, mirrored, self.keypoint_flip_map)) * 0.5
             heatmaps = F.reshape_like(heatmaps, ids, lhs_begin=0, lhs_end=1,
                                       rhs_begin=0, rhs_end=2)          # (B, D, K, S, S)
             outputs.append(decode_keypoints(F, heatmaps, boxes, self.keypoint_resolution))

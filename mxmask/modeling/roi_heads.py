@@ -68,7 +68,7 @@ from .poolers import MultiLevelRoIAlign
 from .precision import Conv2D
 
 __all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
-           "refine_detections",
+           "refine_detections", "hflip_heatmaps",
            "select_class_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
            "GLUONCV_SCALE_CLAMP"]
 
@@ -397,6 +397,18 @@ def upsample2x_bilinear(F, x, channels):
     padded = F.pad(x, mode="edge", pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
     return F.Deconvolution(padded, kernel, kernel=(4, 4), stride=(2, 2), pad=(3, 3),
                            num_filter=channels, num_group=channels, no_bias=True)
+
+
+def hflip_heatmaps(F, heatmaps, flip_map):
+    """Keypoint heatmaps (N, K, S, S) of mirrored boxes in the mirror image -> the heatmaps of the
+    boxes in the image: columns reversed, and keypoint k takes the channel of its mirror
+    ``flip_map[k]`` (left <-> right; the data loader's flip uses the same map).
+
+    Exact for the heatmap grid: column j of a mirrored box covers the image columns of column
+    S - 1 - j of the box.
+    """
+    channels = [F.slice_axis(heatmaps, axis=1, begin=j, end=j + 1) for j in flip_map]
+    return F.flip(F.concat(*channels, dim=1), axis=3)
 
 
 def decode_keypoints(F, heatmaps, boxes, resolution):
