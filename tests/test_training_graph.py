@@ -5,6 +5,7 @@ import mxnet as mx
 import pytest
 
 from mxmask.bench import build_bench_model, synthetic_train_batch
+from mxmask.modeling import training
 from mxmask.modeling.training import RCNNLoss
 
 nd = mx.nd
@@ -32,6 +33,8 @@ def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8():
 
 @pytest.mark.parametrize("preset", ["shapes", "mask_rcnn_r50_fpn"])
 def test_heads_on_the_positive_slots_equal_heads_on_all_slots(preset, monkeypatch):
+    """The mask head on the first k slots and the keypoint head on the positives with labelled
+    keypoints give the losses and gradients of both heads on all P positive slots."""
     overrides = ["model.backbone.depth=18", "model.backbone.width=16", "model.fpn.out_channels=32",
                  "model.rpn.conv_channels=32", "model.box_head.fc_dim=64",
                  "model.mask_head.conv_dim=32", "model.rpn.pre_nms_topk_train=300"] \
@@ -40,36 +43,103 @@ def test_heads_on_the_positive_slots_equal_heads_on_all_slots(preset, monkeypatc
     overrides.append("solver.amp=")                  # float32 convolutions: exact comparisons
     cfg, net = build_bench_model(preset, overrides=overrides)
     np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    np_batch["gt_keypoints"][:, 1:, :, 2] = 0        # objects 1 and 2 have no keypoints
+    np_batch["gt_keypoints"][1, 0, :3, 2] = 0        # and object 0 of image 1 only some
     keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks"] + \
         (["gt_keypoints"] if cfg.model.keypoint_on else [])
     batch = {k: nd.array(np_batch[k]) for k in keys}
     params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    monkeypatch.setattr(training, "_SLOT_STEP", 1)   # k = the counts themselves
 
     def run(all_slots):
         loss_net = RCNNLoss(net, cfg, kernels="mxnet")
         loss_net.hybridize(static_alloc=True)
-        used = []
-        real = loss_net.head_slots
-        k_fn = (lambda labels: used.append(loss_net.num_pos_slots) or loss_net.num_pos_slots) \
-            if all_slots else (lambda labels: used.append(real(labels)) or used[-1])
-        monkeypatch.setattr(loss_net, "head_slots", k_fn)
+        P = loss_net.num_pos_slots
+        used = {}
+        real_k, real_kp = loss_net.head_slots, loss_net.keypoint_slots
+
+        def head_slots(labels):
+            used["mask"] = P if all_slots else real_k(labels)
+            return used["mask"]
+
+        def keypoint_slots(labels, matched, gt_keypoints):
+            order, k = real_kp(labels, matched, gt_keypoints)
+            if all_slots:                            # every slot, in the sampler's order
+                order, k = nd.broadcast_like(nd.arange(P).reshape((1, -1)), order), P
+            used["keypoint"] = k
+            return order, k
+        monkeypatch.setattr(loss_net, "head_slots", head_slots)
+        monkeypatch.setattr(loss_net, "keypoint_slots", keypoint_slots)
         mx.random.seed(5)
         with mx.autograd.record():
             losses = loss_net(**batch)
             total = nd.add_n(*losses.values())
         total.backward()
         return ({k: float(v.asscalar()) for k, v in losses.items()},
-                {p.name: p.grad().asnumpy().copy() for p in params}, used[0])
+                {p.name: p.grad().asnumpy().copy() for p in params}, used)
 
     ref, ref_grads, k_all = run(True)
     out, grads, k = run(False)
-    assert k < k_all, "the test batch should leave slots without positives"
+    assert k["mask"] < k_all["mask"], "the test batch should leave slots without positives"
+    if cfg.model.keypoint_on:
+        assert k["keypoint"] < k["mask"], "fewer positives with keypoints than positives"
+        assert out["loss_keypoint"] > 0
     assert out.keys() == ref.keys() and "loss_mask" in out
     for name in ref:
         assert out[name] == pytest.approx(ref[name], rel=1e-5, abs=1e-7), name
     for name, g in ref_grads.items():
         np.testing.assert_allclose(grads[name], g, rtol=1e-4,
                                    atol=1e-5 * max(float(np.abs(g).max()), 1e-6), err_msg=name)
+
+
+def test_keypoint_only_model_trains():
+    """A keypoint model without masks (the keypoint_rcnn_r50_fpn layout): stage 2 takes the
+    keypoint head's inputs alone; its loss and gradients are finite and non-zero."""
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp=", "model.mask_on=false"])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_keypoints"]
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    loss_net.hybridize(static_alloc=True)
+    with mx.autograd.record():
+        losses = loss_net(**{k: nd.array(np_batch[k]) for k in keys})
+        nd.add_n(*losses.values()).backward()
+    assert "loss_mask" not in losses and losses["loss_keypoint"].asscalar() > 0
+    grads = [p.grad().asnumpy() for n, p in net.collect_params().items()
+             if "keypoint" in n or "score_lowres" in n or "conv_fcn" in n]
+    assert grads and all(np.isfinite(g).all() for g in grads)
+    assert sum(np.abs(g).sum() for g in grads) > 0
+
+
+def test_keypoint_slots_put_the_positives_with_keypoints_first():
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp=",
+                                                      "model.box_head.positive_fraction=0.25"])
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    P = loss_net.num_pos_slots
+    assert P == 16
+    K = cfg.model.num_keypoints
+    gt_keypoints = np.zeros((2, 3, K, 3), np.float32)
+    gt_keypoints[0, 1, 2, 2] = 2                     # image 0: gt 1 has one labelled keypoint
+    gt_keypoints[1, 0, :, 2] = 1                     # image 1: gt 0, all labelled (occluded)
+    labels = np.zeros((2, 64), np.float32)
+    matched = -np.ones((2, 64), np.float32)
+    labels[0, :12] = 1                               # 12 positives of image 0: gts 0, 1, 2 ...
+    matched[0, :12] = [0, 1, 2] * 4
+    labels[0, 20:30] = 3                             # past P: never counted
+    matched[0, 20:30] = 1
+    labels[1, :10] = 2                               # 10 positives of image 1, 9 of them on gt 0
+    matched[1, :10] = [0] * 9 + [2]
+    order, k = loss_net.keypoint_slots(nd.array(labels), nd.array(matched), nd.array(gt_keypoints))
+    assert k == 16                                   # 9 slots -> 16
+    order = order.asnumpy().astype(int)
+    assert order.shape == (2, P)
+    assert sorted(order[0, :4]) == [1, 4, 7, 10]     # the slots matched to gt 1
+    assert sorted(order[1, :9]) == list(range(9))
+    for row in order:
+        assert sorted(row) == list(range(P))         # a permutation of the P slots
+    labels[1, :10] = 0
+    labels[0, :12] = 0
+    assert loss_net.keypoint_slots(nd.array(labels), nd.array(matched),
+                                   nd.array(gt_keypoints))[1] == 8
 
 
 def test_class_agnostic_box_and_mask_heads_train_and_predict():

@@ -24,13 +24,18 @@ The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two
    RPN losses; proposals -> RoI sampler (gt boxes appended; S rois, positives in the first P
    slots) -> ``net.box_forward`` -> box losses. It also returns the sampled rois, labels and
    matched gts, and the FPN levels the RoI heads pool from.
-2. :class:`HeadStage`: the mask head / keypoint head and their targets and losses on the first
-   ``k`` slots, where ``k`` (:meth:`RCNNLoss.head_slots`) is the largest number of positives of
-   an image of the batch, rounded up to a multiple of 8 (at most P). Slots past an image's
-   positives carry no loss, so the losses equal those over all P slots (Detectron2 and
-   torchvision also run these heads on the positives only), while the heads' cost follows the
-   real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of the 128 slots
-   instead of all of them. Reading ``k`` waits for stage 1; :meth:`RCNNLoss.begin` /
+2. :class:`HeadStage`: the mask head / keypoint head and their targets and losses. The mask
+   head runs on the first ``k`` slots, where ``k`` (:meth:`RCNNLoss.head_slots`) is the largest
+   number of positives of an image of the batch, rounded up to a multiple of 8 (at most P).
+   Slots past an image's positives carry no loss, so the losses equal those over all P slots
+   (Detectron2 and torchvision also run these heads on the positives only), while the heads'
+   cost follows the real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of
+   the 128 slots instead of all of them. The keypoint head runs on the positives whose gt has a
+   labelled keypoint (v > 0), moved to the front of the P slots, again rounded up to a multiple
+   of 8 (:meth:`RCNNLoss.keypoint_slots`; Detectron2's ``select_proposals_with_visible_keypoints``):
+   the other positives have no keypoint target, and the keypoint loss, normalised by the number
+   of labelled keypoints, is the same as over all P slots (the shapes dataset: a third of the
+   objects are figures). Reading the counts waits for stage 1; :meth:`RCNNLoss.begin` /
    :meth:`RCNNLoss.finish` let a multi-context step start every context's stage 1 first.
 
 Kernels (``kernels``): ``"auto"`` picks ``"mxmask"`` when the network's parameters live on CPU
@@ -66,6 +71,13 @@ def _pick_kernels(net, kernels):
     if kernels == "mxmask" and not load_ops():
         raise RuntimeError("kernels='mxmask': the operators could not be built (see the warning)")
     return kernels
+
+
+def _rows(array, index):
+    """array (B, N, ...) and index (B, M) -> array[b, index[b, m], ...] as (B, M, ...)."""
+    bidx = mx.nd.broadcast_like(mx.nd.reshape(mx.nd.arange(index.shape[0], ctx=index.context),
+                                              (-1, 1)), index)
+    return mx.nd.gather_nd(array, mx.nd.stack(bidx, index, axis=0))
 
 
 class BoxStage(mx.gluon.HybridBlock):
@@ -127,8 +139,9 @@ class BoxStage(mx.gluon.HybridBlock):
 
 
 class HeadStage(mx.gluon.HybridBlock):
-    """Stage 2 (module docstring): (rois (B, k, 4), labels (B, k), matched (B, k),
-    [gt_masks], [gt_keypoints], P2..P5) -> ([loss_mask], [loss_keypoint])."""
+    """Stage 2 (module docstring): ([rois (B, k, 4), labels (B, k), matched (B, k), gt_masks]
+    if mask_on, [rois (B, k', 4), labels (B, k'), matched (B, k'), gt_keypoints] if keypoint_on,
+    P2..P5) -> ([loss_mask], [loss_keypoint])."""
 
     def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(HeadStage, self).__init__(**kwargs)
@@ -145,19 +158,21 @@ class HeadStage(mx.gluon.HybridBlock):
             self.keypoint_targets = KeypointTargets(None, m.keypoint_head.resolution) \
                 if self.keypoint_on else None
 
-    def hybrid_forward(self, F, rois, labels, matched, *extra):
-        gt_masks = extra[0] if self.mask_on else None
-        gt_keypoints = extra[int(self.mask_on)] if self.keypoint_on else None
-        levels = extra[int(self.mask_on) + int(self.keypoint_on):]
+    def hybrid_forward(self, F, *inputs):
+        mask_in = inputs[:4] if self.mask_on else None
+        keypoint_in = inputs[4 * self.mask_on:4 * self.mask_on + 4] if self.keypoint_on else None
+        levels = inputs[4 * (self.mask_on + self.keypoint_on):]
         outputs = []
         with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp), \
                 shared_level_canvas():
             if self.mask_on:
+                rois, labels, matched, gt_masks = mask_in
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
                 outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets,
                                                 self.mask_head.num_classes == 1))
             if self.keypoint_on:
+                rois, labels, matched, gt_keypoints = keypoint_in
                 heatmaps = self.keypoint_head(rois, *levels)
                 kp_targets, kp_valid = self.keypoint_targets(rois, labels, matched, gt_keypoints)
                 loss = L.keypoint_rcnn_loss(heatmaps, kp_targets, kp_valid)
@@ -192,13 +207,30 @@ class RCNNLoss(mx.gluon.Block):
         if self.head_stage is not None:
             self.head_stage.hybridize(active, **kwargs)
 
+    def _round_slots(self, count):
+        return min(self.num_pos_slots, max(_SLOT_STEP, -(-int(count) // _SLOT_STEP) * _SLOT_STEP))
+
     def head_slots(self, labels):
-        """k for stage 2: the most positives (label > 0) of one image among the first P slots
-        of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P. Waits for it."""
+        """k for the mask head: the most positives (label > 0) of one image among the first P
+        slots of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P. Waits for
+        it."""
+        first = mx.nd.slice_axis(labels, axis=1, begin=0, end=self.num_pos_slots)
+        return self._round_slots(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
+
+    def keypoint_slots(self, labels, matched, gt_keypoints):
+        """The keypoint head's slots: ``(order (B, P), k')``. ``order`` lists each image's first
+        P slots with the positives whose matched gt has a labelled keypoint (v > 0 in
+        ``gt_keypoints`` (B, G, K, 3)) first; ``k'`` is the most such slots of one image, rounded
+        up to a multiple of 8, between 8 and P. Waits for it."""
         P = self.num_pos_slots
-        first = mx.nd.slice_axis(labels, axis=1, begin=0, end=P)
-        count = int(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
-        return min(P, max(_SLOT_STEP, -(-count // _SLOT_STEP) * _SLOT_STEP))
+        labels, matched = [mx.nd.slice_axis(a, axis=1, begin=0, end=P) for a in (labels, matched)]
+        vis = mx.nd.slice_axis(gt_keypoints, axis=3, begin=2, end=3)
+        labelled = mx.nd.max(vis, axis=(2, 3)) > 0                               # (B, G)
+        pos = labels > 0
+        gidx = mx.nd.where(pos, matched, mx.nd.zeros_like(matched))
+        has = pos * _rows(labelled, gidx)                                         # (B, P)
+        order = mx.nd.topk(has, axis=1, k=P, ret_typ="indices", is_ascend=False)
+        return order, self._round_slots(mx.nd.max(mx.nd.sum(has, axis=1)).asscalar())
 
     def begin(self, **inputs):
         """Stage 1 on one context's inputs; returns the state that :meth:`finish` takes."""
@@ -209,12 +241,18 @@ class RCNNLoss(mx.gluon.Block):
         inputs, out = state
         losses = list(out[:4])
         if self.head_stage is not None:
-            rois, labels, matched = out[4:7]
-            k = self.head_slots(labels)
-            slots = [mx.nd.slice_axis(a, axis=1, begin=0, end=k) for a in (rois, labels, matched)]
-            extra = ([inputs["gt_masks"]] if self.mask_on else []) + \
-                ([inputs["gt_keypoints"]] if self.keypoint_on else [])
-            head = self.head_stage(*(slots + extra + list(out[7:])))
+            sampled = out[4:7]                                   # rois, labels, matched
+            head_in = []
+            if self.mask_on:
+                k = self.head_slots(sampled[1])
+                head_in += [mx.nd.slice_axis(a, axis=1, begin=0, end=k) for a in sampled]
+                head_in.append(inputs["gt_masks"])
+            if self.keypoint_on:
+                order, k = self.keypoint_slots(sampled[1], sampled[2], inputs["gt_keypoints"])
+                order = mx.nd.slice_axis(order, axis=1, begin=0, end=k)
+                head_in += [_rows(a, order) for a in sampled]
+                head_in.append(inputs["gt_keypoints"])
+            head = self.head_stage(*(head_in + list(out[7:])))
             losses += list(head) if isinstance(head, (list, tuple)) else [head]
         return dict(zip(self.loss_names, losses))
 
