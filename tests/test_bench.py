@@ -1,6 +1,7 @@
 """mxmask bench: the table, the JSON record and the chart on tiny inputs; the MAC counter; the
 GluonCV reference (RoIAlign workarounds, RPN targets) that ``--against gluoncv`` runs."""
 import json
+import os
 import types
 
 import mxmask  # noqa: F401  (first: it sets OMP_NUM_THREADS before mxnet loads)
@@ -10,6 +11,8 @@ import pytest
 
 from mxmask.cli import main
 from mxmask.flops import count_block_macs, count_macs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STAT_KEYS = {"median", "min", "max"}
 
@@ -291,3 +294,28 @@ def test_gluoncv_rpn_targets_equal_its_data_loader(monkeypatch):
     assert (ours[0] == 1).sum() > 0 and (ours[0] == 0).sum() > 0     # positives and negatives
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bench_train_steps_times_real_batches(ckpt, shapes_dataset, tmp_path, capsys):
+    """scripts/bench_train_steps.py: blocks of real training steps from a checkpoint's weights,
+    or from a preset with random init; a bad checkpoint is a one-line error."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bench_train_steps", os.path.join(ROOT, "scripts", "bench_train_steps.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = tmp_path / "steps.json"
+    assert script.main(["--ckpt", ckpt, "--steps", "2", "--repeat", "2", "--warmup", "1",
+                        "--set", "solver.amp=", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert len(result["ms_per_step"]) == 2 and all(v > 0 for v in result["ms_per_step"])
+    assert result["median_ms"] == pytest.approx(sum(result["ms_per_step"]) / 2)
+    assert result["images_per_step"] == 2 and result["overrides"] == ["solver.amp="]
+    assert "ms per step (2 steps of 2 images per block, after 1)" in capsys.readouterr().out
+    train = os.path.join(shapes_dataset, "annotations", "train.json")
+    images = os.path.join(shapes_dataset, "images", "train")
+    assert script.main(["--set", "data.train_ann=" + train, "data.train_images=" + images,
+                        "input.min_size_train=[96]", "input.max_size_train=128",
+                        "--steps", "1", "--warmup", "0"]) == 0
+    assert script.main(["--ckpt", str(tmp_path / "none")]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err

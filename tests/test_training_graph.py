@@ -11,13 +11,19 @@ from mxmask.modeling.training import RCNNLoss
 nd = mx.nd
 
 
-def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8():
-    # 64 rois, a quarter positive: P = 16 slots
+@pytest.fixture(scope="module")
+def quarter_positive():
+    """(cfg, loss_net) of shapes with 64 rois, a quarter positive: P = 16 slots."""
     cfg, net = build_bench_model("shapes", overrides=["solver.amp=",
                                                       "model.box_head.positive_fraction=0.25"])
     loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    assert loss_net.num_pos_slots == 16
+    return cfg, loss_net
+
+
+def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8(quarter_positive):
+    loss_net = quarter_positive[1]
     P = loss_net.num_pos_slots
-    assert P == 16
 
     def labels(*positives):
         rows = np.zeros((len(positives), 64), np.float32)
@@ -104,18 +110,14 @@ def test_keypoint_only_model_trains():
         losses = loss_net(**{k: nd.array(np_batch[k]) for k in keys})
         nd.add_n(*losses.values()).backward()
     assert "loss_mask" not in losses and losses["loss_keypoint"].asscalar() > 0
-    grads = [p.grad().asnumpy() for n, p in net.collect_params().items()
-             if "keypoint" in n or "score_lowres" in n or "conv_fcn" in n]
+    grads = [p.grad().asnumpy() for p in net.keypoint_head.collect_params().values()]
     assert grads and all(np.isfinite(g).all() for g in grads)
     assert sum(np.abs(g).sum() for g in grads) > 0
 
 
-def test_keypoint_slots_put_the_positives_with_keypoints_first():
-    cfg, net = build_bench_model("shapes", overrides=["solver.amp=",
-                                                      "model.box_head.positive_fraction=0.25"])
-    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+def test_keypoint_slots_put_the_positives_with_keypoints_first(quarter_positive):
+    cfg, loss_net = quarter_positive
     P = loss_net.num_pos_slots
-    assert P == 16
     K = cfg.model.num_keypoints
     gt_keypoints = np.zeros((2, 3, K, 3), np.float32)
     gt_keypoints[0, 1, 2, 2] = 2                     # image 0: gt 1 has one labelled keypoint

@@ -24,8 +24,10 @@ The stages, as attributes and methods that the training code reuses:
     box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
     box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
     detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
-    detections(F, im_info, rois, roi_scores, *features) -> box_forward + detect, then with
-                   test.refine_boxes a second box_forward on the detections + refine_detections
+    mirror(F, data) -> None, or with test.flip (W, P2..P6 of the input flipped left to right)
+    detections(F, im_info, rois, roi_scores, *features, mirror=None) -> box_forward + detect,
+                   then with test.refine_boxes a second box_forward on the detections +
+                   refine_detections (each box_forward averaged with the mirror's if given)
     mask_head      (rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 28, 28)       or None
     keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
     roi_features(features) -> the levels the RoI heads pool from (P2..P5)
