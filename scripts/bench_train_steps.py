@@ -19,7 +19,8 @@ Out: ms per step of each of ``--repeat`` blocks of ``--steps`` timed steps (afte
 
     python scripts/bench_train_steps.py                                 # shapes, random init
     python scripts/bench_train_steps.py --ckpt runs/shapes --steps 50 --repeat 3
-    python scripts/bench_train_steps.py --ckpt runs/shapes --set model.box_head.positive_fraction=0.75
+    python scripts/bench_train_steps.py --ckpt runs/shapes \
+        --set model.box_head.positive_fraction=0.75        # a training setting, same weights
 """
 import argparse
 import io

@@ -351,3 +351,14 @@ def test_targets_carry_no_gradient(block_fn):
         loss = sum(o.sum() for o in out)
     loss.backward()
     np.testing.assert_array_equal(boxes.grad.asnumpy(), 0)
+
+
+def test_batch_gather_takes_each_images_rows():
+    from mxmask.modeling._utils import batch_gather
+    data = mx.nd.array(np.arange(2 * 4 * 3).reshape(2, 4, 3))
+    index = mx.nd.array([[3, 0], [1, 1]])                      # float, as topk returns
+    want = [[[9, 10, 11], [0, 1, 2]], [[15, 16, 17], [15, 16, 17]]]
+    np.testing.assert_array_equal(batch_gather(mx.nd, data, index).asnumpy(), want)
+    out = batch_gather(mx.sym, mx.sym.var("d"), mx.sym.var("i"))
+    got = out.eval(ctx=mx.cpu(), d=data, i=index)[0].asnumpy()
+    np.testing.assert_array_equal(got, want)

@@ -116,9 +116,12 @@ def _abort_distributed(rank, exc):
         os._exit(code)
 
 
-def run_training(cfg, ctxs, kvstore="device", resume=False, out=sys.stdout):
-    """Train ``cfg`` on ``ctxs``; returns (checkpoint folder, metrics or None)."""
+def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
+    """Train ``cfg`` on ``ctxs``; returns (checkpoint folder, metrics or None). Progress goes to
+    ``out`` (default: ``sys.stdout`` at the time of the call)."""
     from .trainer import Watchdog, dist_timeout
+
+    out = out or sys.stdout
 
     _check_dist_env(kvstore)
     progress = ckpt_io.read_progress(cfg.output_dir)

@@ -248,13 +248,12 @@ class Trainer:
     ``start_iter``; ``evaluate_fn(it) -> metrics`` runs evaluation (or None).
     """
 
-    def __init__(self, cfg, net, loss_net, ctxs, kvstore="device", out=sys.stdout,
-                 watchdog=None):
+    def __init__(self, cfg, net, loss_net, ctxs, kvstore="device", out=None, watchdog=None):
         self.cfg = cfg
         self.net = net
         self.loss_net = loss_net
         self.ctxs = list(ctxs)
-        self.out = out
+        self.out = out or sys.stdout        # looked up now, not when the module was imported
         self.kv = mx.kv.create(kvstore) if isinstance(kvstore, str) else kvstore
         self.distributed = "dist" in self.kv.type
         if self.distributed and "async" in self.kv.type:

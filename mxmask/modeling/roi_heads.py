@@ -62,6 +62,7 @@ import mxnet as mx
 from mxnet.gluon import nn
 
 from ..utils import UserError
+from ._utils import batch_gather
 from .box_coder import clip_boxes, decode_boxes
 from .norm import make_norm
 from .poolers import MultiLevelRoIAlign
@@ -240,21 +241,13 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
     # the max_dets highest scores over all classes (invalid rows have score -1)
     key = F.reshape(F.slice_axis(nms, axis=-1, begin=1, end=2), (0, -1))
     top = F.topk(key, axis=1, k=max_dets, ret_typ="indices", is_ascend=False)  # (B, D)
-    (out,) = _rows_in_order(F, top, nms)                                       # (B, D, 6)
+    out = batch_gather(F, nms, top)                                            # (B, D, 6)
     ids = F.reshape(F.slice_axis(out, axis=-1, begin=0, end=1), (0, -1))
     valid = ids >= 0
     scores = F.where(valid, F.reshape(F.slice_axis(out, axis=-1, begin=1, end=2), (0, -1)),
                      F.ones_like(ids) * -1)
     boxes = F.broadcast_mul(F.slice_axis(out, axis=-1, begin=2, end=6), F.expand_dims(valid, 2))
     return ids, scores, boxes
-
-
-def _rows_in_order(F, order, *arrays):
-    """order (B, K) row indices per image -> each array (B, N, ...) as (B, K, ...) in that
-    order."""
-    bidx = F.broadcast_like(F.reshape(F.contrib.arange_like(order, axis=0), (-1, 1)), order)
-    index = F.stack(bidx, order, axis=0)
-    return tuple(F.gather_nd(a, index) for a in arrays)
 
 
 def refine_detections(F, cls_logits, box_deltas, ids, scores, boxes, im_info, num_classes,
@@ -289,7 +282,7 @@ def refine_detections(F, cls_logits, box_deltas, ids, scores, boxes, im_info, nu
     refined = F.broadcast_mul(refined, F.expand_dims(valid, axis=2))           # padding: 0
     new_scores = F.where(valid, (scores + prob) * 0.5, F.ones_like(scores) * -1)
     order = F.topk(new_scores, axis=1, k=0, ret_typ="indices", is_ascend=False)  # (B, D)
-    return _rows_in_order(F, order, ids, new_scores, refined)
+    return tuple(batch_gather(F, a, order) for a in (ids, new_scores, refined))
 
 
 # --------------------------------------------------------------------------------------------

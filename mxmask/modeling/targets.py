@@ -101,6 +101,7 @@ faster than a broadcast formula on ~270k anchors), giving a (B*G, N) matrix.
 """
 import mxnet as mx
 
+from ._utils import batch_gather
 from .box_coder import box_area, encode_boxes, pairwise_iou
 
 __all__ = ["RPNTargets", "RoISampler", "MaskTargets", "KeypointTargets", "sample_balanced",
@@ -139,12 +140,6 @@ def _any_per_image(F, flags, per_image):
     flags = F.reshape_like(flags, per_image, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
     ones = F.expand_dims(F.ones_like(per_image), axis=1)                   # (B, 1, G)
     return F.reshape(F.batch_dot(ones, flags) > 0, shape=(0, -1))
-
-
-def _batch_gather(F, data, index):
-    """data (B, M, ...), index (B, T) with values in [0, M) -> data[b, index[b, t]] (B, T, ...)."""
-    bidx = F.broadcast_like(F.expand_dims(F.contrib.arange_like(index, axis=0), axis=1), index)
-    return F.gather_nd(data, F.stack(bidx, index, axis=0))
 
 
 def sample_balanced(F, pos, neg, num_samples, num_pos_max):
@@ -238,7 +233,7 @@ class RPNTargets(mx.gluon.HybridBlock):
         bg = F.broadcast_mul(bg, inside)
         sel_pos, sel_neg, _ = sample_balanced(F, fg, bg, self._num_samples, self._num_pos)
         labels = sel_pos + sel_pos + sel_neg - 1                              # 1 / 0 / -1
-        matched_boxes = _batch_gather(F, gt_boxes, best_idx)                  # (B, N, 4)
+        matched_boxes = batch_gather(F, gt_boxes, best_idx)                  # (B, N, 4)
         anchors_b = F.broadcast_like(F.expand_dims(anchors, axis=0), matched_boxes)
         is_fg = F.broadcast_like(F.expand_dims(sel_pos, axis=2), matched_boxes)
         targets = encode_boxes(F, F.where(is_fg, matched_boxes, anchors_b), anchors_b,
@@ -286,11 +281,11 @@ class RoISampler(mx.gluon.HybridBlock):
         # groups: keys are 2 + u/2, 1 + u/2, u/2)
         key = 2.0 * sel_pos + sel_neg + 0.5 * F.random.uniform_like(sel_pos)
         keep = F.topk(key, axis=1, k=S, ret_typ="indices", is_ascend=False)   # (B, S)
-        out_rois = _batch_gather(F, cand, keep)                               # (B, S, 4)
-        out_pos = _batch_gather(F, sel_pos, keep)
-        out_neg = _batch_gather(F, sel_neg, keep)
-        out_idx = _batch_gather(F, best_idx, keep)
-        gt_cls = _batch_gather(F, gt_labels, out_idx)
+        out_rois = batch_gather(F, cand, keep)                               # (B, S, 4)
+        out_pos = batch_gather(F, sel_pos, keep)
+        out_neg = batch_gather(F, sel_neg, keep)
+        out_idx = batch_gather(F, best_idx, keep)
+        gt_cls = batch_gather(F, gt_labels, out_idx)
         labels = F.where(out_pos > 0, gt_cls + 1, out_neg - 1)                # c+1 / 0 / -1
         matched = F.where(out_pos > 0, out_idx, -F.ones_like(out_idx))
         # padding rows: force a 1-pixel minimum size so that pooling them is always safe
@@ -299,7 +294,7 @@ class RoISampler(mx.gluon.HybridBlock):
         is_pad = F.broadcast_like(F.expand_dims(labels < 0, axis=2), out_rois)
         out_rois = F.where(is_pad, safe, out_rois)
         # class-specific regression target of the gt class (fg rois have positive size)
-        gt_match = _batch_gather(F, gt_boxes, out_idx)
+        gt_match = batch_gather(F, gt_boxes, out_idx)
         is_fg = F.broadcast_like(F.expand_dims(out_pos, axis=2), out_rois)
         ref = F.where(is_fg, out_rois, safe)
         targets = encode_boxes(F, F.where(is_fg, gt_match, safe), ref, weights=self._weights,
@@ -368,7 +363,7 @@ class KeypointTargets(mx.gluon.HybridBlock):
     def hybrid_forward(self, F, rois, labels, matched, gt_keypoints):
         S = float(self._S)
         rois, is_pos, gidx = _leading_slots(F, self._P, F.BlockGrad(rois), labels, matched)
-        kps = _batch_gather(F, F.BlockGrad(gt_keypoints), gidx)               # (B, P, K, 3)
+        kps = batch_gather(F, F.BlockGrad(gt_keypoints), gidx)               # (B, P, K, 3)
         kx = F.squeeze(F.slice_axis(kps, axis=3, begin=0, end=1), axis=3)     # (B, P, K)
         ky = F.squeeze(F.slice_axis(kps, axis=3, begin=1, end=2), axis=3)
         kv = F.squeeze(F.slice_axis(kps, axis=3, begin=2, end=3), axis=3)

@@ -54,6 +54,7 @@ import mxnet as mx
 
 from ..ops import compiled_kernels, kernels_for, load_ops
 from . import losses as L
+from ._utils import batch_gather
 from .poolers import shared_level_canvas
 from .precision import check_conv_precision, conv_precision, resolve_amp
 from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
@@ -71,13 +72,6 @@ def _pick_kernels(net, kernels):
     if kernels == "mxmask" and not load_ops():
         raise RuntimeError("kernels='mxmask': the operators could not be built (see the warning)")
     return kernels
-
-
-def _rows(array, index):
-    """array (B, N, ...) and index (B, M) -> array[b, index[b, m], ...] as (B, M, ...)."""
-    bidx = mx.nd.broadcast_like(mx.nd.reshape(mx.nd.arange(index.shape[0], ctx=index.context),
-                                              (-1, 1)), index)
-    return mx.nd.gather_nd(array, mx.nd.stack(bidx, index, axis=0))
 
 
 class BoxStage(mx.gluon.HybridBlock):
@@ -228,7 +222,7 @@ class RCNNLoss(mx.gluon.Block):
         labelled = mx.nd.max(vis, axis=(2, 3)) > 0                               # (B, G)
         pos = labels > 0
         gidx = mx.nd.where(pos, matched, mx.nd.zeros_like(matched))
-        has = pos * _rows(labelled, gidx)                                         # (B, P)
+        has = pos * batch_gather(mx.nd, labelled, gidx)                          # (B, P)
         order = mx.nd.topk(has, axis=1, k=P, ret_typ="indices", is_ascend=False)
         return order, self._round_slots(mx.nd.max(mx.nd.sum(has, axis=1)).asscalar())
 
@@ -250,7 +244,7 @@ class RCNNLoss(mx.gluon.Block):
             if self.keypoint_on:
                 order, k = self.keypoint_slots(sampled[1], sampled[2], inputs["gt_keypoints"])
                 order = mx.nd.slice_axis(order, axis=1, begin=0, end=k)
-                head_in += [_rows(a, order) for a in sampled]
+                head_in += [batch_gather(mx.nd, a, order) for a in sampled]
                 head_in.append(inputs["gt_keypoints"])
             head = self.head_stage(*(head_in + list(out[7:])))
             losses += list(head) if isinstance(head, (list, tuple)) else [head]
