@@ -170,9 +170,6 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None):
         cfg.model.num_classes = 5
     if cfg.model.keypoint_on and cfg.model.num_keypoints == 0:
         cfg.model.num_keypoints = 7
-    if cfg.test.flip and cfg.model.keypoint_on and not (cfg.data.keypoint_flip_map or
-                                                         cfg.data.keypoint_names):
-        cfg.data.keypoint_flip_map = list(range(cfg.model.num_keypoints))   # same work
     mx.random.seed(cfg.seed)
     net = build_model(cfg, ctx=ctx)
     bias = net.box_predictor.cls_score.bias
