@@ -99,7 +99,7 @@ from .config import get_config
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .export import check_anchors_cover, check_dtype, parse_hw
 from .modeling.poolers import shared_level_canvas
-from .modeling.rcnn import build_model
+from .modeling.rcnn import build_model, inference_kernels
 from .modeling.roi_heads import select_class_masks
 from .postprocess import detections_to_coco
 from .utils import UserError, atomic_write_bytes, atomic_write_json
@@ -154,8 +154,9 @@ class _HeadStage(mx.gluon.HybridBlock):
         return out
 
 
-def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None):
-    """(cfg, net) from a checkpoint or a preset with random weights (see module doc)."""
+def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="auto"):
+    """(cfg, net) from a checkpoint or a preset with random weights (see module doc); the
+    network's RoIAlign / GroupNorm ``kernels`` as :meth:`MaskRCNN.use_kernels` takes them."""
     ctx = ctx or mx.cpu()
     if ckpt:
         cfg = load_checkpoint_config(ckpt)
@@ -164,6 +165,7 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None):
             set_value(cfg, o)
         net = build_model(cfg, ctx=ctx)
         net.load_parameters(checkpoint_files(ckpt)[0], ctx=ctx)
+        net.use_kernels(kernels)
         return cfg, net
     cfg = get_config(preset, overrides)
     if cfg.model.num_classes == 0:
@@ -176,6 +178,7 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None):
     value = bias.data(ctx).asnumpy()
     value[1] = 10.0                 # class 0 wins every roi: max_dets detections per image
     bias.set_data(mx.nd.array(value, ctx=ctx))
+    net.use_kernels(kernels)
     return cfg, net
 
 
@@ -184,7 +187,9 @@ def bench_inference(cfg, net, size, batch=1, runs=5, warmup=2, ctx=None):
     with warnings.catch_warnings():
         # a stage block holds the whole network but uses only its own part of it
         warnings.filterwarnings("ignore", message=".*is not used by any computation")
-        return _bench_inference(cfg, net, size, batch, runs, warmup, ctx)
+        # the stage blocks are traced with the network's kernels
+        with inference_kernels(net.kernels):
+            return _bench_inference(cfg, net, size, batch, runs, warmup, ctx)
 
 
 def bench_input(size, batch=1, ctx=None):
@@ -548,7 +553,7 @@ def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
 
 def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, runs=5,
               warmup=2, train=False, overrides=(), json_path=None, fuse=False, dtype="float32",
-              against=None, resnet50=False, chart_path=None, out=print):
+              against=None, resnet50=False, chart_path=None, kernels="auto", out=print):
     check_dtype(dtype)
     if against not in (None, "gluoncv"):
         raise UserError("--against %s: expected gluoncv" % against)
@@ -560,7 +565,7 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     hw = parse_size(size)
     if against:
         overrides = list(overrides) + ["test.flip=false"]    # GluonCV has no test-time flip
-    cfg, net = build_bench_model(preset, ckpt, overrides)
+    cfg, net = build_bench_model(preset, ckpt, overrides, kernels=kernels)
     check_anchors_cover(size, hw, cfg, "input.max_size_train / max_size_test; add --set "
                         "input.max_size_test=%d" % max(hw))
     settings = {"preset": ckpt or preset, "size": "%dx%d" % hw, "batch": batch, "runs": runs,
@@ -569,7 +574,7 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
                 "rpn_post_nms_topk_test": cfg.model.rpn.post_nms_topk_test,
                 "omp_threads": os.environ.get("OMP_NUM_THREADS", "default"),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                "against": against}
+                "against": against, "kernels": net.kernels}
     result = {"settings": settings, "mxmask": bench_inference(cfg, net, hw, batch, runs, warmup)}
     m = result["mxmask"]
     if fuse or dtype != "float32":

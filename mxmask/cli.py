@@ -264,7 +264,7 @@ def _cmd_bench(args):
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
               runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
               json_path=args.json, fuse=args.fuse, dtype=args.dtype, against=args.against,
-              resnet50=args.resnet50, chart_path=args.chart)
+              resnet50=args.resnet50, chart_path=args.chart, kernels=args.kernels)
     return 0
 
 
@@ -291,6 +291,10 @@ def _add_bench(sub):
                    help="also time a plain ResNet-50 forward (plain and MKLDNN-fused) for its "
                         "GFLOP/s (implied by --against)")
     p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the stages here")
+    p.add_argument("--kernels", default="auto", choices=["auto", "mxmask", "mxnet"],
+                   help="RoIAlign / GroupNorm of the in-process network: auto (default) uses "
+                        "mxmask's compiled CPU operators where they load, as mxmask predict "
+                        "and eval do; mxnet: MXNet's own, as in an exported graph")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -125,10 +125,15 @@ def _normalise_graph(js):
 def network_symbol(net):
     """The inference graph of a :class:`~mxmask.modeling.rcnn.MaskRCNN` as a Symbol with inputs
     ``data`` and ``im_info`` and one output per name in ``net.output_names`` (normalised, see the
-    module docstring). Needs no parameter values."""
+    module docstring). Needs no parameter values. Always MXNet's own operators, whatever
+    ``net.kernels`` says: the graph must run without mxmask."""
     import mxnet as mx
-    with mx.autograd.predict_mode():
-        outs = net(mx.sym.var(INPUT_NAMES[0]), mx.sym.var(INPUT_NAMES[1]))
+    kernels, net.kernels = net.kernels, "mxnet"      # tracing a Symbol uses no cached graph
+    try:
+        with mx.autograd.predict_mode():
+            outs = net(mx.sym.var(INPUT_NAMES[0]), mx.sym.var(INPUT_NAMES[1]))
+    finally:
+        net.kernels = kernels
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     if len(outs) != len(net.output_names):
         raise RuntimeError("the network returned %d outputs for %d names"

@@ -15,7 +15,9 @@ xywh, ``score``, ``segmentation`` RLE, ``keypoints``) with COCO category ids tak
 checkpoint's config (``data.category_ids``).
 
 ``fuse`` / ``dtype="bfloat16"`` run the network as ``mxmask export --fuse --dtype bfloat16``
-would (:func:`optimize_network`), on one CPU context.
+would (:func:`optimize_network`), on one CPU context. Otherwise the network runs in-process with
+the compiled CPU RoIAlign and GroupNorm of :mod:`mxmask.ops` where they load (the same
+computation as MXNet's operators, which exported graphs keep).
 
 Several contexts: :meth:`Predictor.run_batches` sends consecutive batches to the contexts in turn
 and lets MXNet's engine run them in parallel; each image's results are produced exactly once.
@@ -46,14 +48,17 @@ def list_images(paths):
     return out
 
 
-def load_network(cfg, params, ctxs, hybridize=True):
-    """Build the network of ``cfg`` on ``ctxs`` and load ``params`` (a file path)."""
+def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
+    """Build the network of ``cfg`` on ``ctxs`` and load ``params`` (a file path); ``kernels``
+    as in :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels` (``auto``: the compiled CPU
+    RoIAlign and GroupNorm on CPUs)."""
     net = build_model(cfg, ctx=ctxs)
     try:
         net.load_parameters(params, ctx=ctxs)
     except (AssertionError, mx.base.MXNetError) as e:
         raise UserError("%s: does not match the network of its config (%s)"
                         % (params, str(e).splitlines()[0][:300]))
+    net.use_kernels(kernels)
     if hybridize:
         net.hybridize(static_alloc=True)
     return net
@@ -88,6 +93,8 @@ class Predictor:
         if net is None:
             params = params or checkpoint_files(ckpt)[0]
             net = load_network(self.cfg, params, self.ctxs)
+        else:
+            net.use_kernels("auto")
         self.output_names = list(net.output_names)
         if fuse or dtype != "float32":
             net = optimize_network(net, self.cfg, self.ctxs, fuse, dtype)

@@ -38,6 +38,8 @@ def test_bench_writes_stages_and_totals(tmp_path, capsys):
     assert result["settings"]["size"] == "96x128"   # rounded up to a multiple of 32
     assert m["peak_rss_mb"] > 0 and m["train_images_per_s"] > 0
     assert result["settings"]["train_amp"] == "float32"
+    # the in-process network runs mxmask's compiled RoIAlign / GroupNorm where they load
+    assert result["settings"]["kernels"] == ("mxmask" if mxmask.ops.load_ops() else "mxnet")
     # arithmetic: every network stage has its MACs, they add up, and the rate is 2*MAC/time
     assert set(m["gmac_stages"]) == set(m["stages"]) - {"paste/decode"}
     assert all(v > 0 for v in m["gmac_stages"].values())

@@ -15,7 +15,7 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from mxmask import cli
+from mxmask import cli, ops
 from mxmask.config import get_config
 from mxmask.data.coco import load_coco
 from mxmask.engine.checkpoint import save_checkpoint, save_config
@@ -267,3 +267,23 @@ def test_optimized_graphs_need_one_cpu_context(ckpt, images, capsys):
                      "--dtype", "bfloat16", "--fuse"])
     assert code == 2
     assert "one CPU context" in capsys.readouterr().err
+
+
+def test_predictor_runs_the_compiled_roi_align_with_the_stock_results(ckpt, predictor, images):
+    """On CPUs the in-process network pools with mxmask's compiled RoIAlign (mxmask.ops), which
+    repeats contrib.ROIAlign's arithmetic: the same entries, exactly, as the network with MXNet's
+    operators, whose graph is also what export writes."""
+    if not ops.load_ops():
+        pytest.skip("the compiled operators could not be built here")
+    from mxmask.export import network_symbol
+    stock = Predictor(ckpt, score_thresh=0.0)
+    assert predictor.net.kernels == "mxmask" and stock.net.use_kernels("mxnet") == "mxnet"
+    for name in sorted(SIZES):
+        path = os.path.join(images, name)
+        assert predictor.predict_image(path) == stock.predict_image(path), name
+    compiled = predictor.net._cached_graph[1].tojson()
+    assert '"mxmask_roi_align"' in compiled and '"_contrib_ROIAlign"' not in compiled
+    assert '"mxmask_group_norm"' not in compiled          # GroupNorm stays MXNet's
+    for graph in (stock.net._cached_graph[1].tojson(), network_symbol(predictor.net).tojson()):
+        assert '"mxmask_roi_align"' not in graph and '"_contrib_ROIAlign"' in graph
+    assert predictor.net.kernels == "mxmask"        # network_symbol leaves the choice as it was

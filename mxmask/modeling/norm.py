@@ -93,7 +93,7 @@ class GroupNorm(HybridBlock):
             "affine_var", np.full((in_channels,), 1.0 - _AFFINE_EPS, np.float32))
 
     def hybrid_forward(self, F, x, gamma, beta, affine_mean, affine_var):
-        if compiled_kernels_active():
+        if compiled_kernels_active("group_norm"):
             # the training graph on CPU (mxmask.ops): normalisation and affine in one operator,
             # the same values, faster backward
             return F.mxmask_group_norm(x, gamma, beta, num_groups=self._num_groups,

@@ -195,7 +195,7 @@ class MultiLevelRoIAlign(HybridBlock):
         return self._pool_per_level(F, rois, levels, bidx, features)
 
     def _roi_align(self, F, data, rois5, spatial_scale):
-        if compiled_kernels_active():
+        if compiled_kernels_active("roi_align"):
             return F.mxmask_roi_align(data, rois5, pooled_h=self.output_size[0],
                                       pooled_w=self.output_size[1], spatial_scale=spatial_scale,
                                       sample_ratio=self.sampling_ratio, aligned=int(self.aligned))

@@ -52,7 +52,7 @@ in bfloat16 with float32 inputs, outputs, weights and gradients (:mod:`mxmask.mo
 """
 import mxnet as mx
 
-from ..ops import compiled_kernels, kernels_for, load_ops
+from ..ops import compiled_kernels, resolve_kernels
 from . import losses as L
 from ._utils import batch_gather
 from .poolers import shared_level_canvas
@@ -62,16 +62,6 @@ from .targets import KeypointTargets, MaskTargets, RoISampler, RPNTargets
 __all__ = ["RCNNLoss", "BoxStage", "HeadStage"]
 
 _SLOT_STEP = 8           # k is rounded up to a multiple of this (fewer distinct graph shapes)
-
-
-def _pick_kernels(net, kernels):
-    if kernels == "auto":
-        kernels = kernels_for(next(iter(net.collect_params().values())).list_ctx())
-    if kernels not in ("mxnet", "mxmask"):
-        raise ValueError("kernels must be 'auto', 'mxnet' or 'mxmask', got %r" % (kernels,))
-    if kernels == "mxmask" and not load_ops():
-        raise RuntimeError("kernels='mxmask': the operators could not be built (see the warning)")
-    return kernels
 
 
 class BoxStage(mx.gluon.HybridBlock):
@@ -181,7 +171,8 @@ class RCNNLoss(mx.gluon.Block):
 
     def __init__(self, net, cfg, kernels="auto", **kwargs):
         super(RCNNLoss, self).__init__(**kwargs)
-        self.kernels = _pick_kernels(net, kernels)
+        self.kernels = resolve_kernels(kernels,
+                                       next(iter(net.collect_params().values())).list_ctx())
         ctxs = next(iter(net.collect_params().values())).list_ctx()
         self.amp = resolve_amp(cfg.solver.amp, ctxs)            # "" or "bfloat16"
         check_conv_precision(self.amp, ctxs)

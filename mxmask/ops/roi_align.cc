@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -55,17 +56,18 @@ Params Parse(const std::unordered_map<std::string, std::string>& attrs) {
   return p;
 }
 
-// One bilinear read: four positions in a (H, W) plane and their weights (already divided by
-// the number of samples of the bin).
+// One bilinear read: four positions in a (H, W) plane and their weights.
 struct Tap {
   int pos[4];
   float w[4];
 };
 
-// The samples of one roi: taps[(ph * pooled_w + pw) * per_bin + k], per_bin taps per bin.
+// The samples of one roi: taps[(ph * pooled_w + pw) * per_bin + k], per_bin taps per bin;
+// a bin's value is the sum of its taps' reads divided by count (= per_bin, as a float).
 struct RoiSamples {
   int batch = -1;
   int per_bin = 0;
+  float count = 1.f;
   std::vector<Tap> taps;
 };
 
@@ -89,8 +91,8 @@ void SampleRoi(const Params& p, const float* roi, int height, int width, RoiSamp
                                                      : static_cast<int>(std::ceil(roi_h / p.pooled_h)));
   const int grid_w = std::max(1, p.sample_ratio > 0 ? p.sample_ratio
                                                      : static_cast<int>(std::ceil(roi_w / p.pooled_w)));
-  const float inv_count = 1.f / static_cast<float>(grid_h * grid_w);
   out->per_bin = grid_h * grid_w;
+  out->count = static_cast<float>(out->per_bin);
   out->taps.resize(static_cast<size_t>(p.pooled_h) * p.pooled_w * out->per_bin);
   Tap* tap = out->taps.data();
   for (int ph = 0; ph < p.pooled_h; ++ph) {
@@ -122,8 +124,7 @@ void SampleRoi(const Params& p, const float* roi, int height, int width, RoiSamp
           const float ly = yy - y_lo, lx = x - x_lo, hy = 1.f - ly, hx = 1.f - lx;
           *tap = Tap{{y_lo * width + x_lo, y_lo * width + x_hi, y_hi * width + x_lo,
                       y_hi * width + x_hi},
-                     {hy * hx * inv_count, hy * lx * inv_count, ly * hx * inv_count,
-                      ly * lx * inv_count}};
+                     {hy * hx, hy * lx, ly * hx, ly * lx}};
         }
       }
     }
@@ -182,6 +183,54 @@ MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
+// Channels-last copy of data (B, C, H, W) -> (B, H, W, C), in tiles of 16 x 16 (channel,
+// column) so that both the reads and the writes stay in cache.
+void ToChannelsLast(const float* x, int batch, int channels, int height, int width, float* xt) {
+  const int64_t plane = static_cast<int64_t>(height) * width;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < static_cast<int64_t>(batch) * height; ++row) {
+    const int64_t b = row / height, y = row % height;
+    const float* src = x + b * channels * plane + y * width;
+    float* dst = xt + row * width * channels;
+    for (int c0 = 0; c0 < channels; c0 += 16) {
+      const int c1 = std::min(channels, c0 + 16);
+      for (int x0 = 0; x0 < width; x0 += 16) {
+        const int x1 = std::min(width, x0 + 16);
+        for (int c = c0; c < c1; ++c) {
+          const float* s = src + c * plane;
+          for (int i = x0; i < x1; ++i) dst[static_cast<int64_t>(i) * channels + c] = s[i];
+        }
+      }
+    }
+  }
+}
+
+// The bins of one roi from the channels-last copy: each tap reads four contiguous channel
+// vectors, so the inner loop runs over channels and vectorises (function clones for AVX-512 and
+// AVX2, picked at load time by the CPU).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void PoolRoiChannelsLast(const RoiSamples& s, const float* image, int channels, int bins,
+                         float* acc, float* out) {
+  const Tap* tap = s.taps.data();
+  for (int b = 0; b < bins; ++b) {
+    std::fill(acc, acc + channels, 0.f);
+    for (int k = 0; k < s.per_bin; ++k, ++tap) {
+      const float* p0 = image + static_cast<int64_t>(tap->pos[0]) * channels;
+      const float* p1 = image + static_cast<int64_t>(tap->pos[1]) * channels;
+      const float* p2 = image + static_cast<int64_t>(tap->pos[2]) * channels;
+      const float* p3 = image + static_cast<int64_t>(tap->pos[3]) * channels;
+      const float w0 = tap->w[0], w1 = tap->w[1], w2 = tap->w[2], w3 = tap->w[3];
+      for (int c = 0; c < channels; ++c)
+        acc[c] += w0 * p0[c] + w1 * p1[c] + w2 * p2[c] + w3 * p3[c];
+    }
+    for (int c = 0; c < channels; ++c) out[static_cast<int64_t>(c) * bins + b] = acc[c] / s.count;
+  }
+}
+
+// Forward: the feature map is copied channels-last once per call (MXNet's workspace), then
+// every roi is pooled from it, rois in parallel. Each output is contrib.ROIAlign's float32
+// arithmetic in its order (the four weighted taps of a sample, summed over the bin's samples,
+// divided by their count; built without FMA contraction), so the two agree bit for bit.
 MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
                       std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                       const OpResource& res) {
@@ -189,24 +238,30 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
   const int channels = job.channels, bins = job.bins;
   const float* x = inputs->at(0).data<float>();
   float* y = outputs->at(0).data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t rc = 0; rc < static_cast<int64_t>(job.num_rois) * channels; ++rc) {
-    const int r = static_cast<int>(rc / channels), c = static_cast<int>(rc % channels);
-    const RoiSamples& s = job.samples[r];
-    float* out = y + rc * bins;
-    if (s.batch < 0) {
-      std::fill(out, out + bins, 0.f);
-      continue;
-    }
-    const float* src = x + (static_cast<int64_t>(s.batch) * channels + c) * job.plane;
-    const Tap* tap = s.taps.data();
-    for (int b = 0; b < bins; ++b) {
-      float acc = 0.f;
-      for (int k = 0; k < s.per_bin; ++k, ++tap) {
-        acc += tap->w[0] * src[tap->pos[0]] + tap->w[1] * src[tap->pos[1]] +
-               tap->w[2] * src[tap->pos[2]] + tap->w[3] * src[tap->pos[3]];
+  const int64_t bytes = static_cast<int64_t>(job.batch) * job.plane * channels * sizeof(float);
+  float* xt = nullptr;
+  std::vector<float> own;
+  if (bytes <= static_cast<int64_t>(std::numeric_limits<int>::max())) {
+    xt = static_cast<float*>(res.alloc_cpu(static_cast<int>(bytes)));
+  }
+  if (xt == nullptr) {
+    own.resize(static_cast<size_t>(bytes / sizeof(float)));
+    xt = own.data();
+  }
+  ToChannelsLast(x, job.batch, channels, job.height, job.width, xt);
+#pragma omp parallel
+  {
+    std::vector<float> acc(channels);
+#pragma omp for schedule(dynamic, 4)
+    for (int r = 0; r < job.num_rois; ++r) {
+      const RoiSamples& s = job.samples[r];
+      float* out = y + static_cast<int64_t>(r) * channels * bins;
+      if (s.batch < 0 || s.batch >= job.batch) {
+        std::fill(out, out + static_cast<int64_t>(channels) * bins, 0.f);
+        continue;
       }
-      out[b] = acc;
+      PoolRoiChannelsLast(s, xt + static_cast<int64_t>(s.batch) * job.plane * channels,
+                          channels, bins, acc.data(), out);
     }
   }
   return MX_SUCCESS;
@@ -239,7 +294,7 @@ MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs
       const float* grad = g + (static_cast<int64_t>(r) * channels + c) * bins;
       const Tap* tap = s.taps.data();
       for (int bin = 0; bin < bins; ++bin) {
-        const float v = grad[bin];
+        const float v = grad[bin] / s.count;
         for (int k = 0; k < s.per_bin; ++k, ++tap) {
           dst[tap->pos[0]] += tap->w[0] * v;
           dst[tap->pos[1]] += tap->w[1] * v;
