@@ -105,8 +105,8 @@ def _load():
         return False
     compiler = os.environ.get("CXX") or "g++"
     if shutil.which(compiler) is None:
-        _log.warning("mxmask: no C++ compiler (%s) found: training uses MXNet's own RoIAlign "
-                     "and GroupNorm kernels, whose CPU backward is slower", compiler)
+        _log.warning("mxmask: no C++ compiler (%s) found: training and inference use MXNet's "
+                     "own RoIAlign and GroupNorm kernels, which are slower on a CPU", compiler)
         return False
     path = library_path(compiler)
     try:
@@ -114,8 +114,8 @@ def _load():
             build(compiler, path)
         mx.library.load(path, False)
     except Exception as e:         # noqa: BLE001 - any failure falls back to the stock ops
-        _log.warning("mxmask: could not build or load %s (%s): training uses MXNet's own "
-                     "RoIAlign and GroupNorm kernels", path,
+        _log.warning("mxmask: could not build or load %s (%s): training and inference use "
+                     "MXNet's own RoIAlign and GroupNorm kernels", path,
                      str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
     return all(hasattr(mx.nd, name) and hasattr(mx.sym, name) for name in OP_NAMES)
