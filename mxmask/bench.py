@@ -43,6 +43,11 @@ is close to, but not exactly, the end-to-end time of the single graph):
     keypoint_head       RoIAlign + keypoint head on the D detections
     paste/decode        masks pasted into the image, keypoints decoded, RLE encoded (numpy)
 
+Kernels (``--kernels``, ``settings["kernels"]``): on a CPU the in-process network pools with
+mxmask's compiled RoIAlign (``auto``, as ``mxmask predict`` and ``eval`` run it; the same outputs
+as ``contrib.ROIAlign``); ``mxnet`` times MXNet's operator, as in an exported graph. The
+``--fuse`` / ``--dtype bfloat16`` graphs are built from the exported graph and keep MXNet's.
+
 ``network_s`` is the end-to-end hybridized network (the MKLDNN-fused / bf16 graph with those
 options), ``total`` is it plus the paste/decode stage. With random weights the classifier bias of
 class 0 is raised so that every image yields ``test.max_dets`` detections (the same work a trained
@@ -156,7 +161,7 @@ class _HeadStage(mx.gluon.HybridBlock):
 
 def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="auto"):
     """(cfg, net) from a checkpoint or a preset with random weights (see module doc); the
-    network's RoIAlign / GroupNorm ``kernels`` as :meth:`MaskRCNN.use_kernels` takes them."""
+    network's RoIAlign ``kernels`` as :meth:`MaskRCNN.use_kernels` takes them."""
     ctx = ctx or mx.cpu()
     if ckpt:
         cfg = load_checkpoint_config(ckpt)
@@ -165,19 +170,18 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="a
             set_value(cfg, o)
         net = build_model(cfg, ctx=ctx)
         net.load_parameters(checkpoint_files(ckpt)[0], ctx=ctx)
-        net.use_kernels(kernels)
-        return cfg, net
-    cfg = get_config(preset, overrides)
-    if cfg.model.num_classes == 0:
-        cfg.model.num_classes = 5
-    if cfg.model.keypoint_on and cfg.model.num_keypoints == 0:
-        cfg.model.num_keypoints = 7
-    mx.random.seed(cfg.seed)
-    net = build_model(cfg, ctx=ctx)
-    bias = net.box_predictor.cls_score.bias
-    value = bias.data(ctx).asnumpy()
-    value[1] = 10.0                 # class 0 wins every roi: max_dets detections per image
-    bias.set_data(mx.nd.array(value, ctx=ctx))
+    else:
+        cfg = get_config(preset, overrides)
+        if cfg.model.num_classes == 0:
+            cfg.model.num_classes = 5
+        if cfg.model.keypoint_on and cfg.model.num_keypoints == 0:
+            cfg.model.num_keypoints = 7
+        mx.random.seed(cfg.seed)
+        net = build_model(cfg, ctx=ctx)
+        bias = net.box_predictor.cls_score.bias
+        value = bias.data(ctx).asnumpy()
+        value[1] = 10.0             # class 0 wins every roi: max_dets detections per image
+        bias.set_data(mx.nd.array(value, ctx=ctx))
     net.use_kernels(kernels)
     return cfg, net
 

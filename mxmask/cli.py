@@ -292,9 +292,9 @@ def _add_bench(sub):
                         "GFLOP/s (implied by --against)")
     p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the stages here")
     p.add_argument("--kernels", default="auto", choices=["auto", "mxmask", "mxnet"],
-                   help="RoIAlign / GroupNorm of the in-process network: auto (default) uses "
-                        "mxmask's compiled CPU operators where they load, as mxmask predict "
-                        "and eval do; mxnet: MXNet's own, as in an exported graph")
+                   help="RoIAlign of the in-process network: auto (default) uses mxmask's "
+                        "compiled CPU operator where it loads, as mxmask predict and eval do; "
+                        "mxnet: MXNet's own, as in an exported graph")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -16,8 +16,8 @@ checkpoint's config (``data.category_ids``).
 
 ``fuse`` / ``dtype="bfloat16"`` run the network as ``mxmask export --fuse --dtype bfloat16``
 would (:func:`optimize_network`), on one CPU context. Otherwise the network runs in-process with
-the compiled CPU RoIAlign and GroupNorm of :mod:`mxmask.ops` where they load (the same
-computation as MXNet's operators, which exported graphs keep).
+the compiled CPU RoIAlign of :mod:`mxmask.ops` where it loads (MXNet's ``contrib.ROIAlign``
+bit for bit, faster; exported graphs keep MXNet's operator).
 
 Several contexts: :meth:`Predictor.run_batches` sends consecutive batches to the contexts in turn
 and lets MXNet's engine run them in parallel; each image's results are produced exactly once.
@@ -50,8 +50,8 @@ def list_images(paths):
 
 def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
     """Build the network of ``cfg`` on ``ctxs`` and load ``params`` (a file path); ``kernels``
-    as in :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels` (``auto``: the compiled CPU
-    RoIAlign and GroupNorm on CPUs)."""
+    as in :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels` (``auto``: the compiled RoIAlign on
+    CPUs)."""
     net = build_model(cfg, ctx=ctxs)
     try:
         net.load_parameters(params, ctx=ctxs)

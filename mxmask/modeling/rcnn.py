@@ -163,12 +163,15 @@ class MaskRCNN(mx.gluon.HybridBlock):
         self.kernels = "mxnet"
         self._traced_training = None
 
+    def contexts(self):
+        """The contexts the parameters live on."""
+        return next(iter(self.collect_params().values())).list_ctx()
+
     def use_kernels(self, kernels):
         """Run the inference graph with ``"mxnet"`` or ``"mxmask"`` operators (module doc);
         ``"auto"``: ``"mxmask"`` on CPU contexts where the compiled operators load. Returns the
         choice; a change drops the cached graph, which is traced again on the next call."""
-        kernels = resolve_kernels(kernels,
-                                  next(iter(self.collect_params().values())).list_ctx())
+        kernels = resolve_kernels(kernels, self.contexts())
         if kernels != self.kernels:
             self._clear_cached_op()
             self.kernels = kernels

@@ -171,9 +171,8 @@ class RCNNLoss(mx.gluon.Block):
 
     def __init__(self, net, cfg, kernels="auto", **kwargs):
         super(RCNNLoss, self).__init__(**kwargs)
-        self.kernels = resolve_kernels(kernels,
-                                       next(iter(net.collect_params().values())).list_ctx())
-        ctxs = next(iter(net.collect_params().values())).list_ctx()
+        ctxs = net.contexts()
+        self.kernels = resolve_kernels(kernels, ctxs)
         self.amp = resolve_amp(cfg.solver.amp, ctxs)            # "" or "bfloat16"
         check_conv_precision(self.amp, ctxs)
         self.mask_on = net.mask_head is not None
