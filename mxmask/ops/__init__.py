@@ -29,9 +29,10 @@ graph, which keeps the stock operators and needs nothing but MXNet.
 The library is compiled once per machine with the C++ compiler ``$CXX`` (default ``g++``),
 against the headers and ``src/lib_api.cc`` shipped in the mxnet wheel, into
 ``$MXMASK_CACHE`` (default ``~/.cache/mxmask``) under a name that hashes the sources, the mxnet
-version and the compiler; the file appears atomically (temp file + rename), so concurrent
-processes are safe. When no compiler is found or the build fails, a one-line warning names the
-reason and training uses the stock operators. ``MXMASK_OPS=mxnet`` forces the stock operators.
+version, the compiler and its flags; the file appears atomically (temp file + rename), so
+concurrent processes are safe. When no compiler is found or the build fails, a one-line warning
+names the reason and training and inference use the stock operators. ``MXMASK_OPS=mxnet``
+forces the stock operators.
 """
 import contextlib
 import hashlib
