@@ -50,9 +50,12 @@ def _pool_and_grad(kind, feat, rois, pooled, scale, ratio, aligned, ograd):
 
 
 @needs_compiler
-def test_builds_into_an_empty_cache_and_loads(tmp_path):
+def test_builds_into_an_empty_cache_and_loads(tmp_path, capfd):
     out = str(tmp_path / "lib.so")
     ops.build(os.environ.get("CXX") or "g++", out)
+    # the ~10 s compile is announced, with where the library goes
+    err = capfd.readouterr().err
+    assert "mxmask: compiling the CPU kernels" in err and out in err
     assert os.path.getsize(out) > 0
     assert os.listdir(str(tmp_path)) == ["lib.so"]          # no temp file left behind
     assert ops.load_ops()

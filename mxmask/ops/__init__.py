@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -81,8 +82,10 @@ def library_path(compiler):
 
 
 def build(compiler, out):
-    """Compile the sources into ``out`` (atomically); raises RuntimeError with the compiler's
-    message on failure."""
+    """Compile the sources into ``out`` (atomically), saying so on stderr (it takes about 10 s,
+    once per machine); raises RuntimeError with the compiler's message on failure."""
+    print("mxmask: compiling the CPU kernels (once per machine, about 10 s) into %s" % out,
+          file=sys.stderr, flush=True)
     mxdir = _mxnet_dir()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=os.path.dirname(out))
