@@ -67,6 +67,9 @@ class InputConfig:
     min_size_test: int = 800
     max_size_test: int = 1333
     flip_prob: float = 0.5
+    # Copy-paste augmentation (Ghiasi et al., "Simple Copy-Paste", 2021): the probability that a
+    # training image gets instances of another training image pasted on it. Needs masks.
+    copy_paste_prob: float = 0.0
     # RGB in [0, 255] -> (x/255 - mean) / std, ImageNet statistics (GluonCV convention).
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -6,8 +6,8 @@ import pytest
 
 from mxmask.config import get_config
 from mxmask.data.transforms import (TestTransform, TrainTransform, batchify_test, batchify_train,
-                                    decode_masks, hflip, normalize, padded_size,
-                                    resize_shortest_edge, resized_size)
+                                    decode_masks, hflip, mask_boxes, normalize, padded_size,
+                                    paste_instances, resize_shortest_edge, resized_size)
 from mxmask.utils import UserError
 
 
@@ -218,6 +218,114 @@ def test_train_transform_user_errors_name_the_file():
     record = dict(_record(), segmentations=None)
     with pytest.raises(UserError, match="img7.png.*segmentation"):
         TrainTransform(cfg, _Info(), reader=lambda p: _image())(record, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------------------------
+# Copy-paste
+# --------------------------------------------------------------------------------------------
+def _one_instance(value, rows, cols, box, label, kps, size=(10, 10)):
+    image = np.full(size + (3,), value, np.uint8)
+    masks = np.zeros((1,) + size, np.uint8)
+    masks[0, rows[0]:rows[1], cols[0]:cols[1]] = 1
+    return {"image": image, "masks": masks, "boxes": np.array([box], np.float32),
+            "labels": np.array([label], np.int32), "keypoints": np.array([kps], np.float32)}
+
+
+def test_mask_boxes_are_tight_in_continuous_coordinates():
+    masks = np.zeros((2, 6, 8), np.uint8)
+    masks[0, 1:4, 2:7] = 1
+    np.testing.assert_array_equal(mask_boxes(masks), [[2, 1, 7, 4], [0, 0, 0, 0]])
+
+
+def test_paste_instances_hand_computed():
+    # dst: one instance on rows 2..5, columns 2..7 (box 2, 2, 8, 6), two visible keypoints
+    dst = _one_instance(10, (2, 6), (2, 8), [2, 2, 8, 6], 1, [[3.5, 3.5, 2], [7.5, 5.5, 2]])
+    # src: its instance covers columns 5..9 of every row; pasting it leaves dst's columns 2..4:
+    # 12 of 24 pixels, exactly the half that placement allows
+    src = _one_instance(200, (0, 10), (5, 10), [5, 0, 10, 10], 3, [[9, 9, 2], [0, 0, 0]])
+    out = paste_instances(dst, src, [0])
+    np.testing.assert_array_equal(out["boxes"], [[2, 2, 5, 6], [5, 0, 10, 10]])
+    np.testing.assert_array_equal(out["labels"], [1, 3])
+    assert out["labels"].dtype == np.int32
+    expected = np.zeros((2, 10, 10), np.uint8)
+    expected[0, 2:6, 2:5] = 1
+    expected[1, :, 5:] = 1
+    np.testing.assert_array_equal(out["masks"], expected)
+    # the keypoint on pixel (7, 5) is now under the pasted instance: v 2 -> 1
+    np.testing.assert_array_equal(out["keypoints"], [[[3.5, 3.5, 2], [7.5, 5.5, 1]],
+                                                     [[9, 9, 2], [0, 0, 0]]])
+    np.testing.assert_array_equal(out["image"][:, 5:], 200)
+    np.testing.assert_array_equal(out["image"][:, :5], 10)
+    np.testing.assert_array_equal(dst["image"], 10)             # inputs are not modified
+    np.testing.assert_array_equal(dst["keypoints"][0, 1], [7.5, 5.5, 2])
+
+
+def test_paste_instances_skips_what_would_hide_more_than_half():
+    dst = _one_instance(10, (2, 6), (2, 8), [2, 2, 8, 6], 1, [[3.5, 3.5, 2], [7.5, 5.5, 2]])
+    src = _one_instance(200, (0, 10), (4, 10), [4, 0, 10, 10], 3, [[9, 9, 2], [0, 0, 0]])
+    out = paste_instances(dst, src, [0])                        # would leave 8 of 24 pixels
+    for key in ("image", "masks", "boxes", "labels", "keypoints"):
+        np.testing.assert_array_equal(out[key], dst[key])
+    empty = dict(src, masks=np.zeros_like(src["masks"]))
+    assert len(paste_instances(dst, empty, [0])["boxes"]) == 1  # an empty mask is not pasted
+
+
+def _other_record():
+    """A 20x30 record with one instance, a rectangle on rows 14..19, columns 0..7."""
+    mask = np.zeros((20, 30), np.uint8)
+    mask[14:20, 0:8] = 1
+    return {
+        "image_id": 8, "file_name": "/data/img8.png", "height": 20, "width": 30,
+        "boxes": np.array([[0, 14, 8, 20]], np.float32), "labels": np.array([2], np.int32),
+        "segmentations": [mask_util.encode(np.asfortranarray(mask))],
+        "keypoints": np.array([[[1, 15, 2], [7, 19, 2], [0, 0, 0]]], np.float32),
+        "crowd_boxes": np.zeros((0, 4), np.float32), "crowd_segmentations": [],
+    }
+
+
+def test_train_transform_copy_paste_adds_instances_deterministically():
+    pool = [_record(), _other_record()]
+    cfg = {"input.min_size_train": "[20]", "input.max_size_train": 1000, "input.flip_prob": 0.0}
+    plain = TrainTransform(_cfg(**cfg), _Info(), reader=lambda p: _image())
+    with_pool = TrainTransform(_cfg(**cfg), _Info(), reader=lambda p: _image(), paste_pool=pool)
+    a = plain(pool[0], np.random.default_rng(5))
+    b = with_pool(pool[0], np.random.default_rng(5))                # prob 0: the same sample
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    cfg["input.copy_paste_prob"] = 1.0
+    white = np.full((20, 30, 3), 255, np.uint8)                  # img8's pixels
+    paste = TrainTransform(_cfg(**cfg), _Info(), paste_pool=pool,
+                           reader=lambda p: white if p.endswith("img8.png") else _image())
+    c = paste(pool[0], np.random.default_rng(5))
+    d = paste(pool[0], np.random.default_rng(5))
+    assert all(np.array_equal(c[k], d[k]) for k in c)
+    # img8's rectangle is pasted after img7's two instances, which it does not touch (the
+    # original size: no resize blends the pasted pixels with their neighbours)
+    np.testing.assert_array_equal(c["gt_boxes"], np.vstack([a["gt_boxes"], [[0, 14, 8, 20]]]))
+    np.testing.assert_array_equal(c["gt_labels"], [1, 0, 2])
+    np.testing.assert_array_equal(c["gt_keypoints"][2], [[1, 15, 2], [7, 19, 2], [0, 0, 0]])
+    np.testing.assert_array_equal(c["gt_masks"][:2], a["gt_masks"])
+    np.testing.assert_array_equal(mask_boxes(c["gt_masks"][2:])[0], [0, 14, 8, 20])
+    np.testing.assert_array_equal(c["gt_crowd"], a["gt_crowd"])
+    pasted = c["gt_masks"][2].astype(bool)
+    np.testing.assert_array_equal(c["image"][:, ~pasted], a["image"][:, ~pasted])
+    np.testing.assert_allclose(c["image"][:, pasted].T, np.broadcast_to(
+        (1 - np.array(_cfg().input.pixel_mean)) / np.array(_cfg().input.pixel_std),
+        (pasted.sum(), 3)), rtol=1e-5)
+    # img8 as the destination: img7's instances land on top of it, or are skipped
+    e = paste(pool[1], np.random.default_rng(1))
+    assert len(e["gt_boxes"]) > 1 and e["gt_labels"][0] == 2
+
+
+def test_copy_paste_needs_masks_and_a_probability():
+    pool = [dict(_record(), segmentations=None), _other_record()]
+    cfg = _cfg(**{"input.copy_paste_prob": 1.0, "model.mask_on": "false"})
+    t = TrainTransform(cfg, _Info(), reader=lambda p: _image(), paste_pool=pool)
+    with pytest.raises(UserError, match="img7.png.*copy_paste_prob.*segmentation"):
+        t(pool[1], np.random.default_rng(0))              # img7 is the source: no masks
+    with pytest.raises(UserError, match="img7.png.*copy_paste_prob.*segmentation"):
+        t(pool[0], np.random.default_rng(0))              # img7 is the destination
+    with pytest.raises(UserError, match="input.copy_paste_prob.*1.5"):
+        TrainTransform(_cfg(**{"input.copy_paste_prob": 1.5}), _Info())
 
 
 def test_test_transform_returns_image_info_id_and_original_size():

@@ -152,7 +152,7 @@ class TrainBatchMaker:
     def __init__(self, cfg, records, info, sampler, reader=None):
         self.records = records
         self.sampler = sampler
-        self.transform = TrainTransform(cfg, info, reader)
+        self.transform = TrainTransform(cfg, info, reader, paste_pool=records)
         self.size_divisibility = int(cfg.input.size_divisibility)
 
     def __call__(self, it):

@@ -172,6 +172,91 @@ def hflip(image, boxes=None, masks=None, keypoints=None, crowd_boxes=None, flip_
 
 
 # --------------------------------------------------------------------------------------------
+# Copy-paste
+# --------------------------------------------------------------------------------------------
+def mask_boxes(masks):
+    """Binary masks (N, H, W) -> tight xyxy boxes (N, 4) float32 in continuous coordinates
+    (a mask covering pixel columns i..j gives x1 = i, x2 = j + 1); empty masks give zeros."""
+    masks = np.asarray(masks, bool)
+    out = np.zeros((len(masks), 4), np.float32)
+    cols = masks.any(axis=1)
+    rows = masks.any(axis=2)
+    for i in range(len(masks)):
+        xs = np.flatnonzero(cols[i])
+        ys = np.flatnonzero(rows[i])
+        if len(xs):
+            out[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return out
+
+
+def paste_instances(dst, src, order, min_visible=0.5):
+    """Simple copy-paste: the instances ``order`` of ``src`` painted, in that order, on ``dst``.
+
+    ``dst`` and ``src`` are dicts of one image each, at the same size: ``image`` HxWx3 uint8,
+    ``boxes`` (N, 4) xyxy float32, ``labels`` (N,), ``masks`` (N, H, W) 0/1 uint8 and
+    ``keypoints`` (N, K, 3) or None. An instance is pasted with its mask's pixels, unless it is
+    empty or would leave an instance already in the image less than ``min_visible`` of its
+    visible area (the placement rule of the synthetic generator, ``mxmask.data.shapes``).
+
+    Returns a new dict of the same form: ``dst``'s instances, their masks minus the pixels pasted
+    over them, the boxes of the covered ones shrunk to what is left (tight mask boxes) and their
+    visible keypoints (v = 2) under pasted pixels marked covered (v = 1, the COCO and generator
+    convention), followed by the pasted instances with ``src``'s boxes, labels and keypoints.
+    """
+    image = dst["image"].copy()
+    src_image = src["image"]
+    masks = list(np.asarray(dst["masks"], bool))
+    boxes = [b for b in np.asarray(dst["boxes"], np.float32).reshape(-1, 4)]
+    labels = list(np.asarray(dst["labels"]).reshape(-1))
+    with_kps = dst.get("keypoints") is not None
+    kps = [k for k in np.array(dst["keypoints"], np.float32)] if with_kps else []
+    covered = [False] * len(masks)
+    h, w = image.shape[:2]
+    for j in order:
+        m = np.asarray(src["masks"][j], bool)
+        if not m.any():
+            continue
+        if masks:
+            stack = np.stack(masks)
+            area = stack.sum(axis=(1, 2))
+            left = (stack & ~m).sum(axis=(1, 2))
+            if np.any(left < min_visible * area):
+                continue
+            hit = left < area
+        else:
+            hit = np.zeros(0, bool)
+        for i in np.flatnonzero(hit):
+            masks[i] = masks[i] & ~m
+            covered[i] = True
+            if with_kps:
+                k = kps[i]
+                px = np.clip(np.floor(k[:, 0]).astype(np.int64), 0, w - 1)
+                py = np.clip(np.floor(k[:, 1]).astype(np.int64), 0, h - 1)
+                k[(k[:, 2] == 2) & m[py, px], 2] = 1.0
+        image[m] = src_image[m]
+        masks.append(m)
+        boxes.append(np.asarray(src["boxes"][j], np.float32))
+        labels.append(src["labels"][j])
+        covered.append(False)
+        if with_kps:
+            kps.append(np.array(src["keypoints"][j], np.float32))
+    n = len(masks)
+    out_masks = np.stack(masks).astype(np.uint8) if n else np.zeros((0, h, w), np.uint8)
+    out_boxes = np.asarray(boxes, np.float32).reshape(n, 4)
+    redo = np.flatnonzero(covered)
+    if len(redo):
+        out_boxes[redo] = mask_boxes(out_masks[redo])
+    return {
+        "image": image,
+        "boxes": out_boxes,
+        "labels": np.asarray(labels, np.asarray(dst["labels"]).dtype).reshape(n),
+        "masks": out_masks,
+        "keypoints": (np.asarray(kps, np.float32).reshape((n,) + np.shape(dst["keypoints"])[1:])
+                      if with_kps else None),
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
 def normalize(image, mean, std):
@@ -224,10 +309,14 @@ class TrainTransform:
     ``gt_keypoints`` float32 (N, K, 3) when ``cfg.model.keypoint_on``.
 
     The generator draws, in this order, the short side (uniformly from
-    ``cfg.input.min_size_train``) and the flip (probability ``cfg.input.flip_prob``).
+    ``cfg.input.min_size_train``) and the flip (probability ``cfg.input.flip_prob``); then,
+    only when ``cfg.input.copy_paste_prob`` > 0, whether to paste, and if so the source image
+    (another record of ``paste_pool``, resized to this image's size) and which of its instances
+    (a random order of a random non-empty subset, :func:`paste_instances`). Pasting happens at
+    the original size, before the resize and the flip.
     """
 
-    def __init__(self, cfg, info=None, reader=None):
+    def __init__(self, cfg, info=None, reader=None, paste_pool=None):
         self.short_sizes = [int(s) for s in cfg.input.min_size_train]
         if not self.short_sizes:
             raise UserError("input.min_size_train: needs at least one size")
@@ -242,12 +331,24 @@ class TrainTransform:
         names = getattr(info, "keypoint_names", None) if info is not None else None
         self.num_keypoints = len(names) if names else int(cfg.model.num_keypoints)
         self.reader = reader or read_image_file
+        self.copy_paste_prob = float(getattr(cfg.input, "copy_paste_prob", 0.0))
+        if not 0.0 <= self.copy_paste_prob <= 1.0:
+            raise UserError("input.copy_paste_prob: expected a probability in [0, 1], got %r"
+                            % cfg.input.copy_paste_prob)
+        self.paste_pool = list(paste_pool) if paste_pool is not None else []
 
     def draw_augmentation(self, rng):
         """-> (short side, flip?) drawn from ``rng``."""
         short = self.short_sizes[int(rng.integers(len(self.short_sizes)))]
         flip = bool(rng.random() < self.flip_prob)
         return short, flip
+
+    def _decoded_masks(self, record, why):
+        segs = record.get("segmentations")
+        if segs is None or any(s is None for s in segs):
+            raise UserError("%s: %s but the annotations have no segmentation"
+                            % (record["file_name"], why))
+        return decode_masks(segs, int(record["height"]), int(record["width"]))
 
     def annotations(self, record):
         """The record's annotations as arrays at the original size (masks decoded)."""
@@ -258,11 +359,7 @@ class TrainTransform:
             np.asarray(crowd, np.float32).reshape(-1, 4)
         ann = {"boxes": boxes, "crowd_boxes": crowd, "masks": None, "keypoints": None}
         if self.mask_on:
-            segs = record.get("segmentations")
-            if segs is None or any(s is None for s in segs):
-                raise UserError("%s: model.mask_on is true but the annotations have no "
-                                "segmentation" % name)
-            ann["masks"] = decode_masks(segs, int(record["height"]), int(record["width"]))
+            ann["masks"] = self._decoded_masks(record, "model.mask_on is true")
         if self.keypoint_on:
             kps = record.get("keypoints")
             if kps is None:
@@ -275,10 +372,50 @@ class TrainTransform:
             ann["keypoints"] = kps
         return ann
 
+    def copy_paste(self, image, record, ann, labels, rng):
+        """Draws whether to paste (``cfg.input.copy_paste_prob``) and, if so, pastes instances
+        of another record of the pool -> (image, ann, labels), unchanged when nothing is drawn."""
+        pool = self.paste_pool
+        if self.copy_paste_prob <= 0.0 or len(pool) < 2 or rng.random() >= self.copy_paste_prob:
+            return image, ann, labels
+        index = int(rng.integers(len(pool)))
+        if pool[index] is record:
+            index = (index + 1) % len(pool)
+        source = pool[index]
+        why = "input.copy_paste_prob > 0"
+        src_image = _checked_image(source, self.reader)
+        src_ann = self.annotations(source)
+        src_masks = src_ann["masks"] if src_ann["masks"] is not None \
+            else self._decoded_masks(source, why)
+        count = len(src_masks)
+        order = rng.permutation(count)[:max(1, int(rng.binomial(count, 0.5)))] if count else []
+        h, w = image.shape[:2]
+        sh, sw = src_image.shape[:2]
+        sx, sy = w / float(sw), h / float(sh)
+        src = {
+            "image": resize_image(src_image, h, w),
+            "masks": resize_masks(src_masks, h, w),
+            "boxes": scale_boxes(src_ann["boxes"], sx, sy),
+            "labels": np.asarray(source["labels"]).reshape(-1),
+            "keypoints": (None if src_ann["keypoints"] is None
+                          else scale_keypoints(src_ann["keypoints"], sx, sy)),
+        }
+        dst = {"image": image, "boxes": ann["boxes"], "labels": labels,
+               "masks": ann["masks"] if ann["masks"] is not None
+               else self._decoded_masks(record, why),
+               "keypoints": ann["keypoints"]}
+        out = paste_instances(dst, src, order)
+        ann = dict(ann, boxes=out["boxes"], keypoints=out["keypoints"],
+                   masks=out["masks"] if self.mask_on else None)
+        return out["image"], ann, out["labels"]
+
     def __call__(self, record, rng):
         image = _checked_image(record, self.reader)
         short, flip = self.draw_augmentation(rng)
-        out = resize_shortest_edge(image, short, self.max_size, **self.annotations(record))
+        ann = self.annotations(record)
+        labels = np.asarray(record["labels"], np.int32).reshape(-1)
+        image, ann, labels = self.copy_paste(image, record, ann, labels, rng)
+        out = resize_shortest_edge(image, short, self.max_size, **ann)
         scale = out.pop("scale")
         if flip:
             out = hflip(out["image"], out["boxes"], out["masks"], out["keypoints"],
@@ -288,7 +425,7 @@ class TrainTransform:
             "image": normalize(out["image"], self.mean, self.std),
             "im_info": np.array([h, w, scale], np.float32),
             "gt_boxes": _clip_boxes(out["boxes"], h, w),
-            "gt_labels": np.asarray(record["labels"], np.int32).reshape(-1),
+            "gt_labels": labels,
             "gt_crowd": _clip_boxes(out["crowd_boxes"], h, w),
             "image_id": int(record["image_id"]),
         }
