@@ -1,9 +1,10 @@
-"""The compiled training operators (mxmask/ops): mxmask_roi_align and mxmask_group_norm.
+"""The compiled operators (mxmask/ops): mxmask_roi_align, mxmask_group_norm, mxmask_box_nms.
 
 Each must compute what the stock operator it replaces computes (contrib.ROIAlign and the numpy
-RoIAlign of test_roi_align.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy),
-with the same gradients; the training graph uses them on CPU; a machine without a working
-compiler falls back to the stock operators with a warning.
+RoIAlign of test_roi_align.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy;
+contrib.box_nms, row for row), with the same gradients (box_nms: none); the training graph
+uses them on CPU; a machine without a working compiler falls back to the stock operators with a
+warning.
 """
 import json
 import logging
@@ -59,7 +60,7 @@ def test_builds_into_an_empty_cache_and_loads(tmp_path, capfd):
     assert os.path.getsize(out) > 0
     assert os.listdir(str(tmp_path)) == ["lib.so"]          # no temp file left behind
     assert ops.load_ops()
-    assert hasattr(mx.sym, "mxmask_roi_align") and hasattr(mx.sym, "mxmask_group_norm")
+    assert all(hasattr(mx.sym, name) for name in ops.OP_NAMES)
 
 
 @needs_compiler
@@ -157,6 +158,80 @@ def test_group_norm_equals_the_layernorm_block_and_numpy(shape, groups):
                                atol=1e-3)
 
 
+def _nms_rows(rng, shape, ties=False, classes=1):
+    """Random (..., N, 6) rows [score, x1, y1, x2, y2, class]: heavily overlapping boxes, some
+    with negative width or height, scores tied in pairs when ``ties``."""
+    d = np.zeros(shape, np.float32)
+    xy = rng.uniform(0, 300, shape[:-1] + (2,))
+    d[..., 1:3] = xy
+    d[..., 3:5] = xy + rng.uniform(-3, 120, shape[:-1] + (2,))
+    score = rng.normal(size=shape[:-1])
+    d[..., 0] = np.round(score * 2) / 2 if ties else score
+    d[..., 5] = rng.randint(0, classes, shape[:-1])
+    return d
+
+
+NMS_CASES = {
+    # the RPN's per-level NMS (modeling/proposals.py, Detectron2 style)
+    "rpn_per_level": ((2, 5, 400, 6), dict(
+        overlap_thresh=0.7, valid_thresh=-3e38, topk=-1, coord_start=1, score_index=0,
+        id_index=-1, force_suppress=True, in_format="corner", out_format="corner")),
+    # GluonCV's one NMS over all levels, the top `pre` only
+    "rpn_all_levels": ((1, 3000, 6), dict(
+        overlap_thresh=0.7, topk=500, coord_start=1, score_index=0, id_index=-1,
+        force_suppress=True)),
+    # the detections' per-class NMS (modeling/roi_heads.py), and mixed classes in one batch
+    "per_class": ((1, 7, 300, 6), dict(
+        overlap_thresh=0.5, valid_thresh=0.0, topk=-1, coord_start=1, score_index=0,
+        id_index=5, background_id=-1, force_suppress=False, in_format="corner",
+        out_format="corner")),
+    "classes_topk": ((4, 300, 6), dict(
+        overlap_thresh=0.3, valid_thresh=0.2, topk=50, coord_start=1, score_index=0,
+        id_index=5, force_suppress=False)),
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", sorted(NMS_CASES))
+@pytest.mark.parametrize("ties", [False, True])
+def test_box_nms_gives_contrib_box_nms_rows_exactly(case, ties):
+    assert ops.load_ops()
+    shape, kwargs = NMS_CASES[case]
+    data = _nms_rows(np.random.RandomState(len(case) + ties), shape, ties, classes=3)
+    data[0, ..., :40, 0] = -np.inf if kwargs.get("valid_thresh", 0) < -1 else -1.0  # invalid
+    ref = nd.contrib.box_nms(nd.array(data), **kwargs).asnumpy()
+    out = nd.mxmask_box_nms(nd.array(data), **kwargs).asnumpy()
+    kept = ref[..., 0] != -1
+    assert 0 < kept.sum() < kept.size                # some suppressed, some kept
+    np.testing.assert_array_equal(out, ref)
+
+
+@needs_compiler
+def test_box_nms_edge_cases_and_refused_settings():
+    assert ops.load_ops()
+    kwargs = dict(overlap_thresh=0.5, coord_start=1, score_index=0)
+    nothing_valid = np.full((2, 4, 5), -1, np.float32)
+    np.testing.assert_array_equal(nd.mxmask_box_nms(nd.array(nothing_valid), **kwargs).asnumpy(),
+                                  nothing_valid)
+    # the same box twice, and an empty box (IoU 0/0): box_nms keeps the NaN pair apart
+    rows = np.array([[[0.9, 0, 0, 10, 10], [0.8, 0, 0, 10, 10], [0.7, 5, 5, 5, 5],
+                      [0.6, 5, 5, 5, 5]]], np.float32)
+    ref = nd.contrib.box_nms(nd.array(rows), **kwargs).asnumpy()
+    np.testing.assert_array_equal(nd.mxmask_box_nms(nd.array(rows), **kwargs).asnumpy(), ref)
+    np.testing.assert_array_equal(ref[0, :, 0], np.float32([0.9, 0.7, 0.6, -1]))
+    # no gradient flows through it (the proposals and detections stop gradients anyway)
+    x = nd.array(rows)
+    x.attach_grad()
+    with mx.autograd.record():
+        y = nd.mxmask_box_nms(x, **kwargs)
+    y.backward(nd.ones_like(y))
+    assert float(nd.abs(x.grad).sum().asscalar()) == 0.0
+    # what it does not implement is an error, not a wrong answer or an abort
+    for bad in (dict(in_format="center"), dict(out_format="center"), dict(background_id=0)):
+        with pytest.raises(mx.base.MXNetError, match="mxmask_box_nms"):
+            nd.mxmask_box_nms(nd.array(rows), **kwargs, **bad).wait_to_read()
+
+
 def _loss_and_grads(net, cfg, kind, batch):
     loss_net = RCNNLoss(net, cfg, kernels=kind)
     loss_net.hybridize(static_alloc=True)
@@ -192,6 +267,9 @@ def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients()
     assert [name.rsplit("_", 2)[1:] for op, name in graph if op == "_contrib_ROIAlign"] == \
         [["masktargets0", "roialign0"]]
     assert len([1 for op, _ in graph_ref if op == "_contrib_ROIAlign"]) == 4
+    # the RPN's NMS: one call, compiled in the compiled graph only
+    assert [op for op, _ in graph if "box_nms" in op] == ["mxmask_box_nms"]
+    assert [op for op, _ in graph_ref if "box_nms" in op] == ["_contrib_box_nms"]
     for k in losses_ref:
         assert losses[k] == pytest.approx(losses_ref[k], rel=1e-5, abs=1e-6), k
     # float32 sums in another order (the compiled GroupNorm accumulates in float64): agreement
@@ -205,6 +283,7 @@ def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients()
     net(batch["data"], batch["im_info"])
     inference = net._cached_graph[1].tojson()
     assert '"mxmask_roi_align"' not in inference and '"mxmask_group_norm"' not in inference
+    assert '"mxmask_box_nms"' not in inference
 
 
 @needs_compiler

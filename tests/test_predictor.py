@@ -269,10 +269,11 @@ def test_optimized_graphs_need_one_cpu_context(ckpt, images, capsys):
     assert "one CPU context" in capsys.readouterr().err
 
 
-def test_predictor_runs_the_compiled_roi_align_with_the_stock_results(ckpt, predictor, images):
-    """On CPUs the in-process network pools with mxmask's compiled RoIAlign (mxmask.ops), which
-    repeats contrib.ROIAlign's arithmetic: the same entries, exactly, as the network with MXNet's
-    operators, whose graph is also what export writes."""
+def test_predictor_runs_the_compiled_kernels_with_the_stock_results(ckpt, predictor, images):
+    """On CPUs the in-process network pools with mxmask's compiled RoIAlign and runs its
+    compiled NMS (mxmask.ops), which repeat contrib.ROIAlign's arithmetic and contrib.box_nms's
+    rows: the same entries, exactly, as the network with MXNet's operators, whose graph is also
+    what export writes."""
     if not ops.load_ops():
         pytest.skip("the compiled operators could not be built here")
     from mxmask.export import network_symbol
@@ -283,7 +284,9 @@ def test_predictor_runs_the_compiled_roi_align_with_the_stock_results(ckpt, pred
         assert predictor.predict_image(path) == stock.predict_image(path), name
     compiled = predictor.net._cached_graph[1].tojson()
     assert '"mxmask_roi_align"' in compiled and '"_contrib_ROIAlign"' not in compiled
+    assert '"mxmask_box_nms"' in compiled and '"_contrib_box_nms"' not in compiled
     assert '"mxmask_group_norm"' not in compiled          # GroupNorm stays MXNet's
     for graph in (stock.net._cached_graph[1].tojson(), network_symbol(predictor.net).tojson()):
         assert '"mxmask_roi_align"' not in graph and '"_contrib_ROIAlign"' in graph
+        assert '"mxmask_box_nms"' not in graph and '"_contrib_box_nms"' in graph
     assert predictor.net.kernels == "mxmask"        # network_symbol leaves the choice as it was

@@ -48,6 +48,7 @@ changes; inside a hybridized parent the parent's cached graph keeps the mode it 
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
 
+from ._utils import box_nms
 from .box_coder import clip_boxes, decode_boxes, DEFAULT_SCALE_CLAMP
 
 __all__ = ["ProposalGenerator", "GLUONCV_RPN_SCALE_CLAMP"]
@@ -166,9 +167,9 @@ class ProposalGenerator(TrainTestBlock):
             rows.append(F.expand_dims(row, axis=1))
         data = F.concat(*rows, dim=1) if len(rows) > 1 else rows[0]               # (B, L, pre, 6)
         # columns: logit, x1, y1, x2, y2, flag; suppressed/invalid rows come back as all -1
-        nms = F.contrib.box_nms(data, overlap_thresh=self.nms_thresh, valid_thresh=_VALID_THRESH,
-                                topk=-1, coord_start=1, score_index=0, id_index=-1,
-                                force_suppress=True, in_format="corner", out_format="corner")
+        nms = box_nms(F, data, overlap_thresh=self.nms_thresh, valid_thresh=_VALID_THRESH,
+                      topk=-1, coord_start=1, score_index=0, id_index=-1,
+                      force_suppress=True, in_format="corner", out_format="corner")
         flat = F.reshape(nms, (0, -3, 0))                                          # (B, L*pre, 6)
         total = len(rows) * pre
         if total < post:
@@ -198,8 +199,8 @@ class ProposalGenerator(TrainTestBlock):
         data = F.concat(F.expand_dims(score, axis=2), boxes, dim=-1)              # (B, N, 5)
         # `post` rows of padding (score -1, filtered by box_nms) so that the slice always exists
         data = F.concat(data, _rows_like(F, data, post, -1.0), dim=1)
-        nms = F.contrib.box_nms(data, overlap_thresh=self.nms_thresh, topk=pre, coord_start=1,
-                                score_index=0, id_index=-1, force_suppress=True)
+        nms = box_nms(F, data, overlap_thresh=self.nms_thresh, topk=pre, coord_start=1,
+                      score_index=0, id_index=-1, force_suppress=True)
         res = F.slice_axis(nms, axis=1, begin=0, end=post)                        # (B, post, 5)
         scores = F.slice_axis(res, axis=-1, begin=0, end=1)                       # (B, post, 1)
         boxes = F.slice_axis(res, axis=-1, begin=1, end=5)

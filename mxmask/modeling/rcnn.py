@@ -128,9 +128,9 @@ def keypoint_flip_map(cfg):
 
 def inference_kernels(kernels):
     """The :func:`mxmask.ops.compiled_kernels` block of an inference graph with ``kernels``
-    (``"mxmask"``: the compiled RoIAlign; GroupNorm stays MXNet's, so that the outputs are
-    exactly those of the exported graph)."""
-    return compiled_kernels(kernels == "mxmask", ["roi_align"])
+    (``"mxmask"``: the compiled RoIAlign and NMS, which give MXNet's outputs exactly; GroupNorm
+    stays MXNet's, so that the outputs are exactly those of the exported graph)."""
+    return compiled_kernels(kernels == "mxmask", ["roi_align", "box_nms"])
 
 
 class MaskRCNN(mx.gluon.HybridBlock):

@@ -62,7 +62,7 @@ import mxnet as mx
 from mxnet.gluon import nn
 
 from ..utils import UserError
-from ._utils import batch_gather
+from ._utils import batch_gather, box_nms
 from .box_coder import clip_boxes, decode_boxes
 from .norm import make_norm
 from .poolers import MultiLevelRoIAlign
@@ -229,10 +229,10 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
     # (C * R)^2 for one NMS with id_index over all classes: 0.6 s instead of 27 s for 1000 rois
     # x 80 classes all above the threshold). Each (b, c) row comes back sorted by score, with
     # the suppressed and invalid entries as rows of -1.
-    nms = F.contrib.box_nms(F.transpose(entries, axes=(0, 2, 1, 3)), overlap_thresh=nms_thresh,
-                            valid_thresh=0.0, topk=-1, coord_start=2, score_index=1, id_index=0,
-                            background_id=-1, force_suppress=False, in_format="corner",
-                            out_format="corner")                              # (B, C, R, 6)
+    nms = box_nms(F, F.transpose(entries, axes=(0, 2, 1, 3)), overlap_thresh=nms_thresh,
+                  valid_thresh=0.0, topk=-1, coord_start=2, score_index=1, id_index=0,
+                  background_id=-1, force_suppress=False, in_format="corner",
+                  out_format="corner")                                          # (B, C, R, 6)
     nms = F.reshape(nms, (0, -3, 0))                                           # (B, C*R, 6)
     # append max_dets padding rows so that top-k exists even when C*R < max_dets
     pad = F.broadcast_axis(F.ones_like(F.slice_axis(nms, axis=1, begin=0, end=1)) * -1,
