@@ -70,6 +70,7 @@ class InputConfig:
     # Copy-paste augmentation (Ghiasi et al., "Simple Copy-Paste", 2021): the probability that a
     # training image gets instances of another training image pasted on it. Needs masks.
     copy_paste_prob: float = 0.0
+    copy_paste_sources: int = 1          # how many other images' instances are pasted, in turn
     # RGB in [0, 255] -> (x/255 - mean) / std, ImageNet statistics (GluonCV convention).
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])

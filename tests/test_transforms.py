@@ -315,6 +315,21 @@ def test_train_transform_copy_paste_adds_instances_deterministically():
     # img8 as the destination: img7's instances land on top of it, or are skipped
     e = paste(pool[1], np.random.default_rng(1))
     assert len(e["gt_boxes"]) > 1 and e["gt_labels"][0] == 2
+    # two source images in turn: the first paste is the same draw, the second adds to it
+    pool3 = pool + [_record()]
+    once = TrainTransform(_cfg(**cfg), _Info(), paste_pool=pool3,
+                          reader=lambda p: white if p.endswith("img8.png") else _image())
+    cfg["input.copy_paste_sources"] = 2
+    twice = TrainTransform(_cfg(**cfg), _Info(), paste_pool=pool3,
+                           reader=lambda p: white if p.endswith("img8.png") else _image())
+    grew = 0
+    for seed in range(8):
+        one = once(pool[0], np.random.default_rng(seed))
+        two = twice(pool[0], np.random.default_rng(seed))
+        assert len(two["gt_labels"]) >= len(one["gt_labels"])
+        np.testing.assert_array_equal(two["gt_labels"][:len(one["gt_labels"])], one["gt_labels"])
+        grew += len(two["gt_labels"]) > len(one["gt_labels"])
+    assert grew > 0
 
 
 def test_copy_paste_needs_masks_and_a_probability():
@@ -327,6 +342,8 @@ def test_copy_paste_needs_masks_and_a_probability():
         t(pool[0], np.random.default_rng(0))              # img7 is the destination
     with pytest.raises(UserError, match="input.copy_paste_prob.*1.5"):
         TrainTransform(_cfg(**{"input.copy_paste_prob": 1.5}), _Info())
+    with pytest.raises(UserError, match="input.copy_paste_sources.*0"):
+        TrainTransform(_cfg(**{"input.copy_paste_sources": 0}), _Info())
 
 
 def test_test_transform_returns_image_info_id_and_original_size():

@@ -310,9 +310,10 @@ class TrainTransform:
 
     The generator draws, in this order, the short side (uniformly from
     ``cfg.input.min_size_train``) and the flip (probability ``cfg.input.flip_prob``); then,
-    only when ``cfg.input.copy_paste_prob`` > 0, whether to paste, and if so the source image
-    (another record of ``paste_pool``, resized to this image's size) and which of its instances
-    (a random order of a random non-empty subset, :func:`paste_instances`). Pasting happens at
+    only when ``cfg.input.copy_paste_prob`` > 0, whether to paste, and if so, for each of
+    ``cfg.input.copy_paste_sources`` source images in turn, which one (another record of
+    ``paste_pool``, resized to this image's size) and which of its instances (a random order of
+    a random non-empty subset, :func:`paste_instances`). Pasting happens at
     the original size, before the resize and the flip.
     """
 
@@ -335,6 +336,10 @@ class TrainTransform:
         if not 0.0 <= self.copy_paste_prob <= 1.0:
             raise UserError("input.copy_paste_prob: expected a probability in [0, 1], got %r"
                             % cfg.input.copy_paste_prob)
+        self.copy_paste_sources = int(getattr(cfg.input, "copy_paste_sources", 1))
+        if self.copy_paste_sources < 1:
+            raise UserError("input.copy_paste_sources: expected at least 1 image to paste "
+                            "from, got %r" % cfg.input.copy_paste_sources)
         self.paste_pool = list(paste_pool) if paste_pool is not None else []
 
     def draw_augmentation(self, rng):
@@ -374,22 +379,35 @@ class TrainTransform:
 
     def copy_paste(self, image, record, ann, labels, rng):
         """Draws whether to paste (``cfg.input.copy_paste_prob``) and, if so, pastes instances
-        of another record of the pool -> (image, ann, labels), unchanged when nothing is drawn."""
+        of ``cfg.input.copy_paste_sources`` other records of the pool, one after the other ->
+        (image, ann, labels), unchanged when nothing is drawn."""
         pool = self.paste_pool
         if self.copy_paste_prob <= 0.0 or len(pool) < 2 or rng.random() >= self.copy_paste_prob:
             return image, ann, labels
-        index = int(rng.integers(len(pool)))
-        if pool[index] is record:
-            index = (index + 1) % len(pool)
-        source = pool[index]
         why = "input.copy_paste_prob > 0"
+        dst = {"image": image, "boxes": ann["boxes"], "labels": labels,
+               "masks": ann["masks"] if ann["masks"] is not None
+               else self._decoded_masks(record, why),
+               "keypoints": ann["keypoints"]}
+        for _ in range(self.copy_paste_sources):
+            index = int(rng.integers(len(pool)))
+            if pool[index] is record:
+                index = (index + 1) % len(pool)
+            dst = self._paste_from(dst, pool[index], why, rng)
+        ann = dict(ann, boxes=dst["boxes"], keypoints=dst["keypoints"],
+                   masks=dst["masks"] if self.mask_on else None)
+        return dst["image"], ann, dst["labels"]
+
+    def _paste_from(self, dst, source, why, rng):
+        """``dst`` (a :func:`paste_instances` dict) with a random non-empty subset of
+        ``source``'s instances, resized to its size, pasted on it in a random order."""
         src_image = _checked_image(source, self.reader)
         src_ann = self.annotations(source)
         src_masks = src_ann["masks"] if src_ann["masks"] is not None \
             else self._decoded_masks(source, why)
         count = len(src_masks)
         order = rng.permutation(count)[:max(1, int(rng.binomial(count, 0.5)))] if count else []
-        h, w = image.shape[:2]
+        h, w = dst["image"].shape[:2]
         sh, sw = src_image.shape[:2]
         sx, sy = w / float(sw), h / float(sh)
         src = {
@@ -400,14 +418,7 @@ class TrainTransform:
             "keypoints": (None if src_ann["keypoints"] is None
                           else scale_keypoints(src_ann["keypoints"], sx, sy)),
         }
-        dst = {"image": image, "boxes": ann["boxes"], "labels": labels,
-               "masks": ann["masks"] if ann["masks"] is not None
-               else self._decoded_masks(record, why),
-               "keypoints": ann["keypoints"]}
-        out = paste_instances(dst, src, order)
-        ann = dict(ann, boxes=out["boxes"], keypoints=out["keypoints"],
-                   masks=out["masks"] if self.mask_on else None)
-        return out["image"], ann, out["labels"]
+        return paste_instances(dst, src, order)
 
     def __call__(self, record, rng):
         image = _checked_image(record, self.reader)
