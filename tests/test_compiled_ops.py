@@ -230,6 +230,8 @@ def test_box_nms_edge_cases_and_refused_settings():
     for bad in (dict(in_format="center"), dict(out_format="center"), dict(background_id=0)):
         with pytest.raises(mx.base.MXNetError, match="mxmask_box_nms"):
             nd.mxmask_box_nms(nd.array(rows), **kwargs, **bad).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="mxmask_box_nms: every input must be float32"):
+        nd.mxmask_box_nms(nd.array(rows, dtype="float64"), **kwargs).wait_to_read()
 
 
 def _loss_and_grads(net, cfg, kind, batch):

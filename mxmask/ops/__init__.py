@@ -58,6 +58,7 @@ __all__ = ["load_ops", "kernels_for", "resolve_kernels", "compiled_kernels",
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(_HERE, name) for name in ("roi_align.cc", "group_norm.cc", "box_nms.cc")]
+HEADERS = [os.path.join(_HERE, "common.h")]
 OP_NAMES = ("mxmask_roi_align", "mxmask_group_norm", "mxmask_box_nms")
 # no FMA contraction: mxmask_roi_align's forward repeats contrib.ROIAlign's float32 arithmetic
 FLAGS = ["-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
@@ -79,7 +80,7 @@ def _mxnet_dir():
 def library_path(compiler):
     """Where the compiled library for these sources, mxnet and compiler lives."""
     digest = hashlib.sha1()
-    for path in SOURCES + [os.path.join(_mxnet_dir(), "src", "lib_api.cc")]:
+    for path in SOURCES + HEADERS + [os.path.join(_mxnet_dir(), "src", "lib_api.cc")]:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest.update(mx.__version__.encode())

@@ -22,11 +22,11 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <numeric>
 #include <string>
 #include <vector>
 
 #include "mxnet/lib_api.h"
+#include "common.h"
 
 using namespace mxnet::ext;
 
@@ -78,12 +78,7 @@ MXReturnValue ParseAttrs(const std::unordered_map<std::string, std::string>& att
 
 MXReturnValue InferType(const std::unordered_map<std::string, std::string>& attrs,
                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  if (in_types->at(0) != kFloat32) {
-    MX_ERROR_MSG << "mxmask_box_nms: expects float32 data";
-    return MX_FAIL;
-  }
-  out_types->at(0) = kFloat32;
-  return MX_SUCCESS;
+  return mxmask_ops::AllFloat32("mxmask_box_nms", *in_types, out_types);
 }
 
 MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& attrs,

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "mxnet/lib_api.h"
+#include "common.h"
 
 using namespace mxnet::ext;
 
@@ -58,14 +59,7 @@ MXReturnValue ParseAttrs(const std::unordered_map<std::string, std::string>& att
 
 MXReturnValue InferType(const std::unordered_map<std::string, std::string>& attrs,
                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  for (int t : *in_types) {
-    if (t != kFloat32) {
-      MX_ERROR_MSG << "mxmask_group_norm: data, gamma and beta must be float32";
-      return MX_FAIL;
-    }
-  }
-  for (auto& t : *out_types) t = kFloat32;
-  return MX_SUCCESS;
+  return mxmask_ops::AllFloat32("mxmask_group_norm", *in_types, out_types);
 }
 
 MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& attrs,

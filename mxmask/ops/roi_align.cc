@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "mxnet/lib_api.h"
+#include "common.h"
 
 using namespace mxnet::ext;
 
@@ -163,12 +164,7 @@ MXReturnValue ParseAttrs(const std::unordered_map<std::string, std::string>& att
 
 MXReturnValue InferType(const std::unordered_map<std::string, std::string>& attrs,
                         std::vector<int>* in_types, std::vector<int>* out_types) {
-  if (in_types->at(0) != kFloat32 || in_types->at(1) != kFloat32) {
-    MX_ERROR_MSG << "mxmask_roi_align: data and rois must be float32";
-    return MX_FAIL;
-  }
-  out_types->at(0) = kFloat32;
-  return MX_SUCCESS;
+  return mxmask_ops::AllFloat32("mxmask_roi_align", *in_types, out_types);
 }
 
 MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& attrs,
