@@ -205,28 +205,29 @@ def paste_instances(dst, src, order, min_visible=0.5):
     """
     image = dst["image"].copy()
     src_image = src["image"]
-    masks = list(np.asarray(dst["masks"], bool))
+    h, w = image.shape[:2]
+    n = len(dst["masks"])
+    masks = np.zeros((n + len(order), h, w), bool)           # room for every pasted instance
+    masks[:n] = np.asarray(dst["masks"], bool)
+    area = masks[:n].sum(axis=(1, 2)).astype(np.int64)
     boxes = [b for b in np.asarray(dst["boxes"], np.float32).reshape(-1, 4)]
     labels = list(np.asarray(dst["labels"]).reshape(-1))
     with_kps = dst.get("keypoints") is not None
     kps = [k for k in np.array(dst["keypoints"], np.float32)] if with_kps else []
-    covered = [False] * len(masks)
-    h, w = image.shape[:2]
+    covered = np.zeros(n + len(order), bool)
     for j in order:
         m = np.asarray(src["masks"][j], bool)
-        if not m.any():
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        if not len(rows):
             continue
-        if masks:
-            stack = np.stack(masks)
-            area = stack.sum(axis=(1, 2))
-            left = (stack & ~m).sum(axis=(1, 2))
-            if np.any(left < min_visible * area):
-                continue
-            hit = left < area
-        else:
-            hit = np.zeros(0, bool)
-        for i in np.flatnonzero(hit):
-            masks[i] = masks[i] & ~m
+        window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))   # m's box
+        m_win = m[window]
+        hidden = (masks[:n, window[0], window[1]] & m_win).sum(axis=(1, 2))
+        if np.any(area[:n] - hidden < min_visible * area[:n]):
+            continue
+        for i in np.flatnonzero(hidden):
+            masks[i, window[0], window[1]] &= ~m_win
+            area[i] -= hidden[i]
             covered[i] = True
             if with_kps:
                 k = kps[i]
@@ -234,16 +235,16 @@ def paste_instances(dst, src, order, min_visible=0.5):
                 py = np.clip(np.floor(k[:, 1]).astype(np.int64), 0, h - 1)
                 k[(k[:, 2] == 2) & m[py, px], 2] = 1.0
         image[m] = src_image[m]
-        masks.append(m)
+        masks[n] = m
+        area = np.append(area[:n], int(m_win.sum()))
+        n += 1
         boxes.append(np.asarray(src["boxes"][j], np.float32))
         labels.append(src["labels"][j])
-        covered.append(False)
         if with_kps:
             kps.append(np.array(src["keypoints"][j], np.float32))
-    n = len(masks)
-    out_masks = np.stack(masks).astype(np.uint8) if n else np.zeros((0, h, w), np.uint8)
+    out_masks = masks[:n].astype(np.uint8)
     out_boxes = np.asarray(boxes, np.float32).reshape(n, 4)
-    redo = np.flatnonzero(covered)
+    redo = np.flatnonzero(covered[:n])
     if len(redo):
         out_boxes[redo] = mask_boxes(out_masks[redo])
     return {
