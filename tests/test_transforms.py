@@ -286,7 +286,7 @@ def _other_record():
 def test_train_transform_copy_paste_adds_instances_deterministically():
     pool = [_record(), _other_record()]
     cfg = {"input.min_size_train": "[20]", "input.max_size_train": 1000, "input.flip_prob": 0.0,
-           "input.copy_paste_prob": 0.0}
+           "input.copy_paste_prob": 0.0, "input.copy_paste_sources": 1}
     plain = TrainTransform(_cfg(**cfg), _Info(), reader=lambda p: _image())
     with_pool = TrainTransform(_cfg(**cfg), _Info(), reader=lambda p: _image(), paste_pool=pool)
     a = plain(pool[0], np.random.default_rng(5))
