@@ -51,11 +51,12 @@ stages itself (``rpn`` in training mode, target sampling, ``box_forward``, ``mas
 changes between calls.
 
 Kernels: ``net.kernels`` is ``"mxnet"`` (the default: MXNet's own operators, what every exported
-graph holds) or ``"mxmask"`` (RoIAlign by the compiled CPU operator of :mod:`mxmask.ops`, which
-repeats ``contrib.ROIAlign``'s arithmetic bit for bit, about 3x faster: the same outputs).
-``net.use_kernels("auto")`` picks ``"mxmask"`` when the parameters live on CPUs and the operator
-loads; the predictor does this for the graphs it runs in-process. ``mxmask.export.network_symbol``
-always traces MXNet's operators.
+graph holds) or ``"mxmask"`` (RoIAlign and NMS by the compiled CPU operators of
+:mod:`mxmask.ops`, which repeat ``contrib.ROIAlign``'s arithmetic bit for bit, about 3x faster,
+and ``contrib.box_nms``'s rows exactly: the same outputs). ``net.use_kernels("auto")`` picks
+``"mxmask"`` when the parameters live on CPUs and the operators load; the predictor does this
+for the graphs it runs in-process. ``mxmask.export.network_symbol`` always traces MXNet's
+operators.
 
 Export: ``net.export(prefix)`` (after one hybridized forward) writes a graph whose two inputs are
 named ``data0`` (data) and ``data1`` (im_info), Gluon's names for a two-input block; load it
