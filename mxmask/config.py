@@ -146,6 +146,8 @@ class MaskHeadConfig:
     conv_dim: int = 256
     resolution: int = 28
     cls_agnostic_mask: bool = False      # Detectron2 CLS_AGNOSTIC_MASK: one mask for all classes
+    soft_targets: bool = False           # targets are the fraction of each cell covered, not
+                                         # thresholded at 0.5 (Detectron2 thresholds)
 
 
 @dataclass

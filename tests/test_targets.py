@@ -303,6 +303,29 @@ def test_mask_targets_hand_case():
         np.testing.assert_array_equal(out[1, 2], 0)           # image 1's gt 0 is empty
 
 
+def test_soft_mask_targets_keep_thin_structures():
+    """A 1-pixel line in a 16-pixel roi covers a quarter of its 4-pixel cells: the binary
+    targets lose it (0.25 < 0.5), the soft ones keep 0.25; a solid block gives 1 either way."""
+    masks = np.zeros((1, 1, 16, 16), "uint8")
+    masks[0, 0, :, 5] = 1                  # column 5: cell x = 1 (pixels 4..7), a quarter
+    masks[0, 0, 12:16, 12:16] = 1          # cell (3, 3), whole
+    rois, labels, matched = [[[0, 0, 16, 16]]], [[1]], [[0]]
+    args = (nd(rois), nd(labels), nd(matched), nd(masks, "uint8"))
+    expect_soft = np.zeros((4, 4))
+    expect_soft[:, 1] = 0.25
+    expect_soft[3, 3] = 1
+    for hybridize in (False, True):
+        binary = MaskTargets(num_pos_slots=1, resolution=4)
+        soft = MaskTargets(num_pos_slots=1, resolution=4, soft=True)
+        if hybridize:
+            binary.hybridize()
+            soft.hybridize()
+        expect = np.zeros((4, 4))
+        expect[3, 3] = 1
+        np.testing.assert_array_equal(binary(*args).asnumpy()[0, 0], expect)
+        np.testing.assert_allclose(soft(*args).asnumpy()[0, 0], expect_soft, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Keypoint targets
 # --------------------------------------------------------------------------------------------

@@ -174,3 +174,32 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
     logits = net.mask_head(outs["boxes"], *net.roi_features(net.backbone(batch["data"])))
     want = 1 / (1 + np.exp(-logits.asnumpy()[:, 0]))
     np.testing.assert_allclose(outs["masks"].asnumpy().reshape(want.shape), want, atol=1e-5)
+
+
+def test_soft_mask_targets_change_the_mask_gradient_only():
+    """``model.mask_head.soft_targets`` reaches the training graph: on the same batch and
+    weights it changes the mask predictor's gradient (the synthetic masks' edges cover cells in
+    part; at initialisation the mask logits are ~0, so the loss itself is ~log 2 either way) and
+    no other loss."""
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    predictor = list(net.mask_head.predictor.collect_params().values())[0]
+    out, grad = {}, {}
+    for soft in (False, True):
+        cfg.model.mask_head.soft_targets = soft
+        loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+        loss_net.hybridize(static_alloc=True)
+        mx.random.seed(5)
+        with mx.autograd.record():
+            losses = loss_net(**batch)
+            nd.add_n(*losses.values()).backward()
+        out[soft] = {k: float(v.asscalar()) for k, v in losses.items()}
+        grad[soft] = predictor.grad().asnumpy().copy()
+    assert np.abs(grad[False]).max() > 0
+    assert np.abs(grad[True] - grad[False]).max() > 1e-3 * np.abs(grad[False]).max()
+    assert out[False].keys() == out[True].keys()
+    for name in out[False]:
+        if name != "loss_mask":
+            assert out[True][name] == pytest.approx(out[False][name], rel=1e-6), name

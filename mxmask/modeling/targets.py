@@ -63,16 +63,20 @@ plus_one=False, box_weights=(10, 10, 5, 5))``::
   ``rois[:, :P]`` and use the slots whose label is > 0 (leading slots beyond ``num_pos`` hold
   negatives or padding, label 0 or -1, and get no mask/keypoint loss).
 
-``MaskTargets(num_pos_slots=P, resolution=28, sampling_ratio=0, aligned=True)``, and
+``MaskTargets(num_pos_slots=P, resolution=28, sampling_ratio=0, aligned=True, soft=False)``, and
 ``KeypointTargets`` below, use the first ``P`` slots of their inputs, or every slot when ``P``
 is None (the training graph passes ``rois[:, :k]``, ``k`` covering every positive)::
 
     forward(rois (B, S, 4), labels (B, S), matched (B, S), gt_masks (B, G, Hp, Wp) uint8)
-      -> mask_targets (B, P, M, M) float32 in {0, 1}; all 0 for slots whose label <= 0
+      -> mask_targets (B, P, M, M) float32 in {0, 1} ([0, 1] when soft); all 0 for slots
+                     whose label <= 0
 
   For slot ``i < P`` the gt mask of its matched gt is cropped and resized to ``M x M`` with
   ``contrib.ROIAlign`` over the roi box (aligned=True, adaptive sampling: Detectron2's
-  ``BitMasks.crop_and_resize``), then thresholded at >= 0.5. ``ROIAlign`` reads the masks as
+  ``BitMasks.crop_and_resize``), then thresholded at >= 0.5; with ``soft=True`` the crop is
+  kept as it is, the fraction of each cell the mask covers (``mask_head.soft_targets``: a
+  structure thinner than a cell, a limb or a star's tip, is not lost to the threshold; the
+  binary cross-entropy takes fractional targets as they are). ``ROIAlign`` reads the masks as
   float32 ``(B*G, 1, Hp, Wp)`` and each roi uses the batch index ``b*G + matched``, which is
   never negative (non-fg slots use gt 0 and a 1-pixel box; DESIGN.md section 6). Roi sides
   are forced to at least 0.01 pixel, so aligned=True never sees a degenerate roi. Memory: the
@@ -320,10 +324,12 @@ def _leading_slots(F, P, rois, labels, matched):
 class MaskTargets(mx.gluon.HybridBlock):
     """Binary M x M mask targets of the positive rois (see the module docstring)."""
 
-    def __init__(self, num_pos_slots, resolution=28, sampling_ratio=0, aligned=True, **kwargs):
+    def __init__(self, num_pos_slots, resolution=28, sampling_ratio=0, aligned=True,
+                 soft=False, **kwargs):
         super(MaskTargets, self).__init__(**kwargs)
         self._P = None if num_pos_slots is None else int(num_pos_slots)
         self._M = int(resolution)
+        self._soft = bool(soft)
         self._ratio = int(sampling_ratio)
         self._aligned = bool(aligned)
 
@@ -349,7 +355,8 @@ class MaskTargets(mx.gluon.HybridBlock):
         crops = F.reshape_like(crops, is_pos, lhs_begin=0, lhs_end=2, rhs_begin=0,
                                rhs_end=2)                                     # (B, P, M, M)
         keep = F.reshape(is_pos, shape=(0, 0, 1, 1))
-        return F.BlockGrad(F.broadcast_mul(crops >= 0.5, keep))
+        crops = F.clip(crops, 0.0, 1.0) if self._soft else crops >= 0.5
+        return F.BlockGrad(F.broadcast_mul(crops, keep))
 
 
 class KeypointTargets(mx.gluon.HybridBlock):

@@ -137,7 +137,8 @@ class HeadStage(mx.gluon.HybridBlock):
         self.keypoint_on = net.keypoint_head is not None
         self.keypoint_weight = m.keypoint_head.loss_weight
         with self.name_scope():
-            self.mask_targets = MaskTargets(None, m.mask_head.resolution) \
+            self.mask_targets = MaskTargets(None, m.mask_head.resolution,
+                                            soft=m.mask_head.soft_targets) \
                 if self.mask_on else None
             self.keypoint_targets = KeypointTargets(None, m.keypoint_head.resolution) \
                 if self.keypoint_on else None
