@@ -148,6 +148,8 @@ class MaskHeadConfig:
     cls_agnostic_mask: bool = False      # Detectron2 CLS_AGNOSTIC_MASK: one mask for all classes
     soft_targets: bool = False           # targets are the fraction of each cell covered, not
                                          # thresholded at 0.5 (Detectron2 thresholds)
+    dice_weight: float = 0.0             # > 0: adds this times a per-roi Dice loss to the
+                                         # per-pixel cross-entropy (Detectron2 has none)
 
 
 @dataclass

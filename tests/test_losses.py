@@ -134,6 +134,32 @@ def test_mask_loss_matches_numpy():
     np.testing.assert_allclose(got, [want], rtol=1e-5)
 
 
+def test_mask_loss_with_dice_matches_numpy():
+    """dice_weight adds the weighted mean over the positive slots of 1 - (2 p.t + 1) /
+    (sum p + sum t + 1); soft targets are taken as they are."""
+    rng = np.random.RandomState(4)
+    logits = rng.randn(3, 2, 4, 4)
+    targets = rng.rand(1, 3, 4, 4)                      # fractional (soft) targets
+    labels = np.array([[2, 0, 1]], "float64")
+    got = mask_rcnn_loss(nd(logits), nd(labels), nd(targets), dice_weight=0.5).asnumpy()
+    bce = np.concatenate([bce_np(logits[0, 1], targets[0, 0]).ravel(),
+                          bce_np(logits[2, 0], targets[0, 2]).ravel()]).mean()
+
+    def dice(x, t):
+        p = 1.0 / (1.0 + np.exp(-x))
+        return 1.0 - (2.0 * (p * t).sum() + 1.0) / (p.sum() + t.sum() + 1.0)
+    want = bce + 0.5 * (dice(logits[0, 1], targets[0, 0]) + dice(logits[2, 0], targets[0, 2])) / 2
+    np.testing.assert_allclose(got, [want], rtol=1e-5)
+    # by hand: a perfect, confident prediction of 2 cells: Dice 1 - (2*2 + 1) / (2 + 2 + 1) = 0
+    t = np.zeros((1, 1, 2, 2))
+    t[0, 0, 0, :] = 1
+    x = np.where(t[0] > 0, 30.0, -30.0)[:, None]        # (1, 1, 2, 2): p = t
+    got = mask_rcnn_loss(nd(x), nd([[1]]), nd(t), dice_weight=1.0).asnumpy()
+    np.testing.assert_allclose(got, [1.0 - 5.0 / 5.0], atol=1e-6)
+    no_pos = mask_rcnn_loss(nd(logits), nd(np.zeros((1, 3))), nd(targets), dice_weight=1.0)
+    np.testing.assert_array_equal(no_pos.asnumpy(), [0])
+
+
 def test_keypoint_loss_matches_numpy():
     rng = np.random.RandomState(3)
     logits = rng.randn(2, 3, 2, 2)                      # (B*P, K, S, S)

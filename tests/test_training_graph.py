@@ -203,3 +203,30 @@ def test_soft_mask_targets_change_the_mask_gradient_only():
     for name in out[False]:
         if name != "loss_mask":
             assert out[True][name] == pytest.approx(out[False][name], rel=1e-6), name
+
+
+def test_mask_dice_weight_adds_to_the_mask_loss_only():
+    """``model.mask_head.dice_weight`` reaches the training graph: at initialisation (mask
+    probabilities ~0.5) it adds a Dice loss of about 1 - (sum t + 1) / (M*M/2 + sum t + 1) per
+    positive to the mask loss and changes no other loss; a negative weight is refused."""
+    from mxmask.utils import UserError
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    out = {}
+    for weight in (0.0, 1.0):
+        cfg.model.mask_head.dice_weight = weight
+        loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+        loss_net.hybridize(static_alloc=True)
+        mx.random.seed(5)
+        with mx.autograd.record():
+            out[weight] = {k: float(v.asscalar()) for k, v in loss_net(**batch).items()}
+    for name in out[0.0]:
+        if name == "loss_mask":
+            assert 0.2 < out[1.0][name] - out[0.0][name] < 1.0
+        else:
+            assert out[1.0][name] == pytest.approx(out[0.0][name], rel=1e-6), name
+    cfg.model.mask_head.dice_weight = -1.0
+    with pytest.raises(UserError, match="model.mask_head.dice_weight"):
+        RCNNLoss(net, cfg, kernels="mxnet")

@@ -25,9 +25,14 @@ box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False)`` -> ``(loss_cl
     ``max(gt_classes.numel(), 1)``.
 
 ``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M),
-cls_agnostic=False)``
+cls_agnostic=False, dice_weight=0.0)``
     per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1; channel 0,
     of C = 1, with ``cls_agnostic``), averaged over all pixels of the positive slots (label > 0).
+    With ``dice_weight > 0`` (``model.mask_head.dice_weight``; not in Detectron2) plus that
+    weight times the Dice loss of the same channel, averaged over the positive slots: per slot
+    ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` with ``p = sigmoid(logit)`` and the
+    sums over its M x M cells. Each slot counts as much as any other, however few cells its
+    object covers, so thin parts (a limb) weigh more than in the per-pixel average.
 
 ``keypoint_rcnn_loss(heatmap_logits (B*P, K, S, S), targets (B, P, K), valid (B, P, K))``
     softmax cross-entropy over the S*S positions of each heatmap, summed over the valid
@@ -38,7 +43,7 @@ cls_agnostic=False)``
 import mxnet as mx
 
 __all__ = ["sigmoid_bce_with_logits", "smooth_l1", "rpn_losses", "fast_rcnn_losses",
-           "mask_rcnn_loss", "keypoint_rcnn_loss"]
+           "mask_rcnn_loss", "dice_loss", "keypoint_rcnn_loss"]
 
 
 def _ns(x):
@@ -102,7 +107,7 @@ def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agno
     return loss_cls, loss_box
 
 
-def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False):
+def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False, dice_weight=0.0):
     F = _ns(mask_logits)
     labels = F.reshape(labels, shape=(-1,))
     targets = F.reshape(mask_targets, shape=(-3, -2))                   # (B*P, M, M)
@@ -114,7 +119,20 @@ def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False):
     per_roi = F.sum(bce, axis=(1, 2))
     pixels = _total(F, F.ones_like(F.slice_axis(targets, axis=0, begin=0, end=1)))
     count = F.maximum(_total(F, fg) * pixels, 1.0)
-    return _total(F, per_roi * fg) / count
+    loss = _total(F, per_roi * fg) / count
+    if dice_weight > 0:
+        loss = loss + dice_weight * _total(F, dice_loss(F, logits, targets) * fg) / \
+            F.maximum(_total(F, fg), 1.0)
+    return loss
+
+
+def dice_loss(F, logits, targets):
+    """Per-slot Dice loss ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` of mask logits
+    ``(N, M, M)`` against targets in [0, 1] ``(N, M, M)``, ``p = sigmoid(logits)`` -> ``(N,)``."""
+    prob = F.sigmoid(logits)
+    inter = F.sum(prob * targets, axis=(1, 2))
+    union = F.sum(prob, axis=(1, 2)) + F.sum(targets, axis=(1, 2))
+    return 1.0 - (2.0 * inter + 1.0) / (union + 1.0)
 
 
 def keypoint_rcnn_loss(heatmap_logits, targets, valid):

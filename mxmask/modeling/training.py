@@ -53,6 +53,7 @@ in bfloat16 with float32 inputs, outputs, weights and gradients (:mod:`mxmask.mo
 import mxnet as mx
 
 from ..ops import compiled_kernels, resolve_kernels
+from ..utils import UserError
 from . import losses as L
 from ._utils import batch_gather
 from .poolers import shared_level_canvas
@@ -136,6 +137,10 @@ class HeadStage(mx.gluon.HybridBlock):
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None
         self.keypoint_weight = m.keypoint_head.loss_weight
+        self.mask_dice_weight = float(m.mask_head.dice_weight)
+        if not self.mask_dice_weight >= 0:
+            raise UserError("model.mask_head.dice_weight: expected a weight >= 0 (0: no Dice "
+                            "loss), got %r" % m.mask_head.dice_weight)
         with self.name_scope():
             self.mask_targets = MaskTargets(None, m.mask_head.resolution,
                                             soft=m.mask_head.soft_targets) \
@@ -155,7 +160,8 @@ class HeadStage(mx.gluon.HybridBlock):
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
                 outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets,
-                                                self.mask_head.num_classes == 1))
+                                                self.mask_head.num_classes == 1,
+                                                self.mask_dice_weight))
             if self.keypoint_on:
                 rois, labels, matched, gt_keypoints = keypoint_in
                 heatmaps = self.keypoint_head(rois, *levels)
