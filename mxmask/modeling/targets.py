@@ -322,7 +322,8 @@ def _leading_slots(F, P, rois, labels, matched):
 
 
 class MaskTargets(mx.gluon.HybridBlock):
-    """Binary M x M mask targets of the positive rois (see the module docstring)."""
+    """Binary (or, with ``soft``, fractional) M x M mask targets of the positive rois (see the
+    module docstring)."""
 
     def __init__(self, num_pos_slots, resolution=28, sampling_ratio=0, aligned=True,
                  soft=False, **kwargs):
