@@ -176,27 +176,43 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
     np.testing.assert_allclose(outs["masks"].asnumpy().reshape(want.shape), want, atol=1e-5)
 
 
-def test_soft_mask_targets_change_the_mask_gradient_only():
-    """``model.mask_head.soft_targets`` reaches the training graph: on the same batch and
-    weights it changes the mask predictor's gradient (the synthetic masks' edges cover cells in
-    part; at initialisation the mask logits are ~0, so the loss itself is ~log 2 either way) and
-    no other loss."""
+@pytest.fixture(scope="module")
+def mask_loss_case():
+    """(cfg, net, batch, run): the shapes model with random weights, a synthetic batch with
+    masks and keypoints, and ``run(**mask_head_settings)`` -> (losses, the mask predictor's
+    weight gradient) of one training pass with those ``model.mask_head`` settings."""
     cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
     np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
     keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
     batch = {k: nd.array(np_batch[k]) for k in keys}
     predictor = list(net.mask_head.predictor.collect_params().values())[0]
-    out, grad = {}, {}
-    for soft in (False, True):
-        cfg.model.mask_head.soft_targets = soft
+    defaults = {"soft_targets": False, "dice_weight": 0.0}
+
+    def run(**settings):
+        for key, value in dict(defaults, **settings).items():
+            setattr(cfg.model.mask_head, key, value)
         loss_net = RCNNLoss(net, cfg, kernels="mxnet")
         loss_net.hybridize(static_alloc=True)
         mx.random.seed(5)
         with mx.autograd.record():
             losses = loss_net(**batch)
             nd.add_n(*losses.values()).backward()
-        out[soft] = {k: float(v.asscalar()) for k, v in losses.items()}
-        grad[soft] = predictor.grad().asnumpy().copy()
+        return ({k: float(v.asscalar()) for k, v in losses.items()},
+                predictor.grad().asnumpy().copy())
+    yield cfg, net, batch, run
+    for key, value in defaults.items():
+        setattr(cfg.model.mask_head, key, value)
+
+
+def test_soft_mask_targets_change_the_mask_gradient_only(mask_loss_case):
+    """``model.mask_head.soft_targets`` reaches the training graph: on the same batch and
+    weights it changes the mask predictor's gradient (the synthetic masks' edges cover cells in
+    part; at initialisation the mask logits are ~0, so the loss itself is ~log 2 either way) and
+    no other loss."""
+    run = mask_loss_case[3]
+    out, grad = {}, {}
+    for soft in (False, True):
+        out[soft], grad[soft] = run(soft_targets=soft)
     assert np.abs(grad[False]).max() > 0
     assert np.abs(grad[True] - grad[False]).max() > 1e-3 * np.abs(grad[False]).max()
     assert out[False].keys() == out[True].keys()
@@ -205,23 +221,13 @@ def test_soft_mask_targets_change_the_mask_gradient_only():
             assert out[True][name] == pytest.approx(out[False][name], rel=1e-6), name
 
 
-def test_mask_dice_weight_adds_to_the_mask_loss_only():
+def test_mask_dice_weight_adds_to_the_mask_loss_only(mask_loss_case):
     """``model.mask_head.dice_weight`` reaches the training graph: at initialisation (mask
     probabilities ~0.5) it adds a Dice loss of about 1 - (sum t + 1) / (M*M/2 + sum t + 1) per
     positive to the mask loss and changes no other loss; a negative weight is refused."""
     from mxmask.utils import UserError
-    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
-    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
-    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
-    batch = {k: nd.array(np_batch[k]) for k in keys}
-    out = {}
-    for weight in (0.0, 1.0):
-        cfg.model.mask_head.dice_weight = weight
-        loss_net = RCNNLoss(net, cfg, kernels="mxnet")
-        loss_net.hybridize(static_alloc=True)
-        mx.random.seed(5)
-        with mx.autograd.record():
-            out[weight] = {k: float(v.asscalar()) for k, v in loss_net(**batch).items()}
+    cfg, net, _, run = mask_loss_case
+    out = {weight: run(dice_weight=weight)[0] for weight in (0.0, 1.0)}
     for name in out[0.0]:
         if name == "loss_mask":
             assert 0.2 < out[1.0][name] - out[0.0][name] < 1.0
