@@ -209,7 +209,8 @@ def paste_instances(dst, src, order, min_visible=0.5):
     n = len(dst["masks"])
     masks = np.zeros((n + len(order), h, w), bool)           # room for every pasted instance
     masks[:n] = np.asarray(dst["masks"], bool)
-    area = masks[:n].sum(axis=(1, 2)).astype(np.int64)
+    area = np.zeros(n + len(order), np.int64)                 # pixels left of each instance
+    area[:n] = masks[:n].sum(axis=(1, 2))
     boxes = [b for b in np.asarray(dst["boxes"], np.float32).reshape(-1, 4)]
     labels = list(np.asarray(dst["labels"]).reshape(-1))
     with_kps = dst.get("keypoints") is not None
@@ -236,7 +237,7 @@ def paste_instances(dst, src, order, min_visible=0.5):
                 k[(k[:, 2] == 2) & m[py, px], 2] = 1.0
         image[m] = src_image[m]
         masks[n] = m
-        area = np.append(area[:n], int(m_win.sum()))
+        area[n] = m_win.sum()
         n += 1
         boxes.append(np.asarray(src["boxes"][j], np.float32))
         labels.append(src["labels"][j])
