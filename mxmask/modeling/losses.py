@@ -118,11 +118,11 @@ def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False, dice_w
     bce = sigmoid_bce_with_logits(F, logits, targets)
     per_roi = F.sum(bce, axis=(1, 2))
     pixels = _total(F, F.ones_like(F.slice_axis(targets, axis=0, begin=0, end=1)))
-    count = F.maximum(_total(F, fg) * pixels, 1.0)
-    loss = _total(F, per_roi * fg) / count
+    num_fg = _total(F, fg)
+    loss = _total(F, per_roi * fg) / F.maximum(num_fg * pixels, 1.0)
     if dice_weight > 0:
         loss = loss + dice_weight * _total(F, dice_loss(F, logits, targets) * fg) / \
-            F.maximum(_total(F, fg), 1.0)
+            F.maximum(num_fg, 1.0)
     return loss
 
 
