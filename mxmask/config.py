@@ -206,6 +206,9 @@ class TestConfig:
     nms_thresh: float = 0.5
     max_dets: int = 100
     mask_thresh: float = 0.5
+    # scores times each mask's maskness (the mean probability over its foreground; SOLOv2),
+    # rows re-sorted: confident masks rank first (roi_heads.rescore_by_masks; Detectron2 has none)
+    mask_score: bool = False
     # a second box-head pass on the detections: boxes regressed again, scores averaged
     # (Cascade R-CNN's test-time refinement with one head; roi_heads.refine_detections)
     refine_boxes: bool = False

@@ -13,7 +13,8 @@ from mxmask.modeling.rcnn import MaskRCNN, build_model, output_names
 from mxmask.utils import UserError
 
 SHAPES = ["model.num_classes=3", "model.num_keypoints=4", "test.max_dets=20",
-          "model.rpn.post_nms_topk_test=100", "test.refine_boxes=false", "test.flip=false"]
+          "model.rpn.post_nms_topk_test=100", "test.refine_boxes=false", "test.flip=false",
+          "test.mask_score=false"]
 
 
 def inputs(B=2, H=128, W=160, seed=0):
@@ -170,6 +171,34 @@ def test_refine_boxes_runs_the_box_head_again_on_the_detections(shapes_net, shap
     net.hybridize(static_alloc=True, static_shape=True)
     for ref, out in zip(got, net(data, im_info)):
         np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_score_rescores_and_resorts_the_detections(shapes_outputs):
+    """test.mask_score: the same detections, each score times its mask's maskness (numpy), every
+    output (keypoints and heatmaps too) in the order of the new scores. Hybridized too."""
+    cfg = get_config("shapes", SHAPES + ["test.mask_score=true"])
+    mx.random.seed(0)
+    net = build_model(cfg)                               # same seed: shapes_net's weights
+    data, im_info = inputs()
+    got = [o.asnumpy() for o in net(data, im_info)]
+    check_contract(got, cfg, 2)
+    ref = dict(zip(output_names(cfg), shapes_outputs))
+    masks, scores = ref["masks"], ref["scores"]
+    fg = masks >= cfg.test.mask_thresh
+    maskness = (masks * fg).sum((2, 3)) / np.maximum(fg.sum((2, 3)), 1)
+    rescored = np.where(scores >= 0, scores * maskness, scores)
+    moved = 0
+    for b in range(2):
+        order = np.argsort(-rescored[b], kind="stable")
+        moved += int((order != np.arange(len(order))).sum())
+        np.testing.assert_allclose(got[1][b], rescored[b, order], rtol=1e-5, atol=1e-6)
+        for name, out in zip(output_names(cfg), got):
+            if name != "scores":
+                np.testing.assert_allclose(out[b], ref[name][b, order], rtol=1e-4, atol=1e-4)
+    assert moved > 0                                     # the new scores reorder some rows
+    net.hybridize(static_alloc=True, static_shape=True)
+    for want, out in zip(got, net(data, im_info)):
+        np.testing.assert_allclose(out.asnumpy(), want, rtol=1e-4, atol=1e-4)
 
 
 def _np_hflip(boxes, width):

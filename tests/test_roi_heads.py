@@ -12,6 +12,7 @@ from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, Deconv2D, Keypoint
                                        upsample2x_bilinear,
                                        decode_keypoints, detect, detection_settings,
                                        refine_detections, select_class_masks, GLUONCV_SCALE_CLAMP,
+                                       mask_quality, rescore_by_masks,
                                        DETECTRON2_SCALE_CLAMP)
 from mxmask.utils import UserError
 from np_reference import np_group_norm
@@ -499,6 +500,37 @@ def test_select_class_masks():
     assert out.shape == (2, 3, 28, 28)
     expect = 1 / (1 + np.exp(-np.array([[2, 10, 20], [33, 41, 51]], np.float64)))
     np.testing.assert_allclose(out[:, :, 5, 7], expect, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_rescore_by_masks_hand_made_case(hybridize):
+    """test.mask_score: score x the mean probability of the mask cells >= threshold (0 for an
+    empty mask), padding rows kept at -1 and last, every output re-sorted by the new score."""
+    masks = np.zeros((1, 4, 28, 28), np.float32)
+    masks[0, 0, :2, :] = 0.6                  # maskness 0.6 -> 0.9 * 0.6 = 0.54
+    masks[0, 0, 2:4, :] = 0.2                 # below the threshold: not foreground
+    masks[0, 1, :, :] = 1.0                   # maskness 1 -> 0.8
+    masks[0, 2, 0, 0] = 0.4                   # nothing >= 0.5: maskness 0 -> 0
+    masks[0, 3, :, :] = 0.9                   # padding row: stays -1
+    ids = np.array([[2, 0, 1, -1]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.7, -1]], np.float32)
+    boxes = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+
+    class Rescore(mx.gluon.HybridBlock):
+        def hybrid_forward(self, F, ids, scores, masks, boxes):
+            return rescore_by_masks(F, ids, scores, masks, 0.5, boxes)
+
+    block = Rescore()
+    if hybridize:
+        block.hybridize()
+    out = [o.asnumpy() for o in block(*[mx.nd.array(a) for a in (ids, scores, masks, boxes)])]
+    np.testing.assert_allclose(mask_quality(mx.nd, mx.nd.array(masks), 0.5).asnumpy(),
+                               [[0.6, 1.0, 0.0, 0.9]], rtol=1e-6)
+    order = [1, 0, 2, 3]
+    np.testing.assert_array_equal(out[0], ids[:, order])
+    np.testing.assert_allclose(out[1], [[0.8, 0.54, 0.0, -1]], rtol=1e-6)
+    np.testing.assert_array_equal(out[2], masks[:, order])
+    np.testing.assert_array_equal(out[3], boxes[:, order])
 
 
 def np_upsample2_half_pixel(x):

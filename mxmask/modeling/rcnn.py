@@ -9,7 +9,8 @@ with (h, w) the valid (unpadded) resized size. Outputs, in this order (DEVELOPIN
 outputs"), D = cfg.test.max_dets:
 
     ids        (B, D)             class label 0..C-1 (float), -1 for padding rows
-    scores     (B, D)             softmax score, -1 for padding rows; rows sorted by score
+    scores     (B, D)             softmax score (times the mask's maskness with
+                                  test.mask_score), -1 for padding rows; rows sorted by score
     boxes      (B, D, 4)          x1, y1, x2, y2 in network-input pixels, 0 for padding rows
     masks      (B, D, 28, 28)     mask probability of the predicted class    if model.mask_on
     keypoints  (B, D, K, 3)       x, y, peak logit (argmax decode)             if model.keypoint_on
@@ -44,6 +45,10 @@ keypoint head (heatmap logits flipped back, left and right keypoints swapped wit
 ``data.keypoint_flip_map``). Proposals come from the image alone. The outputs keep their shapes;
 the network time is about twice as long.
 
+With ``test.mask_score`` the scores are the box head's times the maskness of each detection's
+mask (the mean probability over its foreground, ``roi_heads.rescore_by_masks``), and the rows
+are re-sorted by it.
+
 ``hybrid_forward`` is the inference graph. Called in training mode it still returns the outputs
 above (computed from the RPN's training-mode proposal counts); the training step composes the
 stages itself (``rpn`` in training mode, target sampling, ``box_forward``, ``mask_head``,
@@ -74,7 +79,7 @@ from .fpn import build_backbone
 from .poolers import shared_level_canvas
 from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
                         detect, detection_settings, hflip_heatmaps, refine_detections,
-                        select_class_masks)
+                        rescore_by_masks, select_class_masks)
 from .rpn import RPN
 
 __all__ = ["MaskRCNN", "build_model", "output_names", "init_weights", "inference_kernels"]
@@ -147,6 +152,8 @@ class MaskRCNN(mx.gluon.HybridBlock):
         self.detect_kwargs = detection_settings(cfg)
         self.refine_boxes = bool(cfg.test.refine_boxes)
         self.flip_test = bool(cfg.test.flip)
+        self.mask_score = bool(cfg.test.mask_score) and m.mask_on
+        self.mask_thresh = float(cfg.test.mask_thresh)
         self.keypoint_flip_map = keypoint_flip_map(cfg)
         with self.name_scope():
             # 1. ResNet-v1b + FPN -> P2..P6 (strides 4..64)
@@ -269,6 +276,11 @@ class MaskRCNN(mx.gluon.HybridBlock):
                                       rhs_begin=0, rhs_end=2)          # (B, D, K, S, S)
             outputs.append(decode_keypoints(F, heatmaps, boxes, self.keypoint_resolution))
             outputs.append(heatmaps)
+        if self.mask_score:
+            # outputs: ids, scores, boxes, masks[, keypoints, heatmaps]
+            ids, scores, masks, boxes, *rest = rescore_by_masks(
+                F, ids, scores, outputs[3], self.mask_thresh, boxes, *outputs[4:])
+            outputs = [ids, scores, boxes, masks] + rest
         return tuple(outputs)
 
 

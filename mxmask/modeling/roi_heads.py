@@ -33,6 +33,8 @@ Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 c
                        RoIAlign at mask_head.pooler_resolution (14), num_conv x (3x3 conv_dim +
                        ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C channels (28x28).
     select_class_masks(F, logits, ids, C) -> probabilities (B, D, 28, 28) of the predicted class.
+    rescore_by_masks(F, scores, masks, threshold, *outputs) -> with ``test.mask_score``, scores
+                       (B, D) times each mask's maskness, every (B, D, ...) output re-sorted.
 
 Keypoint branch (Detectron2 ``KRCNNConvDeconvUpsampleHead``)::
 
@@ -70,7 +72,7 @@ from .precision import Conv2D
 
 __all__ = ["BoxHead", "BoxPredictor", "MaskHead", "KeypointHead", "detect", "detection_settings",
            "refine_detections", "hflip_heatmaps",
-           "select_class_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
+           "select_class_masks", "mask_quality", "rescore_by_masks", "decode_keypoints", "pooler_style", "DETECTRON2_SCALE_CLAMP",
            "GLUONCV_SCALE_CLAMP"]
 
 DETECTRON2_SCALE_CLAMP = math.log(1000.0 / 16)
@@ -344,6 +346,26 @@ def select_class_masks(F, mask_logits, ids, num_classes):
     picked = F.gather_nd(mask_logits, F.stack(F.contrib.arange_like(cls), cls, axis=0))
     picked = F.reshape_like(picked, ids, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
     return F.sigmoid(picked)
+
+
+def mask_quality(F, masks, threshold):
+    """masks (B, D, S, S) probabilities -> (B, D) maskness: the mean probability of the cells at
+    or above ``threshold`` (the mask's foreground), 0 for an empty mask (SOLOv2's maskness)."""
+    fg = masks >= threshold
+    area = F.sum(fg, axis=(2, 3))
+    return F.sum(masks * fg, axis=(2, 3)) / F.maximum(area, F.ones_like(area))
+
+
+def rescore_by_masks(F, ids, scores, masks, threshold, *others):
+    """``test.mask_score``: each detection's score times its maskness (:func:`mask_quality`),
+    so that detections whose masks are confident rank first, then every output re-sorted by the
+    new score. ids, scores (B, D), masks (B, D, S, S), others (B, D, ...) -> the same outputs
+    in the new order, ``(ids, scores, masks) + others``. Padding rows (score < 0) keep their
+    score and stay last. Mask AP rewards the ranking: segm AP +0.005 to +0.009 on four shapes
+    checkpoints (README, "Evaluation, prediction, pictures")."""
+    rescored = F.where(scores >= 0, scores * mask_quality(F, masks, threshold), scores)
+    order = F.topk(rescored, axis=1, k=0, ret_typ="indices", is_ascend=False)
+    return tuple(batch_gather(F, a, order) for a in (ids, rescored, masks) + tuple(others))
 
 
 # --------------------------------------------------------------------------------------------
