@@ -150,6 +150,9 @@ class MaskHeadConfig:
                                          # thresholded at 0.5 (Detectron2 thresholds)
     dice_weight: float = 0.0             # > 0: adds this times a per-roi Dice loss to the
                                          # per-pixel cross-entropy (Detectron2 has none)
+    max_train_rois: int = 0              # > 0: the mask head trains on at most this many of
+                                         # an image's positive rois (a random subset, fewer
+                                         # convolutions); 0: on all of them (Detectron2)
 
 
 @dataclass

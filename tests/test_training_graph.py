@@ -7,6 +7,7 @@ import pytest
 from mxmask.bench import build_bench_model, synthetic_train_batch
 from mxmask.modeling import training
 from mxmask.modeling.training import RCNNLoss
+from mxmask.utils import UserError
 
 nd = mx.nd
 
@@ -35,6 +36,43 @@ def test_head_slots_cover_the_most_positives_of_an_image_in_steps_of_8(quarter_p
     assert loss_net.head_slots(labels(3, 8)) == 8
     assert loss_net.head_slots(labels(9, 2)) == 16
     assert loss_net.head_slots(labels(16, 16)) == 16
+
+
+def test_mask_head_max_train_rois_caps_its_slots(quarter_positive, monkeypatch):
+    """model.mask_head.max_train_rois = n: k is at most n, and the mask head of a training pass
+    pools n rois per image (the first n positive slots, a random subset); a negative n is an
+    error."""
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp=",
+                                                      "model.box_head.positive_fraction=0.25",
+                                                      "model.mask_head.max_train_rois=5"])
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    assert loss_net.mask_slot_cap == 5
+
+    def labels(*positives):
+        rows = np.zeros((len(positives), 64), np.float32)
+        for i, n in enumerate(positives):
+            rows[i, :n] = 1
+        return nd.array(rows)
+    assert loss_net.head_slots(labels(3, 2)) == 5
+    assert loss_net.head_slots(labels(16, 9)) == 5
+    assert quarter_positive[1].head_slots(labels(16, 9)) == 16     # uncapped
+
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=4)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    pooled = []
+    real_forward = net.mask_head.forward
+
+    def forward(rois, *features):
+        pooled.append(rois.shape)
+        return real_forward(rois, *features)
+    monkeypatch.setattr(net.mask_head, "forward", forward)
+    with mx.autograd.record():
+        losses = loss_net(**{k: nd.array(np_batch[k]) for k in keys})
+    assert pooled == [(2, 5, 4)] and losses["loss_mask"].asscalar() > 0
+
+    cfg.model.mask_head.max_train_rois = -1
+    with pytest.raises(UserError, match="model.mask_head.max_train_rois"):
+        RCNNLoss(net, cfg, kernels="mxnet")
 
 
 @pytest.mark.parametrize("preset", ["shapes", "mask_rcnn_r50_fpn"])

@@ -30,7 +30,10 @@ The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two
    Slots past an image's positives carry no loss, so the losses equal those over all P slots
    (Detectron2 and torchvision also run these heads on the positives only), while the heads'
    cost follows the real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of
-   the 128 slots instead of all of them. The keypoint head runs on the positives whose gt has a
+   the 128 slots instead of all of them. With ``model.mask_head.max_train_rois`` = n > 0, k is at most
+   n: the mask head trains on the first n positive slots of each image, a random subset of its
+   positives (the sampler orders them at random), and its cost stops growing with crowded
+   images. The keypoint head runs on the positives whose gt has a
    labelled keypoint (v > 0), moved to the front of the P slots, again rounded up to a multiple
    of 8 (:meth:`RCNNLoss.keypoint_slots`; Detectron2's ``select_proposals_with_visible_keypoints``):
    the other positives have no keypoint target, and the keypoint loss, normalised by the number
@@ -189,6 +192,10 @@ class RCNNLoss(mx.gluon.Block):
             self.head_stage = HeadStage(net, cfg, self.kernels, self.amp) \
                 if self.mask_on or self.keypoint_on else None
         self.num_pos_slots = self.box_stage.roi_sampler.num_pos_slots
+        self.mask_slot_cap = int(cfg.model.mask_head.max_train_rois)
+        if self.mask_slot_cap < 0:
+            raise UserError("model.mask_head.max_train_rois: expected a count >= 0 (0: every "
+                            "positive roi), got %d" % self.mask_slot_cap)
         self.loss_names = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg"] + \
             (["loss_mask"] if self.mask_on else []) + \
             (["loss_keypoint"] if self.keypoint_on else [])
@@ -203,10 +210,11 @@ class RCNNLoss(mx.gluon.Block):
 
     def head_slots(self, labels):
         """k for the mask head: the most positives (label > 0) of one image among the first P
-        slots of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P. Waits for
-        it."""
+        slots of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P, and at most
+        ``model.mask_head.max_train_rois`` when that is > 0. Waits for it."""
         first = mx.nd.slice_axis(labels, axis=1, begin=0, end=self.num_pos_slots)
-        return self._round_slots(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
+        k = self._round_slots(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
+        return min(k, self.mask_slot_cap) if self.mask_slot_cap > 0 else k
 
     def keypoint_slots(self, labels, matched, gt_keypoints):
         """The keypoint head's slots: ``(order (B, P), k')``. ``order`` lists each image's first
