@@ -30,10 +30,10 @@ The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two
    Slots past an image's positives carry no loss, so the losses equal those over all P slots
    (Detectron2 and torchvision also run these heads on the positives only), while the heads'
    cost follows the real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of
-   the 128 slots instead of all of them. With ``model.mask_head.max_train_rois`` = n > 0, k is at most
-   n: the mask head trains on the first n positive slots of each image, a random subset of its
-   positives (the sampler orders them at random), and its cost stops growing with crowded
-   images. The keypoint head runs on the positives whose gt has a
+   the 128 slots instead of all of them. With ``model.mask_head.max_train_rois`` = n > 0, k is
+   at most n: the mask head trains on the first n positive slots of each image, a random subset
+   of its positives (the sampler orders them at random), and its cost stops growing with
+   crowded images. The keypoint head runs on the positives whose gt has a
    labelled keypoint (v > 0), moved to the front of the P slots, again rounded up to a multiple
    of 8 (:meth:`RCNNLoss.keypoint_slots`; Detectron2's ``select_proposals_with_visible_keypoints``):
    the other positives have no keypoint target, and the keypoint loss, normalised by the number
