@@ -355,7 +355,7 @@ def mask_quality(F, masks, threshold):
     or above ``threshold`` (the mask's foreground), 0 for an empty mask (SOLOv2's maskness)."""
     fg = masks >= threshold
     area = F.sum(fg, axis=(2, 3))
-    return F.sum(masks * fg, axis=(2, 3)) / F.maximum(area, F.ones_like(area))
+    return F.sum(masks * fg, axis=(2, 3)) / F.maximum(area, 1.0)
 
 
 def rescore_by_masks(F, ids, scores, masks, threshold, *others):
