@@ -172,7 +172,9 @@ def test_predict_matches_gluoncv(converted, monkeypatch):
     np.testing.assert_array_equal(ids, gi)
     np.testing.assert_allclose(scores, gs, rtol=0, atol=1e-4)
     np.testing.assert_allclose(boxes, gb, rtol=0, atol=0.01)
-    np.testing.assert_allclose(masks, gm, rtol=0, atol=1e-5)
+    # masks as the scores: within 1e-4 (the steep random mask layer turns the order of float
+    # sums into 1.7e-5 with OMP_NUM_THREADS=1)
+    np.testing.assert_allclose(masks, gm, rtol=0, atol=1e-4)
 
     # (c) the results json: GluonCV's detections mapped to COCO ids, bbox as GluonCV's writer
     # (utils/metrics/coco_instance.py: [x1, y1, x2 - x1, y2 - y1] of the boxes / im_scale)
