@@ -136,6 +136,8 @@ class BoxHeadConfig:
     positive_fraction: float = 0.25
     fg_iou_thresh: float = 0.5
     smooth_l1_beta: float = 0.0
+    bbox_reg_loss: str = "smooth_l1"     # smooth_l1 | giou (Detectron2 BBOX_REG_LOSS_TYPE)
+    bbox_reg_loss_weight: float = 1.0    # Detectron2 BBOX_REG_LOSS_WEIGHT
     cls_agnostic_bbox_reg: bool = False  # Detectron2 CLS_AGNOSTIC_BBOX_REG: one box for all classes
 
 
@@ -145,11 +147,14 @@ class MaskHeadConfig:
     num_conv: int = 4
     conv_dim: int = 256
     resolution: int = 28
+    norm: str = ""                       # "" or gn (after each conv; gn_groups of the backbone;
+                                         # Detectron2's ROI_MASK_HEAD.NORM)
     cls_agnostic_mask: bool = False      # Detectron2 CLS_AGNOSTIC_MASK: one mask for all classes
     soft_targets: bool = False           # targets are the fraction of each cell covered, not
                                          # thresholded at 0.5 (Detectron2 thresholds)
     dice_weight: float = 0.0             # > 0: adds this times a per-roi Dice loss to the
                                          # per-pixel cross-entropy (Detectron2 has none)
+    loss_weight: float = 1.0             # the mask loss's weight in the total (Detectron2: 1)
     max_train_rois: int = 0              # > 0: the mask head trains on at most this many of
                                          # an image's positive rois (a random subset, fewer
                                          # convolutions); 0: on all of them (Detectron2)
@@ -161,6 +166,7 @@ class KeypointHeadConfig:
     num_conv: int = 8
     conv_dim: int = 512
     resolution: int = 56
+    norm: str = ""                       # "" or gn, as the mask head's
     loss_weight: float = 1.0
 
 
@@ -240,6 +246,10 @@ CHOICES = {
     "model.fpn.p6": ("maxpool", "conv"),
     "model.anchor.style": ("detectron2", "gluoncv"),
     "model.fpn.norm": ("", "gn"),
+    "model.box_head.norm": ("", "gn"),
+    "model.box_head.bbox_reg_loss": ("smooth_l1", "giou"),
+    "model.mask_head.norm": ("", "gn"),
+    "model.keypoint_head.norm": ("", "gn"),
     "solver.lr_schedule": ("step", "cosine"),
     "solver.optimizer": ("sgd", "adam"),
     "solver.nonfinite_policy": ("stop", "skip"),

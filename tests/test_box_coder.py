@@ -10,8 +10,8 @@ import mxnet as mx
 import pytest
 
 from mxmask.modeling.box_coder import (encode_boxes, decode_boxes, clip_boxes, box_area,
-                                       pairwise_iou, hflip_boxes, hflip_deltas,
-                                       DEFAULT_SCALE_CLAMP)
+                                       pairwise_iou, generalized_iou, delta_giou, hflip_boxes,
+                                       hflip_deltas, DEFAULT_SCALE_CLAMP)
 
 nd = mx.nd
 
@@ -199,6 +199,36 @@ def test_pairwise_iou_matches_box_iou():
     assert (out[1, :, 3] == 0).all()
     assert np.isfinite(out).all()
     assert (out > 0.01).sum() > 20   # the test boxes overlap enough to mean something
+
+
+def test_generalized_iou_hand_values():
+    """GIoU = IoU - (|hull| - |union|) / |hull|, pair by pair."""
+    a = nd.array([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0],
+                  [1.0, 2.0, 5.0, 4.0]])
+    b = nd.array([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [2.0, 0.0, 3.0, 1.0],
+                  [1.0, 2.0, 5.0, 4.0]])
+    # 1: inter 1, union 7, hull 9: 1/7 - 2/9; 2: equal boxes: 1; 3: disjoint, hull 3 x 1,
+    # union 2: 0 - 1/3; 4: equal: 1
+    want = [1 / 7 - 2 / 9, 1.0, -1 / 3, 1.0]
+    np.testing.assert_allclose(_both(lambda F, x, y: generalized_iou(F, x, y), a, b), want,
+                               rtol=1e-5)
+
+
+def test_delta_giou_is_the_giou_of_the_decoded_boxes():
+    """The GIoU of two delta sets on the unit box equals that of the boxes they make of any
+    reference box (shift and axis-wise scale invariance), and 1 when they are equal."""
+    rng = np.random.RandomState(9)
+    rois = _random_boxes(rng, (12,), hi=300, min_wh=8, max_wh=120)
+    weights = (10.0, 10.0, 5.0, 5.0)
+    span = np.array([15.0, 15.0, 3.0, 3.0])     # centres up to 1.5 box sizes apart
+    d = nd.array((rng.uniform(-1, 1, (12, 4)) * span).astype(np.float32))
+    t = nd.array((rng.uniform(-1, 1, (12, 4)) * span).astype(np.float32))
+    got = _both(lambda F, x, y: delta_giou(F, x, y, weights), d, t)
+    pb = decode_boxes(nd, d, nd.array(rois), weights)
+    tb = decode_boxes(nd, t, nd.array(rois), weights)
+    np.testing.assert_allclose(got, generalized_iou(nd, pb, tb).asnumpy(), rtol=1e-4, atol=1e-5)
+    assert got.min() < 0 < got.max() < 1       # the random pairs span overlap and no overlap
+    np.testing.assert_allclose(delta_giou(nd, d, d, weights).asnumpy(), 1.0, rtol=1e-6)
 
 
 def test_hflip_boxes_hand_values_and_involution():

@@ -91,6 +91,59 @@ def test_fast_rcnn_losses_match_numpy(beta):
     np.testing.assert_allclose(loss_box.asnumpy(), [want_box], rtol=1e-5)
 
 
+def giou_np(p, q):
+    iw = max(0.0, min(p[2], q[2]) - max(p[0], q[0]))
+    ih = max(0.0, min(p[3], q[3]) - max(p[1], q[1]))
+    inter = iw * ih
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (q[2] - q[0]) * (q[3] - q[1]) - inter
+    hull = (max(p[2], q[2]) - min(p[0], q[0])) * (max(p[3], q[3]) - min(p[1], q[1]))
+    return inter / union - (hull - union) / hull
+
+
+def test_fast_rcnn_giou_loss_matches_numpy():
+    """reg_loss="giou": per fg roi 1 - GIoU of the boxes its gt class's deltas and its targets
+    make of a roi (any roi: numpy decodes against a real one), summed over the fg rois and
+    divided by the sampled ones; background rois with non-finite targets add nothing (no
+    NaN); the classification loss is the smooth-L1 case's."""
+    cls_logits, deltas, labels, targets = _fast_rcnn_case()
+    targets = targets * 0.3
+    weights = (10.0, 10.0, 5.0, 5.0)
+    targets[0, 0] = np.inf                         # a background roi's unused target
+    loss_cls, loss_box = fast_rcnn_losses(nd(cls_logits), nd(deltas), nd(labels), nd(targets),
+                                          reg_loss="giou", reg_weights=weights)
+    l1_cls, _ = fast_rcnn_losses(nd(cls_logits), nd(deltas), nd(labels), nd(targets))
+    np.testing.assert_allclose(loss_cls.asnumpy(), l1_cls.asnumpy(), rtol=1e-6)
+    roi = np.array([20.0, 30.0, 80.0, 70.0])
+
+    def decode(d):
+        w, h = roi[2] - roi[0], roi[3] - roi[1]
+        cx = roi[0] + 0.5 * w + d[0] / weights[0] * w
+        cy = roi[1] + 0.5 * h + d[1] / weights[1] * h
+        bw, bh = np.exp(d[2] / weights[2]) * w, np.exp(d[3] / weights[3]) * h
+        return [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+    lab = labels.reshape(-1).astype(int)
+    total = sum(1.0 - giou_np(decode(deltas[i, 4 * (lab[i] - 1):4 * lab[i]]),
+                              decode(targets[0, i])) for i in range(5) if lab[i] > 0)
+    want = total / (lab >= 0).sum()
+    assert 0 < want < 2
+    np.testing.assert_allclose(loss_box.asnumpy(), [want], rtol=1e-4)
+    # gradients: finite, and only the fg rois' gt-class columns get any
+    d = nd(deltas)
+    d.attach_grad()
+    with mx.autograd.record():
+        loss = fast_rcnn_losses(nd(cls_logits), d, nd(labels), nd(targets), reg_loss="giou",
+                                reg_weights=weights)[1]
+    loss.backward()
+    g = d.grad.asnumpy()
+    assert np.isfinite(g).all()
+    touched = np.abs(g) > 0
+    for i in range(5):
+        cols = np.zeros(8, bool)
+        if lab[i] > 0:
+            cols[4 * (lab[i] - 1):4 * lab[i]] = True
+        assert not touched[i, ~cols].any() and (touched[i, cols].any() or lab[i] <= 0)
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_class_agnostic_box_loss_is_the_class_specific_loss_of_one_shared_box(beta):
     """cls_agnostic: deltas (B*S, 4) are every class's box, so the loss equals the class-specific

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-from mxmask.config import get_config
+from mxmask.config import ConfigError, get_config
 from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, Deconv2D, KeypointHead, MaskHead,
                                        upsample2x_bilinear,
                                        decode_keypoints, detect, detection_settings,
@@ -461,6 +461,46 @@ def test_mask_head_matches_gluoncv_mask_block():
     assert full.shape == (2, 5, 28, 28)
 
 
+@pytest.mark.parametrize("head_cls,key,conv_format", [(MaskHead, "mask_head", "mask_fcn%d_"),
+                                                      (KeypointHead, "keypoint_head", "conv_fcn%d_")])
+def test_mask_and_keypoint_heads_with_group_norm_match_reference(head_cls, key, conv_format):
+    """``model.mask_head.norm=gn`` / ``model.keypoint_head.norm=gn`` (Detectron2's
+    ROI_MASK_HEAD.NORM): each 3x3 conv loses its bias and is followed by a GroupNorm, then the
+    ReLU; the conv stack equals Convolution + a numpy GroupNorm, and the whole head gives the
+    same output hybridized. Without it the convs keep their biases and have no norm."""
+    extra = ["model.%s.num_conv=2" % key, "model.%s.conv_dim=32" % key,
+             "model.backbone.gn_groups=8"]
+    plain = head_cls(shapes_cfg(*(extra + ["model.%s.norm=" % key])), prefix="head_")
+    assert not [k for k in plain.collect_params() if "norm" in k]
+    head = head_cls(shapes_cfg(*(extra + ["model.%s.norm=gn" % key])), prefix="head_")
+    head.initialize(mx.init.Normal(0.05))
+    for p in head.collect_params().values():
+        if p.name.endswith(("gamma", "beta")):
+            p.set_data(mx.nd.random.uniform(0.5, 1.5, shape=p.shape))
+    conv_names = sorted(k[len("head_"):] for k in head.collect_params()
+                        if k.startswith("head_" + conv_format[:-3])
+                        and not k.endswith(("affine_mean", "affine_var")))
+    want_names = []
+    for i in (1, 2):
+        prefix = conv_format % i
+        want_names += [prefix + "norm_beta", prefix + "norm_gamma", prefix + "weight"]
+    assert conv_names == sorted(want_names)
+    pooled = mx.nd.random.normal(shape=(3, 128, 14, 14))
+    x = pooled.asnumpy()
+    for i in (1, 2):
+        conv, norm = head.convs[3 * (i - 1)], head.convs[3 * (i - 1) + 1]
+        y = mx.nd.Convolution(mx.nd.array(x), conv.weight.data(), kernel=(3, 3), pad=(1, 1),
+                              num_filter=32, no_bias=True).asnumpy()
+        x = np.maximum(np_group_norm(y, 8, norm.gamma.data().asnumpy(),
+                                     norm.beta.data().asnumpy())[0], 0)
+    np.testing.assert_allclose(head.convs(pooled).asnumpy(), x, rtol=1e-4, atol=1e-5)
+    rois = mx.nd.array(np.tile([[[4, 4, 40, 30], [10, 20, 60, 60]]], (2, 1, 1)))
+    imperative = head(rois, *features()).asnumpy()
+    head.hybridize()
+    np.testing.assert_allclose(head(rois, *features()).asnumpy(), imperative, rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("kernel,padding,activation", [(2, 0, "relu"), (4, 1, None)])
 def test_deconv2d_equals_conv2d_transpose(kernel, padding, activation):
     """Deconv2D (bias added after the operator) = nn.Conv2DTranspose: parameter names and
@@ -583,8 +623,9 @@ def test_head_errors():
         KeypointHead(shapes_cfg("model.keypoint_head.resolution=28"))
     with pytest.raises(ValueError):
         detection_settings(shapes_cfg("test.max_dets=0"))
-    with pytest.raises(UserError, match="model.box_head.norm"):
-        BoxHead(shapes_cfg("model.box_head.num_conv=1", "model.box_head.norm=bn"))
+    for key in ("box_head", "mask_head", "keypoint_head"):
+        with pytest.raises(ConfigError, match="model.%s.norm" % key):
+            shapes_cfg("model.%s.norm=bn" % key)
     with pytest.raises(UserError, match="gn_groups=16 does not divide .* conv_dim=40"):
         BoxHead(shapes_cfg("model.box_head.num_conv=1", "model.box_head.norm=gn",
                            "model.box_head.conv_dim=40"))

@@ -77,12 +77,13 @@ def test_graph_diff_reports_drift_readably():
     assert lines == ['node %s (Convolution): attr kernel: "(7, 7)" -> "(5, 5)"' % conv["name"]]
     # a config change: one more mask-head conv appears as added nodes, nothing else moves
     cfg = preset_config("shapes")
-    cfg.model.mask_head.num_conv += 1
+    cfg.model.mask_head.num_conv += 1                   # a conv, its GroupNorm and ReLU
     lines = graph_diff(base, network_symbol(build_export_net(cfg)))
     added = [line for line in lines if line.startswith("added node")]
     assert any("(Convolution)" in line and "maskhead" in line for line in added), lines
     assert any("_weight (variable)" in line for line in added), lines
-    assert len(lines) < 20, lines
+    assert all("maskhead" in line for line in lines[:-1]), lines      # nothing else moves
+    assert len(lines) < 60, lines
     # a renamed parameter (the params file would no longer load) and a changed output
     renamed = json.loads(committed("shapes"))
     var = next(n for n in renamed["nodes"] if n["name"].endswith("rpn0_head_conv_weight"))

@@ -301,8 +301,11 @@ TINY = ["input.min_size_train=[96]", "input.max_size_train=128", "input.min_size
         # the mechanics tests (loss descent in a few steps) were tuned with SGD at 0.02; the
         # shapes preset itself trains with Adam
         "solver.optimizer=sgd", "solver.base_lr=0.02",
-        # and with half of the sampled rois positive (the preset takes three quarters)
-        "model.box_head.positive_fraction=0.5",
+        # and with half of the sampled rois positive (the preset takes three quarters), the L1
+        # box loss and no GroupNorm in the mask and keypoint heads (the preset: GIoU and GN)
+        "model.box_head.positive_fraction=0.5", "model.box_head.bbox_reg_loss=smooth_l1",
+        "model.box_head.bbox_reg_loss_weight=1.0", "model.mask_head.norm=",
+        "model.keypoint_head.norm=",
         # float32 convolutions whatever the preset's solver.amp (bf16: tests/test_precision.py)
         "solver.amp=",
         "data.num_workers=0",

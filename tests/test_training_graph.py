@@ -148,7 +148,8 @@ def test_keypoint_only_model_trains():
         losses = loss_net(**{k: nd.array(np_batch[k]) for k in keys})
         nd.add_n(*losses.values()).backward()
     assert "loss_mask" not in losses and losses["loss_keypoint"].asscalar() > 0
-    grads = [p.grad().asnumpy() for p in net.keypoint_head.collect_params().values()]
+    grads = [p.grad().asnumpy() for p in net.keypoint_head.collect_params().values()
+             if p.grad_req != "null"]
     assert grads and all(np.isfinite(g).all() for g in grads)
     assert sum(np.abs(g).sum() for g in grads) > 0
 
@@ -224,7 +225,7 @@ def mask_loss_case():
     keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
     batch = {k: nd.array(np_batch[k]) for k in keys}
     predictor = list(net.mask_head.predictor.collect_params().values())[0]
-    defaults = {"soft_targets": False, "dice_weight": 0.0}
+    defaults = {"soft_targets": False, "dice_weight": 0.0, "loss_weight": 1.0}
 
     def run(**settings):
         for key, value in dict(defaults, **settings).items():
@@ -274,3 +275,39 @@ def test_mask_dice_weight_adds_to_the_mask_loss_only(mask_loss_case):
     cfg.model.mask_head.dice_weight = -1.0
     with pytest.raises(UserError, match="model.mask_head.dice_weight"):
         RCNNLoss(net, cfg, kernels="mxnet")
+
+
+def test_mask_loss_weight_scales_the_mask_loss_only(mask_loss_case):
+    """``model.mask_head.loss_weight`` multiplies the mask loss, and its gradient, and nothing
+    else."""
+    run = mask_loss_case[3]
+    (one, grad_one), (two, grad_two) = run(loss_weight=1.0), run(loss_weight=2.5)
+    for name in one:
+        factor = 2.5 if name == "loss_mask" else 1.0
+        assert two[name] == pytest.approx(factor * one[name], rel=1e-5), name
+    np.testing.assert_allclose(grad_two, 2.5 * grad_one, rtol=1e-4, atol=1e-9)
+
+
+def test_box_head_giou_loss_reaches_the_training_graph():
+    """``model.box_head.bbox_reg_loss=giou`` changes the box loss (to 1 - GIoU per positive,
+    losses.py), ``bbox_reg_loss_weight`` scales it, and no other loss changes."""
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+
+    def run(kind, weight):
+        cfg.model.box_head.bbox_reg_loss = kind
+        cfg.model.box_head.bbox_reg_loss_weight = weight
+        loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+        mx.random.seed(5)
+        with mx.autograd.record():
+            losses = loss_net(**batch)
+        return {k: float(v.asscalar()) for k, v in losses.items()}
+    l1, giou, giou3 = run("smooth_l1", 1.0), run("giou", 1.0), run("giou", 3.0)
+    assert 0 < giou["loss_box_reg"] < 2 and abs(giou["loss_box_reg"] - l1["loss_box_reg"]) > 1e-3
+    assert giou3["loss_box_reg"] == pytest.approx(3 * giou["loss_box_reg"], rel=1e-5)
+    for name in l1:
+        if name != "loss_box_reg":
+            assert giou[name] == pytest.approx(l1[name], rel=1e-5), name
+            assert giou3[name] == pytest.approx(l1[name], rel=1e-5), name

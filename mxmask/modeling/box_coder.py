@@ -1,4 +1,4 @@
-"""Box maths, written once: encode, decode, clip, area and pairwise IoU.
+"""Box maths, written once: encode, decode, clip, area, pairwise IoU and GIoU.
 
 Every function takes ``F`` (``mx.nd`` or ``mx.sym``) first, so it works inside a HybridBlock's
 ``hybrid_forward`` both imperatively and after ``hybridize()``, on any context.
@@ -42,7 +42,7 @@ Detectron2's division.
 import math
 
 __all__ = ["encode_boxes", "decode_boxes", "clip_boxes", "box_area", "pairwise_iou",
-           "hflip_boxes", "hflip_deltas", "DEFAULT_SCALE_CLAMP"]
+           "generalized_iou", "delta_giou", "hflip_boxes", "hflip_deltas", "DEFAULT_SCALE_CLAMP"]
 
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
@@ -130,6 +130,33 @@ def clip_boxes(F, boxes, im_info, plus_one=False):
     flat = F.reshape(boxes, (0, -1, 4))                                 # (B, N, 4)
     clipped = F.broadcast_minimum(F.maximum(flat, 0.0), F.expand_dims(bounds, axis=1))
     return F.reshape_like(clipped, boxes)
+
+
+def generalized_iou(F, a, b, eps=1e-7):
+    """Generalized IoU (Rezatofighi et al. 2019) of the box pairs ``a`` (..., 4) and ``b``
+    (..., 4), elementwise -> (...): ``IoU - (|C| - |A u B|) / |C|`` with C the smallest box
+    enclosing both; in [-1, 1], 1 only for equal boxes. Boxes should have positive size (``eps``
+    guards the divisions)."""
+    ax1, ay1, ax2, ay2 = F.split(a, axis=-1, num_outputs=4, squeeze_axis=True)
+    bx1, by1, bx2, by2 = F.split(b, axis=-1, num_outputs=4, squeeze_axis=True)
+    inter = (F.relu(F.minimum(ax2, bx2) - F.maximum(ax1, bx1))
+             * F.relu(F.minimum(ay2, by2) - F.maximum(ay1, by1)))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    hull = (F.maximum(ax2, bx2) - F.minimum(ax1, bx1)) * (F.maximum(ay2, by2) - F.minimum(ay1, by1))
+    return inter / (union + eps) - (hull - union) / (hull + eps)
+
+
+def delta_giou(F, deltas, target_deltas, weights=(1.0, 1.0, 1.0, 1.0),
+               scale_clamp=DEFAULT_SCALE_CLAMP):
+    """:func:`generalized_iou` of the boxes that ``deltas`` (..., 4) and ``target_deltas``
+    (..., 4) make of the same reference box -> (...). GIoU does not change under a shift or an
+    axis-wise scaling of both boxes, so it is that of the two boxes decoded against the unit box
+    (0, 0, 1, 1), whatever the reference box: the box head's GIoU loss needs only its deltas and
+    targets (Detectron2 decodes both against the proposals)."""
+    corner = F.slice_axis(deltas, axis=-1, begin=0, end=2)
+    unit = F.concat(F.zeros_like(corner), F.ones_like(corner), dim=-1)
+    return generalized_iou(F, decode_boxes(F, deltas, unit, weights, scale_clamp=scale_clamp),
+                           decode_boxes(F, target_deltas, unit, weights, scale_clamp=scale_clamp))
 
 
 def hflip_boxes(F, boxes, width):

@@ -17,12 +17,17 @@ batch_size_per_image=256)`` -> ``(loss_objectness, loss_box)``
     anchors actually sampled.
 
 ``fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S) or (B*S,),
-box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False)`` -> ``(loss_cls, loss_box)``
+box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False, reg_loss="smooth_l1",
+reg_weights=(1, 1, 1, 1))`` -> ``(loss_cls, loss_box)``
     classification: softmax cross-entropy averaged over the sampled rois (label >= 0);
     box: smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``; with
     ``cls_agnostic`` deltas is (B*S, 4), the one box of every class) of the fg rois, summed and
     divided by the number of sampled rois (label >= 0), Detectron2's
-    ``max(gt_classes.numel(), 1)``.
+    ``max(gt_classes.numel(), 1)``. With ``reg_loss="giou"`` (Detectron2's
+    ``BBOX_REG_LOSS_TYPE: giou``) each fg roi's term is instead ``1 - GIoU`` of the box its
+    deltas make with the box its targets make (``box_coder.delta_giou``; ``reg_weights`` are the
+    box coder's weights, ``model.box_head.bbox_reg_weights``), normalised the same way; the
+    caller multiplies by ``model.box_head.bbox_reg_loss_weight``.
 
 ``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M),
 cls_agnostic=False, dice_weight=0.0)``
@@ -41,6 +46,8 @@ cls_agnostic=False, dice_weight=0.0)``
     ``model.keypoint_head.loss_weight``).
 """
 import mxnet as mx
+
+from .box_coder import delta_giou
 
 __all__ = ["sigmoid_bce_with_logits", "smooth_l1", "rpn_losses", "fast_rcnn_losses",
            "mask_rcnn_loss", "dice_loss", "keypoint_rcnn_loss"]
@@ -84,7 +91,8 @@ def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_ima
     return loss_obj, loss_box
 
 
-def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agnostic=False):
+def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agnostic=False,
+                     reg_loss="smooth_l1", reg_weights=(1.0, 1.0, 1.0, 1.0)):
     F = _ns(cls_logits)
     labels = F.reshape(labels, shape=(-1,))
     box_targets = F.reshape(box_targets, shape=(-1, 4))
@@ -102,8 +110,13 @@ def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agno
         cls = F.relu(labels - 1)
         index = F.broadcast_like(F.reshape(cls, shape=(-1, 1)), box_targets)
         picked = F.pick(per_class, index, axis=1)
-    l1 = F.sum(smooth_l1(F, picked - box_targets, beta), axis=-1)
-    loss_box = _total(F, l1 * fg) / num_sampled
+    if reg_loss == "giou":
+        # box_targets of background rois are not used (and may be anything): masked by fg
+        per_roi = 1.0 - delta_giou(F, picked, F.where(F.broadcast_like(
+            F.reshape(fg, shape=(-1, 1)), box_targets), box_targets, picked), reg_weights)
+    else:
+        per_roi = F.sum(smooth_l1(F, picked - box_targets, beta), axis=-1)
+    loss_box = _total(F, per_roi * fg) / num_sampled
     return loss_cls, loss_box
 
 

@@ -324,7 +324,8 @@ class MaskHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
-            self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_")
+            self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_",
+                                               mh.norm, cfg.model.backbone.gn_groups)
             self.deconv = Deconv2D(mh.conv_dim, 2, strides=2, in_channels=channels,
                                    activation="relu", prefix="deconv_")
             self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
@@ -387,7 +388,8 @@ class KeypointHead(mx.gluon.HybridBlock):
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, kh.pooler_resolution)
-            self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_")
+            self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_",
+                                               kh.norm, cfg.model.backbone.gn_groups)
             self.deconv = Deconv2D(self.num_keypoints, 4, strides=2, padding=1,
                                    in_channels=channels, prefix="score_lowres_")
 

@@ -14,8 +14,11 @@ Inputs (one context's share of a training batch, DEVELOPING.md "Training batches
 (B, G, K, 3) for keypoint models. Output: the losses, in this order (``RCNNLoss.loss_names``):
 
     loss_rpn_cls, loss_rpn_loc     RPN objectness (sigmoid BCE) and box (smooth-L1) losses
-    loss_cls, loss_box_reg         box head softmax CE and class-specific smooth-L1
-    loss_mask                      per-pixel sigmoid BCE on the gt class's 28x28 mask
+    loss_cls, loss_box_reg         box head softmax CE and class-specific smooth-L1 (or
+                                   1 - GIoU: model.box_head.bbox_reg_loss), times
+                                   model.box_head.bbox_reg_loss_weight
+    loss_mask                      per-pixel sigmoid BCE on the gt class's 28x28 mask, times
+                                   model.mask_head.loss_weight
     loss_keypoint                  softmax CE over the 56x56 heatmap of each visible keypoint
 
 The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two graphs:
@@ -86,6 +89,9 @@ class BoxStage(mx.gluon.HybridBlock):
         self.rpn_batch = m.rpn.batch_size_per_image
         self.rpn_beta = m.rpn.smooth_l1_beta
         self.box_beta = m.box_head.smooth_l1_beta
+        self.box_reg_loss = m.box_head.bbox_reg_loss
+        self.box_reg_weight = float(m.box_head.bbox_reg_loss_weight)
+        self.box_coder_weights = tuple(m.box_head.bbox_reg_weights)
         with self.name_scope():
             self.rpn_targets = RPNTargets(
                 batch_size_per_image=m.rpn.batch_size_per_image,
@@ -119,9 +125,11 @@ class BoxStage(mx.gluon.HybridBlock):
             s_rois, s_labels, s_matched, s_box_targets, _ = self.roi_sampler(rois, gt_boxes,
                                                                              gt_labels)
             cls_logits, box_deltas = self.box_predictor(self.box_head(s_rois, *levels))
-            loss_cls, loss_box_reg = L.fast_rcnn_losses(cls_logits, box_deltas, s_labels,
-                                                        s_box_targets, self.box_beta,
-                                                        self.box_predictor.cls_agnostic)
+            loss_cls, loss_box_reg = L.fast_rcnn_losses(
+                cls_logits, box_deltas, s_labels, s_box_targets, self.box_beta,
+                self.box_predictor.cls_agnostic, self.box_reg_loss, self.box_coder_weights)
+            if self.box_reg_weight != 1.0:
+                loss_box_reg = loss_box_reg * self.box_reg_weight
         return (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, s_rois, s_labels,
                 s_matched) + tuple(levels)
 
@@ -140,6 +148,7 @@ class HeadStage(mx.gluon.HybridBlock):
         self.mask_on = net.mask_head is not None
         self.keypoint_on = net.keypoint_head is not None
         self.keypoint_weight = m.keypoint_head.loss_weight
+        self.mask_weight = m.mask_head.loss_weight
         self.mask_dice_weight = float(m.mask_head.dice_weight)
         if not self.mask_dice_weight >= 0:
             raise UserError("model.mask_head.dice_weight: expected a weight >= 0 (0: no Dice "
@@ -162,9 +171,9 @@ class HeadStage(mx.gluon.HybridBlock):
                 rois, labels, matched, gt_masks = mask_in
                 mask_logits = self.mask_head(rois, *levels)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
-                outputs.append(L.mask_rcnn_loss(mask_logits, labels, mask_targets,
-                                                self.mask_head.num_classes == 1,
-                                                self.mask_dice_weight))
+                loss = L.mask_rcnn_loss(mask_logits, labels, mask_targets,
+                                        self.mask_head.num_classes == 1, self.mask_dice_weight)
+                outputs.append(loss * self.mask_weight if self.mask_weight != 1.0 else loss)
             if self.keypoint_on:
                 rois, labels, matched, gt_keypoints = keypoint_in
                 heatmaps = self.keypoint_head(rois, *levels)
