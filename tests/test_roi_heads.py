@@ -623,9 +623,15 @@ def test_head_errors():
         KeypointHead(shapes_cfg("model.keypoint_head.resolution=28"))
     with pytest.raises(ValueError):
         detection_settings(shapes_cfg("test.max_dets=0"))
-    for key in ("box_head", "mask_head", "keypoint_head"):
+    for key, head_cls in (("box_head", BoxHead), ("mask_head", MaskHead),
+                          ("keypoint_head", KeypointHead)):
         with pytest.raises(ConfigError, match="model.%s.norm" % key):
             shapes_cfg("model.%s.norm=bn" % key)
+        # a config built in code passes no --set check: the head refuses it itself
+        cfg = shapes_cfg()
+        setattr(getattr(cfg.model, key), "norm", "bn")
+        with pytest.raises(UserError, match="model.%s.norm: expected '' or 'gn'" % key):
+            head_cls(cfg)
     with pytest.raises(UserError, match="gn_groups=16 does not divide .* conv_dim=40"):
         BoxHead(shapes_cfg("model.box_head.num_conv=1", "model.box_head.norm=gn",
                            "model.box_head.conv_dim=40"))

@@ -95,14 +95,19 @@ def _pooler(cfg, resolution, rois_in_image=False):
                               bh.aligned, pooler_style(cfg), rois_in_image=rois_in_image)
 
 
-def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_groups=32):
+def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_groups=32,
+                key="model.box_head"):
     """``num_conv`` x (3x3 conv to ``channels`` + ReLU); layer i is named ``prefix_format % i``
     (1-based, Detectron2's names). With ``norm="gn"`` each conv has no bias and is followed by a
     GroupNorm of ``gn_groups`` groups (named ``<conv prefix>norm_``) before its ReLU. Returns
-    (the stack, its output channels: ``channels``, or ``in_channels`` when ``num_conv`` is 0)."""
+    (the stack, its output channels: ``channels``, or ``in_channels`` when ``num_conv`` is 0).
+    ``key`` is the head's config section, named in the errors (a norm other than "" or "gn", or
+    ``gn_groups`` that does not divide ``channels``)."""
+    if norm not in ("", "gn"):
+        raise UserError("%s.norm: expected '' or 'gn', got %r" % (key, norm))
     if norm and num_conv and channels % gn_groups:
-        raise UserError("model.backbone.gn_groups=%d does not divide the head's conv_dim=%d"
-                        % (gn_groups, channels))
+        raise UserError("model.backbone.gn_groups=%d does not divide %s's conv_dim=%d"
+                        % (gn_groups, key, channels))
     convs = nn.HybridSequential(prefix="")
     for i in range(num_conv):
         prefix = prefix_format % (i + 1)
@@ -136,10 +141,9 @@ class BoxHead(mx.gluon.HybridBlock):
                 resolution = (resolution + 2 - 3) // 2 + 1
             else:
                 self.avgpool = None
-            if bh.norm not in ("", "gn"):
-                raise UserError("model.box_head.norm: expected '' or 'gn', got %r" % (bh.norm,))
             self.convs, channels = _conv_stack(bh.num_conv, bh.conv_dim, channels, "conv%d_",
-                                               bh.norm, cfg.model.backbone.gn_groups)
+                                               bh.norm, cfg.model.backbone.gn_groups,
+                                               "model.box_head")
             self.fcs = nn.HybridSequential(prefix="")
             in_units = channels * resolution * resolution
             for i in range(bh.num_fc):
@@ -325,7 +329,8 @@ class MaskHead(mx.gluon.HybridBlock):
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
             self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_",
-                                               mh.norm, cfg.model.backbone.gn_groups)
+                                               mh.norm, cfg.model.backbone.gn_groups,
+                                               "model.mask_head")
             self.deconv = Deconv2D(mh.conv_dim, 2, strides=2, in_channels=channels,
                                    activation="relu", prefix="deconv_")
             self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
@@ -389,7 +394,8 @@ class KeypointHead(mx.gluon.HybridBlock):
         with self.name_scope():
             self.pooler = _pooler(cfg, kh.pooler_resolution)
             self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_",
-                                               kh.norm, cfg.model.backbone.gn_groups)
+                                               kh.norm, cfg.model.backbone.gn_groups,
+                                               "model.keypoint_head")
             self.deconv = Deconv2D(self.num_keypoints, 4, strides=2, padding=1,
                                    in_channels=channels, prefix="score_lowres_")
 
