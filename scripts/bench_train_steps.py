@@ -48,6 +48,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_matching(net, path, strict=True):
+    """Load the checkpoint's parameters into ``net``. Not ``strict`` (a ``--set`` changed the
+    model): a parameter the file lacks, or has in another shape, keeps its initial value (the
+    trained rest still gives the checkpoint's proposals and positives, which set the heads'
+    work); the names of those are printed."""
+    import mxnet as mx
+    if strict:
+        net.load_parameters(path, ctx=net.contexts())
+        return
+    saved = mx.nd.load(path)
+    fresh = []
+    for name, param in net._collect_params_with_prefix().items():
+        if name in saved and saved[name].shape == param.shape:
+            param.set_data(saved[name])
+        else:
+            fresh.append(name)
+    if fresh:
+        print("left at their initial values: %s" % ", ".join(fresh), flush=True)
+
+
 def build(args):
     """(cfg, trainer, batches): the model on one CPU context, its training graph and trainer,
     and the first warmup + steps * repeat batches of the training loader."""
@@ -70,7 +90,7 @@ def build(args):
     mx.random.seed(cfg.seed)
     net = build_model(cfg, ctx=ctxs)
     if args.ckpt:
-        net.load_parameters(checkpoint_files(args.ckpt)[0], ctx=ctxs)
+        load_matching(net, checkpoint_files(args.ckpt)[0], strict=not args.set)
     loss_net = RCNNLoss(net, cfg)
     loss_net.hybridize(static_alloc=True)
     trainer = Trainer(cfg, net, loss_net, ctxs, kvstore="device", out=io.StringIO())
