@@ -105,7 +105,7 @@ from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .export import check_anchors_cover, check_dtype, parse_hw
 from .modeling.poolers import shared_level_canvas
 from .modeling.rcnn import build_model, inference_kernels
-from .modeling.roi_heads import select_class_masks
+from .modeling.roi_heads import head_inputs, select_class_masks
 from .postprocess import detections_to_coco
 from .utils import UserError, atomic_write_bytes, atomic_write_json
 
@@ -227,7 +227,8 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
     if net.mask_head is not None:
         mask_stage = _HeadStage(net.mask_head, net.mask_head.num_classes)
         mask_stage.hybridize(static_alloc=True, static_shape=True)
-        _, stages["mask_head"] = _timed(lambda: mask_stage(boxes, ids, *levels), runs, warmup)
+        mask_in = head_inputs(net.mask_head, levels, data)
+        _, stages["mask_head"] = _timed(lambda: mask_stage(boxes, ids, *mask_in), runs, warmup)
     if net.keypoint_head is not None:
         kp_stage = _HeadStage(net.keypoint_head)
         kp_stage.hybridize(static_alloc=True, static_shape=True)
@@ -242,6 +243,7 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
             detections_to_coco(out, np.array([h, w, 1.0]), (h, w), i,
                                list(range(1, net.num_classes + 1)),
                                keypoint_decode=cfg.test.keypoint_decode,
+                               mask_box_thresh=cfg.test.mask_box_thresh,
                                box_plus_one=cfg.model.box_plus_one)
     _, stages["paste/decode"] = _timed(post, runs, 1)
     total = [t + p for t, p in zip(network, stages["paste/decode"])]

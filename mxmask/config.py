@@ -158,6 +158,9 @@ class MaskHeadConfig:
     max_train_rois: int = 0              # > 0: the mask head trains on at most this many of
                                          # an image's positive rois (a random subset, fewer
                                          # convolutions); 0: on all of them (Detectron2)
+    image_guide: int = 0                 # > 0: the mask head also sees the input image pooled
+                                         # at 28x28, through a 3x3 conv of this many channels
+                                         # (roi_heads.ImageGuide); not in Detectron2
 
 
 @dataclass
@@ -215,6 +218,11 @@ class TestConfig:
     nms_thresh: float = 0.5
     max_dets: int = 100
     mask_thresh: float = 0.5
+    # > 0: each detection's box becomes the tight box of its pasted mask probability >= this
+    # (COCO's box is its segmentation's tight box; below mask_thresh it keeps thin points and
+    # limbs); 0: the box head's box (Detectron2). Post-processing: exported graphs output the
+    # box head's boxes, and scripts/predict_exported.py applies it from the meta file
+    mask_box_thresh: float = 0.0
     # scores times each mask's maskness (the mean probability over its foreground; SOLOv2),
     # rows re-sorted: confident masks rank first (roi_heads.rescore_by_masks; Detectron2 has none)
     mask_score: bool = False

@@ -18,7 +18,7 @@ Inputs (one image, ``D = test.max_dets`` rows, padded rows have ``ids == -1``)::
 Functions:
 
 - :func:`paste_masks_in_image` ``(N, M, M)`` probabilities + ``(N, 4)`` boxes in image coordinates
-  -> ``(N, H, W)`` bool masks. Aligned bilinear sampling as Detectron2: image pixel centre
+  -> ``(N, H, W)`` bool masks (and with ``box_threshold`` their tight boxes at that threshold). Aligned bilinear sampling as Detectron2: image pixel centre
   ``x + 0.5`` maps to mask-grid coordinate ``(x + 0.5 - x1) / (x2 - x1) * M - 0.5``; samples
   outside the ``M x M`` grid read zero; the result is ``>= threshold``. Bilinear interpolation is
   separable, so each detection's crop is ``Wy @ mask @ Wx.T`` with sparse (2 weights a row)
@@ -26,6 +26,8 @@ Functions:
 - :func:`heatmaps_to_keypoints_bicubic` / :func:`heatmaps_to_keypoints_taylor`: heatmaps
   ``(N, K, S, S)`` + boxes ``(N, 4)`` -> ``(N, K, 3)`` ``(x, y, score)`` in the boxes' frame;
   score is the heatmap logit at the peak.
+- :func:`mask_extents`: ``(N, H, W)`` pasted probabilities -> ``(N, 4)`` xyxy tight boxes of
+  the pixels ``>= threshold`` and which rows have any.
 - :func:`detections_to_coco`: network outputs -> list of COCO result dicts in original-image
   coordinates (``bbox`` as ``[x, y, w, h]``, ``segmentation`` as compressed RLE with ``str``
   counts, ``keypoints`` flat ``[x, y, 2, ...]``).
@@ -36,7 +38,7 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_util
 
-__all__ = ["paste_masks_in_image", "heatmaps_to_keypoints_bicubic",
+__all__ = ["paste_masks_in_image", "mask_extents", "heatmaps_to_keypoints_bicubic",
            "heatmaps_to_keypoints_taylor", "decode_keypoints", "detections_to_coco"]
 
 KEYPOINT_DECODERS = ("bicubic", "taylor")
@@ -84,13 +86,15 @@ def _support(lo, hi, m, size):
     return a, b
 
 
-def paste_masks_in_image(masks, boxes, height, width, threshold=0.5):
+def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_threshold=None):
     """Paste ``(N, Mh, Mw)`` mask probabilities into ``(N, height, width)`` image masks.
 
     ``boxes`` ``(N, 4)`` are xyxy in the image's continuous pixel coordinates; they may lie partly
     outside the image and be fractional. Boxes with ``x2 <= x1``, ``y2 <= y1`` or non-finite
     coordinates give empty masks. Returns bool ``(N, H, W)`` (``prob >= threshold``), or float32
-    probabilities when ``threshold`` is None.
+    probabilities when ``threshold`` is None. With ``box_threshold`` it returns ``(masks,
+    tight (N, 4), found (N,))``: :func:`mask_extents` of the pasted probabilities at
+    ``box_threshold``, computed on each crop (no (N, H, W) float buffer).
 
     The returned array is a transposed view of a C-ordered ``(N, W, H)`` buffer, so that
     ``out.transpose(1, 2, 0)`` is Fortran-contiguous ``(H, W, N)``, the layout
@@ -105,6 +109,7 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5):
     n, mh, mw = masks.shape
     dtype = np.float32 if threshold is None else np.bool_
     buf = np.zeros((n, width, height), dtype)
+    tight, found = np.zeros((n, 4)), np.zeros(n, np.bool_)
     for i in range(n):
         x1, y1, x2, y2 = boxes[i]
         if not (np.isfinite(boxes[i]).all() and x2 > x1 and y2 > y1):
@@ -117,11 +122,32 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5):
         wy = _interp_matrix(np.arange(ya, yb), y1, y2 - y1, mh)
         # (w, Mw) @ (Mw, Mh) @ (Mh, h): the crop already transposed to the buffer's layout
         crop_t = wx @ masks[i].astype(np.float64).T @ wy.T
+        if box_threshold is not None:
+            box, hit = mask_extents(crop_t.T[None], box_threshold)
+            tight[i], found[i] = box[0] + (xa, ya, xa, ya), hit[0]
         if threshold is None:
             buf[i, xa:xb, ya:yb] = crop_t
         else:
             buf[i, xa:xb, ya:yb] = crop_t >= threshold
-    return buf.transpose(0, 2, 1)
+    tight[~found] = 0.0
+    pasted = buf.transpose(0, 2, 1)
+    return pasted if box_threshold is None else (pasted, tight, found)
+
+
+def mask_extents(probs, threshold):
+    """``(N, H, W)`` pasted mask probabilities -> ``(boxes (N, 4), found (N,) bool)``: the tight
+    xyxy box, in continuous pixel coordinates, of each mask's pixels ``>= threshold`` (pixel
+    ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``, COCO's ``toBbox`` of the same mask);
+    ``found`` is False, and the box zeros, where no pixel reaches it."""
+    on = np.asarray(probs) >= threshold
+    n, h, w = on.shape
+    cols, rows = on.any(axis=1), on.any(axis=2)                            # (N, W), (N, H)
+    found = cols.any(axis=1)
+    boxes = np.stack([cols.argmax(axis=1), rows.argmax(axis=1),
+                      w - cols[:, ::-1].argmax(axis=1), h - rows[:, ::-1].argmax(axis=1)],
+                     axis=1).astype(np.float64)
+    boxes[~found] = 0.0
+    return boxes, found
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +282,7 @@ def _squeeze_batch(outputs):
 
 def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, score_thresh=0.0,
                        mask_thresh=0.5, keypoint_decode="taylor", keypoint_category_ids=None,
-                       box_plus_one=False, file_name=None):
+                       box_plus_one=False, file_name=None, mask_box_thresh=0.0):
     """One image's network outputs -> list of COCO result dicts in original-image coordinates.
 
     ``outputs``: dict with ``ids``, ``scores``, ``boxes`` and optionally ``masks``, ``keypoints``,
@@ -272,6 +298,13 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     detections of those COCO categories get keypoints. ``box_plus_one``: boxes use the
     ``x2 - x1 + 1`` width convention (GluonCV), so ``bbox`` widths and the pasted/decoded extent
     include the extra pixel.
+
+    ``mask_box_thresh`` > 0 (``test.mask_box_thresh``, with masks): each ``bbox`` becomes the
+    tight box of its pasted mask probability ``>= mask_box_thresh`` (:func:`mask_extents`; the
+    network's box where no pixel reaches it). COCO's box of an object is the tight box of its
+    segmentation, and a threshold under ``mask_thresh`` keeps the thin points and limbs the
+    mask thresholded at ``mask_thresh`` loses. The mask is pasted, and keypoints decoded, in the
+    network's box either way.
 
     ``image_id`` may be a str (or ``file_name`` given), in which case entries carry
     ``"file_name"`` instead of ``"image_id"`` (``mxmask predict`` on arbitrary files).
@@ -305,7 +338,13 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     rles = None
     if "masks" in out:
         masks = out["masks"][keep]
-        pasted = paste_masks_in_image(masks, extent, height, width, threshold=mask_thresh)
+        if mask_box_thresh > 0:
+            pasted, tight, found = paste_masks_in_image(masks, extent, height, width,
+                                                        mask_thresh, mask_box_thresh)
+            xywh[found] = np.concatenate([tight[found, :2], tight[found, 2:] - tight[found, :2]],
+                                         axis=1)
+        else:
+            pasted = paste_masks_in_image(masks, extent, height, width, threshold=mask_thresh)
         rles = mask_util.encode(pasted.view(np.uint8).transpose(1, 2, 0)) if len(keep) else []
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")

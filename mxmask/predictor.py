@@ -101,6 +101,9 @@ class Predictor:
         self.net = net
         self.transform = TestTransform(self.cfg)
         self.score_thresh = self.cfg.test.score_thresh if score_thresh is None else score_thresh
+        if not 0.0 <= self.cfg.test.mask_box_thresh < 1.0:
+            raise UserError("test.mask_box_thresh: expected a probability in [0, 1) (0: the box "
+                            "head's boxes), got %r" % self.cfg.test.mask_box_thresh)
         d = self.cfg.data
         if len(d.category_ids) != self.cfg.model.num_classes:
             raise UserError("checkpoint config: data.category_ids has %d ids but the model has %d "
@@ -132,6 +135,7 @@ class Predictor:
                 out, batch["im_info"][i], batch["orig_size"][i], int(batch["image_id"][i]),
                 self.category_ids, score_thresh=self.score_thresh,
                 mask_thresh=self.cfg.test.mask_thresh,
+                mask_box_thresh=self.cfg.test.mask_box_thresh,
                 keypoint_decode=self.cfg.test.keypoint_decode,
                 keypoint_category_ids=self.keypoint_category_ids,
                 box_plus_one=False, **key))

@@ -17,7 +17,9 @@ padded at the bottom/right to a multiple of ``size_divisibility`` and run with
 ``im_info = (h, w, scale)``. This is the same arithmetic as mxmask's Predictor, so the results are
 the same. Detections are mapped back to the original image:
 
-    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels),
+    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels; with
+                   ``mask_box_thresh`` > 0 in the meta file, the tight box of the pasted mask
+                   probability >= it, as mxmask's ``test.mask_box_thresh``),
     segmentation   the mask pasted into the image (aligned bilinear, >= mask_thresh), as COCO
                    *uncompressed* RLE {"size": [h, w], "counts": [...]} (column-major runs
                    starting with 0s; pycocotools' frPyObjects reads it), and "area" its pixels
@@ -134,8 +136,9 @@ def _axis_weights(start, length, cells, size):
 
 
 def paste_mask(mask, box, height, width, threshold):
-    """(M, M) probabilities + box (x1, y1, x2, y2) -> bool (height, width) image mask."""
-    out = np.zeros((height, width), bool)
+    """(M, M) probabilities + box (x1, y1, x2, y2) -> bool (height, width) image mask, or the
+    float probabilities with ``threshold`` None."""
+    out = np.zeros((height, width), bool if threshold is not None else np.float64)
     x1, y1, x2, y2 = (float(v) for v in box)
     if not (np.isfinite([x1, y1, x2, y2]).all() and x2 > x1 and y2 > y1):
         return out
@@ -145,8 +148,17 @@ def paste_mask(mask, box, height, width, threshold):
         return out
     # x first, then y: the order mxmask.postprocess uses, so the sums round the same way
     crop_t = wx @ mask.astype(np.float64).T @ wy.T
-    out[ya:yb, xa:xb] = (crop_t >= threshold).T
+    out[ya:yb, xa:xb] = (crop_t >= threshold).T if threshold is not None else crop_t.T
     return out
+
+
+def tight_box(on):
+    """bool (H, W) -> the xyxy box of its True pixels (pixel (r, c) covers [c, c + 1) x
+    [r, r + 1)), or None when there are none."""
+    rows, cols = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    if not len(rows):
+        return None
+    return [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
 
 
 def uncompressed_rle(mask):
@@ -186,7 +198,17 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
                  "class_name": names[label] if label < len(names) else str(category),
                  "score": float(scores[k]), "bbox": [x1, y1, x2 - x1, y2 - y1]}
         if "masks" in out:
-            mask = paste_mask(out["masks"][k], extent[row], height, width, meta["mask_thresh"])
+            box_thresh = float(meta.get("mask_box_thresh", 0.0))
+            if box_thresh > 0:
+                # the box becomes the tight box of the mask probability >= mask_box_thresh
+                probs = paste_mask(out["masks"][k], extent[row], height, width, None)
+                mask = probs >= meta["mask_thresh"]
+                tight = tight_box(probs >= box_thresh)
+                if tight is not None:
+                    entry["bbox"] = [tight[0], tight[1], tight[2] - tight[0], tight[3] - tight[1]]
+            else:
+                mask = paste_mask(out["masks"][k], extent[row], height, width,
+                                  meta["mask_thresh"])
             entry["segmentation"] = uncompressed_rle(mask)
             entry["area"] = int(mask.sum())
         if "keypoints" in out and (kpt_cats is None or category in kpt_cats):

@@ -5,7 +5,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from mxmask.postprocess import decode_keypoints, detections_to_coco, paste_masks_in_image
+from mxmask.postprocess import (decode_keypoints, detections_to_coco, mask_extents,
+                                paste_masks_in_image)
 
 HEIGHT, WIDTH = 50, 75
 IM_INFO = np.array([75.0, 113.0, 1.5], np.float32)      # resized h, w (w rounded), scale
@@ -58,6 +59,61 @@ def test_entries_masks_and_heatmap_keypoints(method):
         flat = np.array(r["keypoints"]).reshape(-1, 3)
         np.testing.assert_allclose(flat[:, :2], kp[j, :, :2] - 0.5, rtol=1e-6)  # COCO pixel indices
         assert (flat[:, 2] == 2).all()
+
+
+def test_mask_extents_hand_made_and_coco_tobbox():
+    """The tight xyxy box of the pixels >= threshold (pixel (r, c) covers [c, c + 1) x
+    [r, r + 1)), pycocotools' toBbox of the same mask; a mask with no such pixel is not found."""
+    probs = np.zeros((3, 6, 8), np.float32)
+    probs[0, 1:4, 2:5] = 0.6
+    probs[0, 5, 7] = 0.3
+    probs[1] = 0.1
+    probs[2, 0, 0] = 1.0
+    boxes, found = mask_extents(probs, 0.5)
+    assert found.tolist() == [True, False, True]
+    np.testing.assert_array_equal(boxes, [[2, 1, 5, 4], [0, 0, 0, 0], [0, 0, 1, 1]])
+    boxes, found = mask_extents(probs, 0.25)
+    np.testing.assert_array_equal(boxes[0], [2, 1, 8, 6])
+    rng = np.random.default_rng(1)
+    probs = rng.uniform(0, 1, (4, 30, 40)) * (rng.uniform(0, 1, (4, 1, 40)) > 0.6)
+    boxes, found = mask_extents(probs, 0.7)
+    assert found.all()
+    rles = mask_util.encode(np.asfortranarray((probs >= 0.7).astype(np.uint8).transpose(1, 2, 0)))
+    xywh = mask_util.toBbox(rles)
+    np.testing.assert_array_equal(boxes, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]],
+                                                        axis=1))
+
+
+def test_mask_box_thresh_makes_each_box_its_masks_tight_box():
+    """``mask_box_thresh`` (test.mask_box_thresh): each bbox is the tight box of the pasted
+    probability >= it, in original pixels; a detection whose mask never reaches it keeps the
+    network's box; the masks (pasted in the network's boxes at mask_thresh), keypoints, scores
+    and categories are those without it."""
+    out = make_outputs()
+    out["masks"][3] = 0.2                               # never reaches 0.3
+    plain = detections_to_coco(out, IM_INFO, (HEIGHT, WIDTH), 42, CATEGORY_IDS)
+    res = detections_to_coco(out, IM_INFO, (HEIGHT, WIDTH), 42, CATEGORY_IDS,
+                             mask_box_thresh=0.3)
+    keep = [0, 1, 3]
+    boxes = orig_boxes(out["boxes"][keep])
+    probs = paste_masks_in_image(out["masks"][keep], boxes, HEIGHT, WIDTH, threshold=None)
+    # the extents computed crop by crop while pasting equal those of the whole pasted masks
+    pasted, tight, found = paste_masks_in_image(out["masks"][keep], boxes, HEIGHT, WIDTH, 0.5,
+                                                box_threshold=0.3)
+    want_tight, want_found = mask_extents(probs, 0.3)
+    assert found.tolist() == want_found.tolist() == [True, True, False]
+    np.testing.assert_array_equal(tight, want_tight)
+    np.testing.assert_array_equal(pasted, paste_masks_in_image(out["masks"][keep], boxes,
+                                                               HEIGHT, WIDTH))
+    for j in (0, 1):
+        rows, cols = np.nonzero(probs[j] >= 0.3)
+        want = [cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()]
+        assert res[j]["bbox"] == want
+        assert np.abs(np.array(res[j]["bbox"]) - plain[j]["bbox"]).max() > 0.01
+    np.testing.assert_allclose(res[2]["bbox"], plain[2]["bbox"])
+    for a, b in zip(res, plain):
+        assert {k: v for k, v in a.items() if k != "bbox"} == \
+            {k: v for k, v in b.items() if k != "bbox"}
 
 
 def test_keypoints_output_rescaled_and_filters():

@@ -228,6 +228,15 @@ def test_predictor_refuses_a_config_without_category_ids(ckpt, tmp_path):
         Predictor(ckpt, cfg=cfg)
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_predictor_refuses_a_mask_box_thresh_outside_0_1(ckpt, value):
+    from mxmask.config import load_yaml
+    cfg = load_yaml(os.path.join(ckpt, "config.yaml"))
+    cfg.test.mask_box_thresh = value
+    with pytest.raises(UserError, match=r"test.mask_box_thresh: expected a probability in \[0, 1\)"):
+        Predictor(ckpt, cfg=cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # the exported graph's variants (mxmask export --fuse --dtype) as predictors
 # --------------------------------------------------------------------------------------------

@@ -470,6 +470,8 @@ def test_mask_and_keypoint_heads_with_group_norm_match_reference(head_cls, key, 
     same output hybridized. Without it the convs keep their biases and have no norm."""
     extra = ["model.%s.num_conv=2" % key, "model.%s.conv_dim=32" % key,
              "model.backbone.gn_groups=8"]
+    if key == "mask_head":
+        extra.append("model.mask_head.image_guide=0")       # P2..P5 only (the preset: 32)
     plain = head_cls(shapes_cfg(*(extra + ["model.%s.norm=" % key])), prefix="head_")
     assert not [k for k in plain.collect_params() if "norm" in k]
     head = head_cls(shapes_cfg(*(extra + ["model.%s.norm=gn" % key])), prefix="head_")
@@ -499,6 +501,94 @@ def test_mask_and_keypoint_heads_with_group_norm_match_reference(head_cls, key, 
     head.hybridize()
     np.testing.assert_allclose(head(rois, *features()).asnumpy(), imperative, rtol=1e-5,
                                atol=1e-6)
+
+
+IMAGE_GUIDE_ROIS = np.array([[[4.3, 4.6, 40.2, 30.1], [30, 20, 60, 60]],
+                             [[10.5, 8.25, 33, 50.5], [0, 0, 9, 9]]], np.float32)
+
+
+def image_guide_case(head_cls, key, extra):
+    """(head with ``model.<key>.image_guide=8`` and random weights, its parameters on the
+    image side, rois, P2..P5, image (2, 3, 64, 80), the numpy RoIAlign of each roi's crop at
+    ``S`` x ``S``: crops(S) -> (4, 3, S, S))."""
+    from test_roi_align import np_roi_align
+    plain = head_cls(shapes_cfg(*(extra + ["model.%s.image_guide=0" % key])), prefix="head_")
+    assert not [k for k in plain.collect_params() if "image" in k]
+    head = head_cls(shapes_cfg(*(extra + ["model.%s.image_guide=8" % key])), prefix="head_")
+    head.initialize(mx.init.Normal(0.1))
+    for p in head.collect_params().values():
+        if p.name.endswith(("gamma", "beta", "bias")):
+            p.set_data(mx.nd.random.uniform(0.5, 1.5, shape=p.shape))
+    names = sorted(k[len("head_"):] for k in head.collect_params()
+                   if ("image" in k or "fuse" in k) and not k.endswith(("affine_mean",
+                                                                        "affine_var")))
+    image = np.random.RandomState(3).randn(2, 3, 64, 80).astype(np.float32)
+
+    def crops(size):
+        return np.stack([np_roi_align(image[b], IMAGE_GUIDE_ROIS[b, r], 1.0, size, 0, True)
+                         for b in range(2) for r in range(2)]).astype(np.float32)
+    return head, names, features(), image, crops
+
+
+def check_image_guide_locality_and_hybrid(head, levels, image, want):
+    """The head's output on IMAGE_GUIDE_ROIS equals ``want``; pixels outside every roi (one px
+    of bilinear reach aside) change nothing, pixels inside roi 0 of image 0 only its output;
+    hybridized equal."""
+    rois = mx.nd.array(IMAGE_GUIDE_ROIS)
+
+    def run(img):
+        return head(rois, *(levels + [mx.nd.array(img)])).asnumpy()
+    got = run(image)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    outside = image.copy()
+    outside[:, :, :, 62:] = 0
+    outside[0, :, 32:, :28] = 5
+    outside[1, :, 52:, :10] = 5
+    changed = image.copy()
+    changed[0, :, 10:20, 10:20] += 3
+    for img, diff in ((outside, []), (changed, [0])):
+        out = run(img)
+        assert [i for i in range(4) if np.abs(out[i] - got[i]).max() > 1e-5] == diff
+    head.hybridize()
+    np.testing.assert_allclose(run(image), got, rtol=1e-5, atol=1e-5)
+
+
+def np_conv_relu(x, conv):
+    y = mx.nd.Convolution(mx.nd.array(x), conv.weight.data(), conv.bias.data(),
+                          kernel=(3, 3), pad=(1, 1), num_filter=conv.weight.shape[0]).asnumpy()
+    return np.maximum(y, 0)
+
+
+def test_mask_head_image_guide_matches_reference():
+    """``model.mask_head.image_guide`` = g: the head also pools each roi from the input image at
+    28x28 (stride 1, aligned, adaptive sampling: the numpy RoIAlign of test_roi_align), a 3x3
+    conv + ReLU makes g channels of it, and a 3x3 conv + GroupNorm + ReLU maps [the deconv
+    output, those g] to g channels before the predictor; recomputed with Convolution and a
+    numpy GroupNorm. Without the option there are no such layers."""
+    head, names, levels, image, crops = image_guide_case(
+        MaskHead, "mask_head", ["model.mask_head.num_conv=1", "model.mask_head.conv_dim=16",
+                                "model.backbone.gn_groups=8", "model.mask_head.norm=gn"])
+    assert names == ["image_conv_bias", "image_conv_weight", "mask_fuse1_norm_beta",
+                     "mask_fuse1_norm_gamma", "mask_fuse1_weight"]
+    assert head.predictor.weight.shape == (3, 8, 1, 1)
+    rois = mx.nd.array(IMAGE_GUIDE_ROIS)
+    x = head.deconv(head.convs(head.pooler(rois, *levels))).asnumpy()
+    pixels = np_conv_relu(crops(28), head.image.conv)
+    fuse_conv, fuse_norm = head.fuse[0], head.fuse[1]
+    y = mx.nd.Convolution(mx.nd.array(np.concatenate([x, pixels], axis=1)),
+                          fuse_conv.weight.data(), kernel=(3, 3), pad=(1, 1), num_filter=8,
+                          no_bias=True).asnumpy()
+    y = np.maximum(np_group_norm(y, 8, fuse_norm.gamma.data().asnumpy(),
+                                 fuse_norm.beta.data().asnumpy())[0], 0)
+    want = mx.nd.Convolution(mx.nd.array(y.astype(np.float32)), head.predictor.weight.data(),
+                             head.predictor.bias.data(), kernel=(1, 1), num_filter=3).asnumpy()
+    assert want.shape == (4, 3, 28, 28)
+    check_image_guide_locality_and_hybrid(head, levels, image, want)
+
+
+def test_mask_head_image_guide_error():
+    with pytest.raises(UserError, match="model.mask_head.image_guide: expected"):
+        MaskHead(shapes_cfg("model.mask_head.image_guide=-1"))
 
 
 @pytest.mark.parametrize("kernel,padding,activation", [(2, 0, "relu"), (4, 1, None)])

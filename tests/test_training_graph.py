@@ -6,6 +6,7 @@ import pytest
 
 from mxmask.bench import build_bench_model, synthetic_train_batch
 from mxmask.modeling import training
+from mxmask.modeling.roi_heads import head_inputs
 from mxmask.modeling.training import RCNNLoss
 from mxmask.utils import UserError
 
@@ -210,7 +211,8 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
     outs = dict(zip(net.output_names, net(batch["data"], batch["im_info"])))
     ids = outs["ids"].asnumpy()
     assert (ids >= 0).sum() > 0 and len(np.unique(ids[ids >= 0])) > 0
-    logits = net.mask_head(outs["boxes"], *net.roi_features(net.backbone(batch["data"])))
+    levels = net.roi_features(net.backbone(batch["data"]))
+    logits = net.mask_head(outs["boxes"], *head_inputs(net.mask_head, levels, batch["data"]))
     want = 1 / (1 + np.exp(-logits.asnumpy()[:, 0]))
     np.testing.assert_allclose(outs["masks"].asnumpy().reshape(want.shape), want, atol=1e-5)
 
@@ -311,3 +313,35 @@ def test_box_head_giou_loss_reaches_the_training_graph():
         if name != "loss_box_reg":
             assert giou[name] == pytest.approx(l1[name], rel=1e-5), name
             assert giou3[name] == pytest.approx(l1[name], rel=1e-5), name
+
+
+def test_mask_head_image_guide_trains_and_predicts():
+    """``model.mask_head.image_guide``: the training graph hands the input image to the mask
+    head (its image conv and fuse conv get finite, non-zero gradients; the keypoint head still
+    pools P2..P5 only), and the inference graph's masks are the head's on (detections, P2..P5,
+    image)."""
+    cfg, net = build_bench_model("shapes", overrides=["model.mask_head.image_guide=8",
+                                                      "solver.amp=", "test.flip=false",
+                                                      "test.mask_score=false"])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    loss_net.hybridize(static_alloc=True)
+    with mx.autograd.record():
+        losses = loss_net(**batch)
+        nd.add_n(*losses.values()).backward()
+    assert all(np.isfinite(v.asscalar()) for v in losses.values())
+    for block in (net.mask_head.image.conv, net.mask_head.fuse[0]):
+        g = block.weight.grad().asnumpy()
+        assert np.isfinite(g).all() and np.abs(g).sum() > 0
+    net.hybridize(static_alloc=True)
+    outs = dict(zip(net.output_names, net(batch["data"], batch["im_info"])))
+    ids = outs["ids"].asnumpy()
+    assert (ids >= 0).sum() > 0
+    features = net.roi_features(net.backbone(batch["data"]))
+    logits = net.mask_head(outs["boxes"], *(features + (batch["data"],))).asnumpy()
+    flat = ids.reshape(-1)
+    want = 1 / (1 + np.exp(-logits[np.arange(len(flat)), np.maximum(flat, 0).astype(int)]))
+    got = outs["masks"].asnumpy().reshape(want.shape)
+    np.testing.assert_allclose(got[flat >= 0], want[flat >= 0], atol=1e-5)

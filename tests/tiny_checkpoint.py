@@ -19,8 +19,9 @@ SMALL = ["input.min_size_test=128", "input.max_size_test=160", "test.max_dets=20
          # classes, which the prediction and evaluation tests need (the preset's conv head
          # gives one class at random init; it is tested in test_roi_heads and test_export)
          "model.box_head.num_conv=0", "model.box_head.num_fc=2",
-         # one box-head pass (test_eval_cli compares it with --set test.refine_boxes=true)
-         "test.refine_boxes=false"]
+         # one box-head pass (test_eval_cli compares it with --set test.refine_boxes=true) and
+         # its boxes, not the masks' (test.mask_box_thresh: test_postprocess, test_export)
+         "test.refine_boxes=false", "test.mask_box_thresh=0"]
 
 
 def shapes_paths(root, split):

@@ -25,13 +25,18 @@ The stages, as attributes and methods that the training code reuses:
     box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
     box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
     detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
-    mirror(F, data) -> None, or with test.flip (W, P2..P6 of the input flipped left to right)
+    mirror(F, data) -> None, or with test.flip (W, P2..P6 of the input flipped left to right,
+                   that flipped input)
     detections(F, im_info, rois, roi_scores, *features, mirror=None) -> box_forward + detect,
                    then with test.refine_boxes a second box_forward on the detections +
                    refine_detections (each box_forward averaged with the mirror's if given)
-    mask_head      (rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 28, 28)       or None
+    mask_head      (rois (B, D, 4), P2..P5[, data]) -> mask logits (B*D, C, 28, 28)   or None
     keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
     roi_features(features) -> the levels the RoI heads pool from (P2..P5)
+
+With ``model.mask_head.image_guide`` the mask head also takes the input ``data`` after P2..P5
+(``roi_heads.ImageGuide``: each roi's pixels at the head's 28x28; ``roi_heads.head_inputs``
+builds the list).
 
 At inference the mask and keypoint heads run on the D final detections of each image, never on
 all proposals.
@@ -78,6 +83,7 @@ from .box_coder import hflip_boxes, hflip_deltas
 from .fpn import build_backbone
 from .poolers import shared_level_canvas
 from .roi_heads import (BoxHead, BoxPredictor, KeypointHead, MaskHead, decode_keypoints,
+                        head_inputs,
                         detect, detection_settings, hflip_heatmaps, refine_detections,
                         rescore_by_masks, select_class_masks)
 from .rpn import RPN
@@ -206,19 +212,20 @@ class MaskRCNN(mx.gluon.HybridBlock):
         return self.box_predictor(self.box_head(rois, *self.roi_features(features)))
 
     def mirror(self, F, data):
-        """With ``test.flip``: ``(W, mirrored features)``, the padded width (1,) and the backbone
-        outputs of the input flipped left to right; else None."""
+        """With ``test.flip``: ``(W, mirrored features, mirrored input)``, the padded width (1,),
+        the backbone outputs of the input flipped left to right and that input; else None."""
         if not self.flip_test:
             return None
         width = F.cast(F.slice_axis(F.shape_array(data), axis=0, begin=3, end=4), "float32")
-        return width, self.backbone(F.flip(data, axis=3))
+        flipped = F.flip(data, axis=3)
+        return width, self.backbone(flipped), flipped
 
     def _box_pass(self, F, rois, features, mirror):
         # box_forward, averaged with the mirror image's pass (test.flip) when mirror is given
         cls_logits, box_deltas = self.box_forward(rois, *features)
         if mirror is None:
             return cls_logits, box_deltas
-        width, mirrored = mirror
+        width, mirrored, _ = mirror
         m_logits, m_deltas = self.box_forward(hflip_boxes(F, rois, width), *mirrored)
         return (cls_logits + m_logits) * 0.5, (box_deltas + hflip_deltas(F, m_deltas)) * 0.5
 
@@ -235,14 +242,15 @@ class MaskRCNN(mx.gluon.HybridBlock):
                                                    im_info, **self.detect_kwargs)
         return ids, scores, boxes
 
-    def _head_pass(self, F, head, boxes, features, mirror):
+    def _head_pass(self, F, head, boxes, features, image, mirror):
         # a mask / keypoint head on boxes (B, D, 4) -> (B*D, X, S, S) logits, and with mirror
         # its logits on the mirrored boxes of the mirror image (still mirrored), else None
-        logits = head(boxes, *self.roi_features(features))
+        logits = head(boxes, *head_inputs(head, self.roi_features(features), image))
         if mirror is None:
             return logits, None
-        width, mirrored = mirror
-        return logits, head(hflip_boxes(F, boxes, width), *self.roi_features(mirrored))
+        width, mirrored, flipped = mirror
+        return logits, head(hflip_boxes(F, boxes, width),
+                            *head_inputs(head, self.roi_features(mirrored), flipped))
 
     def hybrid_forward(self, F, data, im_info):
         # every RoI head pools from one level canvas (poolers.shared_level_canvas)
@@ -263,13 +271,15 @@ class MaskRCNN(mx.gluon.HybridBlock):
         outputs = [ids, scores, boxes]
         # mask head on the B*D detected boxes -> the predicted class's mask
         if self.mask_head is not None:
-            mask_logits, mirrored = self._head_pass(F, self.mask_head, boxes, features, mirror)
+            mask_logits, mirrored = self._head_pass(F, self.mask_head, boxes, features, data,
+                                                    mirror)
             if mirrored is not None:
                 mask_logits = (mask_logits + F.flip(mirrored, axis=3)) * 0.5
             outputs.append(select_class_masks(F, mask_logits, ids, self.mask_head.num_classes))
         # keypoint head on the B*D detected boxes -> heatmaps and argmax keypoints
         if self.keypoint_head is not None:
-            heatmaps, mirrored = self._head_pass(F, self.keypoint_head, boxes, features, mirror)
+            heatmaps, mirrored = self._head_pass(F, self.keypoint_head, boxes, features, data,
+                                                 mirror)
             if mirrored is not None:
                 heatmaps = (heatmaps + hflip_heatmaps(F, mirrored, self.keypoint_flip_map)) * 0.5
             heatmaps = F.reshape_like(heatmaps, ids, lhs_begin=0, lhs_end=1,

@@ -32,6 +32,11 @@ Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 c
                        (C = 1 with mask_head.cls_agnostic_mask)
                        RoIAlign at mask_head.pooler_resolution (14), num_conv x (3x3 conv_dim +
                        ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C channels (28x28).
+                       With mask_head.image_guide = g (not in Detectron2) the input image
+                       (B, 3, H, W) follows P5: ImageGuide pools each roi from it at 28x28 into
+                       g channels, and a 3x3 conv + ReLU fuses them with the deconv output
+                       before the 1x1 conv. ``head_inputs(head, levels, image)`` builds a
+                       head's inputs after the rois.
     select_class_masks(F, logits, ids, C) -> probabilities (B, D, 28, 28) of the predicted class.
     rescore_by_masks(F, ids, scores, masks, threshold, *others) -> with ``test.mask_score``,
                        scores (B, D) times each mask's maskness, every (B, D, ...) output
@@ -317,14 +322,56 @@ class Deconv2D(nn.Conv2DTranspose):
         return self.act(y) if self.act is not None else y
 
 
+class ImageGuide(mx.gluon.HybridBlock):
+    """The input image at the mask head's own resolution (``mask_head.image_guide`` = g > 0; not
+    in Detectron2):
+
+        rois (B, R, 4) xyxy input pixels, image (B, 3, H, W) normalised -> (B*R, g, S, S),
+        image-major
+
+    Each roi is pooled from the image at S x S (RoIAlign at stride 1, the box head's sampling
+    ratio and aligned flag), then a 3x3 conv + ReLU (``conv_``) makes g channels. Stride-4
+    features pooled to 14x14 blur the edges, points and limbs a pixel or two wide that these
+    pixels still show."""
+
+    def __init__(self, cfg, channels, resolution, **kwargs):
+        super(ImageGuide, self).__init__(**kwargs)
+        bh = cfg.model.box_head
+        with self.name_scope():
+            self.pooler = MultiLevelRoIAlign(resolution, (1,), bh.sampling_ratio, bh.aligned,
+                                             pooler_style(cfg))
+            self.conv = Conv2D(channels, 3, padding=1, activation="relu", in_channels=3,
+                               prefix="conv_")
+
+    def hybrid_forward(self, F, rois, image):
+        return self.conv(self.pooler(rois, image))
+
+
+def head_inputs(head, levels, image):
+    """What a RoI head takes after its rois: P2..P5 (``levels``), then the input image (B, 3,
+    H, W) when the head has an ``image_guide`` (the mask head's option)."""
+    return tuple(levels) + ((image,) if getattr(head, "image_guide", 0) else ())
+
+
 class MaskHead(mx.gluon.HybridBlock):
     """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits (one,
-    shared by the classes, with ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1)."""
+    shared by the classes, with ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1).
+
+    rois (B, R, 4) xyxy input pixels, P2..P5 -> logits (B*R, C, 2P, 2P), image-major.
+
+    With ``mask_head.image_guide`` = g > 0 the last input is the network's input image
+    (B, 3, H, W), normalised: an :class:`ImageGuide` pools it at the output resolution 2P into
+    g channels, and one more 3x3 conv (+ the head's norm) + ReLU maps [deconv output, those g]
+    to g channels before the predictor."""
 
     def __init__(self, cfg, **kwargs):
         super(MaskHead, self).__init__(**kwargs)
         mh = cfg.model.mask_head
         self.num_classes = 1 if mh.cls_agnostic_mask else cfg.model.num_classes
+        self.image_guide = int(mh.image_guide)
+        if self.image_guide < 0:
+            raise UserError("model.mask_head.image_guide: expected a channel count >= 0 (0: "
+                            "off), got %d" % self.image_guide)
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
             self.pooler = _pooler(cfg, mh.pooler_resolution)
@@ -333,12 +380,23 @@ class MaskHead(mx.gluon.HybridBlock):
                                                "model.mask_head")
             self.deconv = Deconv2D(mh.conv_dim, 2, strides=2, in_channels=channels,
                                    activation="relu", prefix="deconv_")
-            self.predictor = Conv2D(self.num_classes, 1, in_channels=mh.conv_dim,
+            channels = mh.conv_dim
+            if self.image_guide:
+                self.image = ImageGuide(cfg, self.image_guide, 2 * mh.pooler_resolution,
+                                        prefix="image_")
+                self.fuse, channels = _conv_stack(1, self.image_guide, channels + self.image_guide,
+                                                  "mask_fuse%d_", mh.norm,
+                                                  min(cfg.model.backbone.gn_groups,
+                                                      self.image_guide), "model.mask_head")
+            self.predictor = Conv2D(self.num_classes, 1, in_channels=channels,
                                     prefix="predictor_")
 
     def hybrid_forward(self, F, rois, *features):
-        x = self.convs(self.pooler(rois, *features))
+        levels = features[:-1] if self.image_guide else features
+        x = self.convs(self.pooler(rois, *levels))
         x = self.deconv(x)            # with its ReLU (Activation op: MKLDNN can fuse it)
+        if self.image_guide:
+            x = self.fuse(F.concat(x, self.image(rois, features[-1]), dim=1))
         return self.predictor(x)
 
 

@@ -169,14 +169,14 @@ class HeadStage(mx.gluon.HybridBlock):
                 shared_level_canvas():
             if self.mask_on:
                 rois, labels, matched, gt_masks = mask_in
-                mask_logits = self.mask_head(rois, *levels)
+                mask_logits = self.mask_head(rois, *levels)       # (+ the image: image_guide)
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
                 loss = L.mask_rcnn_loss(mask_logits, labels, mask_targets,
                                         self.mask_head.num_classes == 1, self.mask_dice_weight)
                 outputs.append(loss * self.mask_weight if self.mask_weight != 1.0 else loss)
             if self.keypoint_on:
                 rois, labels, matched, gt_keypoints = keypoint_in
-                heatmaps = self.keypoint_head(rois, *levels)
+                heatmaps = self.keypoint_head(rois, *levels[:4])
                 kp_targets, kp_valid = self.keypoint_targets(rois, labels, matched, gt_keypoints)
                 loss = L.keypoint_rcnn_loss(heatmaps, kp_targets, kp_valid)
                 outputs.append(loss * self.keypoint_weight)
@@ -260,7 +260,9 @@ class RCNNLoss(mx.gluon.Block):
                 order = mx.nd.slice_axis(order, axis=1, begin=0, end=k)
                 head_in += [batch_gather(mx.nd, a, order) for a in sampled]
                 head_in.append(inputs["gt_keypoints"])
-            head = self.head_stage(*(head_in + list(out[7:])))
+            image = [inputs["data"]] if self.mask_on and self.head_stage.mask_head.image_guide \
+                else []
+            head = self.head_stage(*(head_in + list(out[7:]) + image))
             losses += list(head) if isinstance(head, (list, tuple)) else [head]
         return dict(zip(self.loss_names, losses))
 
