@@ -262,13 +262,13 @@ def test_training_graph_with_either_kernel_gives_the_same_losses_and_gradients()
     # every pooler and GroupNorm runs the compiled op (the mask targets, gt masks with no
     # gradient, keep contrib.ROIAlign), and only in the graph that asked for it
     pooled = [name for op, name in graph if op == "mxmask_roi_align"]
-    assert len(pooled) == 3
+    assert len(pooled) == 4            # box, mask and keypoint heads, the mask head's image guide
     norms = [name for op, name in graph if op == "mxmask_group_norm"]
     assert len(norms) == len([1 for op, _ in graph_ref if op == "LayerNorm"]) > 10
     assert not [1 for op, _ in graph if op == "LayerNorm"]
     assert [name.rsplit("_", 2)[1:] for op, name in graph if op == "_contrib_ROIAlign"] == \
         [["masktargets0", "roialign0"]]
-    assert len([1 for op, _ in graph_ref if op == "_contrib_ROIAlign"]) == 4
+    assert len([1 for op, _ in graph_ref if op == "_contrib_ROIAlign"]) == 4 + 1
     # the RPN's NMS: one call, compiled in the compiled graph only
     assert [op for op, _ in graph if "box_nms" in op] == ["mxmask_box_nms"]
     assert [op for op, _ in graph_ref if "box_nms" in op] == ["_contrib_box_nms"]

@@ -251,10 +251,13 @@ def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes
         mine = json.load(f)
     theirs = Predictor(shapes_ckpt).predict_image(image)
     assert len(mine) == len(theirs) > 0
+    with open(prefix + "-meta.json") as f:         # the preset's boxes come from the masks
+        assert json.load(f)["mask_box_thresh"] == preset_config("shapes").test.mask_box_thresh > 0
     for a, b in zip(mine, theirs):
         assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
         assert abs(a["score"] - b["score"]) <= 1e-6
         np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
+        np.testing.assert_array_equal(a["bbox"], np.round(a["bbox"]))  # whole pixels
         rle = pycocotools_mask.frPyObjects(a["segmentation"], *a["segmentation"]["size"])
         ma, mb = pycocotools_mask.decode(rle), pycocotools_mask.decode(b["segmentation"])
         assert ma.shape == mb.shape and (ma == mb).all() and a["area"] == int(ma.sum())

@@ -127,7 +127,10 @@ def test_heads_run_on_final_detections_only(shapes_net):
     D, post = cfg.test.max_dets, cfg.model.rpn.post_nms_topk_test
     assert seen["box_head"][0] == (2, post, 4)
     assert seen["mask_head"][0] == (2, D, 4) and seen["keypoint_head"][0] == (2, D, 4)
-    assert len(seen["mask_head"]) == 5         # rois + P2..P5
+    # rois + P2..P5 + the input image (the preset's model.mask_head.image_guide); the keypoint
+    # head takes no image
+    assert len(seen["mask_head"]) == 6 and seen["mask_head"][5] == data.shape
+    assert len(seen["keypoint_head"]) == 5
     assert D < post
 
 
@@ -165,7 +168,7 @@ def test_refine_boxes_runs_the_box_head_again_on_the_detections(shapes_net, shap
     np.testing.assert_array_equal(got[0], ids.asnumpy())
     np.testing.assert_allclose(got[1], scores.asnumpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[2], boxes.asnumpy(), rtol=1e-5, atol=1e-4)
-    masks = select_class_masks(mx.nd, shapes_net.mask_head(boxes, *features[:4]), ids,
+    masks = select_class_masks(mx.nd, shapes_net.mask_head(boxes, *features[:4], data), ids,
                                cfg.model.num_classes)
     np.testing.assert_allclose(got[3], masks.asnumpy(), rtol=1e-4, atol=1e-5)
     net.hybridize(static_alloc=True, static_shape=True)
@@ -210,7 +213,9 @@ def test_flip_averages_every_head_over_the_mirror_image(shapes_net):
     """test.flip: the box head (proposals and the refine pass), the mask head and the keypoint
     head average their logits with their pass on the mirrored input; recomputed here from the
     model's own blocks with numpy flips. Hybridized too."""
-    from mxmask.modeling.roi_heads import detect, refine_detections, select_class_masks
+    from mxmask.modeling.roi_heads import (detect, head_inputs, refine_detections,
+                                           select_class_masks)
+    assert shapes_net.mask_head.image_guide > 0          # the mirrored input reaches the head
     flip_map = [1, 0, 2, 3]
     cfg = get_config("shapes", SHAPES + ["test.refine_boxes=true", "test.flip=true",
                                          "data.keypoint_flip_map=[1, 0, 2, 3]"])
@@ -220,7 +225,8 @@ def test_flip_averages_every_head_over_the_mirror_image(shapes_net):
     got = dict(zip(net.output_names, [o.asnumpy() for o in net(data, im_info)]))
     W = data.shape[3]
     features = shapes_net.backbone(data)
-    mirrored = shapes_net.backbone(mx.nd.array(data.asnumpy()[..., ::-1].copy()))
+    flipped = mx.nd.array(data.asnumpy()[..., ::-1].copy())
+    mirrored = shapes_net.backbone(flipped)
     C = cfg.model.num_classes
 
     def box_pass(rois):
@@ -244,8 +250,10 @@ def test_flip_averages_every_head_over_the_mirror_image(shapes_net):
     flipped_boxes = mx.nd.array(_np_hflip(boxes.asnumpy(), W))
 
     def head_pair(head):
-        own = head(boxes, *features[:4]).asnumpy()
-        return own, head(flipped_boxes, *mirrored[:4]).asnumpy()[..., ::-1]
+        # the mask head (image_guide in the preset) also pools the input, mirrored in its pass
+        own = head(boxes, *head_inputs(head, features[:4], data)).asnumpy()
+        return own, head(flipped_boxes,
+                         *head_inputs(head, mirrored[:4], flipped)).asnumpy()[..., ::-1]
 
     own, back = head_pair(shapes_net.mask_head)
     masks = select_class_masks(mx.nd, mx.nd.array((own + back) / 2), ids, C).asnumpy()
@@ -288,7 +296,9 @@ def test_inference_graph_builds_one_level_canvas():
     canvas_pads = [n for n in graph["nodes"] if n["op"] == "Pad" and
                    n["attrs"]["pad_width"].endswith(", 0, 1)")]
     assert len(canvas_pads) == 4                      # P2..P5, once (16 with one canvas per head)
-    assert sum(n["op"] == "_contrib_ROIAlign" for n in graph["nodes"]) == 4
+    # one per head and the refine pass, and the mask head's pooling of the input image (the
+    # preset's model.mask_head.image_guide)
+    assert sum(n["op"] == "_contrib_ROIAlign" for n in graph["nodes"]) == 4 + 1
 
 
 def test_export_and_symbolblock(tmp_path):
