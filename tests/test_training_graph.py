@@ -184,6 +184,20 @@ def test_keypoint_slots_put_the_positives_with_keypoints_first(quarter_positive)
                                    nd.array(gt_keypoints))[1] == 8
 
 
+def training_pass(cfg, net):
+    """(batch, losses): a synthetic batch of 2 images (128x160, 3 objects each) and the losses
+    of one recorded training pass of ``net`` on it, gradients computed (MXNet's kernels)."""
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+    loss_net.hybridize(static_alloc=True)
+    with mx.autograd.record():
+        losses = loss_net(**batch)
+        nd.add_n(*losses.values()).backward()
+    return batch, losses
+
+
 def test_class_agnostic_box_and_mask_heads_train_and_predict():
     """model.box_head.cls_agnostic_bbox_reg and model.mask_head.cls_agnostic_mask (Detectron2's
     options): a 4-unit box regressor and a 1-channel mask predictor, a training step whose losses
@@ -193,15 +207,7 @@ def test_class_agnostic_box_and_mask_heads_train_and_predict():
                                                       "solver.amp=", "test.flip=false"])
     assert net.box_predictor.bbox_pred.weight.shape[0] == 4
     assert net.mask_head.predictor.weight.shape[0] == 1
-    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
-    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
-    batch = {k: nd.array(np_batch[k]) for k in keys}
-    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
-    loss_net.hybridize(static_alloc=True)
-    with mx.autograd.record():
-        losses = loss_net(**batch)
-        total = nd.add_n(*losses.values())
-    total.backward()
+    batch, losses = training_pass(cfg, net)
     assert losses["loss_box_reg"].asscalar() > 0 and losses["loss_mask"].asscalar() > 0
     for name in ("bbox_pred", "predictor"):
         p = [p for n, p in net.collect_params().items() if name + "_weight" in n][0]
@@ -323,14 +329,7 @@ def test_mask_head_image_guide_trains_and_predicts():
     cfg, net = build_bench_model("shapes", overrides=["model.mask_head.image_guide=8",
                                                       "solver.amp=", "test.flip=false",
                                                       "test.mask_score=false"])
-    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
-    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
-    batch = {k: nd.array(np_batch[k]) for k in keys}
-    loss_net = RCNNLoss(net, cfg, kernels="mxnet")
-    loss_net.hybridize(static_alloc=True)
-    with mx.autograd.record():
-        losses = loss_net(**batch)
-        nd.add_n(*losses.values()).backward()
+    batch, losses = training_pass(cfg, net)
     assert all(np.isfinite(v.asscalar()) for v in losses.values())
     for block in (net.mask_head.image.conv, net.mask_head.fuse[0]):
         g = block.weight.grad().asnumpy()
