@@ -137,7 +137,8 @@ class BoxStage(mx.gluon.HybridBlock):
 class HeadStage(mx.gluon.HybridBlock):
     """Stage 2 (module docstring): ([rois (B, k, 4), labels (B, k), matched (B, k), gt_masks]
     if mask_on, [rois (B, k', 4), labels (B, k'), matched (B, k'), gt_keypoints] if keypoint_on,
-    P2..P5) -> ([loss_mask], [loss_keypoint])."""
+    P2..P5[, data: the input, with model.mask_head.image_guide]) -> ([loss_mask],
+    [loss_keypoint]). The keypoint head pools P2..P5 only."""
 
     def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(HeadStage, self).__init__(**kwargs)
@@ -163,7 +164,7 @@ class HeadStage(mx.gluon.HybridBlock):
     def hybrid_forward(self, F, *inputs):
         mask_in = inputs[:4] if self.mask_on else None
         keypoint_in = inputs[4 * self.mask_on:4 * self.mask_on + 4] if self.keypoint_on else None
-        levels = inputs[4 * (self.mask_on + self.keypoint_on):]
+        levels = inputs[4 * (self.mask_on + self.keypoint_on):]      # P2..P5[, data]
         outputs = []
         with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp), \
                 shared_level_canvas():
