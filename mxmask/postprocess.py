@@ -18,7 +18,8 @@ Inputs (one image, ``D = test.max_dets`` rows, padded rows have ``ids == -1``)::
 Functions:
 
 - :func:`paste_masks_in_image` ``(N, M, M)`` probabilities + ``(N, 4)`` boxes in image coordinates
-  -> ``(N, H, W)`` bool masks (and with ``box_threshold`` their tight boxes at that threshold). Aligned bilinear sampling as Detectron2: image pixel centre
+  -> ``(N, H, W)`` bool masks (and with ``box_threshold`` their tight boxes at that
+  threshold). Aligned bilinear sampling as Detectron2: image pixel centre
   ``x + 0.5`` maps to mask-grid coordinate ``(x + 0.5 - x1) / (x2 - x1) * M - 0.5``; samples
   outside the ``M x M`` grid read zero; the result is ``>= threshold``. Bilinear interpolation is
   separable, so each detection's crop is ``Wy @ mask @ Wx.T`` with sparse (2 weights a row)
@@ -124,12 +125,12 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
         crop_t = wx @ masks[i].astype(np.float64).T @ wy.T
         if box_threshold is not None:
             box, hit = mask_extents(crop_t.T[None], box_threshold)
-            tight[i], found[i] = box[0] + (xa, ya, xa, ya), hit[0]
+            if hit[0]:
+                tight[i], found[i] = box[0] + (xa, ya, xa, ya), True
         if threshold is None:
             buf[i, xa:xb, ya:yb] = crop_t
         else:
             buf[i, xa:xb, ya:yb] = crop_t >= threshold
-    tight[~found] = 0.0
     pasted = buf.transpose(0, 2, 1)
     return pasted if box_threshold is None else (pasted, tight, found)
 
@@ -333,7 +334,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     extent = boxes.copy()      # continuous extent [x1, x2) used for pasting / decoding
     if box_plus_one:
         extent[:, 2:] += 1.0
-    xywh = np.concatenate([extent[:, :2], extent[:, 2:] - extent[:, :2]], axis=1)
+    reported = extent          # the bbox written: the extent, or the mask's tight box
 
     rles = None
     if "masks" in out:
@@ -341,8 +342,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
         if mask_box_thresh > 0:
             pasted, tight, found = paste_masks_in_image(masks, extent, height, width,
                                                         mask_thresh, mask_box_thresh)
-            xywh[found] = np.concatenate([tight[found, :2], tight[found, 2:] - tight[found, :2]],
-                                         axis=1)
+            reported = np.where(found[:, None], tight, extent)
         else:
             pasted = paste_masks_in_image(masks, extent, height, width, threshold=mask_thresh)
         rles = mask_util.encode(pasted.view(np.uint8).transpose(1, 2, 0)) if len(keep) else []
@@ -371,6 +371,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     else:
         key, value = "image_id", int(image_id)
     results = []
+    xywh = np.concatenate([reported[:, :2], reported[:, 2:] - reported[:, :2]], axis=1)
     xywh_list, score_list, cat_list = xywh.tolist(), scores.tolist(), cats.tolist()
     for j in range(len(keep)):
         entry = {key: value, "category_id": cat_list[j], "bbox": xywh_list[j],

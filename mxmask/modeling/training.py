@@ -71,6 +71,11 @@ __all__ = ["RCNNLoss", "BoxStage", "HeadStage"]
 _SLOT_STEP = 8           # k is rounded up to a multiple of this (fewer distinct graph shapes)
 
 
+def _weighted(loss, weight):
+    """``loss`` times its config weight (no op in the graph for the default weight 1)."""
+    return loss if weight == 1.0 else loss * weight
+
+
 class BoxStage(mx.gluon.HybridBlock):
     """Stage 1 (module docstring): (data, im_info, gt_boxes, gt_labels, gt_crowd) ->
     (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, rois (B, S, 4), labels (B, S),
@@ -128,8 +133,7 @@ class BoxStage(mx.gluon.HybridBlock):
             loss_cls, loss_box_reg = L.fast_rcnn_losses(
                 cls_logits, box_deltas, s_labels, s_box_targets, self.box_beta,
                 self.box_predictor.cls_agnostic, self.box_reg_loss, self.box_coder_weights)
-            if self.box_reg_weight != 1.0:
-                loss_box_reg = loss_box_reg * self.box_reg_weight
+            loss_box_reg = _weighted(loss_box_reg, self.box_reg_weight)
         return (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, s_rois, s_labels,
                 s_matched) + tuple(levels)
 
@@ -174,13 +178,13 @@ class HeadStage(mx.gluon.HybridBlock):
                 mask_targets = self.mask_targets(rois, labels, matched, gt_masks)
                 loss = L.mask_rcnn_loss(mask_logits, labels, mask_targets,
                                         self.mask_head.num_classes == 1, self.mask_dice_weight)
-                outputs.append(loss * self.mask_weight if self.mask_weight != 1.0 else loss)
+                outputs.append(_weighted(loss, self.mask_weight))
             if self.keypoint_on:
                 rois, labels, matched, gt_keypoints = keypoint_in
                 heatmaps = self.keypoint_head(rois, *levels[:4])
                 kp_targets, kp_valid = self.keypoint_targets(rois, labels, matched, gt_keypoints)
                 loss = L.keypoint_rcnn_loss(heatmaps, kp_targets, kp_valid)
-                outputs.append(loss * self.keypoint_weight)
+                outputs.append(_weighted(loss, self.keypoint_weight))
         return tuple(outputs)
 
 
