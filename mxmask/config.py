@@ -100,7 +100,9 @@ class AnchorConfig:
     aspect_ratios: List[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     strides: List[int] = field(default_factory=lambda: [4, 8, 16, 32, 64])
     offset: float = 0.0                  # anchor centre offset in units of the stride
-    style: str = "detectron2"            # detectron2 | gluoncv (rounded sizes, +1 boxes)
+    # detectron2 | gluoncv (rounded sizes, +1 boxes) | torchvision (AnchorGenerator: the
+    # detectron2 cell anchors rounded to integers; its proposals keep boxes with w, h >= min_size)
+    style: str = "detectron2"
 
 
 @dataclass
@@ -123,6 +125,11 @@ class RPNConfig:
 @dataclass
 class BoxHeadConfig:
     pooler_resolution: int = 7
+    # FPN level of a roi, floor(4 + log2(sqrt(area) / 224)) clamped to P2..P5, in one of three
+    # numerics (poolers.assign_fpn_levels): detectron2 | gluoncv (+1 areas, eps 1e-6 inside the
+    # log) | torchvision (LevelMapper: eps 1e-6 added after the log); "": gluoncv when
+    # model.box_plus_one, else detectron2
+    level_mapper: str = ""
     pool_then_avgpool: bool = False      # GluonCV: RoIAlign at 14x14, then a 3x3/2 average pool to 7x7
     sampling_ratio: int = 0
     aligned: bool = True
@@ -233,7 +240,13 @@ class TestConfig:
     # mirrored image and their outputs are averaged (MaskRCNN docstring; Detectron2's
     # TEST.AUG.FLIP). About twice the network time.
     flip: bool = False
-    keypoint_decode: str = "bicubic"     # bicubic | taylor
+    # drop detections whose width or height is under this many network-input pixels, before
+    # the per-class NMS (torchvision's postprocess_detections: 0.01); 0: keep all (Detectron2)
+    min_box_size: float = 0.0
+    # bicubic: each roi's heatmaps resized to its box in the original image, argmax (Detectron2);
+    # taylor: argmax + a second-order sub-cell step; torchvision: bicubic at the box's size in
+    # network-input pixels, then scaled to the original image (heatmaps_to_keypoints)
+    keypoint_decode: str = "bicubic"
     keypoint_oks_sigmas: List[float] = field(default_factory=list)
 
 
@@ -252,7 +265,8 @@ CHOICES = {
     "model.backbone.norm": ("frozen_bn", "bn", "syncbn", "gn"),
     "model.backbone.depth": (18, 34, 50, 101),
     "model.fpn.p6": ("maxpool", "conv"),
-    "model.anchor.style": ("detectron2", "gluoncv"),
+    "model.anchor.style": ("detectron2", "gluoncv", "torchvision"),
+    "model.box_head.level_mapper": ("", "detectron2", "gluoncv", "torchvision"),
     "model.fpn.norm": ("", "gn"),
     "model.box_head.norm": ("", "gn"),
     "model.box_head.bbox_reg_loss": ("smooth_l1", "giou"),
@@ -262,7 +276,7 @@ CHOICES = {
     "solver.optimizer": ("sgd", "adam"),
     "solver.nonfinite_policy": ("stop", "skip"),
     "solver.amp": ("", "bfloat16", "auto"),
-    "test.keypoint_decode": ("bicubic", "taylor"),
+    "test.keypoint_decode": ("bicubic", "taylor", "torchvision"),
 }
 
 

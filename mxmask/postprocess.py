@@ -42,7 +42,7 @@ import pycocotools.mask as mask_util
 __all__ = ["paste_masks_in_image", "mask_extents", "heatmaps_to_keypoints_bicubic",
            "heatmaps_to_keypoints_taylor", "decode_keypoints", "detections_to_coco"]
 
-KEYPOINT_DECODERS = ("bicubic", "taylor")
+KEYPOINT_DECODERS = ("bicubic", "taylor", "torchvision")
 OUTPUT_KEYS = ("ids", "scores", "boxes", "masks", "keypoints", "heatmaps")
 
 
@@ -254,12 +254,25 @@ def heatmaps_to_keypoints_taylor(heatmaps, boxes):
     return out
 
 
-def decode_keypoints(heatmaps, boxes, method="taylor"):
-    """Dispatch to the ``bicubic`` or ``taylor`` decoder (``test.keypoint_decode``)."""
+def decode_keypoints(heatmaps, boxes, method="taylor", network_boxes=None, scale=(1.0, 1.0)):
+    """Keypoints ``(N, K, 3)`` in the frame of ``boxes`` ``(N, 4)`` (test.keypoint_decode).
+
+    ``bicubic`` and ``taylor`` decode each roi's heatmaps ``(N, K, S, S)`` in ``boxes`` directly.
+    ``torchvision`` (its ``heatmaps_to_keypoints`` runs before the resize is undone) decodes
+    bicubically in ``network_boxes`` ``(N, 4)``, the same boxes in network-input pixels, and
+    divides x and y by ``scale`` = (sx, sy), the per-axis resize factors.
+    """
     if method == "bicubic":
         return heatmaps_to_keypoints_bicubic(heatmaps, boxes)
     if method == "taylor":
         return heatmaps_to_keypoints_taylor(heatmaps, boxes)
+    if method == "torchvision":
+        if network_boxes is None:
+            raise ValueError("keypoint_decode 'torchvision' needs the network-input boxes")
+        kpts = heatmaps_to_keypoints_bicubic(heatmaps, network_boxes)
+        kpts[:, :, 0] /= np.float32(scale[0])
+        kpts[:, :, 1] /= np.float32(scale[1])
+        return kpts
     raise ValueError("keypoint_decode must be one of %s, got %r" % (KEYPOINT_DECODERS, method))
 
 
@@ -294,7 +307,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
 
     Rows with ``id < 0`` or ``score < score_thresh`` are dropped. ``segmentation`` (when
     ``masks`` is present) is RLE of the mask pasted at ``mask_thresh``; ``keypoints`` come from
-    ``heatmaps`` with ``keypoint_decode`` (boxes in original coordinates) when present, else from
+    ``heatmaps`` with ``keypoint_decode`` (:func:`decode_keypoints`) when present, else from
     ``keypoints`` rescaled; every keypoint gets ``v = 2``. With ``keypoint_category_ids`` only
     detections of those COCO categories get keypoints. ``box_plus_one``: boxes use the
     ``x2 - x1 + 1`` width convention (GluonCV), so ``bbox`` widths and the pasted/decoded extent
@@ -351,7 +364,8 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
 
     kpts = None
     if "heatmaps" in out:
-        kpts = decode_keypoints(out["heatmaps"][keep], extent, keypoint_decode)
+        kpts = decode_keypoints(out["heatmaps"][keep], extent, keypoint_decode,
+                                network_boxes=out["boxes"].reshape(-1, 4)[keep], scale=(sx, sy))
     elif "keypoints" in out:
         kpts = out["keypoints"][keep].astype(np.float64).copy()
         kpts[:, :, 0] /= sx

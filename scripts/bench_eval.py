@@ -174,10 +174,12 @@ def time_image(predictor, batch, clock, counts):
     if "heatmaps" in out:
         method = cfg.test.keypoint_decode
         other = "bicubic" if method == "taylor" else "taylor"
+        net_boxes = out["boxes"].reshape(-1, 4)[keep]
+        scale = (im_info[1] / orig_size[1], im_info[0] / orig_size[0])
         with clock("keypoint decode (%s)" % method):
-            decode_keypoints(out["heatmaps"][keep], extent, method)
+            decode_keypoints(out["heatmaps"][keep], extent, method, net_boxes, scale)
         with clock("keypoint decode (%s)*" % other):
-            decode_keypoints(out["heatmaps"][keep], extent, other)
+            decode_keypoints(out["heatmaps"][keep], extent, other, net_boxes, scale)
     with clock("detections_to_coco"):            # what evaluation runs, outputs read back
         entries = predictor.to_entries(outputs, batch)[0]
     return entries

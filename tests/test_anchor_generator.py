@@ -124,3 +124,53 @@ def test_bad_arguments():
         AnchorGenerator(16, 32, style="gluoncv", offset=0.5)
     with pytest.raises(ValueError):
         AnchorGenerator(16, 32, style="yolo")
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision style: AnchorGenerator's rounded base anchors and its inferred strides
+def np_torchvision_anchors(size, ratios, image_hw, feature_hw):
+    """torchvision's AnchorGenerator for one level, written out in numpy (float32 cells,
+    rounded half to even; stride = padded image size // feature size per axis)."""
+    h_ratios = np.sqrt(np.array(ratios, np.float32))
+    ws = (np.float32(1) / h_ratios) * np.float32(size)
+    hs = h_ratios * np.float32(size)
+    cell = np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2))
+    sy, sx = image_hw[0] // feature_hw[0], image_hw[1] // feature_hw[1]
+    ys, xs = np.meshgrid(np.arange(feature_hw[0]) * sy, np.arange(feature_hw[1]) * sx,
+                         indexing="ij")
+    shifts = np.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)
+    return (shifts + cell[None]).reshape(-1, 4)
+
+
+def test_torchvision_hand_values():
+    a = _anchors(AnchorGenerator(4, 32, (0.5, 1.0, 2.0), style="torchvision"), 2, 2)
+    # 32 / sqrt(.5) / 2 = 22.63 -> 23 and 32 * sqrt(.5) / 2 = 11.31 -> 11
+    np.testing.assert_array_equal(a[0, :3], [[-23, -11, 23, 11], [-16, -16, 16, 16],
+                                             [-11, -23, 11, 23]])
+    np.testing.assert_array_equal(a[0, 3], [-19, -11, 27, 11])          # next column: +4 in x
+
+
+@pytest.mark.parametrize("image_hw", [(800, 1344), (480, 640), (1344, 800), (64, 64)])
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_torchvision_runtime_stride(image_hw, hybridize):
+    """P6 of a padded input whose side / 32 is odd has fewer than side / 64 cells: torchvision's
+    stride is then side // cells (61 for 800), and so is mxmask's."""
+    H, W = image_hw
+    feature_hw = (-(-H // 64), -(-W // 64))                 # P6: max-pool 1x1/2 of P5
+    gen = AnchorGenerator(64, 512, (0.5, 1.0, 2.0), style="torchvision", runtime_stride=True,
+                          reference_stride=4)
+    gen.initialize()
+    if hybridize:
+        gen.hybridize()
+    got = gen(nd.zeros((1, 2) + feature_hw), nd.zeros((1, 2, H // 4, W // 4))).asnumpy()[0]
+    np.testing.assert_array_equal(got, np_torchvision_anchors(512, (0.5, 1.0, 2.0), image_hw,
+                                                              feature_hw))
+    # where the stride is exact, the result is the stored table
+    exact = AnchorGenerator(64, 512, (0.5, 1.0, 2.0), style="torchvision")
+    if H % 64 == 0 and W % 64 == 0:
+        np.testing.assert_array_equal(got, _anchors(exact, *feature_hw)[0])
+
+
+def test_torchvision_style_takes_no_offset():
+    with pytest.raises(ValueError, match="offset"):
+        AnchorGenerator(16, 32, style="torchvision", offset=0.5)

@@ -130,3 +130,24 @@ def test_dispatch_and_empty():
     assert decode_keypoints(np.zeros((0, 3, S, S)), np.zeros((0, 4)), "taylor").shape == (0, 3, 3)
     with pytest.raises(ValueError):
         decode_keypoints(np.zeros((1, 3, S, S)), np.zeros((1, 4)), "argmax")
+
+
+def test_torchvision_decodes_at_the_network_box_size():
+    """torchvision's heatmaps_to_keypoints runs on the boxes in network-input pixels, and the
+    keypoints are scaled to the image afterwards: the bicubic decode of the network boxes divided
+    by the per-axis factors, not the bicubic decode of the image boxes."""
+    rng = np.random.RandomState(5)
+    heatmaps = rng.randn(3, 2, 8, 8).astype(np.float32)
+    net_boxes = np.array([[10, 20, 41.5, 60.2], [0, 0, 7.3, 9.9], [5, 5, 5.4, 30]], np.float32)
+    sx, sy = 1.6, 1.5
+    image_boxes = net_boxes / np.array([sx, sy, sx, sy], np.float32)
+    got = decode_keypoints(heatmaps, image_boxes, "torchvision", network_boxes=net_boxes,
+                           scale=(sx, sy))
+    want = heatmaps_to_keypoints_bicubic(heatmaps, net_boxes)
+    np.testing.assert_allclose(got[..., 0], want[..., 0] / np.float32(sx), rtol=1e-6)
+    np.testing.assert_allclose(got[..., 1], want[..., 1] / np.float32(sy), rtol=1e-6)
+    np.testing.assert_array_equal(got[..., 2], want[..., 2])
+    other = decode_keypoints(heatmaps, image_boxes, "bicubic")
+    assert np.abs(other[..., :2] - got[..., :2]).max() > 0.1
+    with pytest.raises(ValueError, match="network-input boxes"):
+        decode_keypoints(heatmaps, image_boxes, "torchvision")

@@ -213,6 +213,22 @@ def test_min_size_rules_and_padding():
     assert (scores[0, 3:] == -1).all() and (rois[0, 3:] == 0).all()
 
 
+def test_torchvision_min_size_keeps_boxes_at_the_limit():
+    """remove_small_boxes keeps w >= min_size and h >= min_size: a box exactly min_size wide
+    stays, where the detectron2 rule (w > min_size) drops it."""
+    anchors = np.array([[[10, 10, 50, 50], [10, 10, 14, 60], [60, 60, 63, 95]]], np.float32)
+    logits = np.array([[3.0, 2.0, 1.0]], np.float32)
+    deltas = np.zeros((1, 3, 4), np.float32)
+    im_info = np.array([[100, 100, 1]], np.float32)
+    kept = {}
+    for style in ("detectron2", "torchvision"):
+        gen = ProposalGenerator(10, 10, 10, 3, 0.7, 4.0, per_level_nms=True, style=style)
+        gen.initialize()
+        rois, scores = _run(gen, im_info, [anchors], [logits], [deltas])
+        kept[style] = int((scores[0] >= 0).sum())
+    assert kept == {"detectron2": 1, "torchvision": 2}
+
+
 def test_per_level_nms_is_independent_per_level():
     """Two identical boxes on different levels both survive per-level NMS, not a joint NMS."""
     box = np.array([[[20, 20, 60, 60], [21, 21, 61, 61]]], np.float32)

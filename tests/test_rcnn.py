@@ -343,6 +343,7 @@ def test_box_forward_and_init(shapes_net):
 PRESET_FORWARD = {
     "mask_rcnn_r50_fpn": 1, "keypoint_rcnn_r50_fpn": 1, "gluoncv_mask_rcnn_r50_fpn": 1,
     "mask_rcnn_r101_fpn": 0,      # built and checked, not run (R50 covers the graph)
+    "torchvision_mask_rcnn_r50_fpn": 1, "torchvision_keypoint_rcnn_r50_fpn": 1,
 }
 
 

@@ -143,6 +143,24 @@ def test_levels_hand_values():
     np.testing.assert_array_equal(lv, [[4, 3, 3, 5, 5, 2, 2, 4]])
     lv = assign_fpn_levels(nd, rois, min_level=3, max_level=6).asnumpy()
     np.testing.assert_array_equal(lv, [[4, 3, 3, 5, 6, 3, 3, 3]])
+    # torchvision adds its eps after the log: floor(4 + log2(223 / 224) + 1e-6) is still 3
+    lv = assign_fpn_levels(nd, rois, style="torchvision").asnumpy()
+    np.testing.assert_array_equal(lv, [[4, 3, 2, 5, 5, 2, 2, 3]])
+
+
+def test_torchvision_level_mapper_equals_its_formula():
+    """LevelMapper: floor(4 + log2(sqrt(area) / 224) + 1e-6) in float32, eps after the log,
+    which differs from the detectron2 numerics just under the level boundaries."""
+    side = np.float32(224) * np.float32(2) ** np.arange(-2, 3, dtype=np.float32)
+    widths = np.concatenate([side * np.float32(1 - 3e-7), side, side * np.float32(1 + 3e-7)])
+    rois = np.zeros((1, len(widths), 4), np.float32)
+    rois[0, :, 2] = widths
+    rois[0, :, 3] = widths
+    got = assign_fpn_levels(nd, nd.array(rois), style="torchvision").asnumpy()[0]
+    area = widths * widths
+    want = np.floor(np.float32(4) + np.log2(np.sqrt(area) / np.float32(224)) + np.float32(1e-6))
+    np.testing.assert_array_equal(got, np.clip(want, 2, 5))
+    assert (got != assign_fpn_levels(nd, nd.array(rois)).asnumpy()[0]).any()
 
 
 @pytest.mark.parametrize("style", ["detectron2", "gluoncv"])

@@ -170,6 +170,22 @@ def test_detect_hand_made_case():
     np.testing.assert_allclose(got[2], ref[2], atol=1e-4)
 
 
+def test_detect_min_box_size_drops_small_boxes_before_nms():
+    """test.min_box_size (torchvision's remove_small_boxes(1e-2) in postprocess_detections):
+    a box under the size is dropped before the NMS, so it suppresses nothing."""
+    rois = np.array([[[0, 0, 10, 10], [0, 0, 10.005, 10], [0, 0, 10, 10.02]]], np.float32)
+    rois[0, 1, 0] = 10.0                                # width 0.005 after the clip to 10.005
+    logits = logits_from_probs([[0.2, 0.8], [0.05, 0.95], [0.3, 0.7]])
+    deltas = np.zeros((3, 4), np.float32)
+    roi_scores = np.array([[0.9, 0.8, 0.7]], np.float32)
+    im_info = np.array([[100, 100, 1]], np.float32)
+    args = (logits, deltas, rois, roi_scores, im_info)
+    ids, scores, _ = run_detect(*args, num_classes=1, max_dets=3)
+    np.testing.assert_allclose(scores[0], [0.95, 0.8, -1], rtol=1e-5)   # 0.7 suppressed by 0.8
+    ids, scores, _ = run_detect(*args, num_classes=1, max_dets=3, min_box_size=0.01)
+    np.testing.assert_allclose(scores[0], [0.8, -1, -1], rtol=1e-5)     # 0.7: IoU .998 with .8
+
+
 def random_case(rng, B=2, R=40, C=3, H=100, W=120, delta_scale=0.5):
     xy = rng.uniform(0, [W, H], size=(B, R, 2))
     wh = rng.uniform(4, 50, size=(B, R, 2))

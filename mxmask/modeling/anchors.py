@@ -26,6 +26,18 @@ Styles:
   ``(j * stride, i * stride)``. ``offset`` must be 0 in this style. For GluonCV's
   ``mask_rcnn_fpn_resnet50_v1b_coco`` (strides 4..64, scales 2..32 times base_size 16 = sizes
   32..512, ratios 0.5/1/2) the values equal its anchors exactly.
+- ``torchvision`` (``AnchorGenerator.generate_anchors``): for each ratio r (outer) and size s
+  (inner), in float32, ``h = sqrt(r) * s``, ``w = s / sqrt(r)``, the box ``(-w/2, -h/2, w/2, h/2)``
+  rounded to integers (half to even, as ``torch.round``), shifted by ``(j, i) * stride``.
+  ``offset`` must be 0. With one size per level this is the detectron2 cell rounded.
+
+Strides: detectron2 and gluoncv use the level's nominal stride. torchvision infers it at run
+time as ``padded input size // feature size`` per axis, which differs from the nominal stride on
+the coarsest level when the padded size is not a multiple of it (P6 of an 800-pixel side: 13
+cells, stride 61). With ``runtime_stride=True`` forward takes a reference feature map of known
+``reference_stride`` (P2), whose size times that stride is the padded input size, and moves each
+anchor by ``(actual - nominal stride) * (j, i)``; a second constant, ``cell_index``, holds the
+``(j, i, j, i)`` of every anchor. Where the stride is exact the move is zero.
 
 All values are computed in float64 with numpy and stored as float32.
 """
@@ -48,7 +60,7 @@ def _as_tuple(x):
 def generate_cell_anchors(stride, sizes, aspect_ratios, style="detectron2"):
     """The A anchors (A, 4) float64 of feature cell (0, 0), before the offset of detectron2 style.
 
-    detectron2: centred at (0, 0); gluoncv: centred at ((stride-1)/2, (stride-1)/2).
+    detectron2 and torchvision: centred at (0, 0); gluoncv: centred at ((stride-1)/2, (stride-1)/2).
     """
     sizes = _as_tuple(sizes)
     ratios = _as_tuple(aspect_ratios)
@@ -71,8 +83,17 @@ def generate_cell_anchors(stride, sizes, aspect_ratios, style="detectron2"):
                 H = hs * scale
                 out.append((ctr - 0.5 * (W - 1.0), ctr - 0.5 * (H - 1.0),
                             ctr + 0.5 * (W - 1.0), ctr + 0.5 * (H - 1.0)))
+    elif style == "torchvision":
+        h_ratios = np.sqrt(np.array(ratios, np.float32))
+        w_ratios = np.float32(1.0) / h_ratios
+        scales = np.array(sizes, np.float32)
+        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+        cell = np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2.0)
+        out = np.round(cell).astype(np.float64)
     else:
-        raise ValueError("unknown anchor style %r (expected 'detectron2' or 'gluoncv')" % (style,))
+        raise ValueError("unknown anchor style %r (expected 'detectron2', 'gluoncv' or "
+                         "'torchvision')" % (style,))
     return np.array(out, dtype=np.float64).reshape(-1, 4)
 
 
@@ -91,19 +112,22 @@ class AnchorGenerator(mx.gluon.HybridBlock):
 
     stride: the level's stride in pixels; size: one anchor size (sqrt of area, pixels) or a
     list of sizes; aspect_ratios: height/width ratios; offset: cell-centre offset in units of
-    the stride (detectron2 style only); style: 'detectron2' or 'gluoncv' (module docstring);
-    max_size: the largest input side in pixels that must be covered.
+    the stride (detectron2 style only); style: 'detectron2', 'gluoncv' or 'torchvision' (module docstring);
+    max_size: the largest input side in pixels that must be covered; runtime_stride: infer the
+    stride from a reference feature map of ``reference_stride`` passed after ``feature``
+    (torchvision; module docstring).
     """
 
     def __init__(self, stride, size, aspect_ratios=(0.5, 1.0, 2.0), offset=0.0,
-                 style="detectron2", max_size=DEFAULT_MAX_SIZE, **kwargs):
+                 style="detectron2", max_size=DEFAULT_MAX_SIZE, runtime_stride=False,
+                 reference_stride=4, **kwargs):
         super(AnchorGenerator, self).__init__(**kwargs)
-        if style not in ("detectron2", "gluoncv"):
-            raise ValueError("unknown anchor style %r (expected 'detectron2' or 'gluoncv')"
-                             % (style,))
-        if style == "gluoncv" and offset != 0:
-            raise ValueError("gluoncv-style anchors are centred at (stride-1)/2; offset must be 0,"
-                             " got %r" % (offset,))
+        if style not in ("detectron2", "gluoncv", "torchvision"):
+            raise ValueError("unknown anchor style %r (expected 'detectron2', 'gluoncv' or "
+                             "'torchvision')" % (style,))
+        if style != "detectron2" and offset != 0:
+            raise ValueError("%s-style anchors take no offset; it must be 0, got %r"
+                             % (style, offset))
         if stride <= 0 or max_size <= 0:
             raise ValueError("stride and max_size must be positive")
         self.stride = stride
@@ -115,9 +139,25 @@ class AnchorGenerator(mx.gluon.HybridBlock):
         cell = generate_cell_anchors(stride, self.sizes, self.aspect_ratios, style)
         self.num_anchors = cell.shape[0]
         grid = _grid_anchors(stride, cell, self.offset, self.max_cells, self.max_cells)
+        self.runtime_stride = bool(runtime_stride)
+        self.reference_stride = float(reference_stride)
         with self.name_scope():
             self.anchors = self.params.get_constant("anchors", grid)
+            if self.runtime_stride:
+                index = _grid_anchors(1, np.zeros_like(cell), 0.0, self.max_cells, self.max_cells)
+                self.cell_index = self.params.get_constant("cell_index", index)
 
-    def hybrid_forward(self, F, feature, anchors):
+    def hybrid_forward(self, F, feature, *reference, anchors, cell_index=None):
         a = F.slice_like(anchors, feature, axes=(2, 3))               # (1, 1, H, W, A*4)
+        if self.runtime_stride:
+            # stride = padded input size // feature size, per axis (y, x); padded input size =
+            # reference size * reference_stride
+            ref = F.cast(F.slice_axis(F.shape_array(reference[0]), axis=0, begin=2, end=4),
+                         "float32") * self.reference_stride
+            size = F.cast(F.slice_axis(F.shape_array(feature), axis=0, begin=2, end=4),
+                          "float32")
+            move = F.floor(ref / size) - float(self.stride)             # (2,) = (dy, dx)
+            move = F.tile(F.reverse(move, axis=0), reps=(self.num_anchors * 2,))  # (A*4,)
+            index = F.slice_like(cell_index, feature, axes=(2, 3))     # (1, 1, H, W, A*4)
+            a = a + F.broadcast_mul(index, F.reshape(move, (1, 1, 1, 1, -1)))
         return F.reshape(a, (1, -1, 4))

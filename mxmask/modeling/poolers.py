@@ -18,6 +18,8 @@ Level assignment: ``floor(canonical_level + log2(sqrt(area) / canonical_size + e
   (float64 machine epsilon, which vanishes in float32 as it does in Detectron2).
 - ``gluoncv`` (``RCNN._pyramid_roi_feats``): area = (x2-x1+1)*(y2-y1+1), eps = 1e-6, evaluated
   with the same op sequence.
+- ``torchvision`` (``LevelMapper``): area = (x2-x1)*(y2-y1) and
+  ``floor(canonical_level + log2(sqrt(area) / canonical_size) + 1e-6)``: eps after the log.
 
 Pooling: ``contrib.ROIAlign(pooled_size, sample_ratio=sampling_ratio, aligned=aligned)`` of the
 roi scaled by 1/stride of its level (below); ``aligned=True`` shifts sampling by -0.5 px (Detectron2 ROIAlignV2), False is
@@ -110,7 +112,7 @@ __all__ = ["assign_fpn_levels", "sanitize_rois", "MultiLevelRoIAlign", "level_ca
 
 MIN_ROI_SIZE = 0.01
 COORD_LIMIT = 1.0e4
-_EPS = {"detectron2": 2.220446049250313e-16, "gluoncv": 1e-6}
+_EPS = {"detectron2": 2.220446049250313e-16, "gluoncv": 1e-6, "torchvision": 1e-6}
 _CANVASES = threading.local()
 
 
@@ -145,9 +147,12 @@ def assign_fpn_levels(F, rois, min_level=2, max_level=5, canonical_size=224, can
     :func:`sanitize_rois`); a NaN area gives a NaN level.
     """
     if style not in _EPS:
-        raise ValueError("unknown pooler style %r (expected 'detectron2' or 'gluoncv')" % (style,))
+        raise ValueError("unknown pooler style %r (expected one of %s)" % (style, sorted(_EPS)))
     area = box_area(F, rois, plus_one=(style == "gluoncv"))
-    lvl = F.floor(F.log2(F.sqrt(area) / float(canonical_size) + _EPS[style]) + canonical_level)
+    if style == "torchvision":
+        lvl = F.floor(F.log2(F.sqrt(area) / float(canonical_size)) + canonical_level + _EPS[style])
+    else:
+        lvl = F.floor(F.log2(F.sqrt(area) / float(canonical_size) + _EPS[style]) + canonical_level)
     return F.clip(lvl, float(min_level), float(max_level))
 
 
@@ -168,8 +173,8 @@ class MultiLevelRoIAlign(HybridBlock):
                 any(b - a != 1 for a, b in zip(levels, levels[1:])):
             raise ValueError("strides must be consecutive powers of two, got %r" % (strides,))
         if style not in _EPS:
-            raise ValueError("unknown pooler style %r (expected 'detectron2' or 'gluoncv')"
-                             % (style,))
+            raise ValueError("unknown pooler style %r (expected one of %s)"
+                             % (style, sorted(_EPS)))
         self.min_level = int(levels[0])
         self.max_level = int(levels[-1])
         self.sampling_ratio = int(sampling_ratio)

@@ -37,6 +37,9 @@ Two algorithms, chosen by ``per_level_nms``:
   scale clamp log(1000/16).
 - ``gluoncv``: drop a box iff ``w < min_size or h < min_size``; scale clamp 4.42 (GluonCV's
   FPN models pass ``clip=4.42``).
+- ``torchvision`` (``remove_small_boxes``): keep a box iff ``w >= min_size and h >= min_size``;
+  scale clamp log(1000/16). Its per-level NMS then global top-k is ``per_level_nms=True``
+  (``batched_nms`` with the level as the id, then the first ``post`` by score).
 with ``w = x2 - x1 (+1 when plus_one)`` measured after clipping. Decoding never adds 1 (see
 box_coder.py); ``plus_one=True`` decodes bit-exactly like GluonCV's ``contrib.box_decode``.
 
@@ -94,9 +97,9 @@ class ProposalGenerator(TrainTestBlock):
                  post_nms_topk_test, nms_thresh, min_size, per_level_nms=True, plus_one=False,
                  style="detectron2", num_levels=None, scale_clamp=None, **kwargs):
         super(ProposalGenerator, self).__init__(**kwargs)
-        if style not in ("detectron2", "gluoncv"):
-            raise ValueError("unknown proposal style %r (expected 'detectron2' or 'gluoncv')"
-                             % (style,))
+        if style not in ("detectron2", "gluoncv", "torchvision"):
+            raise ValueError("unknown proposal style %r (expected 'detectron2', 'gluoncv' or "
+                             "'torchvision')" % (style,))
         counts = (pre_nms_topk_train, pre_nms_topk_test, post_nms_topk_train, post_nms_topk_test)
         if min(int(c) for c in counts) < 1:
             raise ValueError("pre/post NMS top-k counts must be >= 1, got %r" % (counts,))

@@ -87,14 +87,19 @@ GLUONCV_SCALE_CLAMP = 4.42          # GluonCV's predefined FPN models: clip=4.42
 
 
 def pooler_style(cfg):
-    """The level-assignment style of :class:`MultiLevelRoIAlign` for this config."""
+    """The level-assignment style of :class:`MultiLevelRoIAlign` for this config:
+    ``model.box_head.level_mapper``, or when it is empty gluoncv with ``model.box_plus_one``
+    and detectron2 otherwise."""
+    if cfg.model.box_head.level_mapper:
+        return cfg.model.box_head.level_mapper
     return "gluoncv" if cfg.model.box_plus_one else "detectron2"
 
 
 def _pooler(cfg, resolution, rois_in_image=False):
     """A multi-level RoIAlign over P2..P5 at ``resolution`` with the box head's sampling mode.
-    ``rois_in_image``: the rois always lie inside the image (proposals and sampled training rois
-    are clipped to it), which lets the legacy mode pool on the level canvas too."""
+    ``rois_in_image``: the rois always lie inside the (padded) image, which lets the legacy mode
+    pool on the level canvas too: proposals and sampled training rois are clipped to it, and so
+    are the detections the mask and keypoint heads pool when ``model.clip_boxes`` is on."""
     bh = cfg.model.box_head
     return MultiLevelRoIAlign(resolution, tuple(cfg.model.anchor.strides[:4]), bh.sampling_ratio,
                               bh.aligned, pooler_style(cfg), rois_in_image=rois_in_image)
@@ -200,20 +205,23 @@ def detection_settings(cfg):
                 clip=bool(cfg.model.clip_boxes),
                 clip_plus_one=bool(cfg.model.box_plus_one),
                 decode_plus_one=bool(cfg.model.box_plus_one),
-                scale_clamp=float(clamp))
+                scale_clamp=float(clamp),
+                min_box_size=float(cfg.test.min_box_size))
 
 
 def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
            cls_agnostic_bbox_reg=False, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
            score_thresh=0.05, nms_thresh=0.5, max_dets=100, clip=True, clip_plus_one=False,
-           decode_plus_one=False, scale_clamp=DETECTRON2_SCALE_CLAMP):
+           decode_plus_one=False, scale_clamp=DETECTRON2_SCALE_CLAMP, min_box_size=0.0):
     """Turn box-head outputs into at most ``max_dets`` detections per image.
 
     cls_logits (B*R, C+1) and box_deltas (B*R, C*4), or (B*R, 4) with ``cls_agnostic_bbox_reg``
     (one box per roi, shared by the classes), from :class:`BoxPredictor`; rois (B, R, 4)
     and roi_scores (B, R) from the RPN (rois with a negative score are padding and yield no
-    detection); im_info (B, 3) = (h, w, scale). Returns ids (B, D), scores (B, D), boxes (B, D, 4)
-    with D = max_dets, sorted by score; padded rows are id -1, score -1, box 0.
+    detection); im_info (B, 3) = (h, w, scale). ``min_box_size`` > 0 drops boxes (after the
+    clip) whose width or height is under it (torchvision's ``remove_small_boxes``). Returns ids
+    (B, D), scores (B, D), boxes (B, D, 4) with D = max_dets, sorted by score; padded rows are
+    id -1, score -1, box 0.
     """
     C = int(num_classes)
     # (B*R, X) -> (B, R, X)
@@ -232,6 +240,10 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
         boxes = clip_boxes(F, boxes, im_info, plus_one=clip_plus_one)
     # score threshold; padded rois (score < 0) never produce a detection
     keep = F.broadcast_mul(fg > score_thresh, F.expand_dims(roi_scores >= 0, axis=2))
+    if min_box_size > 0:
+        x1, y1, x2, y2 = F.split(F.reshape(boxes, (0, -4, -1, C, 4)), axis=-1, num_outputs=4,
+                                 squeeze_axis=True)                            # (B, R, C) each
+        keep = keep * (x2 - x1 >= min_box_size) * (y2 - y1 >= min_box_size)
     scores = F.where(keep, fg, F.ones_like(fg) * -1)
     class_ids = F.broadcast_like(F.reshape(F.contrib.arange_like(fg, axis=2), (1, 1, C)), fg)
     class_ids = F.where(keep, class_ids, F.ones_like(fg) * -1)
@@ -374,7 +386,7 @@ class MaskHead(mx.gluon.HybridBlock):
                             "off), got %d" % self.image_guide)
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
-            self.pooler = _pooler(cfg, mh.pooler_resolution)
+            self.pooler = _pooler(cfg, mh.pooler_resolution, cfg.model.clip_boxes)
             self.convs, channels = _conv_stack(mh.num_conv, mh.conv_dim, channels, "mask_fcn%d_",
                                                mh.norm, cfg.model.backbone.gn_groups,
                                                "model.mask_head")
@@ -450,7 +462,7 @@ class KeypointHead(mx.gluon.HybridBlock):
                              "got %d" % (self.resolution, kh.resolution))
         channels = cfg.model.fpn.out_channels
         with self.name_scope():
-            self.pooler = _pooler(cfg, kh.pooler_resolution)
+            self.pooler = _pooler(cfg, kh.pooler_resolution, cfg.model.clip_boxes)
             self.convs, channels = _conv_stack(kh.num_conv, kh.conv_dim, channels, "conv_fcn%d_",
                                                kh.norm, cfg.model.backbone.gn_groups,
                                                "model.keypoint_head")

@@ -92,8 +92,13 @@ class RPN(TrainTestBlock):
             self.anchor_generators = nn.HybridSequential(prefix="anchors_")
             with self.anchor_generators.name_scope():
                 for stride, size in zip(a.strides, a.sizes):
+                    # torchvision infers the stride from the padded input, which is a multiple
+                    # of input.size_divisibility: only coarser levels can differ from nominal
+                    runtime = (a.style == "torchvision"
+                               and stride > cfg.input.size_divisibility)
                     self.anchor_generators.add(AnchorGenerator(
-                        stride, size, tuple(a.aspect_ratios), a.offset, a.style, max_size))
+                        stride, size, tuple(a.aspect_ratios), a.offset, a.style, max_size,
+                        runtime_stride=runtime, reference_stride=a.strides[0]))
             num_anchors = self.anchor_generators[0].num_anchors
             self.head = RPNHead(r.conv_channels, num_anchors, in_channels=m.fpn.out_channels,
                                 prefix="head_")
@@ -107,7 +112,8 @@ class RPN(TrainTestBlock):
         L = self.num_levels
         if len(features) != L:
             raise ValueError("RPN built for %d levels got %d feature maps" % (L, len(features)))
-        anchors = tuple(gen(x) for gen, x in zip(self.anchor_generators, features))
+        anchors = tuple(gen(x, features[0]) if gen.runtime_stride else gen(x)
+                        for gen, x in zip(self.anchor_generators, features))
         head = self.head(*features)
         logits, deltas = tuple(head[:L]), tuple(head[L:])
         rois, scores = self.proposals(im_info, *(anchors + logits + deltas))
