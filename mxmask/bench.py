@@ -568,6 +568,9 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     if against and batch != 1:
         raise UserError("--against gluoncv: GluonCV's Mask R-CNN infers one image at a time; "
                         "use --batch 1")
+    if against or resnet50:         # checked before any network is built
+        from .convert.common import import_gluoncv
+        import_gluoncv("mxmask bench --against gluoncv" if against else "mxmask bench --resnet50")
     hw = parse_size(size)
     if against:
         overrides = list(overrides) + ["test.flip=false"]    # GluonCV has no test-time flip

@@ -33,8 +33,9 @@ import mxnet as mx
 import numpy as np
 
 from ..config import get_config
-from ..engine.checkpoint import read_progress, save_checkpoint, save_config
-from ..utils import UserError, shorten_names
+from ..utils import UserError
+from .common import (COCO_CATEGORY_IDS, COCO_CLASS_NAMES, COCO_INSTANCES_PATHS, check_out_dir,
+                     is_anchor_param, mismatch_report, write_checkpoint)
 
 __all__ = ["GLUONCV_HEADS", "COCO_CLASS_NAMES", "COCO_CATEGORY_IDS", "PRESET",
            "gluoncv_name_map", "convert_gluoncv_params", "convert_gluoncv", "load_params_file",
@@ -59,39 +60,14 @@ GLUONCV_HEADS = {
     "mask.mask": "mask_head.predictor",
 }
 
-# The 80 COCO classes in GluonCV's order (gluoncv.data.COCODetection.CLASSES: the categories of
-# instances_*2017.json sorted by id) and their COCO category ids.
-COCO_CLASS_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
-COCO_CATEGORY_IDS = [i for i in range(1, 91)
-                     if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-
-COCO_PATHS = {
-    "train_ann": "datasets/coco/annotations/instances_train2017.json",
-    "train_images": "datasets/coco/train2017",
-    "val_ann": "datasets/coco/annotations/instances_val2017.json",
-    "val_images": "datasets/coco/val2017",
-}
+# COCO's 80 classes in GluonCV's order (gluoncv.data.COCODetection.CLASSES: the categories of
+# instances_*2017.json sorted by id) are common.COCO_CLASS_NAMES, with COCO_CATEGORY_IDS.
+COCO_PATHS = COCO_INSTANCES_PATHS
 
 
 def _is_anchor(name):
     """GluonCV's anchor constants (``rpn.anchor_generator.<i>.anchors``)."""
     return "anchor_generator" in name and name.endswith("anchors")
-
-
-def _is_our_anchor(name):
-    return name.endswith("anchors")
-
-
 
 
 def gluoncv_name_map(gluon_names, net):
@@ -123,7 +99,7 @@ def convert_gluoncv_params(arrays, net, source="GluonCV parameters"):
     names = [k for k in arrays if not _is_anchor(k)]
     mapping = gluoncv_name_map(names, net)
     unexpected = [k for k in names if k not in mapping]
-    wanted = {k for k in ours if not _is_our_anchor(k)}
+    wanted = {k for k in ours if not is_anchor_param(k)}
     missing = wanted - set(mapping.values())
     wrong = []
     for theirs, target in mapping.items():
@@ -131,16 +107,9 @@ def convert_gluoncv_params(arrays, net, source="GluonCV parameters"):
         if got != want:
             wrong.append("%s %s (mxmask %s %s)" % (theirs, got, target, want))
     if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append("missing %d: %s" % (len(missing), shorten_names(
-                [_gluon_name_of(m, net) for m in missing], 5)))
-        if unexpected:
-            parts.append("unexpected %d: %s" % (len(unexpected), shorten_names(unexpected, 5)))
-        if wrong:
-            parts.append("wrong shape %d: %s" % (len(wrong), shorten_names(wrong, 5)))
-        raise UserError("%s: not GluonCV mask_rcnn_fpn_resnet50_v1b_coco parameters (%s)"
-                        % (source, "; ".join(parts)))
+        raise UserError("%s: not GluonCV mask_rcnn_fpn_resnet50_v1b_coco parameters (%s)" % (
+            source, mismatch_report([_gluon_name_of(m, net) for m in missing], unexpected,
+                                    wrong)))
     for theirs, target in mapping.items():
         value = arrays[theirs]
         if value.dtype != np.float32:
@@ -197,26 +166,15 @@ def convert_gluoncv(src, out_dir):
     """Convert the GluonCV file ``src`` into the checkpoint folder ``out_dir``.
 
     Refuses (UserError) to write into a folder that already holds a checkpoint other than an
-    earlier conversion. Returns ``{"params": path, "config": path, "copied": n}``.
+    earlier conversion (:func:`~mxmask.convert.common.check_out_dir`). Returns ``{"params":
+    path, "config": path, "copied": n}``.
     """
     from ..modeling.rcnn import build_model
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError("%s: is a file, expected a folder for the checkpoint" % out_dir)
-    if os.path.isdir(out_dir):
-        try:
-            progress = read_progress(out_dir)
-        except UserError:
-            progress = {}
-        if (progress is not None and "source" not in progress) or (
-                progress is None and os.path.exists(os.path.join(out_dir, "model.params"))):
-            raise UserError("%s: already holds a checkpoint that is not a conversion; "
-                            "choose another --out folder" % out_dir)
+    check_out_dir(out_dir)
     arrays = load_params_file(src)
     cfg = converted_config()
     net = build_model(cfg)
     copied = convert_gluoncv_params(arrays, net, source=src)
-    cfg.output_dir = out_dir
-    save_config(cfg, out_dir)
-    save_checkpoint(out_dir, net, None, 0, 0, extra={"source": os.path.abspath(src)})
-    return {"params": os.path.join(out_dir, "model.params"),
-            "config": os.path.join(out_dir, "config.yaml"), "copied": copied}
+    info = write_checkpoint(cfg, net, out_dir, src)
+    info["copied"] = copied
+    return info

@@ -181,7 +181,8 @@ def build_gluoncv_mask_rcnn(max_dets=None, batch=1, workaround="masked", ctx=Non
     pretrained_base=False``, ``initialize()``; shapes still deferred until the first forward),
     ``per_device_batch_size=batch`` for training, the RoIAlign ``workaround`` and, when given,
     ``max_dets`` detections per image."""
-    import gluoncv
+    from .common import import_gluoncv
+    gluoncv = import_gluoncv("GluonCV's %s" % MODEL_NAME)
     ctx = ctx or mx.cpu()
     net = gluoncv.model_zoo.get_model(MODEL_NAME, pretrained=False, pretrained_base=False,
                                       per_device_batch_size=batch)
