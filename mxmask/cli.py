@@ -309,15 +309,35 @@ def _cmd_convert_gluoncv(args):
     return 0
 
 
+def _cmd_convert_torchvision(args):
+    from .convert.torchvision import convert_torchvision
+    info = convert_torchvision(args.src, args.out, arch=args.arch)
+    where = " (the state dict under %r)" % info["wrapper"] if info["wrapper"] else ""
+    print("converted %d torchvision %s arrays from %s%s"
+          % (info["copied"], info["arch"], args.src, where))
+    print("checkpoint: %s (preset %s)" % (os.path.abspath(args.out), info["preset"]))
+    return 0
+
+
 def _add_convert(sub):
+    from .convert.torchvision import ARCHS
     p = sub.add_parser("convert", help="turn other frameworks' weights into a checkpoint")
-    csub = p.add_subparsers(dest="convert_cmd", metavar="{gluoncv}")
+    csub = p.add_subparsers(dest="convert_cmd", metavar="{gluoncv,torchvision}")
     csub.required = True
     g = csub.add_parser("gluoncv", help="GluonCV mask_rcnn_fpn_resnet50_v1b_coco .params -> "
                                         "checkpoint of preset gluoncv_mask_rcnn_r50_fpn")
     g.add_argument("src", help="GluonCV parameter file (from net.save_parameters)")
     g.add_argument("--out", required=True, help="checkpoint folder to write")
     g.set_defaults(func=_cmd_convert_gluoncv)
+    t = csub.add_parser("torchvision", help="torchvision maskrcnn_resnet50_fpn or "
+                                            "keypointrcnn_resnet50_fpn .pth -> checkpoint of "
+                                            "preset torchvision_{mask,keypoint}_rcnn_r50_fpn")
+    t.add_argument("src", help="torch.save(model.state_dict()) file, or a training checkpoint "
+                               "holding it under 'model' / 'state_dict' (torch is not needed)")
+    t.add_argument("--out", required=True, help="checkpoint folder to write")
+    t.add_argument("--arch", choices=list(ARCHS),
+                   help="the file's architecture (default: from its keys)")
+    t.set_defaults(func=_cmd_convert_torchvision)
 
 
 # --------------------------------------------------------------------------------------------
