@@ -25,15 +25,21 @@ keypoints); ``--score-thresh`` and ``--detections`` set ``box_score_thresh`` and
 pretrained weights (FrozenBatchNorm2d, three trainable stages).
 """
 import argparse
+import os
 import sys
 
-import numpy as np
-import torch
-import torchvision
-from torchvision.models.detection import KeypointRCNN, MaskRCNN
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import misc as misc_ops
+# run as a program, this file's folder is first on sys.path, and mxmask's own converter module
+# there (torchvision.py) would shadow the torchvision package
+sys.path[:] = [p for p in sys.path
+               if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision.models.detection import KeypointRCNN, MaskRCNN  # noqa: E402
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor  # noqa: E402
+from torchvision.models.detection.image_list import ImageList  # noqa: E402
+from torchvision.ops import misc as misc_ops  # noqa: E402
 
 ARCHS = ("maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")
 
