@@ -75,6 +75,25 @@ class InputConfig:
     pixel_mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     pixel_std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     size_divisibility: int = 32
+    # The test-time pipeline (data.transforms.TestTransform: predict, eval, the export's meta
+    # file and scripts/predict_exported.py), so that a preset feeds its network the tensor of
+    # its original framework. Training keeps half_up, cv2 linear and fused.
+    # resize_rule: half_up (sizes int(h * scale + 0.5), Detectron2) | gluoncv (GluonCV's
+    # resize_short_within: np.round, its own max-size test) | torchvision (its eager
+    # GeneralizedRCNNTransform: floor(h * scale)) | torchvision_float32 (the same transform
+    # scripted or traced, the scale in float32: a 500x375 image gives 1066x799, not 1066x800)
+    resize_rule: str = "half_up"
+    # resize_interp: linear (cv2.INTER_LINEAR on uint8; GluonCV's COCO evaluation transform
+    # gives the same bytes) | cubic (mx.image.imresize(interp=2): OpenCV's bicubic on uint8,
+    # GluonCV's load_test, whose docs call it "area") | bilinear_float (normalise, then
+    # torchvision's F.interpolate(bilinear, align_corners=False) on the float image)
+    resize_interp: str = "linear"
+    # normalize: fused (x * (1 / (255 std)) - mean / std, fast) | stepwise ((x / 255 - mean) /
+    # std in float32 steps, as GluonCV and torchvision compute it); at most 4.8e-7 apart
+    normalize: str = "fused"
+    # The decoder is not a field: OpenCV's (mxmask), mx.image.imread (GluonCV) and PIL's
+    # Image.open().convert("RGB") (torchvision) give the same RGB bytes for 8-bit JPEG and PNG
+    # files, grey ones included (CMYK JPEGs differ by 1 level, 16-bit PNGs by much more).
 
 
 @dataclass
@@ -264,6 +283,9 @@ class Config:
 CHOICES = {
     "model.backbone.norm": ("frozen_bn", "bn", "syncbn", "gn"),
     "model.backbone.depth": (18, 34, 50, 101),
+    "input.resize_rule": ("half_up", "gluoncv", "torchvision", "torchvision_float32"),
+    "input.resize_interp": ("linear", "cubic", "bilinear_float"),
+    "input.normalize": ("fused", "stepwise"),
     "model.fpn.p6": ("maxpool", "conv"),
     "model.anchor.style": ("detectron2", "gluoncv", "torchvision"),
     "model.box_head.level_mapper": ("", "detectron2", "gluoncv", "torchvision"),

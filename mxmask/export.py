@@ -16,7 +16,9 @@ What comes out, for ``PREFIX``:
                           ``HybridBlock.export`` writes them)
     PREFIX-config.yaml    the checkpoint's full config
     PREFIX-meta.json      what a program needs to run the graph without mxmask (stdlib json):
-                          input names, output names, resize rule, mean/std, size divisibility,
+                          input names, output names, resize rule, interpolation and
+                          normalisation (``input.resize_rule``, ``resize_interp``,
+                          ``normalize``), mean/std, size divisibility,
                           largest input side, class names, COCO category ids, thresholds
 
 It loads with ``mx.gluon.SymbolBlock.imports(PREFIX + "-symbol.json", ["data", "im_info"],
@@ -453,6 +455,8 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         "example_size": list(example_size) if example_size else None,
         "min_size_test": int(i.min_size_test), "max_size_test": int(i.max_size_test),
         "size_divisibility": int(i.size_divisibility), "max_input_size": anchor_max_size(cfg),
+        "resize_rule": str(i.resize_rule), "resize_interp": str(i.resize_interp),
+        "normalize": str(i.normalize),
         "pixel_mean": [float(v) for v in i.pixel_mean],
         "pixel_std": [float(v) for v in i.pixel_std],
         "num_classes": int(m.num_classes),

@@ -5,10 +5,12 @@
     results, failures = predictor.predict_paths(["a.png", "b.jpg", "dir/"])
 
 What goes in: image files (any size; folders are expanded to their image files) or HxWx3 uint8
-RGB arrays. Each image is resized as at test time (``input.min_size_test``/``max_size_test``),
-normalised and padded to a multiple of 32, run through the hybridized network, and its outputs
-are post-processed (:mod:`mxmask.postprocess`): boxes mapped back to the original image, masks
-pasted and RLE-encoded, keypoints decoded with ``test.keypoint_decode``.
+RGB arrays. Each image is resized as at test time (``input.min_size_test``/``max_size_test``,
+with the checkpoint's ``input.resize_rule``, ``resize_interp`` and ``normalize``: see
+:class:`mxmask.data.transforms.TestTransform`), normalised and padded to a multiple of 32, run
+through the hybridized network, and its outputs are post-processed (:mod:`mxmask.postprocess`):
+boxes mapped back to the original image, masks pasted and RLE-encoded, keypoints decoded with
+``test.keypoint_decode``.
 
 What comes out: COCO result entries (``image_id`` or ``file_name``, ``category_id``, ``bbox`` as
 xywh, ``score``, ``segmentation`` RLE, ``keypoints``) with COCO category ids taken from the

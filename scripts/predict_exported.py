@@ -8,14 +8,18 @@ Needs only MXNet, NumPy and OpenCV (plus the standard library): this file is mea
 next to an export and used where mxmask is not installed. It reads:
 
     PREFIX-symbol.json, PREFIX-0000.params   the graph and weights (SymbolBlock.imports)
-    PREFIX-meta.json                         resize rule, mean/std, size divisibility, output
-                                             names, class names, COCO category ids, thresholds
+    PREFIX-meta.json                         resize rule, interpolation and normalisation,
+                                             mean/std, size divisibility, output names, class
+                                             names, COCO category ids, thresholds
 
 Each image is decoded as RGB, resized so that its short side is ``min_size_test`` (long side at
-most ``max_size_test``; sizes rounded half up), normalised as ``(x / 255 - mean) / std``, zero
-padded at the bottom/right to a multiple of ``size_divisibility`` and run with
-``im_info = (h, w, scale)``. This is the same arithmetic as mxmask's Predictor, so the results are
-the same. Detections are mapped back to the original image:
+most ``max_size_test``), normalised as ``(x / 255 - mean) / std``, zero padded at the
+bottom/right to a multiple of ``size_divisibility`` and run with ``im_info = (h, w, scale)``.
+The size rule, the interpolation and the normalisation arithmetic are the checkpoint's
+``input.resize_rule`` (half_up, gluoncv, torchvision, torchvision_float32), ``resize_interp``
+(linear, cubic, bilinear_float) and ``normalize`` (fused, stepwise), computed as mxmask's
+Predictor computes them (mxmask.data.transforms), so the results are the same. Detections are
+mapped back to the original image:
 
     file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels; with
                    ``mask_box_thresh`` > 0 in the meta file, the tight box of the pasted mask
@@ -84,29 +88,107 @@ def read_rgb(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def resized_size(h, w, short, longest, rule):
+    """(new_h, new_w, scale) of the shortest-edge resize under ``rule`` (input.resize_rule)."""
+    if rule == "half_up":
+        scale = min(float(short) / min(h, w), float(longest) / max(h, w))
+        return int(h * scale + 0.5), int(w * scale + 0.5), scale
+    if rule == "gluoncv":                       # resize_short_within(mult_base=1)
+        size_min, size_max = (h, w) if w > h else (w, h)
+        scale = float(short) / float(size_min)
+        if np.round(scale * size_max) > longest:
+            scale = float(np.floor(longest)) / float(size_max)
+        return int(np.round(h * scale)), int(np.round(w * scale)), scale
+    if rule == "torchvision":                   # GeneralizedRCNNTransform, eager
+        scale = min(short / min(h, w), longest / max(h, w))
+        return int(h * scale), int(w * scale), scale
+    if rule == "torchvision_float32":           # the same, scripted: a float32 scale
+        f = np.float32
+        scale = float(min(f(1) / f(min(h, w)) * f(short), f(1) / f(max(h, w)) * f(longest)))
+        return int(np.floor(h * scale)), int(np.floor(w * scale)), scale
+    raise ScriptError("meta file: unknown resize_rule %r" % rule)
+
+
+def normalized(image, mean, std, mode):
+    """HxWx3 uint8 -> float32 (3, H, W) = (x / 255 - mean) / std, in the float32 arithmetic of
+    ``mode`` (input.normalize: fused, or stepwise as GluonCV and torchvision)."""
+    out = np.empty((3,) + image.shape[:2], np.float32)
+    if mode == "stepwise":
+        for c in range(3):
+            out[c] = image[:, :, c]
+            out[c] /= np.float32(255)
+            out[c] -= np.float32(mean[c])
+            out[c] /= np.float32(std[c])
+        return out
+    if mode != "fused":
+        raise ScriptError("meta file: unknown normalize %r" % mode)
+    std = np.asarray(std, np.float64)
+    mul = 1.0 / (255.0 * std)
+    sub = np.asarray(mean, np.float64) / std
+    for c in range(3):
+        out[c] = image[:, :, c]
+        out[c] *= np.float32(mul[c])
+        out[c] -= np.float32(sub[c])
+    return out
+
+
+def _linear_taps(size, new_size):
+    """Source indices and float32 weights of PyTorch's CPU bilinear resize along one axis
+    (align_corners=False; the source coordinate rounded once, as its fused multiply-add)."""
+    scale = np.float32(size) / np.float32(new_size)
+    src = (np.float64(scale) * (np.arange(new_size) + 0.5) - 0.5).astype(np.float32)
+    np.maximum(src, np.float32(0), out=src)
+    i0 = np.minimum(np.floor(src).astype(np.int64), size - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, i0 + (i0 < size - 1), (np.float32(1) - lam).astype(np.float32), lam
+
+
+def _fma32(a, b, c):
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+def resize_bilinear_float(data, new_h, new_w):
+    """float32 (C, H, W) -> (C, new_h, new_w): torchvision's F.interpolate(bilinear,
+    align_corners=False) as PyTorch's CPU kernel computes it (mxmask's resize_bilinear_float)."""
+    if data.shape[1:] == (new_h, new_w):
+        return data
+    y0, y1, wy0, wy1 = _linear_taps(data.shape[1], new_h)
+    x0, x1, wx0, wx1 = _linear_taps(data.shape[2], new_w)
+    out = np.empty((data.shape[0], new_h, new_w), np.float32)
+    for c in range(data.shape[0]):
+        rows = [_fma32(data[c, y][:, x0], wx0, data[c, y][:, x1] * wx1) for y in (y0, y1)]
+        out[c] = _fma32(rows[0], wy0[:, None], rows[1] * wy1[:, None])
+    return out
+
+
 def prepare(image, meta):
     """HxWx3 uint8 RGB -> data (1, 3, Hp, Wp) float32 and im_info (1, 3) float32."""
     h, w = image.shape[:2]
-    short, longest = float(meta["min_size_test"]), float(meta["max_size_test"])
-    scale = min(short / min(h, w), longest / max(h, w))
-    new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
-    if (new_h, new_w) != (h, w):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    std = np.asarray(meta["pixel_std"], np.float64)
-    mul = 1.0 / (255.0 * std)
-    sub = np.asarray(meta["pixel_mean"], np.float64) / std
+    rule = meta.get("resize_rule", "half_up")
+    interp = meta.get("resize_interp", "linear")
+    mode = meta.get("normalize", "fused")
+    new_h, new_w, scale = resized_size(h, w, meta["min_size_test"], meta["max_size_test"], rule)
     div = max(int(meta["size_divisibility"]), 1)
     hp, wp = -(-new_h // div) * div, -(-new_w // div) * div
     biggest = meta.get("max_input_size")
     if biggest and max(hp, wp) > biggest:
         raise ScriptError("the resized image (%dx%d) is larger than the %d pixels the model "
                           "supports" % (hp, wp, biggest))
+    mean, std = meta["pixel_mean"], meta["pixel_std"]
+    if interp == "bilinear_float":               # torchvision: normalise, then resize
+        chw = resize_bilinear_float(normalized(image, mean, std, mode), new_h, new_w)
+    else:
+        if (new_h, new_w) != (h, w):
+            if interp == "linear":
+                image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            elif interp == "cubic":              # GluonCV: MXNet's imresize, OpenCV's bicubic
+                image = mx.image.imresize(mx.nd.array(image, dtype=np.uint8), new_w, new_h,
+                                          interp=2).asnumpy()
+            else:
+                raise ScriptError("meta file: unknown resize_interp %r" % interp)
+        chw = normalized(image, mean, std, mode)
     data = np.zeros((1, 3, hp, wp), np.float32)
-    for c in range(3):
-        channel = image[:, :, c].astype(np.float32)
-        channel *= np.float32(mul[c])
-        channel -= np.float32(sub[c])
-        data[0, c, :new_h, :new_w] = channel
+    data[0, :, :new_h, :new_w] = chw
     im_info = np.array([[new_h, new_w, scale]], np.float32)
     return data, im_info
 

@@ -223,15 +223,13 @@ def test_amp_pass_bug_and_exclusions():
 
 
 # --------------------------------------------------------------------------------------------
-def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes_dataset,
-                                                   tmp_path):
-    pycocotools_mask = pytest.importorskip("pycocotools.mask")
-    from mxmask.predictor import Predictor
-    prefix, _ = exported
-    val = os.path.join(shapes_dataset, "images", "val")
-    image = os.path.join(val, sorted(os.listdir(val))[0])
+FORBIDDEN = ("mxmask", "gluoncv", "yaml", "pycocotools", "PIL")
+
+
+def run_script(prefix, image, tmp_path):
+    """scripts/predict_exported.py run as __main__ on one image -> its entries (json); it must
+    finish without loading any module of FORBIDDEN."""
     out = str(tmp_path / "results.json")
-    forbidden = ("mxmask", "gluoncv", "yaml", "pycocotools", "PIL")
     # run the script as __main__ and list, after it finished, any forbidden module it loaded
     code = ("import runpy, sys\n"
             "sys.argv = sys.argv[1:]\n"
@@ -241,23 +239,24 @@ def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes
             "    rc = e.code\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in %r)\n"
             "print('LOADED', bad, file=sys.stderr)\n"
-            "sys.exit(rc)\n" % (forbidden,))
+            "sys.exit(rc)\n" % (FORBIDDEN,))
     proc = subprocess.run([sys.executable, "-c", code, SCRIPT, prefix, image, "--out", out],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOADED []" in proc.stderr, proc.stderr[-2000:]
     assert os.path.basename(image) + ": " in proc.stdout
     with open(out) as f:
-        mine = json.load(f)
-    theirs = Predictor(shapes_ckpt).predict_image(image)
+        return json.load(f)
+
+
+def assert_same_entries(mine, theirs):
+    """The script's entries equal mxmask's Predictor's: classes, scores, boxes, masks."""
+    pycocotools_mask = pytest.importorskip("pycocotools.mask")
     assert len(mine) == len(theirs) > 0
-    with open(prefix + "-meta.json") as f:         # the preset's boxes come from the masks
-        assert json.load(f)["mask_box_thresh"] == preset_config("shapes").test.mask_box_thresh > 0
     for a, b in zip(mine, theirs):
         assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
         assert abs(a["score"] - b["score"]) <= 1e-6
         np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
-        np.testing.assert_array_equal(a["bbox"], np.round(a["bbox"]))  # whole pixels
         rle = pycocotools_mask.frPyObjects(a["segmentation"], *a["segmentation"]["size"])
         ma, mb = pycocotools_mask.decode(rle), pycocotools_mask.decode(b["segmentation"])
         assert ma.shape == mb.shape and (ma == mb).all() and a["area"] == int(ma.sum())
@@ -265,6 +264,52 @@ def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes
             assert np.abs(np.array(a["keypoints"]) - b["keypoints"]).max() < 8.0
         else:
             assert "keypoints" not in a
+
+
+def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes_dataset,
+                                                   tmp_path):
+    from mxmask.predictor import Predictor
+    prefix, _ = exported
+    val = os.path.join(shapes_dataset, "images", "val")
+    image = os.path.join(val, sorted(os.listdir(val))[0])
+    mine = run_script(prefix, image, tmp_path)
+    theirs = Predictor(shapes_ckpt).predict_image(image)
+    with open(prefix + "-meta.json") as f:         # the preset's boxes come from the masks
+        assert json.load(f)["mask_box_thresh"] == preset_config("shapes").test.mask_box_thresh > 0
+    assert_same_entries(mine, theirs)
+    for a in mine:
+        np.testing.assert_array_equal(a["bbox"], np.round(a["bbox"]))  # whole pixels
+
+
+PIPELINES = [("half_up", "linear", "fused"), ("gluoncv", "cubic", "stepwise"),
+             ("gluoncv", "linear", "stepwise"), ("torchvision", "bilinear_float", "stepwise"),
+             ("torchvision_float32", "bilinear_float", "fused"), ("half_up", "cubic", "fused")]
+
+
+@pytest.mark.parametrize("rule,interp,normalize", PIPELINES)
+def test_predict_exported_script_input_equals_test_transform(exported, rule, interp, normalize):
+    """The script's own copy of the test-time pipeline (it cannot import mxmask) gives the
+    tensor of mxmask's TestTransform bit for bit, for each input.resize_rule / resize_interp /
+    normalize, on sizes whose resize is not a clean multiple."""
+    import runpy
+    from mxmask.data.transforms import TestTransform, batchify_test
+    script = runpy.run_path(SCRIPT)
+    prefix, _ = exported
+    with open(prefix + "-meta.json") as f:
+        meta = json.load(f)
+    meta.update(resize_rule=rule, resize_interp=interp, normalize=normalize)
+    cfg = preset_config("shapes")
+    cfg.input.resize_rule, cfg.input.resize_interp, cfg.input.normalize = rule, interp, normalize
+    transform = TestTransform(cfg)
+    rng = np.random.RandomState(5)
+    for h, w in ((97, 130), (150, 113), (300, 123)):
+        image = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+        data, im_info = script["prepare"](image, meta)
+        chw, info = transform.apply_image(image)
+        batch = batchify_test([(chw, info, 0, np.array([h, w]))], cfg.input.size_divisibility)
+        assert data.dtype == np.float32 and data.shape == batch["data"].shape
+        np.testing.assert_array_equal(data, batch["data"])
+        np.testing.assert_array_equal(im_info, batch["im_info"])
 
 
 def test_predict_exported_script_imports_and_errors(tmp_path):

@@ -4,10 +4,12 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from mxmask.config import get_config
-from mxmask.data.transforms import (TestTransform, TrainTransform, batchify_test, batchify_train,
-                                    decode_masks, hflip, mask_boxes, normalize, padded_size,
-                                    paste_instances, resize_shortest_edge, resized_size)
+from mxmask.config import CHOICES, ConfigError, get_config
+from mxmask.data.transforms import (NORMALIZE_MODES, RESIZE_INTERPS, RESIZE_RULES, TestTransform,
+                                    TrainTransform, batchify_test, batchify_train, decode_masks,
+                                    hflip, mask_boxes, normalize, padded_size, paste_instances,
+                                    resize_bilinear_float, resize_image, resize_shortest_edge,
+                                    resized_size)
 from mxmask.utils import UserError
 
 
@@ -137,6 +139,148 @@ def test_normalize_is_chw_float32_of_x_over_255_minus_mean_over_std():
     expected = ((image / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
     np.testing.assert_allclose(out, expected, atol=1e-5)
     assert out[0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, abs=1e-5)
+
+
+def test_normalize_stepwise_is_gluoncv_and_torchvision_arithmetic():
+    """``stepwise``: float32 x / 255, minus float32 mean, over float32 std, as MXNet's
+    image.to_tensor + image.normalize (GluonCV) and torchvision compute it, bit for bit; the
+    default ``fused`` arithmetic is within 5e-7 of it."""
+    import mxnet as mx
+    image = np.random.default_rng(1).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    got = normalize(image, mean, std, "stepwise")
+    x = image.transpose(2, 0, 1).astype(np.float32)
+    m32, s32 = (np.array(v, np.float32)[:, None, None] for v in (mean, std))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, (x / np.float32(255) - m32) / s32)
+    gluoncv = mx.nd.image.normalize(mx.nd.image.to_tensor(mx.nd.array(image, dtype="uint8")),
+                                    mean=mean, std=std)
+    np.testing.assert_array_equal(got, gluoncv.asnumpy())
+    fused = normalize(image, mean, std)
+    assert (fused != got).any()
+    np.testing.assert_allclose(fused, got, rtol=0, atol=5e-7)
+    with pytest.raises(UserError, match="input.normalize"):
+        normalize(image, mean, std, "exact")
+
+
+# --------------------------------------------------------------------------------------------
+# Test-time resize rules and interpolations
+# --------------------------------------------------------------------------------------------
+def test_config_choices_are_the_transform_choices():
+    assert CHOICES["input.resize_rule"] == RESIZE_RULES
+    assert CHOICES["input.resize_interp"] == RESIZE_INTERPS
+    assert CHOICES["input.normalize"] == NORMALIZE_MODES
+    cfg = get_config("shapes")
+    assert (cfg.input.resize_rule, cfg.input.resize_interp, cfg.input.normalize) == \
+        ("half_up", "linear", "fused")
+    with pytest.raises(ConfigError, match="input.resize_interp.*'area'"):
+        get_config("shapes", ["input.resize_interp=area"])
+
+
+def test_resized_size_rules_of_gluoncv_and_torchvision():
+    # GluonCV rounds half to even (np.round), half_up does not
+    assert resized_size(4, 10, 5, 100, "gluoncv")[:2] == (5, 12)
+    assert resized_size(4, 10, 5, 100, "half_up")[:2] == (5, 13)
+    assert resized_size(480, 640, 800, 1333, "gluoncv") == (800, 1067, 800 / 480)
+    # torchvision floors; sizes measured with torchvision 0.29's GeneralizedRCNNTransform,
+    # eager (Python float scale) and scripted (float32 scale)
+    measured = {(480, 640): ((800, 1066), (800, 1066)), (375, 500): ((800, 1066), (799, 1066)),
+                (427, 640): ((800, 1199), (799, 1199)), (333, 500): ((800, 1201), (799, 1201)),
+                (1000, 3000): ((444, 1333), (444, 1332)), (612, 612): ((800, 800), (800, 800))}
+    for (h, w), (eager, scripted) in measured.items():
+        assert resized_size(h, w, 800, 1333, "torchvision")[:2] == eager
+        assert resized_size(h, w, 800, 1333, "torchvision_float32")[:2] == scripted
+    assert resized_size(375, 500, 800, 1333, "torchvision")[2] == 800 / 375
+    assert resized_size(375, 500, 800, 1333, "torchvision_float32")[2] == \
+        float(np.float32(1) / np.float32(375) * np.float32(800))
+    with pytest.raises(UserError, match="input.resize_rule"):
+        resized_size(4, 10, 5, 100, "detectron")
+
+
+def test_gluoncv_rule_equals_resize_short_within():
+    """GluonCV's own size computation (its max-size test on the rounded long side), on sizes
+    that hit the cap and sizes that do not."""
+    pytest.importorskip("gluoncv")
+    import mxnet as mx
+    from gluoncv.data.transforms.image import resize_short_within
+    rng = np.random.default_rng(0)
+    for h, w in rng.integers(20, 400, (60, 2)):
+        theirs = resize_short_within(mx.nd.zeros((h, w, 1), dtype="uint8"), 100, 170).shape[:2]
+        assert resized_size(int(h), int(w), 100, 170, "gluoncv")[:2] == theirs, (h, w)
+
+
+def test_resize_image_cubic_is_mxnet_imresize():
+    """``cubic`` is MXNet's imresize(interp=2), OpenCV's bicubic as the OpenCV inside MXNet
+    computes it (GluonCV's load_test): within one level of cv2's INTER_CUBIC, not linear."""
+    import cv2
+    import mxnet as mx
+    image = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    got = resize_image(image, 50, 67, "cubic")
+    assert got.dtype == np.uint8 and got.shape == (50, 67, 3)
+    theirs = mx.image.imresize(mx.nd.array(image, dtype="uint8"), 67, 50, interp=2)
+    np.testing.assert_array_equal(got, theirs.asnumpy())
+    cubic = cv2.resize(image, (67, 50), interpolation=cv2.INTER_CUBIC)
+    assert np.abs(got.astype(int) - cubic).max() <= 1
+    assert np.abs(got.astype(int) - resize_image(image, 50, 67)).max() > 10
+    assert resize_image(image, 30, 40, "cubic") is image
+    with pytest.raises(UserError, match="input.resize_interp"):
+        resize_image(image, 50, 67, "area")
+
+
+def _bilinear_reference(data, new_h, new_w):
+    """align_corners=False bilinear in float64: output index i reads the input at
+    max((i + 0.5) * size / new_size - 0.5, 0), linear between its two neighbours, the last
+    input index repeated past the end."""
+    def weights(size, new_size):
+        w = np.zeros((new_size, size))
+        for i in range(new_size):
+            src = max((i + 0.5) * size / new_size - 0.5, 0.0)
+            i0 = min(int(np.floor(src)), size - 1)
+            w[i, i0] += 1 - (src - i0)
+            w[i, min(i0 + 1, size - 1)] += src - i0
+        return w
+    return np.einsum("yh,chw,xw->cyx", weights(data.shape[1], new_h), data.astype(np.float64),
+                     weights(data.shape[2], new_w))
+
+
+@pytest.mark.parametrize("size,new_size,atol", [((40, 24), (64, 96), 2e-6),     # x1.6, x4
+                                                ((23, 37), (61, 98), 2e-5),     # enlarge
+                                                ((50, 64), (31, 20), 2e-5)])    # shrink
+def test_resize_bilinear_float_is_align_corners_false_bilinear(size, new_size, atol):
+    """The float32 resize against a float64 reference. Only the float32 rounding of the source
+    coordinate (which PyTorch's kernel shares) separates them: exact scales give 1e-6."""
+    data = np.random.default_rng(3).standard_normal((3,) + size).astype(np.float32)
+    got = resize_bilinear_float(data, *new_size)
+    assert got.dtype == np.float32 and got.shape == (3,) + new_size
+    np.testing.assert_allclose(got, _bilinear_reference(data, *new_size), rtol=0, atol=atol)
+    assert resize_bilinear_float(data, *size) is data
+
+
+def test_test_transform_applies_the_configured_pipeline():
+    """Each pipeline: the uint8 resize then the normalisation, or (bilinear_float, as
+    torchvision) the normalisation then the float resize, at the rule's size."""
+    image = _image()                                        # 20x30
+    mean, std = get_config("shapes").input.pixel_mean, get_config("shapes").input.pixel_std
+    for rule, interp, mode in [("gluoncv", "cubic", "stepwise"),
+                               ("torchvision_float32", "bilinear_float", "stepwise"),
+                               ("half_up", "linear", "fused")]:
+        cfg = _cfg(**{"input.min_size_test": 47, "input.max_size_test": 1000,
+                      "input.resize_rule": rule, "input.resize_interp": interp,
+                      "input.normalize": mode})
+        data, im_info = TestTransform(cfg).apply_image(image)
+        h, w, scale = resized_size(20, 30, 47, 1000, rule)
+        if interp == "bilinear_float":
+            expected = resize_bilinear_float(normalize(image, mean, std, mode), h, w)
+        else:
+            expected = normalize(resize_image(image, h, w, interp), mean, std, mode)
+        np.testing.assert_array_equal(data, expected)
+        np.testing.assert_array_equal(im_info, np.array([h, w, scale], np.float32))
+    assert resized_size(20, 30, 47, 1000, "gluoncv")[:2] == (47, 70)          # 70.5, to even
+    assert resized_size(20, 30, 47, 1000, "torchvision_float32")[:2] == (47, 70)
+    cfg = _cfg()
+    cfg.input.resize_interp = "area"                        # set in code: no config check
+    with pytest.raises(UserError, match="input.resize_interp: expected one of"):
+        TestTransform(cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Per-image transforms and batching for training and testing (numpy and OpenCV only).
+"""Per-image transforms and batching for training and testing (numpy and OpenCV; MXNet for the
+``cubic`` test-time resize).
 
 In:  a dataset record (see DEVELOPING.md, ``mxmask.data.coco.load_coco``) whose image file is
      read as HxWx3 uint8 RGB, plus a ``numpy.random.Generator`` for the augmentation draws.
@@ -15,7 +16,12 @@ Conventions fixed here:
   on the resized pixels (an object touching the right border still does). ``im_info`` carries
   ``(new_h, new_w, scale)`` with the nominal ``scale``; undo the resize exactly with
   ``orig_size / im_info[:2]`` per axis.
-* The image is resized with ``cv2.INTER_LINEAR``. Binary masks are resized with
+* Test time (:class:`TestTransform`) takes the resize rule, the interpolation and the
+  normalisation arithmetic from the config (``input.resize_rule``, ``input.resize_interp``,
+  ``input.normalize``; :data:`RESIZE_RULES`, :data:`RESIZE_INTERPS`, :data:`NORMALIZE_MODES`),
+  so that a preset feeds its network exactly the tensor its original framework does. The
+  defaults are the rule above, ``cv2.INTER_LINEAR`` and the fused normalisation.
+* Training resizes the image with ``cv2.INTER_LINEAR``. Binary masks are resized with
   ``cv2.INTER_LINEAR`` on 0/255 values and thresholded at 128 (a linear value >= 0.5). OpenCV's
   linear resize maps pixel centres the same way as our continuous coordinates (pixel ``i`` covers
   ``[i, i+1)``), so masks stay aligned with the scaled boxes; ``INTER_NEAREST`` in OpenCV takes
@@ -27,6 +33,8 @@ Conventions fixed here:
   ``size_divisibility``; gt boxes, labels, keypoints and crowd boxes are padded with -1, masks
   with 0. The instance axis ``G`` is at least 1 so that no batch array is empty.
 """
+import math
+
 import numpy as np
 import cv2
 import pycocotools.mask as mask_util
@@ -67,17 +75,138 @@ def decode_masks(segmentations, height, width):
 # --------------------------------------------------------------------------------------------
 # Resize
 # --------------------------------------------------------------------------------------------
-def resized_size(height, width, short, max_size):
-    """The shortest-edge resize rule -> (new_h, new_w, scale), sizes rounded half up."""
-    scale = min(float(short) / min(height, width), float(max_size) / max(height, width))
-    return int(height * scale + 0.5), int(width * scale + 0.5), scale
+# input.resize_rule: how (short, max_size) becomes the resized size (:func:`resized_size`)
+RESIZE_RULES = ("half_up", "gluoncv", "torchvision", "torchvision_float32")
+# input.resize_interp: how the test-time image is resampled (:func:`resize_image`,
+# :func:`resize_bilinear_float`)
+RESIZE_INTERPS = ("linear", "cubic", "bilinear_float")
+# input.normalize: the float32 arithmetic of (x / 255 - mean) / std (:func:`normalize`)
+NORMALIZE_MODES = ("fused", "stepwise")
 
 
-def resize_image(image, new_h, new_w):
-    """HxWxC uint8 -> new_h x new_w x C with bilinear interpolation."""
+def resized_size(height, width, short, max_size, rule="half_up"):
+    """The shortest-edge resize: short side ``short``, long side at most ``max_size``.
+
+    Args:
+        height, width: the image size.
+        short, max_size: ``input.min_size_test`` / ``max_size_test`` (or the training ones).
+        rule: one of :data:`RESIZE_RULES`, the arithmetic of a framework:
+
+            ``half_up``: ``scale = min(short / min(h, w), max_size / max(h, w))``, sizes
+            ``int(h * scale + 0.5)`` (rounded half up, as Detectron2).
+            ``gluoncv``: GluonCV's ``resize_short_within(src, short, max_size, mult_base=1)``:
+            ``scale = short / min(h, w)`` unless ``np.round(scale * max(h, w)) > max_size``,
+            then ``max_size / max(h, w)``; sizes ``np.round(h * scale)`` (half to even).
+            ``torchvision``: ``GeneralizedRCNNTransform`` in eager mode (torchvision 0.29):
+            ``scale = min(short / min(h, w), max_size / max(h, w))`` in Python floats, sizes
+            ``floor(h * scale)`` (``F.interpolate(scale_factor=scale,
+            recompute_scale_factor=True)``). A 500x375 image gives 1066x800.
+            ``torchvision_float32``: the same transform scripted or traced, where the scale is a
+            float32 tensor, ``float32(1 / min(h, w)) * short`` (PyTorch's ``int / Tensor`` is a
+            reciprocal then a product); a 500x375 image gives 1066x799.
+
+    Returns:
+        ``(new_h, new_w, scale)``: the resized size and the nominal factor.
+    """
+    if rule == "half_up":
+        scale = min(float(short) / min(height, width), float(max_size) / max(height, width))
+        return int(height * scale + 0.5), int(width * scale + 0.5), scale
+    if rule == "gluoncv":
+        size_min, size_max = (height, width) if width > height else (width, height)
+        scale = float(short) / float(size_min)
+        if np.round(scale * size_max) > max_size:
+            scale = float(np.floor(max_size)) / float(size_max)
+        return int(np.round(height * scale)), int(np.round(width * scale)), scale
+    if rule == "torchvision":
+        scale = min(short / min(height, width), max_size / max(height, width))
+        return int(height * scale), int(width * scale), scale
+    if rule == "torchvision_float32":
+        f = np.float32
+        scale = float(min(f(1) / f(min(height, width)) * f(short),
+                          f(1) / f(max(height, width)) * f(max_size)))
+        return int(math.floor(height * scale)), int(math.floor(width * scale)), scale
+    raise UserError("input.resize_rule: expected one of %s, got %r"
+                    % (", ".join(RESIZE_RULES), rule))
+
+
+def resize_image(image, new_h, new_w, interp="linear"):
+    """HxWxC uint8 -> new_h x new_w x C uint8.
+
+    Args:
+        image: the image.
+        new_h, new_w: the output size (an image already of that size is returned as it is).
+        interp: ``linear``: ``cv2.INTER_LINEAR`` (MXNet's ``imresize(interp=1)`` and so
+            GluonCV's COCO evaluation transform give the same bytes); ``cubic``: MXNet's
+            ``mx.image.imresize(..., interp=2)``, which is OpenCV's ``INTER_CUBIC`` (OpenCV's
+            enum: 2 is cubic, whatever MXNet's and GluonCV's docstrings call "area") as the
+            OpenCV inside MXNet computes it; that is GluonCV's ``load_test`` resize, and 4-5% of
+            its pixels differ by 1 from ``cv2.resize(..., INTER_CUBIC)`` of OpenCV 4.8.
+
+    Returns:
+        The resized image.
+    """
     if image.shape[:2] == (new_h, new_w):
         return image
-    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if interp == "linear":
+        return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    if interp == "cubic":
+        import mxnet as mx
+        src = mx.nd.array(image, dtype=np.uint8, ctx=mx.cpu())
+        return mx.image.imresize(src, int(new_w), int(new_h), interp=2).asnumpy()
+    raise UserError("input.resize_interp: expected one of %s for a uint8 resize, got %r"
+                    % (", ".join(RESIZE_INTERPS[:2]), interp))
+
+
+def _linear_taps(size, new_size):
+    """Per output index along one axis: the two source indices and their float32 weights of
+    PyTorch's CPU bilinear resize (``align_corners=False``): ``scale = float32(size) /
+    new_size``, source ``max(scale * (i + 0.5) - 0.5, 0)`` rounded once to float32 (PyTorch's
+    kernel computes it with a fused multiply-add; the float64 product of a float32 and
+    ``i + 0.5`` is exact, so one rounding reproduces it), ``i0 = floor``, ``i1 = i0 + 1``
+    (``i0`` at the last index), weights ``1 - l`` and ``l``."""
+    scale = np.float32(size) / np.float32(new_size)
+    src = (np.float64(scale) * (np.arange(new_size) + 0.5) - 0.5).astype(np.float32)
+    np.maximum(src, np.float32(0), out=src)
+    i0 = np.minimum(np.floor(src).astype(np.int64), size - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = i0 + (i0 < size - 1)
+    return i0, i1, (np.float32(1) - lam).astype(np.float32), lam
+
+
+def _fma32(a, b, c):
+    """float32 ``a * b + c`` rounded once, as a fused multiply-add (float64 holds the product of
+    two float32 values exactly; the sum is rounded to float64 then float32, which equals one
+    rounding except in ties far below what any comparison here can see)."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+def resize_bilinear_float(data, new_h, new_w):
+    """Float32 (C, H, W) -> (C, new_h, new_w): PyTorch's ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (no antialias) as its CPU kernel computes it with several threads
+    (``upsample_generic_Nd_kernel_impl``): taps of :func:`_linear_taps`, along the width
+    ``fma(x0, w0, x1 * w1)``, then along the height the same on the two rows. (With one thread
+    and three channels PyTorch takes another kernel, whose sums round differently by an ulp.)
+
+    Args:
+        data: float32 (C, H, W), the normalised image (torchvision normalises, then resizes).
+        new_h, new_w: the output size.
+
+    Returns:
+        float32 (C, new_h, new_w).
+    """
+    data = np.asarray(data, np.float32)
+    if data.shape[1:] == (new_h, new_w):
+        return data
+    y0, y1, wy0, wy1 = _linear_taps(data.shape[1], new_h)
+    x0, x1, wx0, wx1 = _linear_taps(data.shape[2], new_w)
+    out = np.empty((data.shape[0], new_h, new_w), np.float32)
+    for c in range(data.shape[0]):                      # per channel: a smaller working set
+        rows = []
+        for y in (y0, y1):
+            r = data[c, y]                                                   # (new_h, W)
+            rows.append(_fma32(r[:, x0], wx0, r[:, x1] * wx1))               # (new_h, new_w)
+        out[c] = _fma32(rows[0], wy0[:, None], rows[1] * wy1[:, None])
+    return out
 
 
 def resize_masks(masks, new_h, new_w):
@@ -261,8 +390,33 @@ def paste_instances(dst, src, order, min_visible=0.5):
 # --------------------------------------------------------------------------------------------
 # Normalisation
 # --------------------------------------------------------------------------------------------
-def normalize(image, mean, std):
-    """HxWx3 uint8 RGB -> float32 (3, H, W) equal to ``(x / 255 - mean) / std`` per channel."""
+def normalize(image, mean, std, mode="fused"):
+    """HxWx3 uint8 RGB -> float32 (3, H, W) equal to ``(x / 255 - mean) / std`` per channel.
+
+    Args:
+        image: the image.
+        mean, std: per channel (``input.pixel_mean`` / ``pixel_std``).
+        mode: ``fused`` (one float32 multiply and subtract per value, with the constants
+            folded in float64; the fast default) or ``stepwise``: float32 ``x / 255``, minus
+            ``float32(mean)``, divided by ``float32(std)``, which is what MXNet's
+            ``image.to_tensor`` + ``image.normalize`` (GluonCV) and torchvision's ``to_tensor``
+            + ``GeneralizedRCNNTransform.normalize`` compute, bit for bit. The two differ by at
+            most 4.8e-7.
+
+    Returns:
+        float32 (3, H, W).
+    """
+    if mode == "stepwise":
+        out = np.empty((image.shape[2],) + image.shape[:2], np.float32)
+        for c in range(image.shape[2]):
+            out[c] = image[:, :, c]
+            out[c] /= np.float32(255)
+            out[c] -= np.float32(mean[c])
+            out[c] /= np.float32(std[c])
+        return out
+    if mode != "fused":
+        raise UserError("input.normalize: expected one of %s, got %r"
+                        % (", ".join(NORMALIZE_MODES), mode))
     scale = 1.0 / (255.0 * np.asarray(std, np.float64))
     shift = np.asarray(mean, np.float64) / np.asarray(std, np.float64)
     out = np.empty((image.shape[2],) + image.shape[:2], np.float32)
@@ -451,24 +605,44 @@ class TrainTransform:
 
 class TestTransform:
     """Record -> ``(image float32 (3, h, w), im_info float32 (h, w, scale), image_id,
-    orig_size int64 (height, width))`` with the test-time shortest-edge resize."""
+    orig_size int64 (height, width))`` with the test-time shortest-edge resize.
+
+    The pipeline is the config's: ``input.resize_rule`` sizes the image (:func:`resized_size`);
+    with ``input.resize_interp`` ``linear`` or ``cubic`` the uint8 image is resized
+    (:func:`resize_image`) then normalised (``input.normalize``, :func:`normalize`); with
+    ``bilinear_float`` it is normalised first and the float image resized
+    (:func:`resize_bilinear_float`), as torchvision does."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, cfg, reader=None):
-        self.short = int(cfg.input.min_size_test)
-        self.max_size = int(cfg.input.max_size_test)
-        self.mean = cfg.input.pixel_mean
-        self.std = cfg.input.pixel_std
+        i = cfg.input
+        self.short = int(i.min_size_test)
+        self.max_size = int(i.max_size_test)
+        self.mean = i.pixel_mean
+        self.std = i.pixel_std
+        self.resize_rule = str(i.resize_rule)
+        self.resize_interp = str(i.resize_interp)
+        self.normalize = str(i.normalize)
+        for key, value, choices in (("resize_rule", self.resize_rule, RESIZE_RULES),
+                                    ("resize_interp", self.resize_interp, RESIZE_INTERPS),
+                                    ("normalize", self.normalize, NORMALIZE_MODES)):
+            if value not in choices:
+                raise UserError("input.%s: expected one of %s, got %r"
+                                % (key, ", ".join(choices), value))
         self.reader = reader or read_image_file
 
     def apply_image(self, image):
         """HxWx3 uint8 RGB -> (normalised CHW float32, im_info)."""
         h, w = image.shape[:2]
-        new_h, new_w, scale = resized_size(h, w, self.short, self.max_size)
-        resized = resize_image(image, new_h, new_w)
-        return (normalize(resized, self.mean, self.std),
-                np.array([new_h, new_w, scale], np.float32))
+        new_h, new_w, scale = resized_size(h, w, self.short, self.max_size, self.resize_rule)
+        if self.resize_interp == "bilinear_float":
+            data = resize_bilinear_float(normalize(image, self.mean, self.std, self.normalize),
+                                         new_h, new_w)
+        else:
+            data = normalize(resize_image(image, new_h, new_w, self.resize_interp),
+                             self.mean, self.std, self.normalize)
+        return data, np.array([new_h, new_w, scale], np.float32)
 
     def __call__(self, record):
         image = _checked_image(record, self.reader)

@@ -138,16 +138,24 @@ def checkpoint_files(out_dir):
     return params, (states if os.path.exists(states) else None)
 
 
+# input.* settings that only change the test-time preprocessing (data.transforms.TestTransform),
+# not the network or its anchor constants, so a trained checkpoint may take them with --set
+TEST_INPUT_KEYS = ("input.resize_rule", "input.resize_interp", "input.normalize")
+
+
 def load_checkpoint_config(ckpt, overrides=()):
     """The config saved in a checkpoint folder (``ckpt`` may also be a config.yaml path), with
-    ``key=value`` overrides of its ``test.*`` settings (the weights fix everything else)."""
+    ``key=value`` overrides of its ``test.*`` settings and of the test-time preprocessing
+    (:data:`TEST_INPUT_KEYS`); the weights fix everything else."""
     path = ckpt if ckpt.endswith((".yaml", ".yml")) else os.path.join(ckpt, "config.yaml")
     if not os.path.exists(path):
         raise UserError("%s: not a checkpoint folder (config.yaml is missing)" % ckpt)
     cfg = load_yaml(path)
     for assignment in overrides or ():
-        if not assignment.strip().startswith("test."):
-            raise ConfigError("--set %s: only test.* settings can change for a trained "
-                              "checkpoint (its weights fix the rest of %s)" % (assignment, path))
+        key = assignment.split("=", 1)[0].strip()
+        if not key.startswith("test.") and key not in TEST_INPUT_KEYS:
+            raise ConfigError("--set %s: only test.* settings and %s can change for a trained "
+                              "checkpoint (its weights fix the rest of %s)"
+                              % (assignment, ", ".join(TEST_INPUT_KEYS), path))
         set_value(cfg, assignment)
     return cfg
