@@ -75,6 +75,8 @@ def test_rpn_head_matches_gluoncv():
 def test_anchor_max_size():
     assert anchor_max_size(get_config("mask_rcnn_r50_fpn")) == 1344
     assert anchor_max_size(get_config("shapes")) == 320
+    # the gluoncv preset does not pad (size_divisibility 1): its anchors still cover 1344
+    assert anchor_max_size(get_config("gluoncv_mask_rcnn_r50_fpn")) == 1344
     assert anchor_max_size(shapes_cfg("input.max_size_test=1000")) == 1024
 
 

@@ -67,9 +67,12 @@ class RPNHead(mx.gluon.HybridBlock):
 
 
 def anchor_max_size(cfg):
-    """Largest padded input side the anchor constants must cover (train and test sizes)."""
+    """Largest padded input side the anchor constants must cover (train and test sizes),
+    rounded up to a multiple of ``input.size_divisibility``, or of 32 when that is smaller: a
+    preset that does not pad (the gluoncv preset's 1, as GluonCV) still covers the sizes a
+    benchmark or an export pads to."""
     i = cfg.input
-    div = max(int(i.size_divisibility), 1)
+    div = max(int(i.size_divisibility), 32)
     side = max([i.max_size_train, i.max_size_test, i.min_size_test] + list(i.min_size_train))
     return int(-(-side // div) * div)
 
