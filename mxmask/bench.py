@@ -243,8 +243,7 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
             detections_to_coco(out, np.array([h, w, 1.0]), (h, w), i,
                                list(range(1, net.num_classes + 1)),
                                keypoint_decode=cfg.test.keypoint_decode,
-                               mask_box_thresh=cfg.test.mask_box_thresh,
-                               box_plus_one=cfg.model.box_plus_one)
+                               mask_box_thresh=cfg.test.mask_box_thresh)
     _, stages["paste/decode"] = _timed(post, runs, 1)
     total = [t + p for t, p in zip(network, stages["paste/decode"])]
     result = {"total_s": _stats(total), "network_s": _stats(network),

@@ -296,7 +296,7 @@ def _squeeze_batch(outputs):
 
 def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, score_thresh=0.0,
                        mask_thresh=0.5, keypoint_decode="taylor", keypoint_category_ids=None,
-                       box_plus_one=False, file_name=None, mask_box_thresh=0.0):
+                       file_name=None, mask_box_thresh=0.0):
     """One image's network outputs -> list of COCO result dicts in original-image coordinates.
 
     ``outputs``: dict with ``ids``, ``scores``, ``boxes`` and optionally ``masks``, ``keypoints``,
@@ -309,9 +309,15 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     ``masks`` is present) is RLE of the mask pasted at ``mask_thresh``; ``keypoints`` come from
     ``heatmaps`` with ``keypoint_decode`` (:func:`decode_keypoints`) when present, else from
     ``keypoints`` rescaled; every keypoint gets ``v = 2``. With ``keypoint_category_ids`` only
-    detections of those COCO categories get keypoints. ``box_plus_one``: boxes use the
-    ``x2 - x1 + 1`` width convention (GluonCV), so ``bbox`` widths and the pasted/decoded extent
-    include the extra pixel.
+    detections of those COCO categories get keypoints.
+
+    Boxes are written in continuous coordinates whatever ``model.box_plus_one`` (that flag is
+    the network's box coding): ``bbox`` is ``[x1, y1, x2 - x1, y2 - y1]`` and masks are pasted
+    over ``[x1, x2)``, which is how GluonCV's COCO instance evaluation, the one behind its Mask
+    R-CNN APs, writes its ``x2 - x1 + 1``-coded boxes (``utils/metrics/coco_instance.py``;
+    ``data/transforms/mask.fill``); Detectron2 and torchvision write them so too. (GluonCV's
+    box-only ``COCODetectionMetric`` adds 1 to w and h.) ``scripts/predict_exported.py`` uses
+    the same convention.
 
     ``mask_box_thresh`` > 0 (``test.mask_box_thresh``, with masks): each ``bbox`` becomes the
     tight box of its pasted mask probability ``>= mask_box_thresh`` (:func:`mask_extents`; the
@@ -345,8 +351,6 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     boxes = boxes[keep] / factor
     scores = scores[keep]
     extent = boxes.copy()      # continuous extent [x1, x2) used for pasting / decoding
-    if box_plus_one:
-        extent[:, 2:] += 1.0
     reported = extent          # the bbox written: the extent, or the mask's tight box
 
     rles = None

@@ -125,10 +125,6 @@ class Predictor:
     def to_entries(self, outputs, batch, names=None):
         """Raw outputs of a batch -> list (per image) of lists of COCO result entries."""
         arrays = [o.asnumpy() for o in outputs]
-        # Results are written in continuous coordinates whatever model.box_plus_one says: that
-        # flag is the network's box-coding convention. GluonCV's own COCO evaluation (the one
-        # behind its published AP) writes bbox w = x2 - x1 and pastes masks over [x1, x2)
-        # (utils/metrics/coco_instance.py, data/transforms/mask.fill with fast_fill=False).
         per_image = []
         for i in range(len(batch["data"])):
             out = {name: a[i] for name, a in zip(self.output_names, arrays)}
@@ -139,8 +135,7 @@ class Predictor:
                 mask_thresh=self.cfg.test.mask_thresh,
                 mask_box_thresh=self.cfg.test.mask_box_thresh,
                 keypoint_decode=self.cfg.test.keypoint_decode,
-                keypoint_category_ids=self.keypoint_category_ids,
-                box_plus_one=False, **key))
+                keypoint_category_ids=self.keypoint_category_ids, **key))
         return per_image
 
     def run_batches(self, batches, names_of=None):

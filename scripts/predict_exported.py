@@ -21,9 +21,11 @@ The size rule, the interpolation and the normalisation arithmetic are the checkp
 Predictor computes them (mxmask.data.transforms), so the results are the same. Detections are
 mapped back to the original image:
 
-    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels; with
-                   ``mask_box_thresh`` > 0 in the meta file, the tight box of the pasted mask
-                   probability >= it, as mxmask's ``test.mask_box_thresh``),
+    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels, w = x2 - x1
+                   whatever the model's box_plus_one: GluonCV's COCO instance evaluation and
+                   ``mxmask predict`` write it so; with ``mask_box_thresh`` > 0 in the meta
+                   file, the tight box of the pasted mask probability >= it, as mxmask's
+                   ``test.mask_box_thresh``),
     segmentation   the mask pasted into the image (aligned bilinear, >= mask_thresh), as COCO
                    *uncompressed* RLE {"size": [h, w], "counts": [...]} (column-major runs
                    starting with 0s; pycocotools' frPyObjects reads it), and "area" its pixels
@@ -265,10 +267,8 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
     im_h, im_w, scale = (float(v) for v in im_info[0])
     sx = im_w / width if im_w > 0 else scale
     sy = im_h / height if im_h > 0 else scale
-    boxes = boxes[keep] / np.array([sx, sy, sx, sy])
-    extent = boxes.copy()
-    if meta.get("box_plus_one"):
-        extent[:, 2:] += 1.0
+    # continuous coordinates [x1, x2) whatever box_plus_one: mxmask predict's convention
+    extent = boxes[keep] / np.array([sx, sy, sx, sy])
     names = meta.get("class_names") or []
     kpt_cats = set(meta.get("keypoint_category_ids") or []) or None
     entries = []

@@ -129,15 +129,15 @@ def test_keypoints_output_rescaled_and_filters():
     assert (flat[:, 2] == 2).all()
 
 
-def test_file_name_batch_axis_plus_one_and_empty():
+def test_file_name_batch_axis_width_and_empty():
     out = make_outputs(2)
     del out["heatmaps"], out["keypoints"]
     batched = {k: v[None] for k, v in out.items()}
-    res = detections_to_coco(batched, IM_INFO[None], (HEIGHT, WIDTH), "a/b.png", CATEGORY_IDS,
-                             box_plus_one=True)
+    res = detections_to_coco(batched, IM_INFO[None], (HEIGHT, WIDTH), "a/b.png", CATEGORY_IDS)
     assert all(r["file_name"] == "a/b.png" and "image_id" not in r for r in res)
     boxes = orig_boxes(out["boxes"][[0, 1, 3]])
-    np.testing.assert_allclose([r["bbox"][2] for r in res], boxes[:, 2] - boxes[:, 0] + 1,
+    # one convention for every model, GluonCV's +1-coded boxes included: w = x2 - x1
+    np.testing.assert_allclose([r["bbox"][2] for r in res], boxes[:, 2] - boxes[:, 0],
                                rtol=1e-6)
     res2 = detections_to_coco(out, IM_INFO, (HEIGHT, WIDTH), None, CATEGORY_IDS, file_name="c.jpg")
     assert res2[0]["file_name"] == "c.jpg"
