@@ -139,6 +139,14 @@ class RPNConfig:
     fg_iou_thresh: float = 0.7
     bg_iou_thresh: float = 0.3
     smooth_l1_beta: float = 0.0
+    # what divides both RPN losses: batch_size (batch_size_per_image x images, Detectron2) |
+    # sampled (the anchors actually sampled in the batch, torchvision); the same whenever every
+    # image has enough anchors to fill its batch_size_per_image
+    loss_normalizer: str = "batch_size"
+    # an anchor more than this fraction inside a crowd box (intersection / anchor area) is never
+    # a negative; >= 1: crowd boxes play no part (torchvision and Detectron2 drop crowd
+    # instances when they load the data)
+    crowd_ioa: float = 0.7
 
 
 @dataclass
@@ -178,6 +186,9 @@ class MaskHeadConfig:
     cls_agnostic_mask: bool = False      # Detectron2 CLS_AGNOSTIC_MASK: one mask for all classes
     soft_targets: bool = False           # targets are the fraction of each cell covered, not
                                          # thresholded at 0.5 (Detectron2 thresholds)
+    target_aligned: bool = True          # the gt masks are cropped for the targets with
+                                         # RoIAlign(aligned=True) (Detectron2); false:
+                                         # aligned=False (torchvision's project_masks_on_boxes)
     dice_weight: float = 0.0             # > 0: adds this times a per-roi Dice loss to the
                                          # per-pixel cross-entropy (Detectron2 has none)
     loss_weight: float = 1.0             # the mask loss's weight in the total (Detectron2: 1)
@@ -291,6 +302,7 @@ CHOICES = {
     "model.box_head.level_mapper": ("", "detectron2", "gluoncv", "torchvision"),
     "model.fpn.norm": ("", "gn"),
     "model.box_head.norm": ("", "gn"),
+    "model.rpn.loss_normalizer": ("batch_size", "sampled"),
     "model.box_head.bbox_reg_loss": ("smooth_l1", "giou"),
     "model.mask_head.norm": ("", "gn"),
     "model.keypoint_head.norm": ("", "gn"),

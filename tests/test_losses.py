@@ -62,6 +62,37 @@ def test_rpn_losses_match_numpy(beta):
     np.testing.assert_allclose(box.asnumpy(), [want_box], rtol=1e-5)
 
 
+@pytest.mark.parametrize("beta", [0.0, 1.0 / 9])
+def test_rpn_losses_normalised_by_the_sampled_anchors(beta):
+    """normalizer="sampled" (model.rpn.loss_normalizer, torchvision's compute_loss): the mean
+    cross-entropy over the anchors sampled in the batch, and the box sum over their number;
+    "batch_size" is the default and what Detectron2 divides by."""
+    rng = np.random.RandomState(2)
+    logits = rng.randn(2, 6)
+    deltas = rng.randn(2, 6, 4)
+    targets = rng.randn(2, 6, 4)
+    labels = np.array([[1, 0, -1, 0, 1, -1], [0, 0, -1, -1, 1, 0]], "float64")
+    args = (nd(logits), nd(deltas), nd(labels), nd(targets))
+    obj, box = rpn_losses(*args, beta=beta, batch_size_per_image=256, normalizer="sampled")
+    sampled = labels >= 0                                  # 8 anchors over the two images
+    want_obj = bce_np(logits, (labels == 1).astype(float))[sampled].mean()
+    want_box = smooth_l1_np(deltas - targets, beta)[labels == 1].sum() / sampled.sum()
+    np.testing.assert_allclose(obj.asnumpy(), [want_obj], rtol=1e-5)
+    np.testing.assert_allclose(box.asnumpy(), [want_box], rtol=1e-5)
+    # the default divides by batch_size_per_image * images instead
+    default = rpn_losses(*args, beta=beta, batch_size_per_image=256)
+    np.testing.assert_allclose(default[0].asnumpy(), [want_obj * 8 / 512.0], rtol=1e-5)
+    np.testing.assert_allclose(default[1].asnumpy(), [want_box * 8 / 512.0], rtol=1e-5)
+    # symbolic, and no sampled anchor at all: 0, not NaN
+    sym = rpn_losses(*[mx.sym.var(n) for n in "ldyt"], beta=beta, normalizer="sampled")
+    out = mx.sym.Group(list(sym)).eval(l=args[0], d=args[1], y=args[2], t=args[3])
+    np.testing.assert_allclose([o.asscalar() for o in out], [want_obj, want_box], rtol=1e-5)
+    none = rpn_losses(args[0], args[1], nd(-np.ones((2, 6))), args[3], normalizer="sampled")
+    np.testing.assert_array_equal([v.asscalar() for v in none], [0, 0])
+    with pytest.raises(ValueError, match="normalizer"):
+        rpn_losses(*args, normalizer="images")
+
+
 def _fast_rcnn_case():
     rng = np.random.RandomState(1)
     C = 2

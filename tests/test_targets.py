@@ -114,6 +114,25 @@ def test_rpn_crowd_regions_are_not_negatives():
     np.testing.assert_array_equal(labels, [[1, -1, 0, 0, -1, 1], [0, 0, 0, 0, 0, 1]])
 
 
+def test_rpn_crowd_ioa_of_1_ignores_crowd_boxes():
+    """crowd_ioa >= 1 (model.rpn.crowd_ioa, torchvision's and Detectron2's data drop crowd
+    instances): the crowd boxes play no part, the result is the one without them."""
+    anchors = [[0, 0, 10, 10], [60, 60, 70, 70], [45, 60, 55, 70], [200, 200, 210, 210],
+               [50, 50, 60, 60], [80, 80, 90, 90]]
+    gt = [[[0, 0, 10, 10], [80, 80, 90, 90]], [PAD, [80, 80, 90, 90]]]
+    crowd = [[[50, 50, 100, 100]], [PAD]]
+    for hybridize in (False, True):
+        labels, targets, matched = rpn(anchors, gt, crowd, batch_size_per_image=64,
+                                       crowd_ioa=1.0, hybridize=hybridize)
+        np.testing.assert_array_equal(labels, [[1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]])
+        plain = rpn(anchors, gt, batch_size_per_image=64, crowd_ioa=1.0, hybridize=hybridize)
+        for ours, ref in zip((labels, targets, matched), plain):
+            np.testing.assert_array_equal(ours, ref)
+    # just below 1, an anchor wholly inside the crowd box is still not a negative
+    labels, _, _ = rpn(anchors, gt, crowd, batch_size_per_image=64, crowd_ioa=0.99)
+    np.testing.assert_array_equal(labels, [[1, -1, 0, 0, -1, 1], [0, 0, 0, 0, 0, 1]])
+
+
 def test_box_iou_agrees_with_box_coder():
     # RPNTargets uses contrib.box_iou, RoISampler box_coder.pairwise_iou: same numbers
     rng = np.random.RandomState(7)
@@ -324,6 +343,51 @@ def test_soft_mask_targets_keep_thin_structures():
         expect[3, 3] = 1
         np.testing.assert_array_equal(binary(*args).asnumpy()[0, 0], expect)
         np.testing.assert_allclose(soft(*args).asnumpy()[0, 0], expect_soft, atol=1e-6)
+
+
+def test_mask_targets_unaligned_soft_are_torchvisions_project_masks_on_boxes():
+    """aligned=False (model.mask_head.target_aligned: false) with soft=True: each target is
+    RoIAlign(aligned=False, adaptive sampling) of the matched gt mask over the roi, not
+    thresholded, i.e. torchvision's project_masks_on_boxes (its roi_align has the sampling and
+    border rules of the numpy reference in test_roi_align.py). Binary targets threshold the same
+    crop at 0.5; the default aligned=True crop differs by the half-pixel shift."""
+    from test_roi_align import np_roi_align
+    rng = np.random.RandomState(3)
+    H, W, M = 24, 32, 7
+    yy, xx = np.mgrid[0:H, 0:W] + 0.5
+    masks = np.zeros((2, 2, H, W), "uint8")
+    masks[0, 0] = ((xx - 12.3) / 8.2) ** 2 + ((yy - 10.1) / 6.4) ** 2 <= 1
+    masks[0, 1] = (rng.rand(H, W) > 0.6)
+    masks[1, 1, 3:20, 5:9] = 1
+    masks[1, 1, 11, 5:30] = 1                         # a 1-pixel line
+    rois = [[[3.3, 2.7, 22.1, 18.4], [0.0, 0.0, 9.0, 9.0], [10.2, 5.5, 30.9, 23.1]],
+            [[4.25, 1.5, 29.75, 21.0], [2.0, 2.0, 2.5, 2.2], [0.6, 0.4, 31.5, 23.6]]]
+    labels = [[3, 1, 2], [1, 2, 0]]
+    matched = [[0, 1, 1], [1, 1, -1]]
+    args = (nd(rois), nd(labels), nd(matched), nd(masks, "uint8"))
+    ref = {}
+    for aligned in (False, True):
+        ref[aligned] = np.zeros((2, 3, M, M))
+        for b in range(2):
+            for i in range(3):
+                if labels[b][i] > 0:
+                    ref[aligned][b, i] = np_roi_align(masks[b, matched[b][i]][None], rois[b][i],
+                                                      1.0, M, 0, aligned)[0]
+    for hybridize in (False, True):
+        soft = MaskTargets(None, resolution=M, aligned=False, soft=True)
+        binary = MaskTargets(None, resolution=M, aligned=False)
+        default = MaskTargets(None, resolution=M, soft=True)
+        if hybridize:
+            for block in (soft, binary, default):
+                block.hybridize()
+        got = soft(*args).asnumpy()
+        np.testing.assert_allclose(got, ref[False], rtol=0, atol=1e-6)
+        assert ((got > 0.05) & (got < 0.95)).sum() > 20          # fractional cells
+        clear = np.abs(ref[False] - 0.5) > 1e-4
+        np.testing.assert_array_equal(binary(*args).asnumpy()[clear], (ref[False] >= 0.5)[clear])
+        aligned = default(*args).asnumpy()
+        np.testing.assert_allclose(aligned, ref[True], rtol=0, atol=1e-6)
+        assert np.abs(aligned - got).max() > 0.1
 
 
 # --------------------------------------------------------------------------------------------

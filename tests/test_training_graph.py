@@ -344,3 +344,37 @@ def test_mask_head_image_guide_trains_and_predicts():
     want = 1 / (1 + np.exp(-logits[np.arange(len(flat)), np.maximum(flat, 0).astype(int)]))
     got = outs["masks"].asnumpy().reshape(want.shape)
     np.testing.assert_allclose(got[flat >= 0], want[flat >= 0], atol=1e-5)
+
+
+def test_torchvision_training_conventions_reach_the_training_graph():
+    """``model.rpn.loss_normalizer``, ``model.rpn.crowd_ioa`` and
+    ``model.mask_head.target_aligned`` reach RCNNLoss's blocks (defaults: Detectron2's), and
+    the torchvision presets set them, with ``soft_targets`` (tests/test_torchvision_training.py
+    compares the losses with torchvision's). On the synthetic batch every image fills its 256
+    RPN anchors and has no crowd box, so the two RPN settings leave every loss as it was."""
+    from mxmask.config import get_config
+    for preset in ("torchvision_mask_rcnn_r50_fpn", "torchvision_keypoint_rcnn_r50_fpn"):
+        rpn = get_config(preset).model.rpn
+        assert (rpn.loss_normalizer, rpn.crowd_ioa) == ("sampled", 1.0), preset
+    head = get_config("torchvision_mask_rcnn_r50_fpn").model.mask_head
+    assert (head.soft_targets, head.target_aligned) == (True, False)
+
+    cfg, net = build_bench_model("shapes", overrides=["solver.amp="])
+    np_batch = synthetic_train_batch(cfg, (128, 160), 2, objects=3)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd", "gt_masks", "gt_keypoints"]
+    batch = {k: nd.array(np_batch[k]) for k in keys}
+    out = {}
+    for torchvision in (False, True):
+        cfg.model.rpn.loss_normalizer = "sampled" if torchvision else "batch_size"
+        cfg.model.rpn.crowd_ioa = 1.0 if torchvision else 0.7
+        cfg.model.mask_head.target_aligned = not torchvision
+        loss_net = RCNNLoss(net, cfg, kernels="mxnet")
+        assert loss_net.box_stage.rpn_normalizer == cfg.model.rpn.loss_normalizer
+        assert loss_net.box_stage.rpn_targets._crowd_ioa == cfg.model.rpn.crowd_ioa
+        assert loss_net.head_stage.mask_targets._aligned is (not torchvision)
+        loss_net.hybridize(static_alloc=True)
+        mx.random.seed(5)
+        with mx.autograd.record():
+            out[torchvision] = {k: float(v.asscalar()) for k, v in loss_net(**batch).items()}
+    for name in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_keypoint"):
+        assert out[True][name] == pytest.approx(out[False][name], rel=1e-6), name

@@ -18,6 +18,16 @@ neither environment needs the other's packages. Each verb reads and writes plain
             the whole model on an image file read with PIL, as torchvision's references do:
             ``input`` (the transform's padded tensor), ``image_size``, and the detections in
             image pixels, with ``masks`` pasted (N, H, W) probabilities.
+    losses  --arch A --weights M.pth --input IN.npz --out OUT.npz
+            torchvision's training losses of one step on the normalised, padded tensor ``x``
+            (B, 3, Hp, Wp) of IN.npz, its valid ``image_size`` (B, 2), gt ``boxes`` (B, G, 4)
+            in network-input pixels, ``labels`` (B, G) in torchvision's label space (< 0:
+            padding) and ``masks`` (B, G, Hp, Wp) uint8 or ``keypoints`` (B, G, 17, 3); one
+            image may come without the batch axis. Both samplers take every candidate, so
+            the result is deterministic (:func:`training_losses`). OUT.npz: ``loss_objectness``,
+            ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``, ``loss_mask`` or
+            ``loss_keypoint``, the sampled counts, the proposals per image, and the positive
+            rois the heads train on with their mask or keypoint targets.
 
 ``A`` is ``maskrcnn_resnet50_fpn`` (91 classes) or ``keypointrcnn_resnet50_fpn`` (2 classes, 17
 keypoints); ``--score-thresh`` and ``--detections`` set ``box_score_thresh`` and
@@ -148,6 +158,167 @@ def predict_file(model, path):
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# losses: torchvision's training losses (the torch side of tests/test_torchvision_training.py)
+# --------------------------------------------------------------------------------------------
+# A sampler batch size no image reaches: BalancedPositiveNegativeSampler then keeps every
+# candidate (see training_losses)
+TAKE_ALL = 1 << 30
+
+
+def loss_targets(arrays):
+    """The ``losses`` verb's npz arrays -> (x (B, 3, Hp, Wp) tensor, [(h, w)] * B, targets).
+
+    Args:
+        arrays: dict of numpy arrays: ``x`` (B, 3, Hp, Wp) the normalised, padded input;
+            ``image_size`` (B, 2) valid (h, w) of each image; ``boxes`` (B, G, 4) xyxy in
+            network-input pixels; ``labels`` (B, G) in torchvision's label space (1.. for the
+            classes), rows with a label < 0 are padding and dropped; ``masks`` (B, G, Hp, Wp)
+            uint8 (mask arch) or ``keypoints`` (B, G, 17, 3) (x, y, v) (keypoint arch). One
+            image may also come without the batch axis: ``image_size`` (2,), ``boxes`` (G, 4),
+            ``labels`` (G,), ``masks`` (G, Hp, Wp), ``keypoints`` (G, 17, 3).
+
+    Returns:
+        the input tensor, the image sizes and one target dict per image as torchvision's
+        training takes them: ``boxes`` float32, ``labels`` int64, ``masks`` uint8 cut to the
+        image's valid (h, w) (GeneralizedRCNNTransform resizes the masks with the image and
+        pads only the image), ``keypoints`` float32.
+    """
+    arrays = dict(arrays)
+    if np.ndim(arrays["image_size"]) == 1:
+        arrays = {k: (v if k == "x" else np.asarray(v)[None]) for k, v in arrays.items()}
+    x = torch.from_numpy(np.ascontiguousarray(arrays["x"], np.float32))
+    sizes = [(int(h), int(w)) for h, w in arrays["image_size"]]
+    targets = []
+    for b, (h, w) in enumerate(sizes):
+        keep = np.asarray(arrays["labels"][b]) >= 0
+        target = {"boxes": torch.from_numpy(arrays["boxes"][b][keep].astype(np.float32)),
+                  "labels": torch.from_numpy(arrays["labels"][b][keep].astype(np.int64))}
+        if "masks" in arrays:
+            target["masks"] = torch.from_numpy(np.ascontiguousarray(
+                arrays["masks"][b][keep][:, :h, :w], np.uint8))
+        if "keypoints" in arrays:
+            target["keypoints"] = torch.from_numpy(arrays["keypoints"][b][keep].astype(np.float32))
+        targets.append(target)
+    return x, sizes, targets
+
+
+@torch.no_grad()
+def training_losses(model, x, image_sizes, targets):
+    """torchvision's loss dict of one training step, with deterministic samplers, and the mask
+    or keypoint targets its loss was computed on.
+
+    The model runs in training mode (``model.train()``: the RPN keeps its training
+    ``pre_nms_top_n`` / ``post_nms_top_n`` of 2000, ``roi_heads`` samples rois, adds the gt boxes
+    to the proposals and returns losses; FrozenBatchNorm2d has no training behaviour) through
+    ``model.backbone``, ``model.rpn`` and ``model.roi_heads`` on the normalised, padded tensor,
+    as :func:`run_stages` does: GeneralizedRCNNTransform (normalisation, resize, batching) is not
+    run, and the targets are already in network-input pixels.
+
+    Determinism: both ``BalancedPositiveNegativeSampler`` s (the RPN's anchors, the roi heads'
+    proposals) are replaced by ones of ``batch_size_per_image = TAKE_ALL``. Such a sampler keeps
+    ``num_pos = min(#positives, int(TAKE_ALL * positive_fraction))`` = every positive and
+    ``num_neg = min(#negatives, TAKE_ALL - num_pos)`` = every negative, so ``randperm(n)[:n]``
+    is a permutation of all n candidates and the 0/1 masks it writes, hence ``compute_loss``'s
+    and ``subsample``'s ``torch.where`` index lists, do not depend on the random permutation:
+    the sampled sets are "every anchor of label 0 or 1" and "every proposal or gt box of label
+    >= 0", which another implementation can take exactly. The losses are torchvision's
+    unchanged functions on those sets (the normalisers become the numbers of candidates).
+
+    The head targets are recorded by wrapping ``roi_heads.maskrcnn_loss`` /
+    ``keypointrcnn_loss`` (module attributes that ``RoIHeads.forward`` looks up at each call)
+    for the duration of the step: the wrapper computes ``project_masks_on_boxes`` /
+    ``keypoints_to_heatmap`` on the loss's own inputs, as the loss does, then calls the loss.
+
+    Args:
+        model: :func:`build_model`'s network with its weights loaded.
+        x: (B, 3, Hp, Wp) float32 tensor.
+        image_sizes: [(h, w)] valid size of each image.
+        targets: one dict per image (:func:`loss_targets`).
+
+    Returns:
+        dict: floats ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``,
+        ``loss_box_reg`` and ``loss_mask`` or ``loss_keypoint``; the sampled counts over the
+        batch ``rpn_positives``, ``rpn_negatives``, ``roi_positives``, ``roi_negatives``;
+        ``proposals`` (B,) the RPN's proposals per image (before the gt boxes are added); and
+        over the N positive rois the heads train on, image by image: ``head_image`` (N,),
+        ``head_rois`` (N, 4), ``head_labels`` (N,), then ``mask_targets`` (N, M, M) or
+        ``keypoint_heatmaps`` (N, K) (index y * S + x) and ``keypoint_valid`` (N, K).
+    """
+    from torchvision.models.detection import roi_heads as tv_heads
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+    counts, seen = {}, {}
+
+    def counting(sampler, key):
+        def sample(matched_idxs):
+            pos, neg = sampler(matched_idxs)
+            counts[key + "_positives"] = sum(int(p.sum()) for p in pos)
+            counts[key + "_negatives"] = sum(int(n.sum()) for n in neg)
+            return pos, neg
+        return sample
+
+    def record_rois(proposals, labels):
+        seen["head_image"] = torch.cat([torch.full((len(p),), b) for b, p in enumerate(proposals)])
+        seen["head_rois"] = torch.cat(proposals)
+        seen["head_labels"] = torch.cat(labels)
+
+    real_mask_loss, real_keypoint_loss = tv_heads.maskrcnn_loss, tv_heads.keypointrcnn_loss
+
+    def mask_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs):
+        size = mask_logits.shape[-1]
+        record_rois(proposals, [l[i] for l, i in zip(gt_labels, matched_idxs)])
+        seen["mask_targets"] = torch.cat([tv_heads.project_masks_on_boxes(m, p, i, size)
+                                          for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+        return real_mask_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs)
+
+    def keypoint_loss(keypoint_logits, proposals, gt_keypoints, matched_idxs):
+        size = keypoint_logits.shape[-1]
+        record_rois(proposals, [torch.ones(len(i), dtype=torch.int64) for i in matched_idxs])
+        heat = [tv_heads.keypoints_to_heatmap(k[i], p, size)
+                for p, k, i in zip(proposals, gt_keypoints, matched_idxs)]
+        seen["keypoint_heatmaps"] = torch.cat([h for h, _ in heat])
+        seen["keypoint_valid"] = torch.cat([v for _, v in heat])
+        return real_keypoint_loss(keypoint_logits, proposals, gt_keypoints, matched_idxs)
+
+    model.train()
+    saved = []
+    tv_heads.maskrcnn_loss, tv_heads.keypointrcnn_loss = mask_loss, keypoint_loss
+    try:
+        for owner, key in ((model.rpn, "rpn"), (model.roi_heads, "roi")):
+            saved.append((owner, owner.fg_bg_sampler))
+            owner.fg_bg_sampler = counting(BalancedPositiveNegativeSampler(
+                TAKE_ALL, owner.fg_bg_sampler.positive_fraction), key)
+        images = ImageList(x, list(image_sizes))
+        features = model.backbone(x)
+        proposals, losses = model.rpn(images, features, targets)
+        _, head_losses = model.roi_heads(features, proposals, images.image_sizes, targets)
+    finally:
+        tv_heads.maskrcnn_loss, tv_heads.keypointrcnn_loss = real_mask_loss, real_keypoint_loss
+        for owner, sampler in saved:
+            owner.fg_bg_sampler = sampler
+        model.eval()
+    losses.update(head_losses)
+    out = {name: float(value) for name, value in losses.items()}
+    out.update(counts)
+    out["proposals"] = [len(p) for p in proposals]
+    out.update({k: v.numpy() for k, v in seen.items()})
+    return out
+
+
+def losses_verb(args):
+    """The ``losses`` verb: :func:`training_losses` on ``--input``, saved to ``--out`` (npz of
+    0-d arrays, ``proposals`` (B,)). Returns the exit code."""
+    model = load(args.arch, args.weights, 0.05, 100)
+    with np.load(args.input) as f:
+        x, sizes, targets = loss_targets({k: f[k] for k in f.files})
+    key = "masks" if args.arch == "maskrcnn_resnet50_fpn" else "keypoints"
+    if any(key not in t for t in targets):
+        raise SystemExit("%s: %s needs %s" % (args.input, args.arch, key))
+    out = training_losses(model, x, sizes, targets)
+    np.savez(args.out, **{k: np.asarray(v) for k, v in out.items()})
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -167,9 +338,17 @@ def main(argv=None):
             p.add_argument("--image-size", type=int, nargs=2, required=True)
         if verb == "predict":
             p.add_argument("--image", required=True)
+    p = sub.add_parser("losses")
+    p.add_argument("--arch", choices=ARCHS, required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.verb == "losses":
+        return losses_verb(args)
     if args.verb == "build":
         model = randomise(build_model(args.arch, args.score_thresh, args.detections), args.arch,
                           args.seed)

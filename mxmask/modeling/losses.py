@@ -10,11 +10,14 @@ zero loss (and zero gradients) instead of a NaN. Labels and targets come from
 Normalisations follow Detectron2:
 
 ``rpn_losses(logits (B, N), deltas (B, N, 4), labels (B, N), box_targets (B, N, 4), beta=0.0,
-batch_size_per_image=256)`` -> ``(loss_objectness, loss_box)``
+batch_size_per_image=256, normalizer="batch_size")`` -> ``(loss_objectness, loss_box)``
     objectness: sigmoid binary cross-entropy summed over the sampled anchors (label 0 or 1);
     box: smooth-L1 (``beta`` 0 is L1) summed over the 4 deltas of the fg anchors. BOTH sums are
     divided by ``batch_size_per_image * B`` (Detectron2's ``normalizer``), not by the number of
-    anchors actually sampled.
+    anchors actually sampled; with ``normalizer="sampled"`` (``model.rpn.loss_normalizer``)
+    by the number of anchors sampled in the batch (label >= 0): torchvision's
+    ``RegionProposalNetwork.compute_loss``, a mean cross-entropy and a box sum over
+    ``sampled_inds.numel()``. The two agree when every image fills its batch_size_per_image.
 
 ``fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S) or (B*S,),
 box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False, reg_loss="smooth_l1",
@@ -77,13 +80,20 @@ def _total(F, x):
     return F.reshape(F.sum(x), shape=(1,))
 
 
-def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_image=256):
+def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_image=256,
+               normalizer="batch_size"):
     F = _ns(logits)
     sampled = labels >= 0
     fg = labels > 0
-    # number of images B as a (1,) array, from the labels' own shape
-    num_images = _total(F, F.ones_like(F.slice_axis(labels, axis=1, begin=0, end=1)))
-    normalizer = F.maximum(num_images * float(batch_size_per_image), 1.0)
+    if normalizer == "sampled":
+        normalizer = F.maximum(_total(F, sampled), 1.0)
+    elif normalizer == "batch_size":
+        # number of images B as a (1,) array, from the labels' own shape
+        num_images = _total(F, F.ones_like(F.slice_axis(labels, axis=1, begin=0, end=1)))
+        normalizer = F.maximum(num_images * float(batch_size_per_image), 1.0)
+    else:
+        raise ValueError("rpn_losses: normalizer must be 'batch_size' or 'sampled', got %r"
+                         % (normalizer,))
     bce = sigmoid_bce_with_logits(F, logits, fg)
     loss_obj = _total(F, bce * sampled) / normalizer
     l1 = F.sum(smooth_l1(F, deltas - box_targets, beta), axis=-1)

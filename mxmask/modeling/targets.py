@@ -34,7 +34,10 @@ plus_one=False, crowd_ioa=0.7, boundary_threshold=-1)``::
   the box target of such an anchor is still taken from its own argmax gt, as in Detectron2.
   An image without valid gts gives only background. Crowd rule: an anchor lying more than
   ``crowd_ioa`` inside one crowd box (intersection / anchor area > 0.7) is never used as a
-  negative (it becomes -1); positives are kept, since they match a real object.
+  negative (it becomes -1); positives are kept, since they match a real object. With
+  ``crowd_ioa >= 1`` (``model.rpn.crowd_ioa``) no anchor can be more inside, and the crowd
+  boxes are not looked at: torchvision and Detectron2, which drop crowd instances when they
+  load the data, where an anchor inside a crowd region can be a negative.
   ``boundary_threshold=-1`` keeps anchors that cross the image border (Detectron2's default);
   with ``t >= 0`` anchors reaching more than ``t`` pixels outside ``im_info``'s (h, w) are -1.
   Sampling (Detectron2 ``subsample_labels``): min(#fg, int(256 * 0.5)) random positives, then
@@ -76,7 +79,13 @@ is None (the training graph passes ``rois[:, :k]``, ``k`` covering every positiv
   ``BitMasks.crop_and_resize``), then thresholded at >= 0.5; with ``soft=True`` the crop is
   kept as it is, the fraction of each cell the mask covers (``mask_head.soft_targets``: a
   structure thinner than a cell, a limb or a star's tip, is not lost to the threshold; the
-  binary cross-entropy takes fractional targets as they are). ``ROIAlign`` reads the masks as
+  binary cross-entropy takes fractional targets as they are). ``aligned=False``
+  (``mask_head.target_aligned: false``) crops without the half-pixel shift and with sides of
+  at least 1 pixel; with ``soft=True`` that is torchvision's ``project_masks_on_boxes``
+  (``roi_align(aligned=False)``, adaptive sampling, unthresholded). There the masks are the
+  image's (H, W) and a sample past the last valid row or column reads that row (column);
+  here the padded masks read 0 beyond it, so the two differ only in the cells of a positive
+  roi whose mask touches the valid image's bottom or right edge. ``ROIAlign`` reads the masks as
   float32 ``(B*G, 1, Hp, Wp)`` and each roi uses the batch index ``b*G + matched``, which is
   never negative (non-fg slots use gt 0 and a 1-pixel box; DESIGN.md section 6). Roi sides
   are forced to at least 0.01 pixel, so aligned=True never sees a degenerate roi. Memory: the
@@ -211,17 +220,25 @@ class RPNTargets(mx.gluon.HybridBlock):
         is_best = F.broadcast_mul(F.broadcast_equal(iou, gt_best), gt_best > 0)
         fg = F.maximum(fg, _any_per_image(F, is_best, gt_valid))
         bg = (best < self._bg_iou) * (1 - fg)
-        # crowd regions: never negatives. IoA = inter / area(anchor), with the intersection
-        # recovered from the IoU: inter = iou * (area_a + area_c) / (1 + iou)
-        crowd_valid = valid_boxes(F, gt_crowd)                                # (B, Gc)
-        crowd = F.reshape(F.BlockGrad(gt_crowd), shape=(-1, 4))
-        ciou = F.contrib.box_iou(crowd, anchors, format="corner")             # (B*Gc, N)
-        area_a = F.reshape(box_area(F, anchors), shape=(1, -1))
-        area_c = F.reshape(F.relu(box_area(F, crowd)), shape=(-1, 1))
-        inter = ciou * F.broadcast_add(area_a, area_c) / (1 + ciou)
-        ioa = F.broadcast_div(inter, F.maximum(area_a, 1e-12))
-        in_crowd = F.broadcast_mul(ioa > self._crowd_ioa, F.reshape(crowd_valid, shape=(-1, 1)))
-        bg = bg * (1 - _any_per_image(F, in_crowd, crowd_valid))
+        if self._crowd_ioa < 1.0:
+            # crowd regions: never negatives. IoA = inter / area(anchor), with the intersection
+            # recovered from the IoU: inter = iou * (area_a + area_c) / (1 + iou)
+            crowd_valid = valid_boxes(F, gt_crowd)                            # (B, Gc)
+            crowd = F.reshape(F.BlockGrad(gt_crowd), shape=(-1, 4))
+            ciou = F.contrib.box_iou(crowd, anchors, format="corner")         # (B*Gc, N)
+            area_a = F.reshape(box_area(F, anchors), shape=(1, -1))
+            area_c = F.reshape(F.relu(box_area(F, crowd)), shape=(-1, 1))
+            inter = ciou * F.broadcast_add(area_a, area_c) / (1 + ciou)
+            ioa = F.broadcast_div(inter, F.maximum(area_a, 1e-12))
+            in_crowd = F.broadcast_mul(ioa > self._crowd_ioa,
+                                       F.reshape(crowd_valid, shape=(-1, 1)))
+            bg = bg * (1 - _any_per_image(F, in_crowd, crowd_valid))
+        else:
+            # crowd boxes play no part; gt_crowd still enters the graph (as a (B, 1) factor of
+            # ones) so that Gluon does not warn about an unused input
+            first = F.slice_axis(F.slice_axis(gt_crowd, axis=1, begin=0, end=1), axis=2,
+                                 begin=0, end=1)
+            bg = F.broadcast_mul(bg, F.ones_like(F.reshape(first, shape=(-1, 1))))
         h = F.slice_axis(im_info, axis=1, begin=0, end=1)                     # (B, 1)
         w = F.slice_axis(im_info, axis=1, begin=1, end=2)
         if self._boundary >= 0:

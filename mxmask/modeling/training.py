@@ -21,6 +21,13 @@ Inputs (one context's share of a training batch, DEVELOPING.md "Training batches
                                    model.mask_head.loss_weight
     loss_keypoint                  softmax CE over the 56x56 heatmap of each visible keypoint
 
+The conventions are Detectron2's; four fields switch to torchvision's training ones (the
+torchvision presets set them): ``model.rpn.loss_normalizer: sampled``, ``model.rpn.crowd_ioa:
+1`` and, for the mask targets, ``model.mask_head.target_aligned: false`` with
+``soft_targets: true``. With them, and both sides' samplers taking every candidate, each loss
+equals torchvision's on the same weights, image and targets within 1e-4
+(tests/test_torchvision_training.py).
+
 The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two graphs:
 
 1. :class:`BoxStage`: backbone -> RPN (anchors, logits, deltas, proposals) -> anchor targets ->
@@ -92,6 +99,7 @@ class BoxStage(mx.gluon.HybridBlock):
         self.roi_features = net.roi_features
         self.kernels = kernels
         self.rpn_batch = m.rpn.batch_size_per_image
+        self.rpn_normalizer = m.rpn.loss_normalizer
         self.rpn_beta = m.rpn.smooth_l1_beta
         self.box_beta = m.box_head.smooth_l1_beta
         self.box_reg_loss = m.box_head.bbox_reg_loss
@@ -101,7 +109,7 @@ class BoxStage(mx.gluon.HybridBlock):
             self.rpn_targets = RPNTargets(
                 batch_size_per_image=m.rpn.batch_size_per_image,
                 positive_fraction=m.rpn.positive_fraction, fg_iou=m.rpn.fg_iou_thresh,
-                bg_iou=m.rpn.bg_iou_thresh, plus_one=m.box_plus_one)
+                bg_iou=m.rpn.bg_iou_thresh, plus_one=m.box_plus_one, crowd_ioa=m.rpn.crowd_ioa)
             self.roi_sampler = RoISampler(
                 m.num_classes, batch_size_per_image=m.box_head.batch_size_per_image,
                 positive_fraction=m.box_head.positive_fraction, fg_iou=m.box_head.fg_iou_thresh,
@@ -124,7 +132,7 @@ class BoxStage(mx.gluon.HybridBlock):
                                                               im_info)
             loss_rpn_cls, loss_rpn_loc = L.rpn_losses(logits, deltas, rpn_labels,
                                                       rpn_box_targets, self.rpn_beta,
-                                                      self.rpn_batch)
+                                                      self.rpn_batch, self.rpn_normalizer)
 
             # 3. RoI sampling and the box head
             s_rois, s_labels, s_matched, s_box_targets, _ = self.roi_sampler(rois, gt_boxes,
@@ -160,6 +168,7 @@ class HeadStage(mx.gluon.HybridBlock):
                             "loss), got %r" % m.mask_head.dice_weight)
         with self.name_scope():
             self.mask_targets = MaskTargets(None, m.mask_head.resolution,
+                                            aligned=m.mask_head.target_aligned,
                                             soft=m.mask_head.soft_targets) \
                 if self.mask_on else None
             self.keypoint_targets = KeypointTargets(None, m.keypoint_head.resolution) \
