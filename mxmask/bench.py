@@ -1,11 +1,13 @@
 """``mxmask bench``: inference (and training-step) speed, stage by stage, peak memory, the
-network's arithmetic and achieved GFLOP/s, optionally side by side with GluonCV's Mask R-CNN and a
-plain ResNet-50 on the same machine.
+network's arithmetic and achieved GFLOP/s, optionally side by side with GluonCV's Mask R-CNN,
+torchvision's Mask / Keypoint R-CNN and a plain ResNet-50 on the same machine.
 
     mxmask bench --preset mask_rcnn_r50_fpn --size 800x1344 --runs 5
     mxmask bench --preset mask_rcnn_r50_fpn --size 800x1344 --runs 5 --train \
                  --against gluoncv --json bench.json --chart stages.png
     mxmask bench --ckpt runs/shapes --size 192x256 --train --json bench.json
+    mxmask bench --preset torchvision_mask_rcnn_r50_fpn --against torchvision \
+                 --torch-python tv/bin/python --json bench.json
 
 What goes in: a preset (random weights) or a checkpoint, an input size ``HxW`` (rounded up to a
 multiple of 32), a batch size. What comes out: a table, with ``--json`` a JSON record and with
@@ -28,10 +30,17 @@ multiple of 32), a batch size. What comes out: a table, with ``--json`` a JSON r
       "speedup": gluoncv total median / mxmask total median,
       "network_speedup": the same for the networks alone (no paste),
       ["train_speedup": gluoncv train_step median / mxmask train_step median]]   --against gluoncv
+     ["torchvision": {"total_s", "network_s", "paste_s", "detections_per_image", "gmac",
+                      "gmac_stages", "gflop_per_s",
+                      ["keypoint_head_per_rois", "keypoint_head_gmac_per_rois"],
+                      ["train_step_s", "train_images_per_s"]},
+      "speedup", "network_speedup", ["train_speedup"]: as for gluoncv,
+      ["keypoint_head_speedup": {"10": ratio, "100": ratio}]]              --against torchvision
      ["resnet50": {"gmac", "plain_s", "mkldnn_s", "gflop_per_s": {"plain", "mkldnn"}}]}
-                                                             --resnet50 (implied by --against)
+                                                     --resnet50 (implied by --against gluoncv)
 
-A speedup above 1 means mxmask is faster.
+A speedup above 1 means mxmask is faster. ``settings["gluoncv"]`` / ``settings["torchvision"]``
+hold the peer's own settings.
 
 Stages (each run as its own hybridized block on the real intermediate tensors, so their sum
 is close to, but not exactly, the end-to-end time of the single graph):
@@ -91,6 +100,27 @@ same runs and warm-up as mxmask's step; the step is, per iteration (details in
 Neither side's image decoding / augmentation is timed. The two models are not the same network
 (mxmask's preset decides its own widths, proposal counts and head sizes), which is the point of
 the comparison: the speedup is for the configurations as shipped.
+
+``--against torchvision`` times torchvision's ``maskrcnn_resnet50_fpn`` (presets with masks) or
+``keypointrcnn_resnet50_fpn`` (keypoint presets; 17 keypoints) after mxmask's timings, in a
+separate torch interpreter (``--torch-python``, or the ``MXMASK_TORCH_PYTHON`` environment
+variable; mxmask never imports torch) running ``mxmask/convert/torchvision_reference.py time``
+(:func:`bench_torchvision`). The two never run at the same time. ``--preset
+torchvision_mask_rcnn_r50_fpn`` / ``torchvision_keypoint_rcnn_r50_fpn`` is mxmask with
+torchvision's architecture: the same network on both sides. Matched: the same arrays (the bench
+input, the synthetic training batch, the keypoint-head boxes, written to a temporary npz), random
+weights, ``test.max_dets`` detections (``box_detections_per_img``, with ``box_score_thresh=0`` so
+its heads see all of them), no test-time flip, the same runs and warm-up, ``torch.set_num_threads``
+= mxmask's ``OMP_NUM_THREADS``, and the precision: ``--dtype float32`` is torchvision in fp32,
+``--dtype bfloat16`` its best CPU setting, ``torch.autocast("cpu", dtype=torch.bfloat16)`` with
+channels_last tensors; its training step takes the precision of mxmask's (``train_amp``: bf16
+with ``--dtype bfloat16`` or a preset's ``solver.amp``). torchvision's network is
+timed on the normalised tensor through its backbone, RPN and RoI heads (its
+GeneralizedRCNNTransform is not run: no resize, as mxmask's network; its network decodes the
+keypoints, which mxmask does in paste/decode); its ``paste`` is the transform's ``postprocess``
+(masks pasted into the image, no RLE); its training step is the forward with targets, backward
+and SGD with mxmask's step settings. Its keypoint head is timed on the boxes mxmask's is (and
+in ``--dtype``, while mxmask's stages stay fp32: ``keypoint_head_speedup`` only with float32).
 """
 import os
 import resource
@@ -267,6 +297,13 @@ def _random_boxes(rng, count, size):
     return np.stack([x1, y1, x1 + bw, y1 + bh], axis=1)[None].astype(np.float32)
 
 
+def keypoint_head_boxes(size, counts=KEYPOINT_ROIS):
+    """``{count: (1, count, 4) float32 boxes}`` inside an image of ``size`` = (h, w): the rois
+    the keypoint head is timed on (seed 1; the torchvision comparison gets the same boxes)."""
+    rng = np.random.RandomState(1)
+    return {count: _random_boxes(rng, count, size) for count in counts}
+
+
 def bench_keypoint_head_rois(net, levels, size, counts=KEYPOINT_ROIS, runs=5, warmup=2):
     """The keypoint head stage (RoIAlign + head) on exactly ``count`` rois of the first image
     (``levels`` = its P2..P5, any batch; the first image is used): ``{"keypoint_head_per_rois":
@@ -275,9 +312,8 @@ def bench_keypoint_head_rois(net, levels, size, counts=KEYPOINT_ROIS, runs=5, wa
     ctx = levels[0].context
     first = [lvl[0:1] for lvl in levels]
     times, gmacs = {}, {}
-    rng = np.random.RandomState(1)
-    for count in counts:
-        boxes = mx.nd.array(_random_boxes(rng, count, size), ctx=ctx)
+    for count, array in keypoint_head_boxes(size, counts).items():
+        boxes = mx.nd.array(array, ctx=ctx)
         ids = mx.nd.zeros((1, count), ctx=ctx)
         stage = _HeadStage(net.keypoint_head)
         stage.hybridize(static_alloc=True, static_shape=True)
@@ -416,6 +452,98 @@ def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
     return record, settings
 
 
+def torchvision_arch(cfg):
+    """The torchvision network an mxmask config is compared with: ``maskrcnn_resnet50_fpn`` when
+    ``model.mask_on``, else ``keypointrcnn_resnet50_fpn`` with ``model.keypoint_on`` (whose 17
+    keypoints the config must have); UserError otherwise."""
+    if cfg.model.mask_on:
+        return "maskrcnn_resnet50_fpn"
+    if not cfg.model.keypoint_on:
+        raise UserError("--against torchvision: the preset has neither masks nor keypoints "
+                        "(torchvision's references are Mask R-CNN and Keypoint R-CNN)")
+    if cfg.model.num_keypoints != 17:
+        raise UserError("--against torchvision: keypointrcnn_resnet50_fpn has 17 keypoints, "
+                        "model.num_keypoints is %d" % cfg.model.num_keypoints)
+    return "keypointrcnn_resnet50_fpn"
+
+
+def torch_threads():
+    """The thread count the torch side gets: mxmask's ``OMP_NUM_THREADS`` (``import mxmask``
+    sets it to the usable cores unless the user set it), else the usable cores."""
+    from . import usable_cores
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return usable_cores()
+
+
+TORCHVISION_RECORD_KEYS = ("network_s", "paste_s", "total_s", "detections_per_image", "gmac",
+                           "gmac_stages")
+
+
+def bench_torchvision(python, arch, cfg, size, batch=1, runs=5, warmup=2, train=False,
+                      dtype="float32", threads=None, train_dtype=None):
+    """torchvision's ``arch`` timed by ``python`` (module docstring) on mxmask's bench arrays.
+
+    Args:
+        python: the torch interpreter (:func:`mxmask.convert.torch_python.find_torch_python`).
+        arch: ``maskrcnn_resnet50_fpn`` or ``keypointrcnn_resnet50_fpn`` (:func:`torchvision_arch`).
+        cfg: mxmask's config (``test.max_dets``; the keypoints of the synthetic batch).
+        size, batch, runs, warmup, train: as mxmask's side.
+        dtype: ``float32``, or ``bfloat16``: torchvision under bf16 autocast with channels_last.
+        threads: ``torch.set_num_threads`` (default :func:`torch_threads`).
+        train_dtype: the training step's precision (default ``dtype``): mxmask's own step's
+            (``settings["train_amp"]``), which ``solver.amp`` may make bf16 under ``--dtype
+            float32``.
+
+    Returns:
+        ``(record, settings)``: the ``time`` verb's figures (stats in seconds) plus
+        ``gflop_per_s``, and its settings with ``model`` = ``arch``.
+
+    Raises:
+        UserError: the torch program fails or prints something other than its record.
+    """
+    import tempfile
+    from .convert.torch_python import run_reference_json
+    data, _ = bench_input(size, batch)
+    arrays = {"data": data.asnumpy()}
+    if train:
+        b = synthetic_train_batch(cfg, size, batch)
+        arrays.update(train_data=b["data"], gt_boxes=b["gt_boxes"], gt_labels=b["gt_labels"],
+                      gt_masks=b["gt_masks"], gt_keypoints=b["gt_keypoints"])
+    if arch == "keypointrcnn_resnet50_fpn":
+        arrays.update({"keypoint_boxes_%d" % count: boxes
+                       for count, boxes in keypoint_head_boxes(size).items()})
+    args = ["--arch", arch, "--dtype", dtype, "--runs", runs, "--warmup", warmup,
+            "--threads", threads or torch_threads(), "--detections", cfg.test.max_dets,
+            "--score-thresh", 0.0]
+    if train:
+        args += ["--train", "--train-dtype", train_dtype or dtype]
+    what = "torchvision's timing (torchvision_reference.py time)"
+    with tempfile.TemporaryDirectory(prefix="mxmask-bench-") as tmp:
+        path = os.path.join(tmp, "inputs.npz")
+        np.savez(path, **arrays)
+        record = run_reference_json(python, "time", ["--inputs", path] + args, what)
+    wanted = TORCHVISION_RECORD_KEYS + (("train_step_s", "train_images_per_s") if train else ())
+    missing = [k for k in wanted if k not in record]
+    if missing:
+        raise UserError("%s: its record has no %s (%s)" % (what, ", ".join(missing), python))
+    tv = record.pop("settings", {})
+    record["gflop_per_s"] = 2.0 * record["gmac"] / record["network_s"]["median"]
+    settings = {"model": arch}
+    for key, name in (("torch", "torch"), ("torchvision", "torchvision"), ("threads", "threads"),
+                      ("dtype", "dtype"), ("autocast", "autocast"),
+                      ("memory_format", "memory_format"), ("train_dtype", "train_dtype"),
+                      ("box_detections_per_img", "max_dets"),
+                      ("box_score_thresh", "score_thresh"),
+                      ("rpn_post_nms_top_n_test", "rpn_test_post_nms"), ("input", "input"),
+                      ("train_note", "train_note")):
+        if tv.get(key) is not None:
+            settings[name] = tv[key]
+    settings["python"] = python
+    return record, settings
+
+
 def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
     """GluonCV ``resnet50_v1b`` (random weights) forward on the bench input, hybridized plain and
     after ``optimize_for(x, backend="MKLDNN")``, with its MACs and GFLOP/s."""
@@ -438,14 +566,82 @@ def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
                             "mkldnn": 2.0 * macs / fused["median"] / 1e9}}
 
 
+PEERS = ("gluoncv", "torchvision")
+# what each peer's paste_s times
+_PASTE_NAMES = {"gluoncv": "paste/rle", "torchvision": "postprocess"}
+_NAME_WIDTH = 30
+
+
 def _row(name, s, note=""):
-    return "%-22s %9.3f %9.3f %9.3f%s" % (name, s["median"], s["min"], s["max"], note)
+    return "%-*s %9.3f %9.3f %9.3f%s" % (_NAME_WIDTH, name, s["median"], s["min"], s["max"],
+                                          note)
+
+
+def peer_ratios(m, peer, keypoint_heads=True):
+    """mxmask's speedups over a peer (peer median / mxmask median: above 1 mxmask is faster).
+
+    Args:
+        m: mxmask's record; peer: the peer's record (``total_s``, ``network_s``, optionally
+            ``train_step_s`` and ``keypoint_head_per_rois``).
+        keypoint_heads: compare the keypoint heads on 10 / 100 rois (False when the two were
+            timed in different precisions).
+
+    Returns:
+        ``{"speedup": totals, "network_speedup": networks}``, plus ``train_speedup`` and
+        ``keypoint_head_speedup`` (``{count: ratio}``) where both records have the figure.
+    """
+    def ratio(a, b):
+        return a["median"] / b["median"]
+    out = {"speedup": ratio(peer["total_s"], m["total_s"]),
+           "network_speedup": ratio(peer["network_s"], m["network_s"])}
+    if "train_step_s" in peer and "train_step_s" in m:
+        out["train_speedup"] = ratio(peer["train_step_s"], m["train_step_s"])
+    theirs = peer.get("keypoint_head_per_rois", {}) if keypoint_heads else {}
+    kp = {c: ratio(theirs[c], s) for c, s in m.get("keypoint_head_per_rois", {}).items()
+          if c in theirs}
+    if kp:
+        out["keypoint_head_speedup"] = kp
+    return out
+
+
+def _peer_lines(peer, result, settings):
+    """The table lines of ``result[peer]`` and the speedups (``result``'s top-level ratios)."""
+    ps, rec = settings.get(peer, {}), result[peer]
+    lines = ["%s %s: %s" % (peer, ps.get("model", ""), ", ".join(
+        "%s=%s" % kv for kv in ps.items() if kv[0] != "model"))]
+    lines.append(_row("%s network" % peer, rec["network_s"]))
+    lines.append(_row("%s %s" % (peer, _PASTE_NAMES.get(peer, "paste")), rec["paste_s"]))
+    lines.append(_row("%s total" % peer, rec["total_s"]))
+    if "detections_per_image" in rec:
+        lines.append("%s detections/image %.0f" % (peer, rec["detections_per_image"]))
+    if "gmac" in rec:
+        lines.append("%s network %.2f GMAC (%s): %.1f GFLOP/s" % (
+            peer, rec["gmac"], ", ".join("%s %.2f" % kv for kv in rec["gmac_stages"].items()),
+            rec["gflop_per_s"]))
+    gmacs = rec.get("keypoint_head_gmac_per_rois", {})
+    for count, s in rec.get("keypoint_head_per_rois", {}).items():
+        note = ("   %7.2f GMAC, %.1f GFLOP/s" % (gmacs[count], 2 * gmacs[count] / s["median"])
+                if count in gmacs else "")
+        lines.append(_row("%s keypoint %s rois" % (peer, count), s, note))
+    if "train_step_s" in rec:
+        note = "   (%.2f images/s" % rec["train_images_per_s"]
+        if "rpn_targets_s" in rec:
+            note += "; RPN targets %.3f s of it" % rec["rpn_targets_s"]["median"]
+        lines.append(_row("%s train step" % peer, rec["train_step_s"], note + ")"))
+    line = "speedup (%s / mxmask median): inference %.2fx (networks alone %.2fx)" % (
+        peer, result["speedup"], result["network_speedup"])
+    if "train_speedup" in result:
+        line += ", train step %.2fx" % result["train_speedup"]
+    for count, r in result.get("keypoint_head_speedup", {}).items():
+        line += ", keypoint head %s rois %.2fx" % (count, r)
+    lines.append(line)
+    return lines
 
 
 def format_table(result, settings):
     flat = [(k, v) for k, v in settings.items() if not isinstance(v, dict)]
     lines = ["mxmask bench: %s" % ", ".join("%s=%s" % kv for kv in flat),
-             "%-22s %9s %9s %9s" % ("stage", "median s", "min s", "max s")]
+             "%-*s %9s %9s %9s" % (_NAME_WIDTH, "stage", "median s", "min s", "max s")]
     m = result["mxmask"]
     stage_gmac = m.get("gmac_stages", {})
     for name, s in m["stages"].items():
@@ -474,26 +670,9 @@ def format_table(result, settings):
         lines.append(_row("train step", m["train_step_s"],
                           "   (%.2f images/s, convolutions in %s)"
                           % (m["train_images_per_s"], settings.get("train_amp", "float32"))))
-    if "gluoncv" in result:
-        gs = settings.get("gluoncv", {})
-        gc = result["gluoncv"]
-        lines.append("gluoncv %s: %s" % (gs.get("model", ""), ", ".join(
-            "%s=%s" % kv for kv in gs.items() if kv[0] != "model")))
-        lines.append(_row("gluoncv network", gc["network_s"]))
-        lines.append(_row("gluoncv paste/rle", gc["paste_s"]))
-        lines.append(_row("gluoncv total", gc["total_s"]))
-        lines.append("gluoncv network %.2f GMAC (%s): %.1f GFLOP/s" % (
-            gc["gmac"], ", ".join("%s %.2f" % kv for kv in gc["gmac_stages"].items()),
-            gc["gflop_per_s"]))
-        if "train_step_s" in gc:
-            lines.append(_row("gluoncv train step", gc["train_step_s"],
-                              "   (%.2f images/s; RPN targets %.3f s of it)"
-                              % (gc["train_images_per_s"], gc["rpn_targets_s"]["median"])))
-        line = "speedup (gluoncv / mxmask median): inference %.2fx (networks alone %.2fx)" % (
-            result["speedup"], result["network_speedup"])
-        if "train_speedup" in result:
-            line += ", train step %.2fx" % result["train_speedup"]
-        lines.append(line)
+    for peer in PEERS:
+        if peer in result:
+            lines.extend(_peer_lines(peer, result, settings))
     if "resnet50" in result:
         r = result["resnet50"]
         lines.append(_row("resnet50 fp32", r["plain_s"], "   %7.2f GMAC, %.1f GFLOP/s"
@@ -505,9 +684,9 @@ def format_table(result, settings):
 
 def write_chart(path, result, settings):
     """A horizontal bar chart (PNG) of mxmask's stage medians (min-max as error bars), its total
-    and, when present, GluonCV's total, titled with preset, size and dtype. The stages are those
-    of the plain fp32 network; with --fuse / --dtype bfloat16 the plain total and the optimised
-    total are both drawn, each named."""
+    and, when present, the peer's (GluonCV's or torchvision's) total, titled with preset, size
+    and dtype. The stages are those of the plain fp32 network; with --fuse / --dtype bfloat16
+    the plain total and the optimised total are both drawn, each named."""
     import io
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -520,8 +699,9 @@ def write_chart(path, result, settings):
         bars.append(("mxmask total, %s" % optimised, m["total_s"], "#0b1d33"))
     else:
         bars.append(("mxmask total", m["total_s"], "#1f3a60"))
-    if "gluoncv" in result:
-        bars.append(("gluoncv total", result["gluoncv"]["total_s"], "#dd8452"))
+    for peer in PEERS:
+        if peer in result:
+            bars.append(("%s total" % peer, result[peer]["total_s"], "#dd8452"))
     bars.reverse()                                    # first stage on top
     fig = Figure(figsize=(8, 1.2 + 0.45 * len(bars)), dpi=100)
     FigureCanvasAgg(fig)
@@ -558,22 +738,31 @@ def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
 
 def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, runs=5,
               warmup=2, train=False, overrides=(), json_path=None, fuse=False, dtype="float32",
-              against=None, resnet50=False, chart_path=None, kernels="auto", out=print):
+              against=None, resnet50=False, chart_path=None, kernels="auto", torch_python=None,
+              out=print):
+    """``mxmask bench`` (module docstring): times, prints the table and returns the record;
+    ``torch_python`` is the interpreter of ``against="torchvision"`` (None:
+    ``MXMASK_TORCH_PYTHON``)."""
     check_dtype(dtype)
-    if against not in (None, "gluoncv"):
-        raise UserError("--against %s: expected gluoncv" % against)
+    if against not in (None,) + PEERS:
+        raise UserError("--against %s: expected one of %s" % (against, ", ".join(PEERS)))
     if runs < 1 or warmup < 0:
         raise UserError("--runs must be at least 1 and --warmup at least 0")
-    if against and batch != 1:
+    if against == "gluoncv" and batch != 1:
         raise UserError("--against gluoncv: GluonCV's Mask R-CNN infers one image at a time; "
                         "use --batch 1")
-    if against or resnet50:         # checked before any network is built
+    if against == "gluoncv" or resnet50:         # checked before any network is built
         from .convert.common import import_gluoncv
-        import_gluoncv("mxmask bench --against gluoncv" if against else "mxmask bench --resnet50")
+        import_gluoncv("mxmask bench --against gluoncv" if against == "gluoncv"
+                       else "mxmask bench --resnet50")
+    if against == "torchvision":                 # checked before any network is built
+        from .convert.torch_python import find_torch_python
+        torch_python, _ = find_torch_python(torch_python, "mxmask bench --against torchvision")
     hw = parse_size(size)
     if against:
-        overrides = list(overrides) + ["test.flip=false"]    # GluonCV has no test-time flip
+        overrides = list(overrides) + ["test.flip=false"]    # neither peer has test-time flip
     cfg, net = build_bench_model(preset, ckpt, overrides, kernels=kernels)
+    arch = torchvision_arch(cfg) if against == "torchvision" else None
     check_anchors_cover(size, hw, cfg, "input.max_size_train / max_size_test; add --set "
                         "input.max_size_test=%d" % max(hw))
     settings = {"preset": ckpt or preset, "size": "%dx%d" % hw, "batch": batch, "runs": runs,
@@ -601,12 +790,15 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     if against == "gluoncv":
         result["gluoncv"], settings["gluoncv"] = bench_gluoncv(cfg, hw, batch, runs, warmup,
                                                                train)
-        gc = result["gluoncv"]
-        result["speedup"] = gc["total_s"]["median"] / m["total_s"]["median"]
-        result["network_speedup"] = gc["network_s"]["median"] / m["network_s"]["median"]
-        if train:
-            result["train_speedup"] = gc["train_step_s"]["median"] / m["train_step_s"]["median"]
-    if resnet50 or against:
+    elif against == "torchvision":      # after mxmask's timings: the two never run together
+        result["torchvision"], settings["torchvision"] = bench_torchvision(
+            torch_python, arch, cfg, hw, batch, runs, warmup, train, dtype,
+            train_dtype=settings.get("train_amp"))
+    if against:
+        # mxmask's keypoint heads on 10 / 100 rois are timed in the plain fp32 network (as its
+        # stages), torchvision's in --dtype: their ratio only in fp32
+        result.update(peer_ratios(m, result[against], keypoint_heads=dtype == "float32"))
+    if resnet50 or against == "gluoncv":
         result["resnet50"] = bench_resnet50(hw, batch, runs, warmup)
     out(format_table(result, settings))
     if json_path:

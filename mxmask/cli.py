@@ -264,7 +264,8 @@ def _cmd_bench(args):
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
               runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
               json_path=args.json, fuse=args.fuse, dtype=args.dtype, against=args.against,
-              resnet50=args.resnet50, chart_path=args.chart, kernels=args.kernels)
+              resnet50=args.resnet50, chart_path=args.chart, kernels=args.kernels,
+              torch_python=args.torch_python)
     return 0
 
 
@@ -284,12 +285,19 @@ def _add_bench(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
     p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--against", choices=["gluoncv"],
-                   help="also time GluonCV's mask_rcnn_fpn_resnet50_v1b_coco on the same input "
-                        "(and training step with --train) and print the speed ratios")
+    p.add_argument("--against", choices=["gluoncv", "torchvision"],
+                   help="also time GluonCV's mask_rcnn_fpn_resnet50_v1b_coco, or torchvision's "
+                        "maskrcnn_resnet50_fpn (mask presets) / keypointrcnn_resnet50_fpn "
+                        "(keypoint presets; recommended: --preset torchvision_mask_rcnn_r50_fpn / "
+                        "torchvision_keypoint_rcnn_r50_fpn, the same architecture; --dtype "
+                        "bfloat16: torchvision under bf16 autocast with channels_last), on the "
+                        "same input (and training step with --train), and print the speed ratios")
+    p.add_argument("--torch-python", metavar="PATH",
+                   help="--against torchvision: a Python with torch and torchvision, which runs "
+                        "the torchvision side in its own process (default: $MXMASK_TORCH_PYTHON)")
     p.add_argument("--resnet50", action="store_true",
                    help="also time a plain ResNet-50 forward (plain and MKLDNN-fused) for its "
-                        "GFLOP/s (implied by --against)")
+                        "GFLOP/s (implied by --against gluoncv)")
     p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the stages here")
     p.add_argument("--kernels", default="auto", choices=["auto", "mxmask", "mxnet"],
                    help="RoIAlign of the in-process network: auto (default) uses mxmask's "

@@ -1,5 +1,7 @@
 """mxmask bench: the table, the JSON record and the chart on tiny inputs; the MAC counter; the
-GluonCV reference (RoIAlign workarounds, RPN targets) that ``--against gluoncv`` runs."""
+GluonCV reference (RoIAlign workarounds, RPN targets) that ``--against gluoncv`` runs; the
+torchvision comparison (``--against torchvision``) with a fake torch interpreter, and with the
+real one when ``MXMASK_TORCH_PYTHON`` names it."""
 import json
 import os
 import types
@@ -321,3 +323,254 @@ def test_bench_train_steps_times_real_batches(ckpt, shapes_dataset, tmp_path, ca
                         "--steps", "1", "--warmup", "0"]) == 0
     assert script.main(["--ckpt", str(tmp_path / "none")]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The torchvision comparison (--against torchvision): a fake torch interpreter for the plumbing,
+# the real one when MXMASK_TORCH_PYTHON names it
+# --------------------------------------------------------------------------------------------
+FAKE_TORCH_PYTHON = r'''#!%(python)s
+"""A stand-in for a torch interpreter: answers the version probe, and for
+``torchvision_reference.py time ...`` keeps its arguments and inputs in %(log)r and prints the
+record the real verb would, with made-up figures."""
+import json, os, shutil, sys
+log = %(log)r
+args = sys.argv[1:]
+if args[0] == "-c":
+    if %(no_torch)r:
+        sys.exit("ModuleNotFoundError: No module named 'torch'")
+    print(json.dumps({"torch": "9.9.9", "torchvision": "8.8.8"}))
+    sys.exit(0)
+if %(garbage)r:
+    print("not a record")
+    sys.exit(0)
+if %(fail)r:
+    sys.stderr.write("Traceback (most recent call last):\n  ...\nRuntimeError: out of memory\n")
+    sys.exit(1)
+os.makedirs(log, exist_ok=True)
+with open(os.path.join(log, "argv.json"), "w") as f:
+    json.dump(args, f)
+opt = {args[i]: args[i + 1] for i in range(2, len(args) - 1) if args[i].startswith("--")}
+shutil.copy(opt["--inputs"], os.path.join(log, "inputs.npz"))
+stat = lambda v: {"median": v, "min": v * 0.9, "max": v * 1.2}
+record = {"network_s": stat(3.0), "paste_s": stat(0.5), "total_s": stat(3.5),
+          "detections_per_image": 100.0, "gmac": 300.0,
+          "gmac_stages": {"backbone+fpn": 200.0, "rpn": 20.0, "box_head": 30.0, "mask_head": 50.0}}
+if opt["--arch"] == "keypointrcnn_resnet50_fpn":
+    record["keypoint_head_per_rois"] = {"10": stat(0.4), "100": stat(3.5)}
+    record["keypoint_head_gmac_per_rois"] = {"10": 35.0, "100": 350.0}
+if "--train" in args:
+    record.update(train_step_s=stat(8.0), train_images_per_s=0.125)
+record["settings"] = {"arch": opt["--arch"], "torch": "9.9.9", "torchvision": "8.8.8",
+                      "threads": int(opt["--threads"]), "dtype": opt["--dtype"],
+                      "autocast": "bfloat16" if opt["--dtype"] == "bfloat16" else None,
+                      "box_detections_per_img": int(opt["--detections"]),
+                      "train_dtype": opt.get("--train-dtype")}
+sys.stderr.write("UserWarning: torch noise on stderr\n")
+print(json.dumps(record))
+'''
+
+
+def _fake_torch_python(tmp_path, name="python", no_torch=False, fail=False, garbage=False):
+    """An executable script in ``tmp_path`` playing the torch interpreter (FAKE_TORCH_PYTHON):
+    without torch (``no_torch``), failing (``fail``) or printing no record (``garbage``); its
+    log folder is ``tmp_path / "log"``."""
+    import sys
+    path = tmp_path / name
+    path.write_text(FAKE_TORCH_PYTHON % {"python": sys.executable, "log": str(tmp_path / "log"),
+                                         "no_torch": no_torch, "fail": fail,
+                                         "garbage": garbage})
+    path.chmod(0o755)
+    return str(path)
+
+
+def _inputs_and_args(tmp_path):
+    """What the fake interpreter was given: (argv after the interpreter, {option: value},
+    {name: array} of the inputs file)."""
+    argv = json.loads((tmp_path / "log" / "argv.json").read_text())
+    assert argv[0].endswith(os.path.join("mxmask", "convert", "torchvision_reference.py"))
+    assert os.path.isfile(argv[0]) and argv[1] == "time"
+    opt = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}
+    with np.load(str(tmp_path / "log" / "inputs.npz")) as f:
+        arrays = {k: f[k] for k in f.files}
+    return argv, opt, arrays
+
+
+def test_bench_against_torchvision_with_a_fake_interpreter(tmp_path, capsys, monkeypatch):
+    """A mask preset with --train: the torch side gets mxmask's own input, training batch, runs,
+    warm-up, threads and max_dets; its record, the ratios, the table lines and the chart."""
+    import sys
+    from PIL import Image
+    from mxmask.bench import bench_input, synthetic_train_batch
+    from mxmask.config import get_config
+    monkeypatch.delenv("MXMASK_TORCH_PYTHON", raising=False)
+    fake = _fake_torch_python(tmp_path)
+    path, chart = tmp_path / "bench.json", tmp_path / "stages.png"
+    assert main(["bench", "--preset", "shapes", "--size", "96x128", "--runs", "1", "--warmup",
+                 "0", "--train", "--against", "torchvision", "--torch-python", fake, "--json",
+                 str(path), "--chart", str(chart), "--set", "test.max_dets=10"]) == 0
+    argv, opt, arrays = _inputs_and_args(tmp_path)
+    assert opt["--arch"] == "maskrcnn_resnet50_fpn"             # shapes has masks
+    assert (opt["--dtype"], opt["--runs"], opt["--warmup"]) == ("float32", "1", "0")
+    assert opt["--detections"] == "10" and float(opt["--score-thresh"]) == 0.0
+    assert opt["--threads"] == os.environ["OMP_NUM_THREADS"] and "--train" in argv
+    # the training step in the precision mxmask's resolved to (shapes: solver.amp auto)
+    assert opt["--train-dtype"] == json.loads(path.read_text())["settings"]["train_amp"]
+    # the same arrays mxmask was timed on
+    np.testing.assert_array_equal(arrays["data"], bench_input((96, 128))[0].asnumpy())
+    cfg = get_config("shapes")
+    cfg.model.num_keypoints = 7                       # as build_bench_model sets it
+    batch = synthetic_train_batch(cfg, (96, 128), 1)
+    np.testing.assert_array_equal(arrays["train_data"], batch["data"])
+    for key in ("gt_boxes", "gt_labels", "gt_masks", "gt_keypoints"):
+        np.testing.assert_array_equal(arrays[key], batch[key])
+    assert not any(k.startswith("keypoint_boxes") for k in arrays)
+    result = json.loads(path.read_text())
+    assert set(result) == {"settings", "mxmask", "torchvision", "speedup", "network_speedup",
+                           "train_speedup"}                  # no GluonCV ResNet-50 here
+    m, t, settings = result["mxmask"], result["torchvision"], result["settings"]
+    assert settings["against"] == "torchvision" and settings["test_flip"] is False
+    ts = settings["torchvision"]
+    assert ts["model"] == "maskrcnn_resnet50_fpn" and ts["python"] == fake
+    assert (ts["torch"], ts["threads"], ts["max_dets"]) == ("9.9.9", int(opt["--threads"]), 10)
+    assert t["network_s"] == pytest.approx({"median": 3.0, "min": 2.7, "max": 3.6})
+    assert t["gflop_per_s"] == pytest.approx(2 * 300.0 / 3.0)
+    assert result["speedup"] == pytest.approx(3.5 / m["total_s"]["median"], rel=1e-12)
+    assert result["network_speedup"] == pytest.approx(3.0 / m["network_s"]["median"], rel=1e-12)
+    assert result["train_speedup"] == pytest.approx(8.0 / m["train_step_s"]["median"], rel=1e-12)
+    out = capsys.readouterr().out
+    for line in ("torchvision maskrcnn_resnet50_fpn: torch=9.9.9", "torchvision network",
+                 "torchvision postprocess", "torchvision total", "torchvision detections/image 100",
+                 "torchvision network 300.00 GMAC (backbone+fpn 200.00, rpn 20.00, box_head "
+                 "30.00, mask_head 50.00): 200.0 GFLOP/s",
+                 "torchvision train step", "(0.12 images/s)",
+                 "speedup (torchvision / mxmask median): inference %.2fx (networks alone %.2fx), "
+                 "train step %.2fx" % (result["speedup"], result["network_speedup"],
+                                       result["train_speedup"])):
+        assert line in out, line
+    assert "resnet50 fp32" not in out and "gluoncv" not in out
+    assert "torch" not in sys.modules                # mxmask's process never imports torch
+    # the chart draws torchvision's total in the peer's colour
+    image = np.asarray(Image.open(str(chart)).convert("RGB"))
+    assert (np.abs(image.astype(int) - [0xdd, 0x84, 0x52]).sum(axis=2) < 10).sum() > 1000
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bench_against_torchvision_keypoints(dtype, tmp_path, capsys, monkeypatch):
+    """A keypoint config (17 keypoints) through MXMASK_TORCH_PYTHON: the keypoint arch, the
+    dtype, the keypoint-head boxes mxmask times, and their speedups (only in float32: mxmask's
+    heads on 10 / 100 rois are timed in the plain fp32 network)."""
+    from mxmask.bench import keypoint_head_boxes
+    monkeypatch.setenv("MXMASK_TORCH_PYTHON", _fake_torch_python(tmp_path))
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "shapes", "--size", "64x96", "--runs", "1", "--warmup",
+                 "0", "--dtype", dtype, "--against", "torchvision", "--json", str(path),
+                 "--set", "test.max_dets=10", "--set", "model.mask_on=false", "--set",
+                 "model.num_keypoints=17"]) == 0
+    argv, opt, arrays = _inputs_and_args(tmp_path)
+    assert opt["--arch"] == "keypointrcnn_resnet50_fpn" and opt["--dtype"] == dtype
+    assert "--train" not in argv and set(arrays) == {"data", "keypoint_boxes_10",
+                                                     "keypoint_boxes_100"}
+    for count, boxes in keypoint_head_boxes((64, 96)).items():
+        np.testing.assert_array_equal(arrays["keypoint_boxes_%d" % count], boxes)
+    result = json.loads(path.read_text())
+    m = result["mxmask"]
+    assert "train_speedup" not in result
+    out = capsys.readouterr().out
+    assert "torchvision keypoint 100 rois" in out and "350.00 GMAC, 200.0 GFLOP/s" in out
+    if dtype == "bfloat16":
+        assert result["settings"]["torchvision"]["autocast"] == "bfloat16"
+        assert "keypoint_head_speedup" not in result and ", keypoint head 10 rois" not in out
+        return
+    assert result["keypoint_head_speedup"] == pytest.approx(
+        {"10": 0.4 / m["keypoint_head_per_rois"]["10"]["median"],
+         "100": 3.5 / m["keypoint_head_per_rois"]["100"]["median"]}, rel=1e-12)
+    assert ", keypoint head 10 rois %.2fx" % result["keypoint_head_speedup"]["10"] in out
+
+
+def test_against_torchvision_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """No interpreter, a missing file, one without torch, a keypoint config without 17
+    keypoints, a failing or silent torch program: one line each, exit code 2."""
+    from mxmask.convert.torch_python import run_reference_json
+    from mxmask.utils import UserError
+    monkeypatch.delenv("MXMASK_TORCH_PYTHON", raising=False)
+    base = ["bench", "--preset", "shapes", "--size", "64x64", "--runs", "1", "--warmup", "0",
+            "--against", "torchvision"]
+    how = "python3 -m venv tv && tv/bin/pip install torch torchvision"
+
+    def error(args):
+        assert main(base + args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+    err = error([])
+    assert "--against torchvision runs torchvision in a separate Python" in err
+    assert "--torch-python PATH or set MXMASK_TORCH_PYTHON" in err and how in err
+    missing = str(tmp_path / "nowhere" / "python")
+    err = error(["--torch-python", missing])
+    assert "--torch-python %s: no such file" % missing in err and how in err
+    monkeypatch.setenv("MXMASK_TORCH_PYTHON", missing)
+    assert "MXMASK_TORCH_PYTHON=%s: no such file" % missing in error([])
+    no_torch = _fake_torch_python(tmp_path, "no_torch", no_torch=True)
+    err = error(["--torch-python", no_torch])
+    assert ("--torch-python %s: cannot import torch and torchvision (ModuleNotFoundError: No "
+            "module named 'torch')" % no_torch) in err and how in err
+    fake = _fake_torch_python(tmp_path)
+    assert ("keypointrcnn_resnet50_fpn has 17 keypoints, model.num_keypoints is 7"
+            in error(["--torch-python", fake, "--set", "model.mask_on=false"]))
+    # the torch program fails, or prints no record
+    failing = _fake_torch_python(tmp_path, "failing", fail=True)
+    with pytest.raises(UserError, match=r"^torchvision_reference.py time failed \(exit 1, .*"
+                                        r"failing\): RuntimeError: out of memory$"):
+        run_reference_json(failing, "time", ["--arch", "maskrcnn_resnet50_fpn"])
+    garbage = _fake_torch_python(tmp_path, "garbage", garbage=True)
+    with pytest.raises(UserError, match=r"^torchvision's timing printed no JSON object \(.*"
+                                        r"garbage\): 'not a record'$"):
+        run_reference_json(garbage, "time", [], what="torchvision's timing")
+
+
+@pytest.mark.parametrize("case", ["mask_fp32_through_bench", "keypoint_bf16_own_inputs"])
+def test_torchvision_time_verb_real(case, tmp_path):
+    """The real ``torchvision_reference.py time`` at a tiny size, one run: the mask arch in fp32
+    through :func:`bench_torchvision` (mxmask's arrays), and the keypoint arch in bf16 autocast
+    with channels_last on the verb's own inputs; both with a training step."""
+    python = os.environ.get("MXMASK_TORCH_PYTHON")
+    if not python:
+        pytest.skip("MXMASK_TORCH_PYTHON is not set: no torch interpreter to run "
+                    "torchvision_reference.py time with (a Python with torch and torchvision)")
+    from mxmask.bench import bench_torchvision, torch_threads
+    from mxmask.config import get_config
+    from mxmask.convert.torch_python import find_torch_python, run_reference_json
+    python, versions = find_torch_python(python)
+    if case == "mask_fp32_through_bench":
+        arch = "maskrcnn_resnet50_fpn"
+        record, settings = bench_torchvision(python, arch,
+                                             get_config("torchvision_mask_rcnn_r50_fpn"),
+                                             (64, 96), runs=1, warmup=0, train=True)
+        assert settings["model"] == arch and settings["dtype"] == "float32"
+        assert settings["memory_format"] == "contiguous" and "autocast" not in settings
+        assert settings["threads"] == torch_threads() and settings["max_dets"] == 100
+        assert record["gflop_per_s"] == pytest.approx(2 * record["gmac"]
+                                                      / record["network_s"]["median"])
+        stages = {"backbone+fpn", "rpn", "box_head", "mask_head"}
+    else:
+        arch = "keypointrcnn_resnet50_fpn"
+        record = run_reference_json(python, "time", [
+            "--arch", arch, "--size", 64, 96, "--train", "--train-size", 64, 64, "--runs", 1,
+            "--warmup", 0, "--dtype", "bfloat16", "--threads", 1])
+        settings = record.pop("settings")
+        assert (settings["autocast"], settings["memory_format"]) == ("bfloat16", "channels_last")
+        assert settings["threads"] == 1 and settings["train_size"] == "64x64"
+        stages = {"backbone+fpn", "rpn", "box_head", "keypoint_head"}
+        for count in ("10", "100"):
+            _check_stats(record["keypoint_head_per_rois"][count])
+        gmac = record["keypoint_head_gmac_per_rois"]
+        assert gmac["100"] == pytest.approx(10 * gmac["10"], rel=1e-9)
+    assert settings["torchvision"] == versions["torchvision"]
+    for key in ("network_s", "paste_s", "total_s", "train_step_s"):
+        _check_stats(record[key])
+    assert record["total_s"]["median"] == pytest.approx(record["network_s"]["median"]
+                                                        + record["paste_s"]["median"])
+    assert 0 < record["detections_per_image"] <= 100 and record["train_images_per_s"] > 0
+    assert set(record["gmac_stages"]) == stages
+    assert record["gmac"] == pytest.approx(sum(record["gmac_stages"].values()), rel=1e-9)

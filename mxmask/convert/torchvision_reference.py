@@ -18,6 +18,13 @@ neither environment needs the other's packages. Each verb reads and writes plain
             the whole model on an image file read with PIL, as torchvision's references do:
             ``input`` (the transform's padded tensor), ``image_size``, and the detections in
             image pixels, with ``masks`` pasted (N, H, W) probabilities.
+    time    --arch A [--inputs X.npz | --size H W --train-size H W] [--train]
+            [--dtype float32|bfloat16] [--train-dtype D] [--runs N] [--warmup N] [--threads N]
+            torchvision's speed on seeded random weights (``mxmask bench --against
+            torchvision``): the network on a normalised, padded tensor (GeneralizedRCNNTransform
+            bypassed), its postprocess, the keypoint head on 10 and 100 rois, a training step;
+            one JSON object on stdout (:func:`time_model`). Its ``--score-thresh`` and
+            ``--detections`` default to 0.0 and 100, so the heads see 100 boxes.
     losses  --arch A --weights M.pth --input IN.npz --out OUT.npz
             torchvision's training losses of one step on the normalised, padded tensor ``x``
             (B, 3, Hp, Wp) of IN.npz, its valid ``image_size`` (B, 2), gt ``boxes`` (B, G, 4)
@@ -156,6 +163,315 @@ def predict_file(model, path):
     if "masks" in det:
         out["masks"] = det["masks"][:, 0].numpy()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# time: torchvision's speed (the torch side of ``mxmask bench --against torchvision``)
+# --------------------------------------------------------------------------------------------
+TIME_KEYPOINT_ROIS = (10, 100)
+# FLOP counter modules -> the stage names of the record (torch's ModuleTracker names a module by
+# its path from the outermost module called, here the model's children)
+TIME_GMAC_GROUPS = {"backbone+fpn": ("BackboneWithFPN",), "rpn": ("RegionProposalNetwork",),
+                    "box_head": ("RoIHeads.box_head", "RoIHeads.box_predictor"),
+                    "mask_head": ("RoIHeads.mask_head", "RoIHeads.mask_predictor"),
+                    "keypoint_head": ("RoIHeads.keypoint_head", "RoIHeads.keypoint_predictor")}
+
+
+def time_inputs(arch, size=(800, 1344), batch=1, train_size=None, objects=2, seed=0):
+    """The ``time`` verb's own inputs, when it is not given any (``mxmask bench`` passes it the
+    arrays it times mxmask on).
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        size: (H, W) of the inference input.
+        batch: images per forward / training step.
+        train_size: (h, w) of the training batch; None: no training arrays.
+        objects: gt instances per training image.
+        seed: numpy seed.
+
+    Returns:
+        dict of numpy arrays: ``data`` (batch, 3, H, W) normal(0, 1) (a normalised image); with
+        ``train_size`` ``train_data`` (batch, 3, h, w), ``gt_boxes`` (batch, objects, 4) xyxy of
+        0.2 to 0.5 of the image side, ``gt_labels`` (batch, objects) 0 (mxmask's first class,
+        torchvision's label 1), ``gt_masks`` (batch, objects, h, w) the boxes filled with 1,
+        ``gt_keypoints`` (batch, objects, 17, 3) visible points inside the boxes; for the
+        keypoint arch ``keypoint_boxes_N`` (1, N, 4) for N in :data:`TIME_KEYPOINT_ROIS`.
+    """
+    rng = np.random.RandomState(seed)
+    h, w = size
+    out = {"data": rng.normal(0, 1, (batch, 3, h, w)).astype(np.float32)}
+
+    def boxes(count, bh, bw):
+        sw, sh = rng.uniform(0.2, 0.5, count) * bw, rng.uniform(0.2, 0.5, count) * bh
+        x1, y1 = rng.uniform(0, bw - sw), rng.uniform(0, bh - sh)
+        return np.stack([x1, y1, x1 + sw, y1 + sh], axis=1).astype(np.float32)
+    if train_size is not None:
+        th, tw = train_size
+        gt = np.stack([boxes(objects, th, tw) for _ in range(batch)])
+        masks = np.zeros((batch, objects, th, tw), np.float32)
+        kps = np.zeros((batch, objects, 17, 3), np.float32)
+        for b in range(batch):
+            for j, (x1, y1, x2, y2) in enumerate(gt[b]):
+                masks[b, j, int(y1):int(y2), int(x1):int(x2)] = 1
+                kps[b, j, :, 0] = rng.uniform(x1, x2, 17)
+                kps[b, j, :, 1] = rng.uniform(y1, y2, 17)
+                kps[b, j, :, 2] = 2
+        out.update(train_data=rng.normal(0, 1, (batch, 3, th, tw)).astype(np.float32),
+                   gt_boxes=gt, gt_labels=np.zeros((batch, objects), np.float32),
+                   gt_masks=masks, gt_keypoints=kps)
+    if arch == "keypointrcnn_resnet50_fpn":
+        for count in TIME_KEYPOINT_ROIS:
+            out["keypoint_boxes_%d" % count] = boxes(count, h, w)[None]
+    return out
+
+
+def _time_runs(fn, runs, warmup):
+    """``fn()`` ``warmup`` times untimed, then ``runs`` times timed: (last output, seconds)."""
+    import time
+    for _ in range(warmup):
+        fn()
+    times, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _time_precision(dtype):
+    """``(memory format, autocast context factory)`` of a ``time`` precision: ``float32``
+    contiguous without autocast; ``bfloat16`` channels_last under bf16 autocast."""
+    import contextlib
+    if dtype not in ("float32", "bfloat16"):
+        raise SystemExit("--dtype %s: expected float32 or bfloat16" % dtype)
+    if dtype == "bfloat16":
+        return torch.channels_last, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.contiguous_format, contextlib.nullcontext
+
+
+def _time_stats(times):
+    return {"median": float(np.median(times)), "min": float(min(times)), "max": float(max(times))}
+
+
+def _time_targets(inputs, arch):
+    """mxmask's training-batch arrays -> torchvision's list of target dicts (rows with label
+    < 0 are padding and dropped; mxmask's label ``l`` is torchvision's ``l + 1``)."""
+    targets = []
+    for b in range(len(inputs["gt_boxes"])):
+        keep = inputs["gt_labels"][b] >= 0
+        target = {"boxes": torch.from_numpy(inputs["gt_boxes"][b][keep].astype(np.float32)),
+                  "labels": torch.from_numpy(inputs["gt_labels"][b][keep].astype(np.int64) + 1)}
+        if arch == "maskrcnn_resnet50_fpn":
+            target["masks"] = torch.from_numpy((inputs["gt_masks"][b][keep] > 0.5)
+                                               .astype(np.uint8))
+        else:
+            kps = inputs["gt_keypoints"][b][keep].astype(np.float32)
+            if kps.shape[1] != 17:
+                raise SystemExit("gt_keypoints has %d keypoints per instance; %s has 17"
+                                 % (kps.shape[1], arch))
+            target["keypoints"] = torch.from_numpy(kps)
+        targets.append(target)
+    return targets
+
+
+def count_gmac(model, x, image_sizes):
+    """Multiply-accumulates (GMAC) of one inference pass (torch's FLOP counter: convolutions,
+    transposed convolutions and matrix products; FLOP / 2): ``(total, {stage: GMAC})`` with the
+    stages of :data:`TIME_GMAC_GROUPS` (and ``other`` for anything outside them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        features = model.backbone(x)
+        proposals, _ = model.rpn(ImageList(x, image_sizes), features)
+        model.roi_heads(features, proposals, image_sizes)
+    by_module = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    total = counter.get_total_flops()
+    stages = {}
+    for stage, modules in TIME_GMAC_GROUPS.items():
+        if any(m in by_module for m in modules):
+            stages[stage] = sum(by_module.get(m, 0) for m in modules) / 2e9
+    other = total / 2e9 - sum(stages.values())
+    if other > 1e-9:
+        stages["other"] = other
+    return total / 2e9, stages
+
+
+def time_model(arch, inputs, dtype="float32", runs=5, warmup=2, train=False, score_thresh=0.0,
+               detections=100, seed=0, train_dtype=None):
+    """torchvision's inference (and training step) speed, in this process.
+
+    The network is timed on the normalised, padded input tensor through ``model.backbone``,
+    ``model.rpn`` and ``model.roi_heads``, the internals :func:`run_stages` calls:
+    GeneralizedRCNNTransform's normalisation, resize and batching are never run (mxmask's
+    network is also timed on a normalised tensor), and its ``postprocess`` (boxes to the image
+    size, masks pasted into the image, keypoints rescaled; no RLE) is timed as the paste stage.
+
+    Args:
+        arch: one of :data:`ARCHS`; the model is :func:`build_model` + :func:`randomise`.
+        inputs: arrays as :func:`time_inputs` returns them (``train_*`` / ``gt_*`` needed only
+            with ``train``; ``keypoint_boxes_N`` only for the keypoint arch).
+        dtype: ``float32``, or ``bfloat16``: torchvision's best CPU setting, the model and input
+            in channels_last memory format and everything run under
+            ``torch.autocast("cpu", dtype=torch.bfloat16)`` (the backward outside it, as
+            torch's AMP recipe does).
+        runs, warmup: timed and untimed runs of each figure (the training step warms up at
+            least once).
+        train: also time a training step: forward with the targets, backward, and an SGD
+            update (lr 1e-4, momentum 0.9, weight decay 1e-4, as mxmask's bench step) of the
+            trainable parameters.
+        score_thresh, detections: ``box_score_thresh`` and ``box_detections_per_img`` (0.0 and
+            100: the mask / keypoint head sees 100 boxes, as mxmask's heads see
+            ``test.max_dets``).
+        seed: :func:`randomise`'s seed.
+        train_dtype: the training step's precision as ``dtype`` (None: ``dtype``; mxmask's
+            bench passes the precision its own step's convolutions resolved to).
+
+    Returns:
+        dict: ``settings``; ``network_s``, ``paste_s``, ``total_s`` (per run network + paste):
+        each ``{"median", "min", "max"}`` seconds; ``detections_per_image``; ``gmac`` and
+        ``gmac_stages`` (:func:`count_gmac`); for the keypoint arch ``keypoint_head_per_rois``
+        ``{"10": stats, "100": stats}`` (RoIAlign + keypoint head + predictor on exactly N
+        boxes of the first image) and ``keypoint_head_gmac_per_rois``; with ``train``
+        ``train_step_s`` and ``train_images_per_s``.
+    """
+    fmt, precision = _time_precision(dtype)
+    train_dtype = train_dtype or dtype
+    train_fmt, train_precision = _time_precision(train_dtype)
+    model = randomise(build_model(arch, score_thresh, detections), arch, seed)
+    x = torch.from_numpy(np.ascontiguousarray(inputs["data"], np.float32))
+    batch, _, h, w = x.shape
+    sizes = [(h, w)] * batch
+    gmac, gmac_stages = count_gmac(model, x, sizes)
+    model = model.to(memory_format=fmt)
+    x = x.contiguous(memory_format=fmt)
+    images = ImageList(x, sizes)
+
+    def network():
+        with torch.inference_mode(), precision():
+            features = model.backbone(x)
+            proposals, _ = model.rpn(images, features)
+            dets, _ = model.roi_heads(features, proposals, sizes)
+        return features, dets
+    (features, dets), network_times = _time_runs(network, runs, warmup)
+
+    def paste():
+        with torch.inference_mode(), precision():       # postprocess replaces the dicts' values
+            return model.transform.postprocess([dict(d) for d in dets], sizes, sizes)
+    _, paste_times = _time_runs(paste, runs, 1)
+    record = {"network_s": _time_stats(network_times), "paste_s": _time_stats(paste_times),
+              "total_s": _time_stats([a + b for a, b in zip(network_times, paste_times)]),
+              "detections_per_image": sum(len(d["boxes"]) for d in dets) / float(batch),
+              "gmac": gmac, "gmac_stages": gmac_stages}
+
+    heads = model.roi_heads
+    if heads.has_keypoint():
+        first = {k: v[:1] for k, v in features.items()}
+        per_rois, gmac_rois = {}, {}
+        for count in TIME_KEYPOINT_ROIS:
+            boxes = torch.from_numpy(inputs["keypoint_boxes_%d" % count][0].astype(np.float32))
+
+            def keypoint_head():
+                with torch.inference_mode(), precision():
+                    pooled = heads.keypoint_roi_pool(first, [boxes], sizes[:1])
+                    return heads.keypoint_predictor(heads.keypoint_head(pooled))
+            _, times = _time_runs(keypoint_head, runs, warmup)
+            per_rois[str(count)] = _time_stats(times)
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:
+                keypoint_head()
+            gmac_rois[str(count)] = counter.get_total_flops() / 2e9
+        record.update(keypoint_head_per_rois=per_rois, keypoint_head_gmac_per_rois=gmac_rois)
+    del features, dets
+
+    train_size = train_note = None
+    if train:
+        missing = [k for k in ("train_data", "gt_boxes", "gt_labels",
+                               "gt_masks" if heads.has_mask() else "gt_keypoints")
+                   if k not in inputs]
+        if missing:
+            raise SystemExit("--train: the inputs have no %s" % ", ".join(missing))
+        tx = torch.from_numpy(np.ascontiguousarray(inputs["train_data"], np.float32))
+        model = model.to(memory_format=train_fmt)
+        tx = tx.contiguous(memory_format=train_fmt)
+        train_sizes = [tuple(tx.shape[2:])] * tx.shape[0]
+        train_images = ImageList(tx, train_sizes)
+        targets = _time_targets(inputs, arch)
+        if train_fmt == torch.channels_last and heads.has_keypoint():
+            # keypointrcnn_loss views the logits as (N * K, H * W), which a channels_last
+            # tensor refuses: the predictor's output is copied to the contiguous format
+            heads.keypoint_predictor.register_forward_hook(lambda m, i, out: out.contiguous())
+            train_note = "keypoint logits made contiguous for keypointrcnn_loss"
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with train_precision():
+                features = model.backbone(tx)
+                proposals, rpn_losses = model.rpn(train_images, features, targets)
+                _, head_losses = model.roi_heads(features, proposals, train_sizes, targets)
+                loss = sum(rpn_losses.values()) + sum(head_losses.values())
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+        _, times = _time_runs(step, runs, max(1, warmup))
+        model.eval()
+        record.update(train_step_s=_time_stats(times),
+                      train_images_per_s=tx.shape[0] / float(np.median(times)))
+        train_size = "%dx%d" % train_sizes[0]
+    bf16 = dtype == "bfloat16"
+    record["settings"] = {
+        "arch": arch, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads(), "dtype": dtype,
+        "autocast": "bfloat16" if bf16 else None,
+        "memory_format": "channels_last" if bf16 else "contiguous",
+        "train_dtype": train_dtype if train else None,
+        "size": "%dx%d" % (h, w), "batch": batch, "runs": runs, "warmup": warmup,
+        "box_score_thresh": heads.score_thresh, "box_detections_per_img": heads.detections_per_img,
+        "rpn_post_nms_top_n_test": model.rpn._post_nms_top_n["testing"],
+        "input": "normalised padded tensor through backbone, rpn, roi_heads "
+                 "(GeneralizedRCNNTransform bypassed; its postprocess is the paste)",
+        "train_size": train_size, "train_note": train_note}
+    return record
+
+
+def add_time_arguments(p):
+    """The ``time`` verb's options on the argparse subparser ``p``."""
+    p.add_argument("--arch", choices=ARCHS, required=True)
+    p.add_argument("--inputs", help="npz of the arrays time_inputs makes (mxmask bench writes "
+                                    "its own); without it they are made at --size / --train-size")
+    p.add_argument("--size", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"))
+    p.add_argument("--train-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--train", action="store_true", help="also time a training step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast(cpu, bfloat16) with channels_last")
+    p.add_argument("--train-dtype", choices=("float32", "bfloat16"),
+                   help="the training step's precision (default: --dtype)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--score-thresh", type=float, default=0.0)
+    p.add_argument("--detections", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's)")
+
+
+def time_verb(args):
+    """The ``time`` verb: :func:`time_model` on ``--inputs`` or :func:`time_inputs`; prints the
+    record as one JSON line on stdout. Returns the exit code."""
+    import json
+    if args.runs < 1 or args.warmup < 0:
+        raise SystemExit("--runs must be at least 1 and --warmup at least 0")
+    if args.inputs:
+        with np.load(args.inputs) as f:
+            inputs = {k: f[k] for k in f.files}
+    else:
+        inputs = time_inputs(args.arch, tuple(args.size), args.batch,
+                             tuple(args.train_size) if args.train else None, seed=args.seed)
+    record = time_model(args.arch, inputs, args.dtype, args.runs, args.warmup, args.train,
+                        args.score_thresh, args.detections, args.seed, args.train_dtype)
+    print(json.dumps(record))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +654,7 @@ def main(argv=None):
             p.add_argument("--image-size", type=int, nargs=2, required=True)
         if verb == "predict":
             p.add_argument("--image", required=True)
+    add_time_arguments(sub.add_parser("time"))
     p = sub.add_parser("losses")
     p.add_argument("--arch", choices=ARCHS, required=True)
     p.add_argument("--weights", required=True)
@@ -347,6 +664,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.verb == "time":
+        return time_verb(args)
     if args.verb == "losses":
         return losses_verb(args)
     if args.verb == "build":
