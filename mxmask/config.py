@@ -24,6 +24,11 @@ import yaml
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
+# the class name of a label index that stands for no category (torchvision's unused COCO ids):
+# its detections are left out of results, and evaluation does not look for its category
+UNUSED_CLASS_NAME = "N/A"
+
+
 class ConfigError(ValueError):
     """A bad config file, key or value. The message is one line meant for the user."""
 
@@ -57,6 +62,10 @@ class DataConfig:
     keypoint_flip_map: List[int] = field(default_factory=list)
     skeleton: List[List[int]] = field(default_factory=list)
     keypoint_category_ids: List[int] = field(default_factory=list)
+    # COCO keypoints are integer pixel indices: the reader adds this to labelled keypoints (the
+    # centre of pixel i is i + 0.5 in mxmask's continuous coordinates) and the result writer
+    # subtracts it (Detectron2: 0.5; torchvision: 0, its networks learn the indices as they are)
+    keypoint_offset: float = 0.5
 
 
 @dataclass
@@ -255,6 +264,11 @@ class TestConfig:
     nms_thresh: float = 0.5
     max_dets: int = 100
     mask_thresh: float = 0.5
+    # how masks are pasted into the image: detectron2 (aligned bilinear sampling of the 28x28
+    # grid over the box, probability >= mask_thresh) | torchvision (its paste_masks_in_image: the
+    # grid padded by one cell, resized bilinearly into the box expanded by that cell and rounded
+    # to whole pixels, probability > mask_thresh)
+    mask_paste: str = "detectron2"
     # > 0: each detection's box becomes the tight box of its pasted mask probability >= this
     # (COCO's box is its segmentation's tight box; below mask_thresh it keeps thin points and
     # limbs); 0: the box head's box (Detectron2). Post-processing: exported graphs output the
@@ -311,6 +325,7 @@ CHOICES = {
     "solver.nonfinite_policy": ("stop", "skip"),
     "solver.amp": ("", "bfloat16", "auto"),
     "test.keypoint_decode": ("bicubic", "taylor", "torchvision"),
+    "test.mask_paste": ("detectron2", "torchvision"),
 }
 
 
@@ -452,6 +467,13 @@ def set_value(cfg, assignment):
 # --------------------------------------------------------------------------------------------
 # Presets and files
 # --------------------------------------------------------------------------------------------
+def unused_labels(cfg):
+    """The labels whose class name is :data:`UNUSED_CLASS_NAME`: indices of a label space that
+    stand for no category (torchvision's unused COCO ids), whose detections results leave out."""
+    return [label for label, name in enumerate(cfg.data.class_names)
+            if name == UNUSED_CLASS_NAME]
+
+
 def list_presets():
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 

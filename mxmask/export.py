@@ -466,7 +466,8 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         "skeleton": [list(p) for p in d.skeleton],
         "box_plus_one": bool(m.box_plus_one),
         "score_thresh": float(t.score_thresh), "mask_thresh": float(t.mask_thresh),
-        "mask_box_thresh": float(t.mask_box_thresh),
+        "mask_box_thresh": float(t.mask_box_thresh), "mask_paste": str(t.mask_paste),
+        "keypoint_offset": float(d.keypoint_offset),
         "max_dets": int(t.max_dets),
     }
 

@@ -87,7 +87,8 @@ def _support(lo, hi, m, size):
     return a, b
 
 
-def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_threshold=None):
+def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_threshold=None,
+                         style="detectron2"):
     """Paste ``(N, Mh, Mw)`` mask probabilities into ``(N, height, width)`` image masks.
 
     ``boxes`` ``(N, 4)`` are xyxy in the image's continuous pixel coordinates; they may lie partly
@@ -96,6 +97,11 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
     probabilities when ``threshold`` is None. With ``box_threshold`` it returns ``(masks,
     tight (N, 4), found (N,))``: :func:`mask_extents` of the pasted probabilities at
     ``box_threshold``, computed on each crop (no (N, H, W) float buffer).
+
+    ``style="torchvision"`` pastes as torchvision's ``paste_masks_in_image`` (``test.mask_paste``):
+    the grid padded by one zero cell, the box expanded by that cell in float32 and truncated to
+    whole pixels, the padded grid resized bilinearly (align_corners=False) to the box's
+    ``x2 - x1 + 1`` by ``y2 - y1 + 1`` pixels, and the mask is ``prob > threshold``.
 
     The returned array is a transposed view of a C-ordered ``(N, W, H)`` buffer, so that
     ``out.transpose(1, 2, 0)`` is Fortran-contiguous ``(H, W, N)``, the layout
@@ -111,7 +117,28 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
     dtype = np.float32 if threshold is None else np.bool_
     buf = np.zeros((n, width, height), dtype)
     tight, found = np.zeros((n, 4)), np.zeros(n, np.bool_)
-    for i in range(n):
+    if style not in ("detectron2", "torchvision"):
+        raise ValueError("paste_masks_in_image: unknown style %r" % (style,))
+    crops = _torchvision_crops if style == "torchvision" else _detectron2_crops
+    above = np.greater if style == "torchvision" else np.greater_equal
+    for i, xa, xb, ya, yb, crop_t in crops(masks, boxes, height, width):
+        if box_threshold is not None:
+            box, hit = mask_extents(crop_t.T[None], box_threshold)
+            if hit[0]:
+                tight[i], found[i] = box[0] + (xa, ya, xa, ya), True
+        if threshold is None:
+            buf[i, xa:xb, ya:yb] = crop_t
+        else:
+            buf[i, xa:xb, ya:yb] = above(crop_t, threshold)
+    pasted = buf.transpose(0, 2, 1)
+    return pasted if box_threshold is None else (pasted, tight, found)
+
+
+def _detectron2_crops(masks, boxes, height, width):
+    """Yield ``(i, xa, xb, ya, yb, crop (xb - xa, yb - ya))`` of each pasted mask with pixels in
+    the image: aligned bilinear sampling of the grid (module docstring), zero outside it."""
+    _, mh, mw = masks.shape
+    for i in range(len(boxes)):
         x1, y1, x2, y2 = boxes[i]
         if not (np.isfinite(boxes[i]).all() and x2 > x1 and y2 > y1):
             continue
@@ -122,17 +149,33 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
         wx = _interp_matrix(np.arange(xa, xb), x1, x2 - x1, mw)
         wy = _interp_matrix(np.arange(ya, yb), y1, y2 - y1, mh)
         # (w, Mw) @ (Mw, Mh) @ (Mh, h): the crop already transposed to the buffer's layout
-        crop_t = wx @ masks[i].astype(np.float64).T @ wy.T
-        if box_threshold is not None:
-            box, hit = mask_extents(crop_t.T[None], box_threshold)
-            if hit[0]:
-                tight[i], found[i] = box[0] + (xa, ya, xa, ya), True
-        if threshold is None:
-            buf[i, xa:xb, ya:yb] = crop_t
-        else:
-            buf[i, xa:xb, ya:yb] = crop_t >= threshold
-    pasted = buf.transpose(0, 2, 1)
-    return pasted if box_threshold is None else (pasted, tight, found)
+        yield i, xa, xb, ya, yb, wx @ masks[i].astype(np.float64).T @ wy.T
+
+
+def _torchvision_crops(masks, boxes, height, width):
+    """The same as :func:`_detectron2_crops` by torchvision's paste (``paste_masks_in_image``
+    with padding 1, ``expand_boxes``, ``paste_mask_in_image``), in its float32 arithmetic."""
+    _, m, _ = masks.shape
+    b = boxes.astype(np.float32)
+    scale = np.float32(m + 2) / np.float32(m)
+    half_w = (b[:, 2] - b[:, 0]) * np.float32(0.5) * scale
+    half_h = (b[:, 3] - b[:, 1]) * np.float32(0.5) * scale
+    cx = (b[:, 2] + b[:, 0]) * np.float32(0.5)
+    cy = (b[:, 3] + b[:, 1]) * np.float32(0.5)
+    expanded = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
+    padded = np.zeros((m + 2, m + 2), np.float32)
+    for i in range(len(boxes)):
+        if not np.isfinite(expanded[i]).all():
+            continue
+        x0, y0, x1, y1 = (int(v) for v in expanded[i])       # truncation, as .to(int64)
+        xa, xb = max(x0, 0), min(x1 + 1, width)
+        ya, yb = max(y0, 0), min(y1 + 1, height)
+        if xb <= xa or yb <= ya:
+            continue
+        padded[1:-1, 1:-1] = masks[i]
+        resized = cv2.resize(padded, (max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)),
+                             interpolation=cv2.INTER_LINEAR)
+        yield i, xa, xb, ya, yb, resized[ya - y0:yb - y0, xa - x0:xb - x0].T
 
 
 def mask_extents(probs, threshold):
@@ -296,7 +339,8 @@ def _squeeze_batch(outputs):
 
 def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, score_thresh=0.0,
                        mask_thresh=0.5, keypoint_decode="taylor", keypoint_category_ids=None,
-                       file_name=None, mask_box_thresh=0.0):
+                       file_name=None, mask_box_thresh=0.0, mask_paste="detectron2",
+                       keypoint_offset=0.5, unused_labels=()):
     """One image's network outputs -> list of COCO result dicts in original-image coordinates.
 
     ``outputs``: dict with ``ids``, ``scores``, ``boxes`` and optionally ``masks``, ``keypoints``,
@@ -305,10 +349,13 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     axis by ``w / width`` and ``h / height`` (the exact ratios of the resize; ``scale`` is used
     when ``h``/``w`` are not positive). ``category_ids[label]`` gives the COCO id.
 
-    Rows with ``id < 0`` or ``score < score_thresh`` are dropped. ``segmentation`` (when
-    ``masks`` is present) is RLE of the mask pasted at ``mask_thresh``; ``keypoints`` come from
+    Rows with ``id < 0``, ``score < score_thresh`` or a label in ``unused_labels`` (label
+    indices with no category, such as torchvision's unused COCO ids) are dropped.
+    ``segmentation`` (when ``masks`` is present) is RLE of the mask pasted at ``mask_thresh`` in
+    the ``mask_paste`` style (:func:`paste_masks_in_image`); ``keypoints`` come from
     ``heatmaps`` with ``keypoint_decode`` (:func:`decode_keypoints`) when present, else from
-    ``keypoints`` rescaled; every keypoint gets ``v = 2``. With ``keypoint_category_ids`` only
+    ``keypoints`` rescaled, minus ``keypoint_offset`` (``data.keypoint_offset``: COCO's integer
+    pixel indices); every keypoint gets ``v = 2``. With ``keypoint_category_ids`` only
     detections of those COCO categories get keypoints.
 
     Boxes are written in continuous coordinates whatever ``model.box_plus_one`` (that flag is
@@ -333,7 +380,8 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     ids = out["ids"].reshape(-1)
     scores = out["scores"].reshape(-1).astype(np.float64)
     boxes = out["boxes"].reshape(-1, 4).astype(np.float64)
-    keep = np.flatnonzero((ids >= 0) & (scores >= score_thresh) & np.isfinite(scores))
+    keep = np.flatnonzero((ids >= 0) & (scores >= score_thresh) & np.isfinite(scores)
+                          & ~np.isin(ids, np.asarray(unused_labels, np.float64)))
     height, width = int(orig_size[0]), int(orig_size[1])
     im_h, im_w, scale = (float(v) for v in _np(im_info).reshape(-1)[:3])
     sx = im_w / width if im_w > 0 and width > 0 else scale
@@ -358,10 +406,11 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
         masks = out["masks"][keep]
         if mask_box_thresh > 0:
             pasted, tight, found = paste_masks_in_image(masks, extent, height, width,
-                                                        mask_thresh, mask_box_thresh)
+                                                        mask_thresh, mask_box_thresh, mask_paste)
             reported = np.where(found[:, None], tight, extent)
         else:
-            pasted = paste_masks_in_image(masks, extent, height, width, threshold=mask_thresh)
+            pasted = paste_masks_in_image(masks, extent, height, width, threshold=mask_thresh,
+                                          style=mask_paste)
         rles = mask_util.encode(pasted.view(np.uint8).transpose(1, 2, 0)) if len(keep) else []
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")
@@ -376,7 +425,7 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
         kpts[:, :, 1] /= sy
     if kpts is not None:
         flat = np.empty((kpts.shape[0], kpts.shape[1], 3), np.float64)
-        flat[:, :, :2] = kpts[:, :, :2] - 0.5   # continuous -> COCO's integer pixel indices
+        flat[:, :, :2] = kpts[:, :, :2] - keypoint_offset   # -> COCO's integer pixel indices
         flat[:, :, 2] = 2.0
         kpt_lists = flat.reshape(len(keep), kpts.shape[1] * 3).tolist()
         kpt_cats = (None if keypoint_category_ids is None

@@ -29,6 +29,7 @@ import os
 import mxnet as mx
 import numpy as np
 
+from .config import unused_labels
 from .data.transforms import TestTransform, batchify_test, padded_size
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config
 from .modeling.rcnn import build_model
@@ -112,6 +113,7 @@ class Predictor:
                             "classes" % (len(d.category_ids), self.cfg.model.num_classes))
         self.category_ids = list(d.category_ids)
         self.class_names = dict(zip(d.category_ids, d.class_names))
+        self.unused_labels = unused_labels(self.cfg)
         self.keypoint_category_ids = list(d.keypoint_category_ids) or None
 
     # ----------------------------------------------------------------------------------------
@@ -135,7 +137,10 @@ class Predictor:
                 mask_thresh=self.cfg.test.mask_thresh,
                 mask_box_thresh=self.cfg.test.mask_box_thresh,
                 keypoint_decode=self.cfg.test.keypoint_decode,
-                keypoint_category_ids=self.keypoint_category_ids, **key))
+                keypoint_category_ids=self.keypoint_category_ids,
+                mask_paste=self.cfg.test.mask_paste,
+                keypoint_offset=self.cfg.data.keypoint_offset,
+                unused_labels=self.unused_labels, **key))
         return per_image
 
     def run_batches(self, batches, names_of=None):

@@ -236,6 +236,32 @@ def paste_mask(mask, box, height, width, threshold):
     return out
 
 
+def paste_mask_torchvision(mask, box, height, width, threshold):
+    """torchvision's paste (meta ``mask_paste``: torchvision): the (M, M) grid padded by one zero
+    cell, the box expanded by that cell in float32 and truncated to whole pixels, the padded grid
+    resized bilinearly to it; bool ``prob > threshold``, or the probabilities with None."""
+    out = np.zeros((height, width), bool if threshold is not None else np.float64)
+    m = mask.shape[0]
+    b = np.asarray(box, np.float32)
+    scale = np.float32(m + 2) / np.float32(m)
+    half_w = (b[2] - b[0]) * np.float32(0.5) * scale
+    half_h = (b[3] - b[1]) * np.float32(0.5) * scale
+    cx, cy = (b[2] + b[0]) * np.float32(0.5), (b[3] + b[1]) * np.float32(0.5)
+    corners = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
+    if not np.isfinite(corners).all():
+        return out
+    x0, y0, x1, y1 = (int(v) for v in corners)
+    xa, xb, ya, yb = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+    if xb <= xa or yb <= ya:
+        return out
+    padded = np.zeros((m + 2, m + 2), np.float32)
+    padded[1:-1, 1:-1] = mask
+    resized = cv2.resize(padded, (max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)),
+                         interpolation=cv2.INTER_LINEAR)[ya - y0:yb - y0, xa - x0:xb - x0]
+    out[ya:yb, xa:xb] = resized > threshold if threshold is not None else resized
+    return out
+
+
 def tight_box(on):
     """bool (H, W) -> the xyxy box of its True pixels (pixel (r, c) covers [c, c + 1) x
     [r, r + 1)), or None when there are none."""
@@ -262,7 +288,10 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
     out = {name: value[0] for name, value in zip(meta["outputs"], outputs)}
     ids, scores = out["ids"].reshape(-1), out["scores"].reshape(-1).astype(np.float64)
     boxes = out["boxes"].reshape(-1, 4).astype(np.float64)
-    keep = np.flatnonzero((ids >= 0) & (scores >= score_thresh) & np.isfinite(scores))
+    # labels named N/A stand for no category (torchvision's unused COCO ids)
+    unused = [i for i, name in enumerate(meta.get("class_names") or []) if name == "N/A"]
+    keep = np.flatnonzero((ids >= 0) & (scores >= score_thresh) & np.isfinite(scores)
+                          & ~np.isin(ids, np.asarray(unused, np.float64)))
     height, width = orig_size
     im_h, im_w, scale = (float(v) for v in im_info[0])
     sx = im_w / width if im_w > 0 else scale
@@ -271,6 +300,8 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
     extent = boxes[keep] / np.array([sx, sy, sx, sy])
     names = meta.get("class_names") or []
     kpt_cats = set(meta.get("keypoint_category_ids") or []) or None
+    paste = paste_mask_torchvision if meta.get("mask_paste") == "torchvision" else paste_mask
+    offset = float(meta.get("keypoint_offset", 0.5))
     entries = []
     for row, k in enumerate(keep):
         label = int(ids[k])
@@ -283,19 +314,19 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
             box_thresh = float(meta.get("mask_box_thresh", 0.0))
             if box_thresh > 0:
                 # the box becomes the tight box of the mask probability >= mask_box_thresh
-                probs = paste_mask(out["masks"][k], extent[row], height, width, None)
-                mask = probs >= meta["mask_thresh"]
+                probs = paste(out["masks"][k], extent[row], height, width, None)
+                mask = (probs > meta["mask_thresh"] if paste is paste_mask_torchvision
+                        else probs >= meta["mask_thresh"])
                 tight = tight_box(probs >= box_thresh)
                 if tight is not None:
                     entry["bbox"] = [tight[0], tight[1], tight[2] - tight[0], tight[3] - tight[1]]
             else:
-                mask = paste_mask(out["masks"][k], extent[row], height, width,
-                                  meta["mask_thresh"])
+                mask = paste(out["masks"][k], extent[row], height, width, meta["mask_thresh"])
             entry["segmentation"] = uncompressed_rle(mask)
             entry["area"] = int(mask.sum())
         if "keypoints" in out and (kpt_cats is None or category in kpt_cats):
             kp = out["keypoints"][k].astype(np.float64)
-            flat = np.stack([kp[:, 0] / sx - 0.5, kp[:, 1] / sy - 0.5,
+            flat = np.stack([kp[:, 0] / sx - offset, kp[:, 1] / sy - offset,
                              np.full(len(kp), 2.0)], axis=1)
             entry["keypoints"] = flat.reshape(-1).tolist()
         entries.append(entry)

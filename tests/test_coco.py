@@ -151,6 +151,9 @@ def test_training_records_follow_the_documented_layout(dataset):
     np.testing.assert_array_equal(rec["keypoints"][0], np.zeros((3, 3)))
     # labelled keypoints move to pixel centres (+0.5, Detectron2); v = 0 stays put
     np.testing.assert_array_equal(rec["keypoints"][1], [[6.5, 7.5, 2], [10.5, 7.5, 1], [8, 9, 0]])
+    # data.keypoint_offset 0 (torchvision): COCO's pixel indices as they are
+    as_is = _record(load_coco(ann_file, image_dir, keypoint_offset=0.0)[0], 1)
+    np.testing.assert_array_equal(as_is["keypoints"][1], [[6, 7, 2], [10, 7, 1], [8, 9, 0]])
     # the crowd RLE is an ignore region, not an instance
     np.testing.assert_allclose(rec["crowd_boxes"], [[40, 30, 60, 40]])
     assert rec["crowd_boxes"].dtype == np.float32

@@ -312,48 +312,85 @@ def test_predict_exported_script_input_equals_test_transform(exported, rule, int
         np.testing.assert_array_equal(im_info, batch["im_info"])
 
 
-@pytest.fixture(scope="module")
-def gluoncv_export(tmp_path_factory):
-    """(checkpoint, export prefix) of the gluoncv preset with random weights, its input pipeline
-    (resize_rule gluoncv, resize_interp cubic, normalize stepwise) at a smaller test size, and
-    box_plus_one: true."""
-    tmp = tmp_path_factory.mktemp("export_gluoncv")
+def random_export(tmp, preset, class_names):
+    """(checkpoint, export prefix) of ``preset`` with random weights at a smaller test size
+    (320x533, 20 detections, score threshold 0, so that the random network detects)."""
     ckpt = str(tmp / "ckpt")
-    cfg = preset_config("gluoncv_mask_rcnn_r50_fpn")
-    assert (cfg.input.resize_rule, cfg.input.resize_interp, cfg.input.normalize) == \
-        ("gluoncv", "cubic", "stepwise") and cfg.model.box_plus_one
+    cfg = preset_config(preset)
     cfg.input.min_size_test, cfg.input.max_size_test = 320, 533
-    cfg.test.max_dets = 20
-    cfg.data.category_ids = list(range(1, 81))
-    cfg.data.class_names = ["c%d" % i for i in range(1, 81)]
+    cfg.test.max_dets, cfg.test.score_thresh = 20, 0.0
+    cfg.data.category_ids = list(range(1, len(class_names) + 1))
+    cfg.data.class_names = list(class_names)
     mx.random.seed(2)
     net = build_model(cfg)
     save_config(cfg, ckpt)
     net.save_parameters(os.path.join(ckpt, "model.params"))
-    prefix = str(tmp / "out" / "gluoncv")
+    prefix = str(tmp / "out" / preset)
     export_checkpoint(ckpt, prefix, size=(320, 448), check=False)
     return ckpt, prefix
+
+
+def small_photo(tmp_path):
+    """A 150x200 JPEG: resized to 320x427, not a multiple of the input size."""
+    from PIL import Image
+    rng = np.random.RandomState(3)
+    small = rng.randint(0, 256, (15, 20, 3)).astype(np.uint8)
+    image = str(tmp_path / "photo.jpg")
+    Image.fromarray(small).resize((200, 150), Image.BILINEAR).save(image, quality=90)
+    return image
+
+
+@pytest.fixture(scope="module")
+def gluoncv_export(tmp_path_factory):
+    """The gluoncv preset: its input pipeline (resize_rule gluoncv, resize_interp cubic,
+    normalize stepwise) and box_plus_one: true."""
+    cfg = preset_config("gluoncv_mask_rcnn_r50_fpn")
+    assert (cfg.input.resize_rule, cfg.input.resize_interp, cfg.input.normalize) == \
+        ("gluoncv", "cubic", "stepwise") and cfg.model.box_plus_one
+    return random_export(tmp_path_factory.mktemp("export_gluoncv"), "gluoncv_mask_rcnn_r50_fpn",
+                         ["c%d" % i for i in range(1, 81)])
 
 
 def test_predict_exported_script_matches_predictor_gluoncv(gluoncv_export, tmp_path):
     """The gluoncv preset end to end: the export's meta carries its input pipeline, the script
     applies it, and both write the +1-coded boxes the same way (w = x2 - x1, GluonCV's COCO
     instance evaluation), so script and ``mxmask predict`` agree on every entry."""
-    from PIL import Image
     from mxmask.predictor import Predictor
     ckpt, prefix = gluoncv_export
     with open(prefix + "-meta.json") as f:
         meta = json.load(f)
     assert (meta["resize_rule"], meta["resize_interp"], meta["normalize"]) == \
         ("gluoncv", "cubic", "stepwise") and meta["box_plus_one"] is True
-    rng = np.random.RandomState(3)
-    small = rng.randint(0, 256, (15, 20, 3)).astype(np.uint8)
-    image = str(tmp_path / "photo.jpg")        # 150x200: resized to 320x427, not a multiple
-    Image.fromarray(small).resize((200, 150), Image.BILINEAR).save(image, quality=90)
+    image = small_photo(tmp_path)
     mine = run_script(prefix, image, tmp_path)
     theirs = Predictor(ckpt).predict_image(image)
     assert_same_entries(mine, theirs)
     assert any(b["bbox"][2] > 0 for b in theirs)
+
+
+def test_predict_exported_script_matches_predictor_torchvision(tmp_path_factory, tmp_path):
+    """The torchvision mask preset end to end: its input pipeline, torchvision's mask paste and
+    its unused label indices (class name N/A: no result) in the meta and the script, so script
+    and ``mxmask predict`` agree on every entry."""
+    from mxmask.convert.common import coco_names_by_id
+    from mxmask.predictor import Predictor
+    names = coco_names_by_id()
+    names[30] = "N/A"        # id 31, which this random network detects, stands for no class too
+    ckpt, prefix = random_export(tmp_path_factory.mktemp("export_torchvision"),
+                                 "torchvision_mask_rcnn_r50_fpn", names)
+    with open(prefix + "-meta.json") as f:
+        meta = json.load(f)
+    assert meta["mask_paste"] == "torchvision" and meta["resize_interp"] == "bilinear_float"
+    image = small_photo(tmp_path)
+    mine = run_script(prefix, image, tmp_path)
+    theirs = Predictor(ckpt).predict_image(image)
+    assert_same_entries(mine, theirs)
+    unused = {i + 1 for i, name in enumerate(names) if name == "N/A"}
+    assert not unused & {e["category_id"] for e in theirs}
+    # without the rule, results would hold N/A labels
+    predictor = Predictor(ckpt)
+    predictor.unused_labels = []
+    assert unused & {e["category_id"] for e in predictor.predict_image(image)}
 
 
 def test_predict_exported_script_imports_and_errors(tmp_path):

@@ -4,6 +4,7 @@ as shards in one process); refusals of datasets the model cannot be scored on.
 
 The tiny checkpoint comes from tests/tiny_checkpoint.py (shared with tests/test_eval_cli.py).
 """
+import copy
 import json
 import os
 
@@ -198,3 +199,24 @@ def test_refuses_a_dataset_the_model_cannot_be_scored_on(predictor, shapes_datas
             evaluate_on_dataset(predictor, ann, images, log=None)
     finally:
         predictor.cfg.test.keypoint_oks_sigmas = cfg_sigmas
+
+
+def test_labels_named_na_need_no_category(predictor, shapes_dataset, tmp_path):
+    """A label whose class name is N/A (torchvision's unused COCO ids) stands for no category:
+    the dataset need not have it."""
+    from mxmask.engine.evaluator import load_gt
+    from mxmask.engine.inference import check_eval_set
+    ann, _ = shapes_paths(shapes_dataset, "val")
+    with open(ann) as f:
+        gt = json.load(f)
+    other = dict(gt, categories=[c for c in gt["categories"] if c["id"] != 1],
+                 annotations=[a for a in gt["annotations"] if a["category_id"] != 1])
+    path = str(tmp_path / "no_cat1.json")
+    with open(path, "w") as f:
+        json.dump(other, f)
+    cfg = copy.deepcopy(predictor.cfg)
+    with pytest.raises(UserError, match=r"has no categories with ids \[1\]"):
+        check_eval_set(cfg, load_gt(path), path, cfg.data.category_ids)
+    label = cfg.data.category_ids.index(1)
+    cfg.data.class_names[label] = "N/A"
+    check_eval_set(cfg, load_gt(path), path, cfg.data.category_ids, [0.1] * 7)

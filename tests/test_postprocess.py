@@ -222,3 +222,68 @@ def test_no_detections_with_keypoints_gives_no_entries():
     for method in ("taylor", "bicubic"):
         assert detections_to_coco(outputs, np.array([64, 80, 1.0]), (64, 80), 3, [1, 2],
                                   keypoint_decode=method) == []
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision's output conventions
+def np_bilinear(image, out_h, out_w):
+    """Bilinear resize with half-pixel centres (align_corners=False), edges clamped, written out
+    (torch's F.interpolate(mode='bilinear') for an upscale, without OpenCV)."""
+    def axis(out_size, in_size):
+        src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+        lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+        hi = np.minimum(lo + 1, in_size - 1)
+        return lo, hi, src - lo
+    y0, y1, fy = axis(out_h, image.shape[0])
+    x0, x1, fx = axis(out_w, image.shape[1])
+    rows = image[y0] * (1 - fy)[:, None] + image[y1] * fy[:, None]
+    return rows[:, x0] * (1 - fx) + rows[:, x1] * fx
+
+
+def np_torchvision_paste(mask, box, height, width):
+    """torchvision's paste_masks_in_image(padding=1) of one mask, step by step."""
+    m = mask.shape[0]
+    padded = np.pad(mask.astype(np.float64), 1)
+    x1, y1, x2, y2 = box
+    half_w, half_h = (x2 - x1) * 0.5 * (m + 2) / m, (y2 - y1) * 0.5 * (m + 2) / m
+    cx, cy = (x2 + x1) * 0.5, (y2 + y1) * 0.5
+    bx0, by0, bx1, by1 = (int(v) for v in (cx - half_w, cy - half_h, cx + half_w, cy + half_h))
+    resized = np_bilinear(padded, by1 - by0 + 1, bx1 - bx0 + 1)
+    out = np.zeros((height, width))
+    xa, xb, ya, yb = max(bx0, 0), min(bx1 + 1, width), max(by0, 0), min(by1 + 1, height)
+    out[ya:yb, xa:xb] = resized[ya - by0:yb - by0, xa - bx0:xb - bx0]
+    return out
+
+
+def test_torchvision_paste_equals_its_definition():
+    rng = np.random.default_rng(4)
+    masks = rng.uniform(0, 1, (6, 28, 28)).astype(np.float32)
+    boxes = np.array([[10.3, 5.6, 60.2, 40.9], [0, 0, 75, 50], [70.5, 44.2, 75, 50],
+                      [20.25, 10.5, 21.0, 11.75], [5, 5, 35, 45], [-3, -2, 12, 9]], np.float32)
+    probs = paste_masks_in_image(masks, boxes, HEIGHT, WIDTH, threshold=None, style="torchvision")
+    for mask, box, got in zip(masks, boxes, probs):
+        np.testing.assert_allclose(got, np_torchvision_paste(mask, box, HEIGHT, WIDTH),
+                                   atol=2e-6)
+    # bool masks: probability > threshold (torchvision's evaluation), not >=
+    half = np.full((1, 28, 28), 0.5, np.float32)
+    box = np.array([[10, 10, 40, 40]], np.float32)
+    assert not paste_masks_in_image(half, box, HEIGHT, WIDTH, style="torchvision").any()
+    assert paste_masks_in_image(half, box, HEIGHT, WIDTH).any()
+    # and it is not Detectron2's paste
+    other = paste_masks_in_image(masks, boxes, HEIGHT, WIDTH, threshold=None)
+    assert np.abs(other - probs).max() > 0.1
+
+
+def test_unused_labels_and_keypoint_offset():
+    out = make_outputs(2)
+    del out["masks"], out["heatmaps"]
+    args = (out, IM_INFO, (HEIGHT, WIDTH), 5, CATEGORY_IDS)
+    every = detections_to_coco(*args, score_thresh=0.05)
+    assert [e["category_id"] for e in every] == [7, 3]
+    # label 0 stands for no category (class name N/A): its detections are left out
+    kept = detections_to_coco(*args, score_thresh=0.05, unused_labels=[0])
+    assert [e["category_id"] for e in kept] == [3] and kept[0] == every[1]
+    # keypoints are written minus the offset: 0.5 (Detectron2, the default) or 0 (torchvision)
+    as_is = detections_to_coco(*args, score_thresh=0.05, keypoint_offset=0.0)
+    np.testing.assert_allclose(np.array(as_is[1]["keypoints"]).reshape(-1, 3)[:, :2],
+                               np.array(every[1]["keypoints"]).reshape(-1, 3)[:, :2] + 0.5)

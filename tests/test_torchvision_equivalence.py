@@ -120,3 +120,52 @@ def test_masks_or_keypoints(pair):
         kpts = decode_keypoints(ours["heatmaps"][:n], boxes, "torchvision",
                                 network_boxes=boxes)
         np.testing.assert_allclose(kpts[..., :2], ref["keypoints"][..., :2], rtol=0, atol=0.1)
+
+
+def test_predict_on_an_image_file(pair, tmp_path):
+    """``mxmask predict`` on a 500x375 PNG against torchvision's transform, network and paste.
+
+    The input tensors agree to 1e-5: both resize the normalised float image bilinearly at the same
+    size (mxmask's numpy arithmetic and torch's kernel differ in the last bits). The detections
+    then agree as on equal tensors (labels, scores 1e-4), boxes to 0.01 px in the image. Labels
+    that torchvision names N/A (its unused COCO ids) are left out of mxmask's results. Masks, both
+    pasted by torchvision's rule: at most 0.1% of a mask's pixels differ, for probabilities
+    within 1e-3 of 0.5 that round either way. Keypoints to 0.1 px, in COCO's pixel indices as
+    torchvision writes them."""
+    arch, cfg, tmp = pair["arch"], pair["cfg"], pair["tmp"]
+    image = (smooth_image(375, 500, seed=1) * 255).round().astype(np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(image).save(path)
+    torch_side("predict", "--arch", arch, "--weights", pair["pth"], "--image", path,
+               "--out", tmp_path / "ref.npz")
+    ref = dict(np.load(tmp_path / "ref.npz"))
+
+    data, im_info = TestTransform(cfg).apply_image(image)
+    assert tuple(ref["image_size"]) == tuple(int(v) for v in im_info[:2])
+    h, w = data.shape[1:]
+    np.testing.assert_allclose(data, ref["input"][0, :, :h, :w], rtol=0, atol=1e-5)
+
+    results = tmp_path / "results.json"
+    assert cli.main(["predict", str(pair["ckpt"]), str(path), "--out", str(results),
+                     "--score-thresh", "0"]) == 0
+    entries = sorted(json.loads(results.read_text()), key=lambda e: -e["score"])
+    unused = [cid for cid, name in zip(cfg.data.category_ids, cfg.data.class_names)
+              if name == "N/A"]
+    kept = ~np.isin(ref["labels"], unused)
+    assert len(entries) == kept.sum() > 50
+    ref = {k: v[kept] for k, v in ref.items() if k not in ("input", "image_size")}
+    np.testing.assert_array_equal([e["category_id"] for e in entries], ref["labels"])
+    np.testing.assert_allclose([e["score"] for e in entries], ref["scores"], rtol=0, atol=1e-4)
+    xywh = np.array([e["bbox"] for e in entries])
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    np.testing.assert_allclose(boxes, ref["boxes"], rtol=0, atol=0.01)
+    if "masks" in ref:
+        import pycocotools.mask as mask_util
+        ours = mask_util.decode([e["segmentation"] for e in entries]).transpose(2, 0, 1) > 0
+        theirs = ref["masks"] > 0.5
+        differ = (ours != theirs).reshape(len(ours), -1).sum(axis=1)
+        assert (differ <= 0.001 * np.maximum(theirs.reshape(len(ours), -1).sum(axis=1), 1)).all()
+        assert theirs.any(axis=(1, 2)).mean() > 0.5
+    else:
+        kpts = np.array([e["keypoints"] for e in entries]).reshape(len(entries), -1, 3)
+        np.testing.assert_allclose(kpts[..., :2], ref["keypoints"][..., :2], rtol=0, atol=0.1)

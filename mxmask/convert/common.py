@@ -21,6 +21,7 @@ Out:
 """
 import os
 
+from ..config import UNUSED_CLASS_NAME
 from ..engine.checkpoint import read_progress, save_checkpoint, save_config
 from ..utils import UserError, shorten_names
 
@@ -67,7 +68,7 @@ COCO_KEYPOINTS_PATHS = dict(
     val_ann="datasets/coco/annotations/person_keypoints_val2017.json")
 
 
-def coco_names_by_id(unused="N/A"):
+def coco_names_by_id(unused=UNUSED_CLASS_NAME):
     """The names of COCO category ids 1..90 in id order, ``unused`` at the 10 ids COCO skips."""
     by_id = dict(zip(COCO_CATEGORY_IDS, COCO_CLASS_NAMES))
     return [by_id.get(i, unused) for i in range(1, 91)]

@@ -651,11 +651,8 @@ def _coco_index(dataset):
 def _instance_keypoints(ann, num_keypoints, kp_per_category):
     """(K, 3) float32; zeros (v = 0) for categories without keypoints or a missing field."""
     if kp_per_category.get(ann["category_id"]) and ann.get("keypoints"):
-        kps = np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
-        # COCO keypoints are integer pixel indices; in mxmask's continuous coordinates the centre
-        # of pixel i is i + 0.5 (Detectron2 does the same; results subtract it again).
-        kps[:, :2] += np.where(kps[:, 2:] > 0, 0.5, 0.0).astype(np.float32)
-        return kps
+        # COCO's integer pixel indices; load_coco adds the keypoint offset
+        return np.asarray(ann["keypoints"], dtype=np.float32).reshape(num_keypoints, 3)
     return np.zeros((num_keypoints, 3), np.float32)
 
 
@@ -915,17 +912,25 @@ def _inspect(ann_file, image_dir, for_training, check_images, check_all_images):
     return records, info, report
 
 
-def load_coco(ann_file, image_dir, for_training=True, check_images="header"):
+def load_coco(ann_file, image_dir, for_training=True, check_images="header",
+              keypoint_offset=0.5):
     """Read a COCO json into records. -> (records, DatasetInfo, DatasetReport).
 
     ``for_training`` skips images without a usable (non-crowd, non-degenerate) instance.
     ``check_images``: 'none', 'header' (file exists, header size matches the json) or 'full'
-    (also decode it). Raises DatasetError listing the problems (at most 20 lines).
+    (also decode it). ``keypoint_offset`` (``data.keypoint_offset``) is added to the x and y of
+    labelled keypoints: COCO's integer pixel indices become mxmask's continuous coordinates,
+    where the centre of pixel i is i + 0.5 (Detectron2; torchvision uses the indices as they
+    are, offset 0). Raises DatasetError listing the problems (at most 20 lines).
     """
     records, info, report = _inspect(ann_file, image_dir, for_training, check_images,
                                      check_all_images=False)
     if not report.ok:
         raise DatasetError(report.error_message())
+    for record in records:
+        kps = record.get("keypoints")
+        if kps is not None and keypoint_offset:
+            kps[..., :2] += np.where(kps[..., 2:] > 0, keypoint_offset, 0.0).astype(np.float32)
     return records, info, report
 
 

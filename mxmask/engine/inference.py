@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from ..config import unused_labels
 from ..data.loader import build_test_loader, shard_records
 from ..utils import UserError, atomic_write_json
 from .evaluator import evaluate_results, gather_results, keypoint_sigmas, load_gt
@@ -204,8 +205,11 @@ def wait_for_shards(gather_dir, num_shards, ranks, fingerprint="",
 # --------------------------------------------------------------------------------------------
 def check_eval_set(cfg, gt, ann_file, category_ids, kpt_oks_sigmas=None):
     """Refuse, before any inference, a dataset the model's results could not be scored on:
-    model categories absent from the json, a different keypoint count, missing OKS sigmas."""
-    missing = [c for c in category_ids if c not in gt.cats]
+    model categories absent from the json (the labels of ``config.unused_labels`` aside),
+    a different keypoint count, missing OKS sigmas."""
+    unused = set(unused_labels(cfg))
+    missing = [c for label, c in enumerate(category_ids)
+               if c not in gt.cats and label not in unused]
     if missing:
         raise UserError("%s: has no categories with ids %s, which the checkpoint predicts "
                         "(data.category_ids %s)" % (ann_file, missing, list(category_ids)))

@@ -51,7 +51,8 @@ def prepare_data(cfg, log=print):
             % (s.root, s.train, s.val))
         ensure_shapes(s.root, num_train=s.train, num_val=s.val, size=s.size, seed=s.seed)
     records, info, report = load_coco(cfg.data.train_ann, cfg.data.train_images,
-                                      for_training=True)
+                                      for_training=True,
+                                      keypoint_offset=cfg.data.keypoint_offset)
     for line in report.warning_lines() if hasattr(report, "warning_lines") else []:
         log(line)
     fill_metadata(cfg, info)
