@@ -9,7 +9,7 @@ import os
 import sys
 
 from .config import ConfigError
-from .export import DTYPES
+from .graph import DTYPES
 from .utils import UserError
 
 
@@ -224,7 +224,7 @@ def _add_predict(sub):
 # --------------------------------------------------------------------------------------------
 def _cmd_train(args):
     from .config import get_config
-    from .engine.launch import run_training
+    from .train import run_training
     cfg = get_config(args.config, args.set)
     if args.out:
         cfg.output_dir = args.out
@@ -353,8 +353,8 @@ def _add_convert(sub):
 # --------------------------------------------------------------------------------------------
 def _cmd_export(args):
     from .engine.checkpoint import load_checkpoint_config
-    from .export import export_checkpoint, parse_size
-    size = parse_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
+    from .export import export_checkpoint, export_input_size
+    size = export_input_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
     result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
                                check=not args.no_check, overrides=args.set)
     for path in result["files"]:

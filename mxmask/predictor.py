@@ -68,11 +68,11 @@ def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
 
 
 def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
-    """``net`` as ``mxmask export --fuse --dtype`` runs it (:func:`mxmask.export.optimized_block`:
+    """``net`` as ``mxmask export --fuse --dtype`` runs it (:func:`mxmask.graph.optimized_block`:
     MKLDNN fusion and/or bfloat16), so that evaluating it measures what a deployment gets.
     MKLDNN graphs run on the CPU: ``ctxs`` must be one CPU context. The example input that traces
     the graph is one image of the test size; the result takes any size and batch."""
-    from .export import check_dtype, network_symbol, optimized_block
+    from .graph import check_dtype, network_symbol, optimized_block
     check_dtype(dtype)
     if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
         raise UserError("--fuse / --dtype bfloat16 build an MKLDNN graph, which runs on one CPU "
@@ -175,14 +175,14 @@ class Predictor:
 
     def predict_image(self, path):
         """One image file -> its COCO result entries (keyed by ``file_name``)."""
-        from .data.coco import read_image
+        from .data.images import read_image
         return self.predict_array(read_image(path), file_name=os.path.basename(path))
 
     def predict_paths(self, paths, on_image=None):
         """Files and folders -> (all entries, failures). An unreadable image is reported in
         ``failures`` as ``(path, message)`` and skipped; the others are still processed.
         ``on_image(path, image, entries)`` is called for each image that worked."""
-        from .data.coco import read_image
+        from .data.images import read_image
         results, failures = [], []
         for path in list_images(paths):
             try:

@@ -15,9 +15,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 if [[ $# -eq 0 ]]; then
-    exec "$PY" -m mxmask.export --symbols "$ROOT/symbols"
+    exec "$PY" -m mxmask.graph --symbols "$ROOT/symbols"
 elif [[ "$1" == "--check" ]]; then
-    exec "$PY" -m mxmask.export --check "$ROOT/symbols"
+    exec "$PY" -m mxmask.graph --check "$ROOT/symbols"
 else
     exec "$PY" -m mxmask export "$@"
 fi

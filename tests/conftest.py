@@ -4,7 +4,7 @@
 session (8 train / 4 val images at size 128, seed 0): ``images/{train,val}/*.png`` and
 ``annotations/{train,val}.json``.
 
-``ckpt``: a random-init tiny shapes checkpoint (tests/tiny_checkpoint.py) in a temporary folder,
+``ckpt``: a random-init tiny shapes checkpoint (tests/helpers/tiny.py) in a temporary folder,
 built once per test module (a module may define its own ``ckpt`` instead).
 """
 import mxmask  # noqa: F401  (first, so that its OpenMP thread setting precedes `import mxnet`)
@@ -22,7 +22,7 @@ def shapes_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ckpt(shapes_dataset, tmp_path_factory):
-    from tiny_checkpoint import build_tiny_checkpoint
+    from helpers.tiny import build_tiny_checkpoint
 
     out = str(tmp_path_factory.mktemp("tiny_ckpt"))
     build_tiny_checkpoint(shapes_dataset, out)

@@ -13,7 +13,7 @@ from mxmask.modeling.backbone import (ResNetV1b, load_pretrained_backbone,
 from mxmask.modeling.fpn import FPNBackbone, build_backbone, gluoncv_backbone_name_map
 from mxmask.modeling.norm import FrozenBatchNorm, GroupNorm, make_norm
 from mxmask.utils import UserError
-from np_reference import np_group_norm
+from helpers.numpy_reference import np_group_norm
 
 gluoncv = pytest.importorskip("gluoncv")
 

@@ -167,8 +167,8 @@ def test_against_needs_batch_one(capsys):
 
 
 def test_bench_size_is_rounded_up_or_a_one_line_error(capsys):
-    from mxmask.bench import parse_size
-    assert parse_size("800x1333") == (800, 1344) and parse_size("64X70") == (64, 96)
+    from mxmask.bench import bench_input_size
+    assert bench_input_size("800x1333") == (800, 1344) and bench_input_size("64X70") == (64, 96)
     for text, message in (("0x64", "--size 0x64: height and width must be positive"),
                           ("big", "--size big: expected HxW")):
         assert main(["bench", "--preset", "shapes", "--size", text]) == 2
@@ -301,11 +301,11 @@ def test_gluoncv_rpn_targets_equal_its_data_loader(monkeypatch):
 
 
 def test_bench_train_steps_times_real_batches(ckpt, shapes_dataset, tmp_path, capsys):
-    """scripts/bench_train_steps.py: blocks of real training steps from a checkpoint's weights,
+    """dev/bench_train_steps.py: blocks of real training steps from a checkpoint's weights,
     or from a preset with random init; a bad checkpoint is a one-line error."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "bench_train_steps", os.path.join(ROOT, "scripts", "bench_train_steps.py"))
+        "bench_train_steps", os.path.join(ROOT, "dev", "bench_train_steps.py"))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     report = tmp_path / "steps.json"
@@ -538,7 +538,7 @@ def test_torchvision_time_verb_real(case, tmp_path):
     if not python:
         pytest.skip("MXMASK_TORCH_PYTHON is not set: no torch interpreter to run "
                     "torchvision_reference.py time with (a Python with torch and torchvision)")
-    from mxmask.bench import bench_torchvision, torch_threads
+    from mxmask.bench.peers import bench_torchvision, torch_threads
     from mxmask.config import get_config
     from mxmask.convert.torch_python import find_torch_python, run_reference_json
     python, versions = find_torch_python(python)

@@ -10,8 +10,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from mxmask.data.coco import (SKIP_DEGENERATE, SKIP_NO_ANNOTATIONS, SKIP_NO_USABLE, DatasetError,
-                              DatasetInfo, check_dataset, decode_rle_string, keypoint_flip_map,
-                              load_coco, read_image, run_check)
+                              DatasetInfo, check_dataset, keypoint_flip_map, load_coco, run_check)
+from mxmask.data.images import read_image
+from mxmask.data.validation import decode_rle_string
 from mxmask.utils import UserError
 
 # image id -> (file name, width, height)

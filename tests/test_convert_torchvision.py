@@ -25,7 +25,7 @@ No torch here (CI has none). Two fixtures stand in for it:
       sd._metadata = collections.OrderedDict([("", {"version": 1})])   # as Module.state_dict()
       torch.save(sd, "tiny_state_dict.pth")
 
-  The reader is tested on torch's real bytes, and ``tests/torch_file_writer.py`` (which writes
+  The reader is tested on torch's real bytes, and ``tests/helpers/torch_files.py`` (which writes
   the other test files) must reproduce its ``data.pkl`` byte for byte.
 - ``tests/data/torchvision_keys.json``: the state_dict keys and shapes of torchvision 0.29.1's
   ``maskrcnn_resnet50_fpn`` and ``keypointrcnn_resnet50_fpn`` (today's key names; the
@@ -49,7 +49,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-import torch_file_writer as tw
+from helpers import torch_files as tw
 from mxmask import cli
 from mxmask.config import load_yaml
 from mxmask.convert.torch_file import load_state_dict
@@ -91,7 +91,7 @@ def _fake_arrays(spec):
 
 
 def _fake_views(spec, storage):
-    """The same tensors as torch_file_writer Views of one storage (for a file)."""
+    """The same tensors as helpers.torch_files Views of one storage (for a file)."""
     out = collections.OrderedDict()
     for i, (key, shape) in enumerate(spec):
         stride, step = [], 1
@@ -134,7 +134,7 @@ TINY_EXPECTED = collections.OrderedDict([
 
 
 def _tiny_for_writer():
-    """The tiny fixture's state dict in torch_file_writer terms (same storages and views)."""
+    """The tiny fixture's state dict in helpers.torch_files terms (same storages and views)."""
     base = tw.Storage(np.arange(12, dtype=np.float32))
     six = tw.Storage(np.arange(6, dtype=np.float32))
     bf16 = (np.array([1.0, -2.5, 3.140625], np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -621,7 +621,7 @@ def test_gluoncv_imports_only_in_gluoncv_features():
                             found.append((os.path.relpath(path, root), line[:len(line) -
                                                                             len(line.lstrip())]))
     files = {p for p, _ in found}
-    assert files <= {"bench.py", "convert/gluoncv_reference.py", "convert/common.py"}, files
+    assert files <= {"bench/peers.py", "convert/gluoncv_reference.py", "convert/common.py"}, files
     assert all(indent for _, indent in found), "a module-level gluoncv import"
 
 

@@ -20,8 +20,8 @@ import pytest
 from mxmask.cli import main
 from mxmask.config import load_yaml, to_dict
 from mxmask.engine.checkpoint import save_config
-from mxmask.export import (bf16_fp32_exclusions, compare_outputs, export_checkpoint,
-                           graph_diff, import_exported, preset_config)
+from mxmask.export import compare_outputs, export_checkpoint, import_exported
+from mxmask.graph import bf16_fp32_exclusions, graph_diff, preset_config
 from mxmask.modeling.rcnn import build_model
 from mxmask.predictor import load_network
 

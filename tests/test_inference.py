@@ -2,7 +2,7 @@
 with shards merged by gather_shards, and with the file-based gather across processes (run here
 as shards in one process); refusals of datasets the model cannot be scored on.
 
-The tiny checkpoint comes from tests/tiny_checkpoint.py (shared with tests/test_eval_cli.py).
+The tiny checkpoint comes from tests/helpers/tiny.py (shared with tests/test_cli_eval.py).
 """
 import copy
 import json
@@ -19,7 +19,7 @@ from mxmask.engine.inference import (evaluate_on_dataset, gather_shards, inferen
                                      wait_for_shards, write_shard)
 from mxmask.predictor import Predictor
 from mxmask.utils import UserError
-from tiny_checkpoint import shapes_paths
+from helpers.tiny import shapes_paths
 
 def entry_key(e):
     return (e["image_id"], e["category_id"], tuple(np.round(e["bbox"], 2)), round(e["score"], 4))

@@ -42,7 +42,7 @@ def _local_reader(path):
 def _reader():
     """The project's reader when mxmask.data.coco provides it, else an equivalent one."""
     try:
-        from mxmask.data.coco import read_image
+        from mxmask.data.images import read_image
         return read_image
     except ImportError:
         return _local_reader

@@ -174,8 +174,8 @@ def test_auto_is_bfloat16_on_cpus_with_amx_only(monkeypatch):
 @needs_bf16
 def test_a_short_bfloat16_training_run_checkpoints_and_evaluates(shapes_dataset, tmp_path):
     from mxmask.engine import checkpoint as ck
-    from mxmask.engine.launch import run_training
-    from test_trainer import load_tiny_params, tiny_cfg
+    from mxmask.train import run_training
+    from helpers.tiny import load_tiny_params, tiny_cfg
     cfg = tiny_cfg(shapes_dataset, tmp_path / "run", "solver.max_iter=3",
                    "solver.checkpoint_period=3", "solver.amp=bfloat16")
     log = io.StringIO()

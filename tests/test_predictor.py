@@ -26,7 +26,7 @@ from mxmask.utils import UserError
 # small test-time sizes keep every forward cheap; sizes not multiples of 32 exercise the padding
 SETTINGS = ["input.min_size_test=96", "input.max_size_test=160", "test.max_dets=12",
             "model.rpn.post_nms_topk_test=60",
-            # the fc-only box head, as in tests/tiny_checkpoint.py: with the bias below its
+            # the fc-only box head, as in tests/helpers/tiny.py: with the bias below its
             # random-init detections mix both kinds of classes
             "model.box_head.num_conv=0", "model.box_head.num_fc=2",
             # one pass: averaged with the mirror image's logits (the preset's test.flip, tested
@@ -285,7 +285,7 @@ def test_predictor_runs_the_compiled_kernels_with_the_stock_results(ckpt, predic
     what export writes."""
     if not ops.load_ops():
         pytest.skip("the compiled operators could not be built here")
-    from mxmask.export import network_symbol
+    from mxmask.graph import network_symbol
     stock = Predictor(ckpt, score_thresh=0.0)
     assert predictor.net.kernels == "mxmask" and stock.net.use_kernels("mxnet") == "mxnet"
     for name in sorted(SIZES):

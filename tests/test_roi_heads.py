@@ -15,7 +15,7 @@ from mxmask.modeling.roi_heads import (BoxHead, BoxPredictor, Deconv2D, Keypoint
                                        mask_quality, rescore_by_masks,
                                        DETECTRON2_SCALE_CLAMP)
 from mxmask.utils import UserError
-from np_reference import np_group_norm
+from helpers.numpy_reference import np_group_norm
 
 
 def shapes_cfg(*extra):
@@ -527,7 +527,7 @@ def image_guide_case(head_cls, key, extra):
     """(head with ``model.<key>.image_guide=8`` and random weights, its parameters on the
     image side, rois, P2..P5, image (2, 3, 64, 80), the numpy RoIAlign of each roi's crop at
     ``S`` x ``S``: crops(S) -> (4, 3, S, S))."""
-    from test_roi_align import np_roi_align
+    from helpers.numpy_reference import np_roi_align
     plain = head_cls(shapes_cfg(*(extra + ["model.%s.image_guide=0" % key])), prefix="head_")
     assert not [k for k in plain.collect_params() if "image" in k]
     head = head_cls(shapes_cfg(*(extra + ["model.%s.image_guide=8" % key])), prefix="head_")
@@ -577,7 +577,7 @@ def np_conv_relu(x, conv):
 
 def test_mask_head_image_guide_matches_reference():
     """``model.mask_head.image_guide`` = g: the head also pools each roi from the input image at
-    28x28 (stride 1, aligned, adaptive sampling: the numpy RoIAlign of test_roi_align), a 3x3
+    28x28 (stride 1, aligned, adaptive sampling: the numpy RoIAlign of test_poolers), a 3x3
     conv + ReLU makes g channels of it, and a 3x3 conv + GroupNorm + ReLU maps [the deconv
     output, those g] to g channels before the predictor; recomputed with Convolution and a
     numpy GroupNorm. Without the option there are no such layers."""

@@ -349,9 +349,9 @@ def test_mask_targets_unaligned_soft_are_torchvisions_project_masks_on_boxes():
     """aligned=False (model.mask_head.target_aligned: false) with soft=True: each target is
     RoIAlign(aligned=False, adaptive sampling) of the matched gt mask over the roi, not
     thresholded, i.e. torchvision's project_masks_on_boxes (its roi_align has the sampling and
-    border rules of the numpy reference in test_roi_align.py). Binary targets threshold the same
+    border rules of the numpy reference in test_poolers.py). Binary targets threshold the same
     crop at 0.5; the default aligned=True crop differs by the half-pixel shift."""
-    from test_roi_align import np_roi_align
+    from helpers.numpy_reference import np_roi_align
     rng = np.random.RandomState(3)
     H, W, M = 24, 32, 7
     yy, xx = np.mgrid[0:H, 0:W] + 0.5

@@ -8,7 +8,7 @@ converted by ``mxmask convert torchvision``. Both networks then see the same nor
 is exercised), and ``mxmask predict`` and torchvision's own transform see the same image file.
 
 torch never enters this process: the torch side runs in the interpreter named by
-``MXMASK_TORCH_PYTHON`` (``scripts/check_torchvision.sh`` makes one and runs these tests). Without
+``MXMASK_TORCH_PYTHON`` (``dev/check_torchvision.sh`` makes one and runs these tests). Without
 it every test here skips with that reason; CI has no torch.
 
 Tolerances (issue 23): FPN features 1e-4 relative to the level's largest value; the top-100
@@ -41,7 +41,7 @@ H, W = 480, 640
 
 pytestmark = pytest.mark.skipif(
     not TORCH, reason="needs a torch interpreter: set MXMASK_TORCH_PYTHON, or run "
-                      "scripts/check_torchvision.sh")
+                      "dev/check_torchvision.sh")
 
 
 def torch_side(*args):

@@ -24,6 +24,7 @@ from mxmask.engine import checkpoint as ck
 from mxmask.engine import trainer as T
 from mxmask.engine.schedule import lr_at
 from mxmask.utils import UserError
+from helpers.tiny import TINY, load_tiny_params, tiny_args, tiny_cfg  # noqa: F401
 
 IN, OUT = 6, 3
 
@@ -288,51 +289,6 @@ def test_dist_timeout_reads_the_environment(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # The real tiny model, in process
 # --------------------------------------------------------------------------------------------
-TINY = ["input.min_size_train=[96]", "input.max_size_train=128", "input.min_size_test=96",
-        "input.max_size_test=128", "solver.ims_per_batch=2", "model.backbone.width=16",
-        "model.backbone.gn_groups=4", "model.fpn.out_channels=16", "model.rpn.conv_channels=16",
-        "model.box_head.fc_dim=32", "model.box_head.num_conv=0", "model.box_head.num_fc=2",
-        "model.mask_head.num_conv=1", "model.mask_head.conv_dim=16",
-        "model.keypoint_head.num_conv=1", "model.keypoint_head.conv_dim=16",
-        "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=100",
-        "model.rpn.pre_nms_topk_test=200", "model.rpn.post_nms_topk_test=50",
-        "model.rpn.batch_size_per_image=64", "model.box_head.batch_size_per_image=32",
-        "test.max_dets=20", "solver.warmup_iters=0", "solver.log_period=1",
-        # the mechanics tests (loss descent in a few steps) were tuned with SGD at 0.02; the
-        # shapes preset itself trains with Adam
-        "solver.optimizer=sgd", "solver.base_lr=0.02",
-        # and with half of the sampled rois positive (the preset takes three quarters), the L1
-        # box loss, no GroupNorm in the mask and keypoint heads and a mask head that does not
-        # see the image (the preset: GIoU, GN, image_guide; tests/test_training_graph.py)
-        "model.box_head.positive_fraction=0.5", "model.box_head.bbox_reg_loss=smooth_l1",
-        "model.box_head.bbox_reg_loss_weight=1.0", "model.mask_head.norm=",
-        "model.keypoint_head.norm=", "model.mask_head.image_guide=0",
-        # float32 convolutions whatever the preset's solver.amp (bf16: tests/test_precision.py)
-        "solver.amp=",
-        "data.num_workers=0",
-        # always some detections, so that the evaluation after training has entries to score
-        "test.score_thresh=0.0"]
-
-
-def tiny_args(ds, out, *extra):
-    """``mxmask train`` arguments of the tiny model on the dataset in ``ds``."""
-    sets = TINY + ["data.train_ann=%s/annotations/train.json" % ds,
-                   "data.train_images=%s/images/train" % ds,
-                   "data.val_ann=%s/annotations/val.json" % ds,
-                   "data.val_images=%s/images/val" % ds] + list(extra)
-    args = []
-    for s in sets:
-        args += ["--set", s]
-    return args + ["--out", str(out)]
-
-
-def tiny_cfg(ds, out, *extra):
-    args = tiny_args(ds, out, *extra)
-    cfg = get_config("shapes", [a for a in args[:-2] if a != "--set"])
-    cfg.output_dir = str(out)
-    return cfg
-
-
 @pytest.fixture
 def poison_iteration(monkeypatch):
     """poison_iteration(k): the loss and gradients of iteration k (1-based) become NaN."""
@@ -360,15 +316,8 @@ def poison_iteration(monkeypatch):
     return install
 
 
-def load_tiny_params(cfg, path):
-    from mxmask.modeling.rcnn import build_model
-    net = build_model(cfg)
-    net.load_parameters(path)
-    return {k: v.data().asnumpy() for k, v in net.collect_params().items()}
-
-
 def test_nan_stop_keeps_the_last_good_checkpoint(shapes_dataset, tmp_path, poison_iteration):
-    from mxmask.engine.launch import run_training
+    from mxmask.train import run_training
     poison_iteration(3)
     cfg = tiny_cfg(shapes_dataset, tmp_path / "run", "solver.max_iter=4",
                    "solver.checkpoint_period=2")
@@ -386,7 +335,7 @@ def test_nan_stop_keeps_the_last_good_checkpoint(shapes_dataset, tmp_path, poiso
 
 
 def test_progress_line_curves_history_and_nan_skip(shapes_dataset, tmp_path, poison_iteration):
-    from mxmask.engine.launch import run_training
+    from mxmask.train import run_training
     poison_iteration(2)
     cfg = tiny_cfg(shapes_dataset, tmp_path / "run", "solver.max_iter=4",
                    "solver.checkpoint_period=4", "solver.nonfinite_policy=skip")
@@ -470,7 +419,7 @@ def test_the_real_model_on_three_contexts_keeps_them_in_sync(shapes_dataset, tmp
     finite and moved. (The real losses normalise per context, as Detectron2 per GPU, so they
     are not expected to equal a one-context run exactly; the toy tests above check the maths.)"""
     from mxmask.data.loader import build_train_loader
-    from mxmask.engine.launch import prepare_data
+    from mxmask.train import prepare_data
     from mxmask.modeling.rcnn import build_model
     from mxmask.modeling.training import RCNNLoss
     cfg = tiny_cfg(shapes_dataset, tmp_path, "solver.ims_per_batch=4", "solver.max_iter=2",

@@ -443,7 +443,7 @@ def build_train_loader(cfg, records, info=None, start_iter=0, rank=0, num_worker
     of ``num_workers`` training processes (each gets ``ims_per_batch / num_workers`` images).
 
     ``loader_workers`` overrides ``cfg.data.num_workers`` (worker processes, 0 = in process);
-    ``reader`` overrides the image reader (default ``mxmask.data.coco.read_image``).
+    ``reader`` overrides the image reader (default ``mxmask.data.images.read_image``).
     """
     sampler = TrainSampler(len(records), cfg.solver.ims_per_batch, cfg.seed, rank, num_workers)
     make_batch = TrainBatchMaker(cfg, records, info, sampler, reader)

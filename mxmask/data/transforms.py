@@ -431,8 +431,8 @@ def normalize(image, mean, std, mode="fused"):
 # Record -> sample
 # --------------------------------------------------------------------------------------------
 def read_image_file(path):
-    """Default image reader: ``mxmask.data.coco.read_image`` (imported on first use)."""
-    from .coco import read_image
+    """Default image reader: :func:`mxmask.data.images.read_image` (imported on first use)."""
+    from .images import read_image
     return read_image(path)
 
 

@@ -3,7 +3,7 @@
 What goes in: a resolved config, a list of contexts (``[mx.cpu(0), mx.cpu(1)]`` or
 ``[mx.gpu(0), ...]``) and a kvstore name (``device``, ``local`` or ``dist_sync``).
 What comes out: the checkpoint folder ``cfg.output_dir`` (see :mod:`mxmask.engine.checkpoint`)
-with ``history.json`` beside it (``curves.png`` is drawn from it by :mod:`mxmask.engine.launch`).
+with ``history.json`` beside it (``curves.png`` is drawn from it by :mod:`mxmask.train`).
 
 How a step works:
 

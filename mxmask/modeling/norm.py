@@ -23,7 +23,7 @@ kernels are slow on CPU. :class:`GroupNorm` takes the per-group statistics with 
 tests/test_backbone.py) and applies the per-channel affine itself. Inside
 :func:`mxmask.ops.compiled_kernels` (the training graph on CPU) the normalisation and the affine
 are one ``mxmask_group_norm`` operator instead: the same values, with a multi-threaded backward
-(tests/test_compiled_ops.py); the affine's two constants are then unused, and Gluon's warning
+(tests/test_ops.py); the affine's two constants are then unused, and Gluon's warning
 about them is silenced.
 
 Extra keywords: ``prefix`` (the Gluon name prefix, e.g. ``"batchnorm0_"``), ``epsilon``

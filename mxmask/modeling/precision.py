@@ -20,7 +20,7 @@ losses are unchanged. bfloat16 has float32's exponent range, so no loss scaling 
 
 Why not ``mx.contrib.amp``: on MXNet 1.9.1 its bfloat16 mode crashes in the backward of
 ``Deconvolution`` (oneDNN), and with ``Deconvolution`` kept in float32 the hybridized graph fails
-type inference (README, "Mixed precision"; ``scripts/amp_probe.py``).
+type inference (README, "Mixed precision"; ``dev/amp_probe.py``).
 
 What it gives (2-core Xeon with AMX, README "Mixed precision"): the ``mask_rcnn_r50_fpn``
 training step at 512x512 1.25-1.46x faster, 1500 ``shapes`` iterations in 508 s instead of

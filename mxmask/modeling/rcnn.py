@@ -65,7 +65,7 @@ graph holds) or ``"mxmask"`` (RoIAlign and NMS by the compiled CPU operators of
 :mod:`mxmask.ops`, which repeat ``contrib.ROIAlign``'s arithmetic bit for bit, about 3x faster,
 and ``contrib.box_nms``'s rows exactly: the same outputs). ``net.use_kernels("auto")`` picks
 ``"mxmask"`` when the parameters live on CPUs and the operators load; the predictor does this
-for the graphs it runs in-process. ``mxmask.export.network_symbol`` always traces MXNet's
+for the graphs it runs in-process. ``mxmask.graph.network_symbol`` always traces MXNet's
 operators.
 
 Export: ``net.export(prefix)`` (after one hybridized forward) writes a graph whose two inputs are

@@ -55,7 +55,7 @@ Kernels (``kernels``): ``"auto"`` picks ``"mxmask"`` when the network's paramete
 contexts only and :func:`mxmask.ops.load_ops` can build the compiled operators, else
 ``"mxnet"``. With ``"mxmask"`` the RoI poolers and GroupNorm layers of these training graphs run
 ``mxmask_roi_align`` / ``mxmask_group_norm``: the same values as the stock operators
-(tests/test_compiled_ops.py), with faster CPU backward passes (:mod:`mxmask.ops`). Inference
+(tests/test_ops.py), with faster CPU backward passes (:mod:`mxmask.ops`). Inference
 graphs of the same network are not affected.
 
 Mixed precision (``solver.amp="bfloat16"``, or ``"auto"`` on a CPU with AMX; ``RCNNLoss.amp``

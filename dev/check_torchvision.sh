@@ -2,7 +2,7 @@
 # Runs the tests that need torch (torchvision as an outside reference), which CI skips, in
 # mxmask's environment, with a torch interpreter for the torch side:
 #
-#   . v/bin/activate && scripts/check_torchvision.sh [PYTEST ARGS]
+#   . v/bin/activate && dev/check_torchvision.sh [PYTEST ARGS]
 #
 # Every test whose name contains "torchvision" runs, and -rs lists any that still skip.
 # The torch interpreter is $MXMASK_TORCH_PYTHON when set; otherwise the script makes a virtual

@@ -20,6 +20,7 @@ import pytest
 
 from mxmask.modeling.poolers import (MultiLevelRoIAlign, assign_fpn_levels, level_canvas,
                                      sanitize_rois, shared_level_canvas)
+from helpers.numpy_reference import np_roi_align, np_roi_align_weights
 
 nd = mx.nd
 STRIDES = (4, 8, 16, 32)
@@ -29,50 +30,6 @@ IMAGE_H, IMAGE_W = 480, 640    # large enough for rois on P5 (sqrt(area) >= 448)
 # ------------------------------------------------------------------------------------------
 # numpy reference
 # ------------------------------------------------------------------------------------------
-def _axis_weights(start, bin_size, pooled, grid, size):
-    """(pooled, size) matrix: the mean over the grid samples of each bin's bilinear weights.
-
-    RoIAlign's sampling is separable (the validity test and the bilinear weights factor into
-    y and x parts), so pooled[c] = Wy @ feature[c] @ Wx.T.
-    """
-    m = np.zeros((pooled, size))
-    for p in range(pooled):
-        for i in range(grid):
-            y = start + p * bin_size + (i + 0.5) * bin_size / grid
-            if y < -1.0 or y > size:
-                continue
-            y = max(y, 0.0)
-            lo = int(y)
-            if lo >= size - 1:
-                lo = hi = size - 1
-                y = float(lo)
-            else:
-                hi = lo + 1
-            frac = y - lo
-            m[p, lo] += 1.0 - frac
-            m[p, hi] += frac
-    return m / grid
-
-
-def np_roi_align_weights(roi, scale, pooled, sampling_ratio, aligned, height, width):
-    off = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = [float(v) * scale - off for v in roi]
-    rw, rh = x2 - x1, y2 - y1
-    if not aligned:
-        rw, rh = max(rw, 1.0), max(rh, 1.0)
-    gh = sampling_ratio if sampling_ratio > 0 else int(math.ceil(rh / pooled))
-    gw = sampling_ratio if sampling_ratio > 0 else int(math.ceil(rw / pooled))
-    wy = _axis_weights(y1, rh / pooled, pooled, gh, height)
-    wx = _axis_weights(x1, rw / pooled, pooled, gw, width)
-    return wy, wx
-
-
-def np_roi_align(feature, roi, scale, pooled, sampling_ratio, aligned):
-    """feature (C, H, W), roi (4,) input pixels -> (C, pooled, pooled)."""
-    wy, wx = np_roi_align_weights(roi, scale, pooled, sampling_ratio, aligned, *feature.shape[1:])
-    return np.einsum("ph,chw,qw->cpq", wy, feature.astype(np.float64), wx)
-
-
 def np_levels(rois, style="detectron2"):
     p = 1.0 if style == "gluoncv" else 0.0
     eps = 1e-6 if style == "gluoncv" else 2.220446049250313e-16

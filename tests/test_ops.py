@@ -1,7 +1,7 @@
 """The compiled operators (mxmask/ops): mxmask_roi_align, mxmask_group_norm, mxmask_box_nms.
 
 Each must compute what the stock operator it replaces computes (contrib.ROIAlign and the numpy
-RoIAlign of test_roi_align.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy;
+RoIAlign of test_poolers.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy;
 contrib.box_nms, row for row), with the same gradients (box_nms: none); the training graph
 uses them on CPU; a machine without a working compiler falls back to the stock operators with a
 warning.
@@ -19,8 +19,8 @@ from mxmask import ops
 from mxmask.bench import build_bench_model, synthetic_train_batch
 from mxmask.modeling.training import RCNNLoss
 
-from np_reference import np_group_norm
-from test_roi_align import np_roi_align, np_roi_align_weights
+from helpers.numpy_reference import np_group_norm
+from helpers.numpy_reference import np_roi_align, np_roi_align_weights
 
 nd = mx.nd
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "g++") is None,

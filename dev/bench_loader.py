@@ -7,7 +7,7 @@ Out: one line of settings and one result line per ``--workers`` value on stdout:
      ms per batch, CPU ms per image (all processes, so comparable on a busy machine) and the
      loader start-up time. Nothing else is written.
 
-    python scripts/bench_loader.py --config shapes --workers 0 2 --iters 50
+    python dev/bench_loader.py --config shapes --workers 0 2 --iters 50
 """
 import argparse
 import os

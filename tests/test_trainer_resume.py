@@ -17,7 +17,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from test_trainer import tiny_args
+from helpers.tiny import tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_ITER, PERIOD = 6, 3

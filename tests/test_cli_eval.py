@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from mxmask.cli import main
 from mxmask.data.shapes import KEYPOINT_OKS_SIGMAS
 from mxmask.engine.checkpoint import load_checkpoint_config, save_config
-from tiny_checkpoint import build_tiny_checkpoint, shapes_paths
+from helpers.tiny import build_tiny_checkpoint, shapes_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_SH = os.path.join(ROOT, "scripts", "eval.sh")
@@ -291,11 +291,11 @@ def test_eval_sh_is_executable_and_reports_errors(tmp_path):
 
 
 def test_bench_eval_splits_the_time(ckpt, tmp_path, capsys):
-    """scripts/bench_eval.py on the tiny checkpoint's val set: every stage timed, the total is
+    """dev/bench_eval.py on the tiny checkpoint's val set: every stage timed, the total is
     the sum of the counted stages, the pieces of post-processing add up to it."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
-        "bench_eval", os.path.join(ROOT, "scripts", "bench_eval.py"))
+        "bench_eval", os.path.join(ROOT, "dev", "bench_eval.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     report = str(tmp_path / "bench.json")

@@ -25,9 +25,9 @@ untimed images):
 - COCOeval per task: ``evaluate_results`` (validation, ``loadRes``, evaluate, accumulate,
   summarize, per-category AP) with the gt loaded once.
 
-    python scripts/bench_eval.py                          # random-init shapes model, 50 images
-    python scripts/bench_eval.py --ckpt runs/shapes --json bench_eval.json
-    python scripts/bench_eval.py --size 480 --set test.max_dets=100 input.min_size_test=480 \\
+    python dev/bench_eval.py                          # random-init shapes model, 50 images
+    python dev/bench_eval.py --ckpt runs/shapes --json bench_eval.json
+    python dev/bench_eval.py --size 480 --set test.max_dets=100 input.min_size_test=480 \\
         input.max_size_test=800                         # bigger images: more paste/RLE work
 
 The machine may be shared: the numbers are indicative unless it was idle.

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from mxmask.engine.dist_launch import LocalJob
-from test_trainer import tiny_args
+from helpers.tiny import tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "train_dist.sh")

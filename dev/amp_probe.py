@@ -1,6 +1,6 @@
 """Which mixed-precision training modes MXNet's AMP supports for mxmask's model on this machine.
 
-    python scripts/amp_probe.py [--preset shapes] [--size 160x192] [--ctx cpu]
+    python dev/amp_probe.py [--preset shapes] [--size 160x192] [--ctx cpu]
 
 Each probe runs in its own subprocess (some modes crash the process natively) and does two SGD
 steps of the preset's training graph with ``mxnet.contrib.amp``:

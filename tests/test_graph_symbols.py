@@ -1,10 +1,10 @@
 """The committed graphs in symbols/ match the code, and the graph comparison is meaningful.
 
 Each preset's graph is rebuilt from the code (symbolic forward on ``mx.sym.var`` inputs, no
-weights) and compared with ``symbols/<preset>-symbol.json`` by :func:`mxmask.export.graph_diff`,
+weights) and compared with ``symbols/<preset>-symbol.json`` by :func:`mxmask.graph.graph_diff`,
 which aligns nodes by operator and attributes, so Gluon's name counters do not matter. When a
 graph drifts, the failure lists node, op, attribute, old and new value; regenerate the files with
-``scripts/export.sh`` (``python -m mxmask.export --symbols symbols/``) and review the diff.
+``scripts/export.sh`` (``python -m mxmask.graph --symbols symbols/``) and review the diff.
 """
 import glob
 import json
@@ -14,7 +14,7 @@ import mxnet as mx
 import pytest
 
 from mxmask.config import list_presets
-from mxmask.export import (build_export_net, graph_diff, graph_json_text, network_symbol,
+from mxmask.graph import (build_export_net, graph_diff, graph_json_text, network_symbol,
                            preset_config, preset_symbol)
 from mxmask.modeling.rcnn import build_model
 

@@ -17,9 +17,9 @@ Out: ms per step of each of ``--repeat`` blocks of ``--steps`` timed steps (afte
      median, on stdout; ``--json`` writes the same numbers. Nothing else is written (the
      weights are not saved).
 
-    python scripts/bench_train_steps.py                                 # shapes, random init
-    python scripts/bench_train_steps.py --ckpt runs/shapes --steps 50 --repeat 3
-    python scripts/bench_train_steps.py --ckpt runs/shapes \
+    python dev/bench_train_steps.py                                 # shapes, random init
+    python dev/bench_train_steps.py --ckpt runs/shapes --steps 50 --repeat 3
+    python dev/bench_train_steps.py --ckpt runs/shapes \
         --set model.box_head.positive_fraction=0.75        # a training setting, same weights
 """
 import argparse
@@ -74,7 +74,7 @@ def build(args):
     import mxnet as mx
     from mxmask.config import get_config, set_value
     from mxmask.data.loader import build_train_loader
-    from mxmask.engine.launch import prepare_data
+    from mxmask.train import prepare_data
     from mxmask.engine.trainer import Trainer
     from mxmask.modeling.rcnn import build_model
     from mxmask.modeling.training import RCNNLoss

@@ -29,9 +29,9 @@ import traceback
 
 import mxnet as mx
 
-from ..config import ConfigError
-from ..utils import UserError
-from . import checkpoint as ckpt_io
+from .config import ConfigError
+from .utils import UserError
+from .engine import checkpoint as ckpt_io
 
 SHAPES_ANN = ("annotations", "train.json")
 
@@ -43,9 +43,9 @@ def _is_shapes_path(cfg):
 
 def prepare_data(cfg, log=print):
     """Generate the shapes set when needed; load train and val records; fill the metadata."""
-    from ..data.coco import load_coco
+    from .data.coco import load_coco
     if _is_shapes_path(cfg) and not os.path.exists(cfg.data.train_ann):
-        from ..data.shapes import ensure_shapes
+        from .data.shapes import ensure_shapes
         s = cfg.data.shapes
         log("generating the synthetic shapes dataset in %s (%d train / %d val images)"
             % (s.root, s.train, s.val))
@@ -120,7 +120,7 @@ def _abort_distributed(rank, exc):
 def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
     """Train ``cfg`` on ``ctxs``; returns (checkpoint folder, metrics or None). Progress goes to
     ``out`` (default: ``sys.stdout`` at the time of the call)."""
-    from .trainer import Watchdog, dist_timeout
+    from .engine.trainer import Watchdog, dist_timeout
 
     out = out or sys.stdout
 
@@ -150,11 +150,11 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
 def _train(cfg, ctxs, kv_box, resume, out, watchdog):
     """The body of :func:`run_training`. ``kv_box``: a one-element list holding the kvstore,
     emptied before the final evaluation so that a dist kvstore can be finalised."""
-    from ..data.loader import build_train_loader
-    from ..modeling.backbone import load_pretrained_from_config
-    from ..modeling.rcnn import build_model
-    from ..modeling.training import RCNNLoss
-    from .trainer import Trainer
+    from .data.loader import build_train_loader
+    from .modeling.backbone import load_pretrained_from_config
+    from .modeling.rcnn import build_model
+    from .modeling.training import RCNNLoss
+    from .engine.trainer import Trainer
 
     log = _log_to(out)
     out_dir = cfg.output_dir
@@ -213,15 +213,15 @@ def _train(cfg, ctxs, kv_box, resume, out, watchdog):
         metrics = evaluate(cfg, net, ctxs, out_dir, log)
         history.add_eval(cfg.solver.max_iter, metrics)
         history.save()
-        from ..vis import plot_training_curves
+        from .vis import plot_training_curves
         plot_training_curves(history.data, os.path.join(out_dir, "curves.png"))
     return out_dir, metrics
 
 
 def evaluate(cfg, net, ctxs, out_dir, log=print):
     """Evaluate the in-memory ``net`` on ``cfg``'s val set; writes metrics.json in out_dir."""
-    from ..predictor import Predictor
-    from .inference import evaluate_on_dataset
+    from .predictor import Predictor
+    from .engine.inference import evaluate_on_dataset
     net.hybridize(static_alloc=True)
     predictor = Predictor(None, ctx=ctxs, cfg=cfg, net=net)
     return evaluate_on_dataset(predictor, cfg.data.val_ann, cfg.data.val_images,

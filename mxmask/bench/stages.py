@@ -1,0 +1,316 @@
+"""mxmask's own timings: the network stage by stage, the keypoint head, a training step.
+
+    net = build_bench_model("mask_rcnn_r50_fpn")                 # random weights, or a ckpt
+    record = bench_inference(cfg, net, (800, 1344), runs=5)      # stage medians, GMAC, paste
+    record = bench_train_step(cfg, net, (512, 512), runs=3)      # one RCNNLoss step + update
+
+In: a config and its network (kernels ``auto``: the compiled CPU operators where they load), an
+input size (H, W) rounded up to multiples of 32 (:func:`bench_input_size`), the batch, runs and
+warm-up runs. Out: records of ``{"median", "min", "max"}`` seconds per stage (backbone+fpn,
+rpn+proposals, box_head+nms, mask_head / keypoint_head, paste/decode, total), each stage's
+multiply-accumulates (:func:`count_network_macs`), detections per image and peak memory.
+
+The input is random normal data; class 0's logit is raised so that every image yields
+``test.max_dets`` detections, the work a trained model does. Each stage is its own hybridized
+block fed the previous stage's outputs, so a stage's time is its own. docs/benchmarks.md is the
+manual: what each figure holds and how to read it.
+"""
+import resource
+import time
+import warnings
+
+import mxnet as mx
+import numpy as np
+
+from ..config import get_config
+from ..engine.checkpoint import checkpoint_files, load_checkpoint_config
+from ..graph import parse_hw
+from ..modeling.poolers import shared_level_canvas
+from ..modeling.rcnn import build_model, inference_kernels
+from ..modeling.roi_heads import head_inputs, select_class_masks
+from ..postprocess import detections_to_coco
+from ..utils import UserError
+
+__all__ = ["bench_input_size", "stats", "timed", "build_bench_model", "bench_inference",
+           "bench_input", "KEYPOINT_ROIS", "keypoint_head_boxes", "bench_keypoint_head_rois",
+           "stage_mac_groups", "gmac_record", "count_network_macs", "synthetic_train_batch",
+           "bench_train_step", "bench_optimized"]
+
+
+def bench_input_size(text):
+    """``"HxW"`` -> (H, W) rounded up to multiples of 32."""
+    h, w = parse_hw(text)
+    if h <= 0 or w <= 0:
+        raise UserError("--size %s: height and width must be positive" % text)
+    return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+def stats(times):
+    times = sorted(times)
+    return {"median": float(np.median(times)), "min": float(times[0]), "max": float(times[-1])}
+
+
+def timed(fn, runs, warmup):
+    for _ in range(warmup):
+        out = fn()
+        mx.nd.waitall()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        mx.nd.waitall()
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+class _TimedDetections(mx.gluon.HybridBlock):
+    def __init__(self, net, **kwargs):
+        super(_TimedDetections, self).__init__(**kwargs)
+        self.net = net
+
+    def hybrid_forward(self, F, im_info, rois, roi_scores, *features):
+        with shared_level_canvas():         # the box head and the refine_boxes pass
+            return self.net.detections(F, im_info, rois, roi_scores, *features)
+
+
+class _TimedHead(mx.gluon.HybridBlock):
+    def __init__(self, head, num_classes=0, **kwargs):
+        super(_TimedHead, self).__init__(**kwargs)
+        self.head = head
+        self.num_classes = num_classes
+
+    def hybrid_forward(self, F, boxes, ids, *levels):
+        out = self.head(boxes, *levels)
+        if self.num_classes:
+            return select_class_masks(F, out, ids, self.num_classes)
+        return out
+
+
+def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="auto"):
+    """(cfg, net) from a checkpoint or a preset with random weights (see module doc); the
+    network's RoIAlign ``kernels`` as :meth:`MaskRCNN.use_kernels` takes them."""
+    ctx = ctx or mx.cpu()
+    if ckpt:
+        cfg = load_checkpoint_config(ckpt)
+        for o in overrides:
+            from ..config import set_value
+            set_value(cfg, o)
+        net = build_model(cfg, ctx=ctx)
+        net.load_parameters(checkpoint_files(ckpt)[0], ctx=ctx)
+    else:
+        cfg = get_config(preset, overrides)
+        if cfg.model.num_classes == 0:
+            cfg.model.num_classes = 5
+        if cfg.model.keypoint_on and cfg.model.num_keypoints == 0:
+            cfg.model.num_keypoints = 7
+        mx.random.seed(cfg.seed)
+        net = build_model(cfg, ctx=ctx)
+        bias = net.box_predictor.cls_score.bias
+        value = bias.data(ctx).asnumpy()
+        value[1] = 10.0             # class 0 wins every roi: max_dets detections per image
+        bias.set_data(mx.nd.array(value, ctx=ctx))
+    net.use_kernels(kernels)
+    return cfg, net
+
+
+def bench_inference(cfg, net, size, batch=1, runs=5, warmup=2, ctx=None):
+    """Per-stage and end-to-end latency; returns the result dict (seconds)."""
+    with warnings.catch_warnings():
+        # a stage block holds the whole network but uses only its own part of it
+        warnings.filterwarnings("ignore", message=".*is not used by any computation")
+        # the stage blocks are traced with the network's kernels
+        with inference_kernels(net.kernels):
+            return _bench_inference(cfg, net, size, batch, runs, warmup, ctx)
+
+
+def bench_input(size, batch=1, ctx=None):
+    """``(data, im_info)``: the random-normal input every timed network gets (seed 0)."""
+    h, w = size
+    rng = np.random.RandomState(0)
+    data = mx.nd.array(rng.normal(0, 1, (batch, 3, h, w)), ctx=ctx or mx.cpu())
+    im_info = mx.nd.array([[h, w, 1.0]] * batch, ctx=ctx or mx.cpu())
+    return data, im_info
+
+
+def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
+    ctx = ctx or mx.cpu()
+    h, w = size
+    data, im_info = bench_input(size, batch, ctx)
+    net.hybridize(static_alloc=True, static_shape=True)
+    _, network = timed(lambda: net(data, im_info), runs, warmup)
+    outputs = net(data, im_info)
+    names = list(net.output_names)
+
+    stages = {}
+    backbone = net.backbone
+    features, stages["backbone+fpn"] = timed(lambda: backbone(data), runs, warmup)
+    (rois, roi_scores), stages["rpn+proposals"] = timed(lambda: net.rpn(im_info, *features),
+                                                         runs, warmup)
+    box_stage = _TimedDetections(net)
+    box_stage.hybridize(static_alloc=True, static_shape=True)
+    (ids, _, boxes), stages["box_head+nms"] = timed(
+        lambda: box_stage(im_info, rois, roi_scores, *features), runs, warmup)
+    levels = net.roi_features(features)
+    if net.mask_head is not None:
+        mask_stage = _TimedHead(net.mask_head, net.mask_head.num_classes)
+        mask_stage.hybridize(static_alloc=True, static_shape=True)
+        mask_in = head_inputs(net.mask_head, levels, data)
+        _, stages["mask_head"] = timed(lambda: mask_stage(boxes, ids, *mask_in), runs, warmup)
+    if net.keypoint_head is not None:
+        kp_stage = _TimedHead(net.keypoint_head)
+        kp_stage.hybridize(static_alloc=True, static_shape=True)
+        _, stages["keypoint_head"] = timed(lambda: kp_stage(boxes, ids, *levels), runs, warmup)
+
+    arrays = [o.asnumpy() for o in outputs]
+    num_dets = int((arrays[0] >= 0).sum())
+
+    def post():
+        for i in range(batch):
+            out = {n: a[i] for n, a in zip(names, arrays)}
+            detections_to_coco(out, np.array([h, w, 1.0]), (h, w), i,
+                               list(range(1, net.num_classes + 1)),
+                               keypoint_decode=cfg.test.keypoint_decode,
+                               mask_box_thresh=cfg.test.mask_box_thresh)
+    _, stages["paste/decode"] = timed(post, runs, 1)
+    total = [t + p for t, p in zip(network, stages["paste/decode"])]
+    result = {"total_s": stats(total), "network_s": stats(network),
+              "stages": {k: stats(v) for k, v in stages.items()},
+              "detections_per_image": num_dets / float(batch)}
+    if net.keypoint_head is not None:
+        result.update(bench_keypoint_head_rois(net, levels, size, KEYPOINT_ROIS, runs, warmup))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return result
+
+
+KEYPOINT_ROIS = (10, 100)
+
+
+def _random_boxes(rng, count, size):
+    """(1, count, 4) boxes inside an image of ``size`` = (h, w), 8 px to half the image."""
+    h, w = size
+    bw = rng.uniform(8, max(9, w / 2), count)
+    bh = rng.uniform(8, max(9, h / 2), count)
+    x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    return np.stack([x1, y1, x1 + bw, y1 + bh], axis=1)[None].astype(np.float32)
+
+
+def keypoint_head_boxes(size, counts=KEYPOINT_ROIS):
+    """``{count: (1, count, 4) float32 boxes}`` inside an image of ``size`` = (h, w): the rois
+    the keypoint head is timed on (seed 1; the torchvision comparison gets the same boxes)."""
+    rng = np.random.RandomState(1)
+    return {count: _random_boxes(rng, count, size) for count in counts}
+
+
+def bench_keypoint_head_rois(net, levels, size, counts=KEYPOINT_ROIS, runs=5, warmup=2):
+    """The keypoint head stage (RoIAlign + head) on exactly ``count`` rois of the first image
+    (``levels`` = its P2..P5, any batch; the first image is used): ``{"keypoint_head_per_rois":
+    {"10": stats, ...}, "keypoint_head_gmac_per_rois": {"10": GMAC, ...}}``."""
+    from ..flops import count_block_macs
+    ctx = levels[0].context
+    first = [lvl[0:1] for lvl in levels]
+    times, gmacs = {}, {}
+    for count, array in keypoint_head_boxes(size, counts).items():
+        boxes = mx.nd.array(array, ctx=ctx)
+        ids = mx.nd.zeros((1, count), ctx=ctx)
+        stage = _TimedHead(net.keypoint_head)
+        stage.hybridize(static_alloc=True, static_shape=True)
+        _, t = timed(lambda: stage(boxes, ids, *first), runs, warmup)
+        times[str(count)] = stats(t)
+        shapes = {"boxes": boxes.shape, "ids": ids.shape}
+        shapes.update({"p%d" % (i + 2): lvl.shape for i, lvl in enumerate(first)})
+        gmacs[str(count)] = count_block_macs(stage, shapes)["total"] / 1e9
+    return {"keypoint_head_per_rois": times, "keypoint_head_gmac_per_rois": gmacs}
+
+
+def stage_mac_groups(net):
+    """``{stage: block prefixes + parameter names}`` of a MaskRCNN, for
+    :func:`mxmask.flops.count_macs` (the prefix also catches layers whose weight is computed in the
+    graph, such as the keypoint head's bilinear upsampling deconvolution)."""
+    def names(*blocks):
+        return [b.prefix for b in blocks] + \
+            [p.name for b in blocks for p in b.collect_params().values()]
+    groups = {"backbone+fpn": names(net.backbone), "rpn+proposals": names(net.rpn),
+              "box_head+nms": names(net.box_head, net.box_predictor)}
+    if net.mask_head is not None:
+        groups["mask_head"] = names(net.mask_head)
+    if net.keypoint_head is not None:
+        groups["keypoint_head"] = names(net.keypoint_head)
+    return groups
+
+
+def gmac_record(macs, median_s):
+    return {"gmac": macs["total"] / 1e9,
+            "gmac_stages": {k: v / 1e9 for k, v in macs["by_group"].items()},
+            "gflop_per_s": 2.0 * macs["total"] / median_s / 1e9}
+
+
+def count_network_macs(net, size, batch=1):
+    """:func:`mxmask.flops.count_macs` of the plain inference graph (``network_symbol``) at the
+    input ``size``, grouped by stage."""
+    from ..graph import network_symbol
+    from ..flops import count_macs
+    h, w = size
+    params = {p.name: p.shape for p in net.collect_params().values()}
+    return count_macs(network_symbol(net), {"data": (batch, 3, h, w), "im_info": (batch, 3)},
+                      stage_mac_groups(net), params)
+
+
+def synthetic_train_batch(cfg, size, batch, objects=2, seed=0):
+    """A training batch of ``batch`` images of ``size`` with ``objects`` boxes/masks each."""
+    h, w = size
+    rng = np.random.RandomState(seed)
+    k = max(1, cfg.model.num_keypoints)
+    boxes = np.zeros((batch, objects, 4), np.float32)
+    masks = np.zeros((batch, objects, h, w), np.float32)
+    kps = np.zeros((batch, objects, k, 3), np.float32)
+    for b in range(batch):
+        for j in range(objects):
+            bw, bh = rng.uniform(0.2, 0.5) * w, rng.uniform(0.2, 0.5) * h
+            x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            boxes[b, j] = [x1, y1, x1 + bw, y1 + bh]
+            masks[b, j, int(y1):int(y1 + bh), int(x1):int(x1 + bw)] = 1
+            kps[b, j, :, 0] = rng.uniform(x1, x1 + bw, k)
+            kps[b, j, :, 1] = rng.uniform(y1, y1 + bh, k)
+            kps[b, j, :, 2] = 2
+    return {"data": rng.normal(0, 1, (batch, 3, h, w)).astype(np.float32),
+            "im_info": np.array([[h, w, 1.0]] * batch, np.float32),
+            "gt_boxes": boxes, "gt_labels": np.zeros((batch, objects), np.float32),
+            "gt_crowd": -np.ones((batch, 1, 4), np.float32), "gt_masks": masks,
+            "gt_keypoints": kps}
+
+
+def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
+    """Seconds per SGD step (forward, backward, update) on a synthetic batch."""
+    from mxnet import autograd, gluon
+    from ..modeling.training import RCNNLoss
+    ctx = ctx or mx.cpu()
+    loss_net = RCNNLoss(net, cfg)
+    loss_net.hybridize(static_alloc=True)
+    params = {k: v for k, v in net.collect_params().items() if v.grad_req != "null"}
+    trainer = gluon.Trainer(params, "sgd", {"learning_rate": 1e-4, "momentum": 0.9, "wd": 1e-4})
+    batch_np = synthetic_train_batch(cfg, size, batch)
+    keys = ["data", "im_info", "gt_boxes", "gt_labels", "gt_crowd"] + \
+        (["gt_masks"] if net.mask_head is not None else []) + \
+        (["gt_keypoints"] if net.keypoint_head is not None else [])
+    inputs = {k: mx.nd.array(batch_np[k], ctx=ctx) for k in keys}
+
+    def step():
+        with autograd.record():
+            losses = loss_net(**inputs)
+            total = mx.nd.add_n(*losses.values())
+        total.backward()
+        trainer.step(batch)
+        return total
+    _, times = timed(step, runs, warmup)
+    return {"train_step_s": stats(times), "train_images_per_s": batch / float(np.median(times)),
+            "train_amp": loss_net.amp or "float32"}
+
+
+def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
+    """End-to-end latency of the exported graph, bf16-converted and/or MKLDNN-fused."""
+    from ..graph import network_symbol, optimized_block
+    data, im_info = bench_input(size, batch)
+    block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,
+                               fuse, dtype)
+    _, times = timed(lambda: block(data, im_info), runs, warmup)
+    return stats(times)
