@@ -18,9 +18,6 @@ the two frameworks paste differently (Detectron2's aligned bilinear paste here, 
 paste into the box rounded to whole pixels there; see test_predict_on_an_image_file).
 """
 import json
-import os
-import subprocess
-import sys
 
 import mxnet as mx
 import numpy as np
@@ -32,31 +29,12 @@ from mxmask.config import load_yaml
 from mxmask.data.transforms import TestTransform
 from mxmask.postprocess import decode_keypoints
 from mxmask.predictor import load_network
+from helpers.torchvision_side import needs_torch, smooth_image, torch_side
 
-TORCH = os.environ.get("MXMASK_TORCH_PYTHON", "")
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "mxmask", "convert", "torchvision_reference.py")
 ARCHS = ("maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")
 H, W = 480, 640
 
-pytestmark = pytest.mark.skipif(
-    not TORCH, reason="needs a torch interpreter: set MXMASK_TORCH_PYTHON, or run "
-                      "dev/check_torchvision.sh")
-
-
-def torch_side(*args):
-    """Run a verb of torchvision_reference.py in the torch interpreter."""
-    run = subprocess.run([TORCH, REFERENCE] + [str(a) for a in args], capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
-def smooth_image(h, w, seed=0):
-    """An RGB float image in [0, 1] (h, w, 3) with structure at several scales."""
-    rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / 50.0
-    img = np.stack([np.sin(xx * 1.3 + c) * np.cos(yy * 0.7 - c) for c in range(3)], axis=-1)
-    return np.clip(img * 0.45 + 0.5 + rng.rand(h, w, 3) * 0.1, 0, 1)
+pytestmark = needs_torch
 
 
 @pytest.fixture(scope="module", params=ARCHS)

@@ -30,7 +30,6 @@ torch never enters this process: the torch side runs in the interpreter named by
 """
 import copy
 import os
-import subprocess
 
 import mxnet as mx
 import numpy as np
@@ -40,10 +39,8 @@ from mxmask import cli
 from mxmask.config import load_yaml, set_value
 from mxmask.modeling.rcnn import build_model
 from mxmask.modeling.training import RCNNLoss
+from helpers.torchvision_side import needs_torch, smooth_image, torch_side
 
-TORCH = os.environ.get("MXMASK_TORCH_PYTHON", "")
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "mxmask", "convert", "torchvision_reference.py")
 MASK, KEYPOINT = "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"
 HP, WP = 256, 320                                   # padded input
 SIZES = [(256, 320), (224, 288)]                    # valid (h, w) of the two images
@@ -53,24 +50,7 @@ NAMES = {"loss_rpn_cls": "loss_objectness", "loss_rpn_loc": "loss_rpn_box_reg",
          "loss_cls": "loss_classifier", "loss_box_reg": "loss_box_reg",
          "loss_mask": "loss_mask", "loss_keypoint": "loss_keypoint"}
 
-pytestmark = pytest.mark.skipif(
-    not TORCH, reason="needs a torch interpreter: set MXMASK_TORCH_PYTHON (torch and "
-                      "torchvision) to run torchvision's side")
-
-
-def torch_side(*args):
-    """Run a verb of torchvision_reference.py in the torch interpreter."""
-    run = subprocess.run([TORCH, REFERENCE] + [str(a) for a in args], capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
-def smooth_image(h, w, seed):
-    """An RGB float image in [0, 1] (h, w, 3) with structure at several scales."""
-    rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / 50.0
-    img = np.stack([np.sin(xx * 1.3 + c + seed) * np.cos(yy * 0.7 - c) for c in range(3)], -1)
-    return np.clip(img * 0.45 + 0.5 + rng.rand(h, w, 3) * 0.05, 0, 1)
+pytestmark = needs_torch
 
 
 def training_batch(cfg):
@@ -108,7 +88,7 @@ def training_batch(cfg):
     mean, std = np.array(cfg.input.pixel_mean), np.array(cfg.input.pixel_std)
     data = np.zeros((2, 3, HP, WP), np.float32)
     for b, (h, w) in enumerate(SIZES):
-        data[b, :, :h, :w] = ((smooth_image(h, w, b) - mean) / std).transpose(2, 0, 1)
+        data[b, :, :h, :w] = ((smooth_image(h, w, b, noise=0.05, shift=b) - mean) / std).transpose(2, 0, 1)
     crowd = np.full((2, 1, 4), -1.0, np.float32)
     crowd[1, 0] = [150.0, 0.0, 288.0, 58.0]
     return dict(data=data, im_info=np.array([[h, w, 1.0] for h, w in SIZES], np.float32),
