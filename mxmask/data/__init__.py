@@ -1,1 +1,2 @@
-"""Datasets: COCO loading, the synthetic shapes generator, transforms and batching."""
+"""Datasets: COCO loading and validation, image decoding, the synthetic shapes generator,
+transforms, batching and the worker-process loader."""

@@ -62,7 +62,16 @@ def mirrored_keypoint_name(name):
 
 
 def keypoint_flip_map(names):
-    """Index of the mirrored keypoint for each name; identity for names without a partner."""
+    """The horizontal-flip map of a keypoint list.
+
+    Args:
+        names (list[str]): keypoint names; ``left_*`` / ``right_*`` (also ``l_*``, ``*_left``,
+            ..., case-insensitive) pair up.
+
+    Returns:
+        list[int]: for each keypoint, the index of its mirror image; its own index for names
+        without a partner.
+    """
     index_of = {}
     for i, name in enumerate(names):
         index_of.setdefault(name.lower(), i)
@@ -77,8 +86,14 @@ def keypoint_flip_map(names):
 class DatasetInfo:
     """Category and keypoint metadata of a dataset, in contiguous-label order.
 
-    ``category_ids[label]`` is the COCO id of contiguous label ``label`` (categories sorted by id).
-    ``skeleton`` holds 0-based keypoint index pairs.
+    Attributes:
+        class_names (list[str]): the category names, categories sorted by id.
+        category_ids (list[int]): ``category_ids[label]`` is the COCO id of contiguous label
+            ``label``.
+        keypoint_names (list[str]): the names shared by the keypoint categories (may be empty).
+        keypoint_flip_map (list[int]): :func:`keypoint_flip_map` of the names.
+        skeleton (list[[int, int]]): 0-based keypoint index pairs.
+        keypoint_category_ids (list[int]): the categories that have keypoints.
     """
     class_names: List[str]
     category_ids: List[int]
@@ -96,7 +111,14 @@ class DatasetInfo:
         return len(self.keypoint_names)
 
     def label_to_category_id(self, labels):
-        """Contiguous label(s) -> COCO category id(s): an int for a scalar, else an int64 array."""
+        """Contiguous label(s) -> COCO category id(s).
+
+    Args:
+        labels: an int or an array of ints in ``0 .. C-1``; ValueError otherwise.
+
+    Returns:
+        int for a scalar, else an int64 array of the same shape.
+    """
         ids = np.asarray(self.category_ids, dtype=np.int64)
         lab = np.asarray(labels)
         idx = lab.astype(np.int64)
@@ -219,6 +241,7 @@ def _build_records(images, annotations, categories, info, kp_per_category, has_s
 # Entry points
 # --------------------------------------------------------------------------------------------
 def _check_mode(check_images):
+    """``check_images`` as one of :data:`CHECK_MODES` (None / False mean ``none``)."""
     mode = "none" if check_images in (None, False) else check_images
     if mode not in CHECK_MODES:
         raise UserError("check_images must be one of %s, got %r" % (", ".join(CHECK_MODES),
@@ -271,14 +294,27 @@ def _inspect(ann_file, image_dir, for_training, check_images, check_all_images):
 
 def load_coco(ann_file, image_dir, for_training=True, check_images="header",
               keypoint_offset=0.5):
-    """Read a COCO json into records. -> (records, DatasetInfo, DatasetReport).
+    """Read a COCO json into records.
 
-    ``for_training`` skips images without a usable (non-crowd, non-degenerate) instance.
-    ``check_images``: 'none', 'header' (file exists, header size matches the json) or 'full'
-    (also decode it). ``keypoint_offset`` (``data.keypoint_offset``) is added to the x and y of
-    labelled keypoints: COCO's integer pixel indices become mxmask's continuous coordinates,
-    where the centre of pixel i is i + 0.5 (Detectron2; torchvision uses the indices as they
-    are, offset 0). Raises DatasetError listing the problems (at most 20 lines).
+    Args:
+        ann_file (str): the COCO ``instances`` or ``person_keypoints`` json.
+        image_dir (str): the folder that ``file_name`` is relative to.
+        for_training (bool): skip images without a usable (non-crowd, non-degenerate) instance.
+        check_images (str): ``none``, ``header`` (the file exists and its header size matches
+            the json) or ``full`` (also decode it).
+        keypoint_offset (float): ``data.keypoint_offset``, added to the x and y of labelled
+            keypoints: COCO's integer pixel indices become mxmask's continuous coordinates,
+            where the centre of pixel i is i + 0.5 (Detectron2; torchvision uses the indices as
+            they are, offset 0).
+
+    Returns:
+        tuple: ``(records, info, report)``: a list of record dicts (DEVELOPING.md, "Dataset
+        records"; boxes float32 (N, 4) xyxy, labels int32 (N,), keypoints float32 (N, K, 3) or
+        None, crowd_boxes float32 (M, 4)), the :class:`DatasetInfo` and the
+        :class:`~mxmask.data.validation.DatasetReport`.
+
+    Raises:
+        DatasetError: listing the problems (at most 20 lines).
     """
     records, info, report = _inspect(ann_file, image_dir, for_training, check_images,
                                      check_all_images=False)
@@ -292,13 +328,27 @@ def load_coco(ann_file, image_dir, for_training=True, check_images="header",
 
 
 def check_dataset(ann_file, image_dir, check_images="full"):
-    """Validate a dataset as training would use it, checking every image file. -> DatasetReport."""
+    """Validate a dataset as training would use it, checking every image file.
+
+    Args:
+        ann_file (str): the COCO json.
+        image_dir (str): its image folder.
+        check_images (str): as in :func:`load_coco`; every image of the json is checked, also
+            the ones training would skip.
+
+    Returns:
+        DatasetReport: never raises for a bad dataset; ``report.ok`` tells.
+    """
     _, _, report = _inspect(ann_file, image_dir, True, check_images, check_all_images=True)
     return report
 
 
 def run_check(ann_file, image_dir):
-    """``mxmask data check``: print the report; return 0 if the dataset is valid, else 2."""
+    """``mxmask data check``: print the report of :func:`check_dataset` (full image checks).
+
+    Returns:
+        int: the exit code, 0 if the dataset is valid, else 2.
+    """
     report = check_dataset(ann_file, image_dir, check_images="full")
     print(report.format())
     return 0 if report.ok else 2

@@ -65,6 +65,7 @@ def _png_truncation_problem(data):
 
 
 def _truncation_problem(data):
+    """The JPEG or PNG truncation problem of a file's bytes; None for other formats."""
     if data[:2] == b"\xff\xd8":
         return _jpeg_truncation_problem(data)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -99,10 +100,17 @@ def _decode_image(path):
 
 
 def read_image(path):
-    """Decode an image file into an ``HxWx3`` uint8 RGB array.
+    """Decode an image file into an RGB array (OpenCV; EXIF orientation ignored).
 
-    Raises UserError naming the file when it is missing, empty, corrupt or truncated (JPEG files
-    must have their end-of-image marker and PNG files their IEND chunk).
+    Args:
+        path (str): the image file.
+
+    Returns:
+        uint8 RGB (H, W, 3).
+
+    Raises:
+        UserError: naming the file when it is missing, empty, corrupt or truncated (JPEG files
+            must have their end-of-image marker and PNG files their IEND chunk).
     """
     image, problem = _decode_image(path)
     if problem:
@@ -145,7 +153,15 @@ def _image_file_problem(path, width, height, mode):
 
 
 def check_image_files(images, image_dir, mode, report):
-    """Check each image file in a thread pool (PIL and OpenCV release the GIL while decoding)."""
+    """Check each image file in a thread pool (PIL and OpenCV release the GIL while decoding).
+
+    Args:
+        images (list[dict]): json image entries with ``id``, ``file_name``, ``width``,
+            ``height``.
+        image_dir (str): the folder ``file_name`` is relative to.
+        mode (str): ``header`` (PIL reads the size) or ``full`` (also decode the file).
+        report (DatasetReport): gets one problem line per bad file (path, image id, what).
+    """
     if not os.path.isdir(image_dir):
         report.add_problem("%s: image folder not found" % image_dir)
         return

@@ -2,31 +2,15 @@
 
 In:  the config, the dataset records of ``mxmask.data.coco.load_coco`` (and its ``DatasetInfo``),
      the first iteration, and this process's ``rank`` among ``num_workers`` training processes.
-Out: :func:`build_train_loader` -> an iterator of training batch dicts (DEVELOPING.md), one per
-     iteration, forever; :func:`build_test_loader` -> an iterator of test batch dicts covering
-     this shard's records once.
+Out: :func:`build_train_loader` -> an iterator of training batch dicts (DEVELOPING.md, "Training
+     batches"), one per iteration, forever; :func:`build_test_loader` -> an iterator of test
+     batch dicts covering this shard's records once.
 
-Determinism. The global batch of iteration ``it`` is the ``ims_per_batch`` images at positions
-``it * B .. it * B + B - 1`` of an endless sequence of epoch permutations, epoch ``e`` being
-``default_rng([seed, 1, e]).permutation(n)``. A process takes the slots ``rank::num_workers``
-of that batch. Each image's augmentation (short side, flip) is drawn from
-``default_rng([seed, 2, it, slot])``. A batch is therefore a pure function of
-``(seed, it, rank, num_workers)``: resuming at iteration k gives exactly the batches of an
-uninterrupted run, and the number of loader processes changes nothing.
-
-Worker processes (``cfg.data.num_workers``; 0 loads in the calling process). Each worker gets
-its own duplex pipe; iteration ``start + j`` goes to worker ``j % W`` and each worker answers in
-order, so the results come back in order without reordering buffers. At most ``prefetch`` tasks
-are outstanding per worker (bounded memory). A batch crosses the pipe as raw array bytes after a
-small pickled layout (pickling megabytes is several times slower). The main process waits on the
-worker's pipe *and* its process sentinel, so a worker that dies is reported at once (exit code
-or signal), and a worker silent for ``timeout`` seconds is reported too: never a hang. An
-exception in a worker comes back as one line naming the image file and is raised again in the
-main process (a ``UserError`` stays a ``UserError``). Workers run only numpy/OpenCV code
-(``cv2.setNumThreads(0)``), never MXNet, so the default 'fork' start method is safe even after
-MXNet's engine has run in the parent ('spawn' works too). Workers ignore SIGINT (the parent shuts
-them down) and exit when the parent goes away; ``close()``, garbage collection and interpreter
-exit stop them.
+The batch of an iteration is a pure function of ``(seed, it, rank, num_workers)``
+(:class:`TrainSampler`), so a resumed run gets exactly the batches of an uninterrupted one and
+the number of loader processes changes nothing. Batches are made by ``cfg.data.num_workers``
+worker processes (:class:`OrderedLoader`) that never hang the caller: a dead or silent worker
+and an exception in a worker come back as errors in the main process.
 """
 import collections
 import multiprocessing
@@ -63,6 +47,7 @@ def _entropy(seed):
 
 
 def _one_line(exc):
+    """An exception's message on one line (its type name when the message is empty)."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
 
@@ -71,7 +56,23 @@ def _one_line(exc):
 # Sampling
 # --------------------------------------------------------------------------------------------
 class TrainSampler:
-    """Image indices per iteration, a pure function of (seed, it, rank, num_workers)."""
+    """Image indices per iteration, a pure function of ``(seed, it, rank, num_workers)``.
+
+    The global batch of iteration ``it`` is the ``ims_per_batch`` images at positions
+    ``it * B .. it * B + B - 1`` of an endless sequence of epoch permutations, epoch ``e`` being
+    ``default_rng([seed, 1, e]).permutation(n)``. A process takes the slots ``rank::num_workers``
+    of that batch. Each image's augmentation (short side, flip, copy-paste) is drawn from
+    ``default_rng([seed, 2, it, slot])``. Resuming at iteration k therefore gives exactly the
+    batches of an uninterrupted run, and the number of loader processes changes nothing
+    (DEVELOPING.md, "Determinism and resume").
+
+    Args:
+        num_images (int): the number of training records (UserError when 0).
+        ims_per_batch (int): ``solver.ims_per_batch``, over all processes; a multiple of
+            ``num_workers``.
+        seed (int): ``cfg.seed``.
+        rank (int), num_workers (int): this training process and their number.
+    """
 
     def __init__(self, num_images, ims_per_batch, seed=0, rank=0, num_workers=1):
         if num_images <= 0:
@@ -147,7 +148,15 @@ def _load_one(fn, record):
 
 
 class TrainBatchMaker:
-    """Iteration number -> this process's training batch."""
+    """Iteration number -> this process's training batch (the train loader's task function).
+
+    Args:
+        cfg: the config (``input.size_divisibility`` and the :class:`TrainTransform` settings).
+        records (list[dict]): the training records; also the copy-paste pool.
+        info (DatasetInfo or None): the keypoint flip map and names.
+        sampler (TrainSampler): which images and augmentation draws.
+        reader: image reader, default :func:`mxmask.data.images.read_image`.
+    """
 
     def __init__(self, cfg, records, info, sampler, reader=None):
         self.records = records
@@ -164,7 +173,17 @@ class TrainBatchMaker:
 
 
 class TestBatchMaker:
-    """Batch number -> the test batch of records ``[k * batch_size, (k + 1) * batch_size)``."""
+    """Batch number ``k`` -> the test batch of records ``[k * batch_size, (k + 1) * batch_size)``.
+
+    Args:
+        cfg: the config (:class:`~mxmask.data.transforms.TestTransform` settings and
+            ``input.size_divisibility``).
+        records (list[dict]): the records to test, in order.
+        batch_size (int): images per batch (the last batch may be smaller).
+        reader: image reader, default :func:`mxmask.data.images.read_image`.
+
+    ``len()`` is the number of batches.
+    """
 
     __test__ = False
 
@@ -186,13 +205,14 @@ class TestBatchMaker:
 # Worker processes
 # --------------------------------------------------------------------------------------------
 def _is_array_dict(obj):
+    """Whether ``obj`` is a dict of numeric numpy arrays (sent as raw bytes)."""
     return isinstance(obj, dict) and all(isinstance(v, np.ndarray) and v.dtype != object
                                          for v in obj.values())
 
 
 def _send_result(conn, task, batch):
-    """A dict of arrays goes as a small pickled layout then one raw message per array (several
-    times faster than pickling megabytes through the pipe); anything else is pickled."""
+    """A dict of arrays goes as a small pickled layout then one raw message per array, which
+    avoids pickling megabytes through the pipe; anything else is pickled."""
     if not _is_array_dict(batch):
         conn.send(("pickled", task, batch))
         return
@@ -281,12 +301,14 @@ def _shutdown(processes, conns):
 
 
 def _terminate(processes):
+    """SIGTERM the processes still alive, without waiting."""
     for p in processes:
         if p.is_alive():
             p.terminate()
 
 
 def _describe_exit(exitcode):
+    """How a worker ended, for an error message (exit code or signal name)."""
     if exitcode is None:
         return "closed its pipe unexpectedly"
     if exitcode < 0:
@@ -298,9 +320,33 @@ def _describe_exit(exitcode):
 
 
 class OrderedLoader:
-    """Iterator over ``make_batch(task)`` for ``tasks`` in order, computed by ``processes``
-    worker processes (0: in this process). Use ``close()`` (or ``with``) to stop the workers;
-    garbage collection and interpreter exit stop them too."""
+    """Iterator over ``make_batch(task)`` for ``tasks`` in order, computed by worker processes.
+
+    Each worker gets its own duplex pipe; task ``j`` goes to worker ``j % W`` and each worker
+    answers in order, so the results come back in order without reordering buffers. At most
+    ``prefetch`` tasks are outstanding per worker (bounded memory). A batch crosses the pipe as
+    raw array bytes after a small pickled layout. The main process waits on the worker's pipe
+    *and* its process sentinel, so a worker that dies is reported at once (exit code or
+    signal), and a worker silent for ``timeout`` seconds is reported too: never a hang. An
+    exception in a worker comes back as one line naming the image file and is raised again in
+    the main process (a ``UserError`` stays a ``UserError``, anything else is a
+    :class:`LoaderError` carrying the worker's traceback). Workers run only numpy/OpenCV code
+    (``cv2.setNumThreads(0)``), never MXNet, so the default 'fork' start method is safe even
+    after MXNet's engine has run in the parent ('spawn' works too). Workers ignore SIGINT (the
+    parent shuts them down) and exit when the parent goes away; ``close()`` (or ``with``),
+    garbage collection and interpreter exit stop them.
+
+    Args:
+        make_batch: ``task -> batch`` (:class:`TrainBatchMaker`, :class:`TestBatchMaker`);
+            picklable when the start method is 'spawn'.
+        tasks: iterable of tasks (iteration or batch numbers), possibly endless.
+        processes (int): worker processes; 0 runs ``make_batch`` in this process.
+        prefetch (int): tasks sent ahead per worker.
+        timeout (float): seconds without an answer from a live worker before a LoaderError.
+        start_method (str or None): multiprocessing start method; default 'fork' where it
+            exists, else 'spawn'.
+        name, task_name (str): how error messages name the loader and a task.
+    """
 
     def __init__(self, make_batch, tasks, processes=0, prefetch=2, timeout=DEFAULT_TIMEOUT,
                  start_method=None, name="data loader", task_name="task"):
@@ -430,6 +476,7 @@ class OrderedLoader:
 # Public builders
 # --------------------------------------------------------------------------------------------
 def _count_iterations(start):
+    """``start, start + 1, ...`` forever (the training tasks)."""
     it = int(start)
     while True:
         yield it
@@ -439,11 +486,24 @@ def _count_iterations(start):
 def build_train_loader(cfg, records, info=None, start_iter=0, rank=0, num_workers=1,
                        loader_workers=None, prefetch=2, timeout=DEFAULT_TIMEOUT, reader=None,
                        start_method=None):
-    """Endless iterator of training batches from iteration ``start_iter`` for process ``rank``
-    of ``num_workers`` training processes (each gets ``ims_per_batch / num_workers`` images).
+    """Endless iterator of training batches from iteration ``start_iter``.
 
-    ``loader_workers`` overrides ``cfg.data.num_workers`` (worker processes, 0 = in process);
-    ``reader`` overrides the image reader (default ``mxmask.data.images.read_image``).
+    Args:
+        cfg: the config (``seed``, ``solver.ims_per_batch``, ``data.num_workers``, ``input.*``).
+        records (list[dict]): the training records of :func:`mxmask.data.coco.load_coco`.
+        info (DatasetInfo or None): the dataset's keypoint names and flip map.
+        start_iter (int): the first iteration (a resumed run's checkpoint iteration).
+        rank (int), num_workers (int): this training process among ``num_workers``; each gets
+            ``ims_per_batch / num_workers`` images of every global batch.
+        loader_workers (int or None): overrides ``cfg.data.num_workers`` (worker processes,
+            0 = in process).
+        prefetch, timeout, start_method: as in :class:`OrderedLoader`.
+        reader: overrides the image reader (default :func:`mxmask.data.images.read_image`).
+
+    Returns:
+        OrderedLoader: yields one batch dict per iteration (DEVELOPING.md, "Training batches":
+        ``data`` float32 (B, 3, Hp, Wp), ``im_info`` (B, 3), ``gt_boxes`` (B, G, 4), ...), with
+        the :class:`TrainSampler` as its ``sampler`` attribute. Close it to stop the workers.
     """
     sampler = TrainSampler(len(records), cfg.solver.ims_per_batch, cfg.seed, rank, num_workers)
     make_batch = TrainBatchMaker(cfg, records, info, sampler, reader)
@@ -455,7 +515,15 @@ def build_train_loader(cfg, records, info=None, start_iter=0, rank=0, num_worker
 
 
 def shard_records(records, shard=(0, 1)):
-    """Records ``rank::num`` of ``shard = (rank, num)``: the shards partition the records."""
+    """This shard's records; the shards of one ``num`` partition the records.
+
+    Args:
+        records (list): all records.
+        shard (tuple): ``(rank, num)`` with ``0 <= rank < num``; ValueError otherwise.
+
+    Returns:
+        list: records ``rank::num``.
+    """
     rank, num = int(shard[0]), int(shard[1])
     if num < 1 or not 0 <= rank < num:
         raise ValueError("shard %r: need 0 <= rank < num" % (shard,))
@@ -465,7 +533,21 @@ def shard_records(records, shard=(0, 1)):
 def build_test_loader(cfg, records, batch_size=1, shard=(0, 1), loader_workers=None, prefetch=2,
                       timeout=DEFAULT_TIMEOUT, reader=None, start_method=None):
     """Iterator of test batches over this shard's records, each record exactly once, in order.
-    ``len()`` of the returned loader is its number of batches."""
+
+    Args:
+        cfg: the config (``data.num_workers`` and the test-time ``input.*`` settings).
+        records (list[dict]): the records (:func:`mxmask.data.coco.load_coco` with
+            ``for_training=False``).
+        batch_size (int): images per batch, >= 1.
+        shard (tuple): ``(rank, num)``: this process takes records ``rank::num``.
+        loader_workers, prefetch, timeout, reader, start_method: as in
+            :func:`build_train_loader`.
+
+    Returns:
+        OrderedLoader: yields dicts with ``data`` float32 (B, 3, Hp, Wp), ``im_info`` float32
+        (B, 3), ``image_id`` int64 (B,) and ``orig_size`` int64 (B, 2) = (height, width);
+        ``len()`` is its number of batches.
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     make_batch = TestBatchMaker(cfg, shard_records(records, shard), batch_size, reader)
@@ -477,5 +559,7 @@ def build_test_loader(cfg, records, batch_size=1, shard=(0, 1), loader_workers=N
 
 
 class _SizedLoader(OrderedLoader):
+    """An :class:`OrderedLoader` whose ``len()`` is its batch maker's number of batches."""
+
     def __len__(self):
         return len(self.make_batch)

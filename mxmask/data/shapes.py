@@ -1,4 +1,4 @@
-"""The synthetic ``shapes`` dataset: crisp coloured shapes and stick figures on textured backgrounds.
+"""The synthetic ``shapes`` dataset: coloured shapes and stick figures on textured backgrounds.
 
 In:  an output folder, the number of train and val images, a nominal image size and a seed.
 Out: ``OUT/images/{train,val}/NNNNNN.png`` (RGB) and ``OUT/annotations/{train,val}.json`` (real
@@ -8,24 +8,10 @@ Out: ``OUT/images/{train,val}/NNNNNN.png`` (RGB) and ``OUT/annotations/{train,va
     generate_shapes("datasets/shapes", num_train=400, num_val=50, size=192, seed=0)
     ensure_shapes("datasets/shapes")      # generates only when the json files are missing/stale
 
-What the json holds:
-- Categories with non-contiguous ids (``CATEGORIES``): ellipse 1, triangle 2, rectangle 5, star 6
-  (masks) and figure 9 (mask plus ``KEYPOINT_NAMES`` and the 1-based ``SKELETON``). A figure faces
-  the viewer, so ``left_*`` keypoints sit on the image's right, as for COCO persons.
-- Every mask is the instance's visible part after occlusion by the instances drawn later.
-  ``area`` is its pixel count and ``bbox`` its tight pixel box (``pycocotools.mask.toBbox``).
-  Placement rejects any object that would leave an earlier one less than half visible.
-- ``segmentation`` is a polygon when the shape is a polygon, unoccluded and inside the image
-  (pycocotools rasterises that polygon to exactly the mask); otherwise it is a compressed RLE of
-  the visible mask. Crowd regions (clusters of small blobs, category ellipse, ``iscrowd=1``) are
-  uncompressed RLE, as in COCO.
-- Keypoints: v=2 visible, v=1 covered by an instance drawn on top, v=0 outside the image (x=y=0).
-  ``num_keypoints`` counts v > 0.
-
-Determinism: each image draws from its own ``Generator(PCG64)`` seeded with (seed, split, index),
-so the first images of a small set equal those of a large one, and a re-run gives identical bytes.
-Geometry is snapped to 1/8 px so that it is exact in floating point and in the json. The json
-files are written last (atomically), so a half-generated folder counts as missing.
+The categories have non-contiguous ids (:data:`CATEGORIES`): ellipse 1, triangle 2, rectangle 5,
+star 6 (masks) and figure 9 (mask plus :data:`KEYPOINT_NAMES` and the 1-based :data:`SKELETON`).
+Each annotation describes the instance's visible part (:func:`layer_annotation`). The files are
+a pure function of the arguments (:func:`image_rng`, :func:`snap`).
 """
 import json
 import logging
@@ -103,7 +89,11 @@ class Layer:
 # Random streams and image sizes
 # --------------------------------------------------------------------------------------------
 def image_rng(seed, split, index):
-    """The generator of one image, independent of how many images the split has."""
+    """The generator of one image, independent of how many images the split has.
+
+    Each image draws from its own ``Generator(PCG64)`` seeded with (seed, split, index), so the
+    first images of a small set equal those of a large one, and a re-run gives identical bytes.
+    """
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _SPLIT_CODES[split], index])))
 
 
@@ -116,10 +106,13 @@ def image_hw(rng, size):
 
 
 def log_uniform(rng, low, high):
+    """A float drawn uniformly in log space between ``low`` and ``high``."""
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 def snap(values):
+    """Values rounded to 1/8 px, so that the geometry is exact in floating point and in the
+    json (a polygon read back rasterises to the same mask)."""
     return np.round(np.asarray(values, dtype=np.float64) * _SNAP) / _SNAP
 
 
@@ -162,7 +155,8 @@ def render_background(rng, h, w):
 # Rasterisers: each returns a Shape whose window holds the whole object
 # --------------------------------------------------------------------------------------------
 def pixel_centres(xmin, ymin, xmax, ymax):
-    """Window origin and pixel-centre grids (1, W) and (H, 1) covering [xmin, xmax] x [ymin, ymax]."""
+    """Window origin and pixel-centre grids (1, W) and (H, 1) covering
+    [xmin, xmax] x [ymin, ymax], with a pixel of margin."""
     x0, y0 = int(np.floor(xmin)) - 1, int(np.floor(ymin)) - 1
     x1, y1 = int(np.ceil(xmax)) + 1, int(np.ceil(ymax)) + 1
     xs = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
@@ -171,6 +165,7 @@ def pixel_centres(xmin, ymin, xmax, ymax):
 
 
 def ellipse_shape(rng, cx, cy, extent):
+    """A rotated ellipse, long axis ``extent``, short axis 45-100% of it."""
     a = extent / 2.0
     b = a * rng.uniform(0.45, 1.0)
     phi = rng.uniform(0.0, np.pi)
@@ -199,7 +194,8 @@ def capsules_mask(starts, ends, radii):
 
 
 def polygon_shape(category_id, points):
-    """Rasterise a polygon (n, 2) with pycocotools in a window, so the json polygon gives the same mask."""
+    """Rasterise a polygon (n, 2) with pycocotools in a window, so that the json polygon gives
+    the same mask."""
     points = snap(points)
     x0 = int(np.floor(points[:, 0].min())) - 2
     y0 = int(np.floor(points[:, 1].min())) - 2
@@ -211,6 +207,7 @@ def polygon_shape(category_id, points):
 
 
 def regular_points(cx, cy, angles, radii):
+    """Points (n, 2) at ``angles`` and ``radii`` around (cx, cy)."""
     return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], axis=1)
 
 
@@ -241,7 +238,8 @@ def figure_keypoints(rng, cx, cy, height):
     """(K, 2) keypoints in ``KEYPOINT_NAMES`` order of a figure facing the viewer, hip at (cx, cy).
 
     Arms hang 25-155 degrees and legs 8-40 degrees away from "down"; the body tilts by up to 25
-    degrees. ``left_*`` limbs go to the figure's left, i.e. the image's right."""
+    degrees. ``left_*`` limbs go to the figure's left, i.e. the image's right, as for COCO
+    persons."""
     tilt = rng.uniform(-0.44, 0.44)
     up = np.array([np.sin(tilt), -np.cos(tilt)])
     side = np.array([np.cos(tilt), np.sin(tilt)])   # towards the image's right (figure's left)
@@ -389,6 +387,7 @@ def paint_layers(background, layers, rng):
 # Annotations
 # --------------------------------------------------------------------------------------------
 def encode_mask(mask):
+    """pycocotools' compressed RLE of a (h, w) bool mask."""
     return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
 
 
@@ -411,6 +410,12 @@ def polygon_matches(polygon, rle, h, w):
 
 
 def segmentation_json(layer, rle, h, w):
+    """The json ``segmentation`` of a layer whose visible mask has the compressed ``rle``.
+
+    A polygon when the shape is a polygon, unoccluded and inside the image (pycocotools
+    rasterises that polygon to exactly the mask); otherwise the compressed RLE of the visible
+    mask. Crowd regions are uncompressed RLE, as in COCO.
+    """
     if layer.iscrowd:
         return {"size": [h, w], "counts": uncompressed_rle_counts(layer.visible)}
     polygon = layer.shape.polygon
@@ -420,7 +425,8 @@ def segmentation_json(layer, rle, h, w):
 
 
 def keypoint_visibility(points, covered, h, w):
-    """COCO v per keypoint: 0 outside the image, 1 when its pixel is covered by a later layer, else 2."""
+    """COCO v per keypoint: 0 outside the image, 1 when its pixel is covered by a later layer,
+    else 2."""
     x, y = points[:, 0], points[:, 1]
     inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
     px = np.clip(np.floor(x), 0, w - 1).astype(int)
@@ -438,12 +444,21 @@ def keypoints_json(points, visibility):
 
 
 def covered_by_later(layers, index):
+    """The union of the masks of the layers drawn after ``layers[index]``."""
     later = [layer.mask for layer in layers[index + 1:]]
     return np.logical_or.reduce(later) if later else np.zeros_like(layers[index].mask)
 
 
 def layer_annotation(layers, index, h, w):
-    """The COCO annotation (without ids) of one layer's visible mask."""
+    """The COCO annotation (without ids) of one layer's visible mask.
+
+    Every mask is the instance's visible part after occlusion by the instances drawn later;
+    ``area`` is its pixel count and ``bbox`` its tight pixel box (``pycocotools.mask.toBbox``).
+    ``segmentation``: :func:`segmentation_json`. A figure also gets ``keypoints``
+    (:func:`keypoints_json`, visibility by :func:`keypoint_visibility`) and ``num_keypoints``,
+    the count of v > 0. Crowd regions (clusters of small blobs, category ellipse) have
+    ``iscrowd=1``.
+    """
     layer = layers[index]
     rle = encode_mask(layer.visible)
     ann = {
@@ -474,20 +489,24 @@ def generate_image(seed, split, index, size):
 # Files
 # --------------------------------------------------------------------------------------------
 def annotation_path(out_dir, split):
+    """``OUT/annotations/<split>.json``."""
     return os.path.join(out_dir, "annotations", split + ".json")
 
 
 def image_dir(out_dir, split):
+    """``OUT/images/<split>``."""
     return os.path.join(out_dir, "images", split)
 
 
 def generation_info(split, num_images, size, seed):
+    """The json's ``info``: the generator, its version and the arguments (see ensure_shapes)."""
     return {"description": "mxmask synthetic shapes", "generator": GENERATOR,
             "version": GENERATOR_VERSION, "split": split, "num_images": int(num_images),
             "size": int(size), "seed": int(seed)}
 
 
 def png_bytes(image):
+    """PNG bytes of a uint8 RGB image."""
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("PNG encoding failed")
@@ -523,6 +542,7 @@ def summarize_split(coco):
 
 
 def check_arguments(num_train, num_val, size, seed):
+    """UserError unless the counts and seed are integers >= 0 and the size one >= 64."""
     for name, value, low in (("num_train", num_train, 0), ("num_val", num_val, 0),
                              ("size", size, 64), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -530,9 +550,25 @@ def check_arguments(num_train, num_val, size, seed):
 
 
 def generate_shapes(out_dir, num_train=400, num_val=50, size=192, seed=0):
-    """Generate the dataset into ``out_dir`` (overwriting it) and return the per-split counts:
-    ``{"out_dir", "generated": True, "train": {"images", "instances", "crowd_regions",
-    "keypoint_instances"}, "val": {...}}``."""
+    """Generate the dataset into ``out_dir``, overwriting it.
+
+    The json files are removed first and written last (atomically), so a half-generated folder
+    counts as missing.
+
+    Args:
+        out_dir (str): the dataset folder.
+        num_train, num_val (int): images per split, >= 0.
+        size (int): the nominal image side, >= 64; some images have one side up to 1.33x
+            longer.
+        seed (int): >= 0; the files are a pure function of the arguments.
+
+    Returns:
+        dict: ``{"out_dir", "generated": True, "train": {"images", "instances",
+        "crowd_regions", "keypoint_instances"}, "val": {...}}``.
+
+    Raises:
+        UserError: for a bad argument or a folder that cannot be written.
+    """
     check_arguments(num_train, num_val, size, seed)
     out_dir = os.path.abspath(out_dir)
     try:
@@ -553,6 +589,7 @@ def generate_shapes(out_dir, num_train=400, num_val=50, size=192, seed=0):
 
 
 def read_json_or_none(path):
+    """The parsed json file, or None when it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -561,9 +598,18 @@ def read_json_or_none(path):
 
 
 def ensure_shapes(out_dir, num_train=400, num_val=50, size=192, seed=0):
-    """Generate the dataset unless both annotation files exist. Files written by this generator
-    with other parameters (or an older generator version) are regenerated; a json written by
-    something else is left alone. Returns the summary, with ``generated`` telling which happened."""
+    """Generate the dataset unless both annotation files exist.
+
+    Files written by this generator with other parameters (or an older generator version) are
+    regenerated; a json written by something else is left alone.
+
+    Args:
+        out_dir, num_train, num_val, size, seed: as in :func:`generate_shapes`.
+
+    Returns:
+        dict: the summary of :func:`generate_shapes`, with ``generated`` telling whether the
+        files were written.
+    """
     check_arguments(num_train, num_val, size, seed)
     out_dir = os.path.abspath(out_dir)
     cocos = {split: read_json_or_none(annotation_path(out_dir, split)) for split in SPLITS}

@@ -1,37 +1,19 @@
 """Per-image transforms and batching for training and testing (numpy and OpenCV; MXNet for the
 ``cubic`` test-time resize).
 
-In:  a dataset record (see DEVELOPING.md, ``mxmask.data.coco.load_coco``) whose image file is
-     read as HxWx3 uint8 RGB, plus a ``numpy.random.Generator`` for the augmentation draws.
-Out: a *sample* dict for training, or a tuple ``(image, im_info, image_id, orig_size)`` for
-     testing; :func:`batchify_train` / :func:`batchify_test` stack samples into the batch dicts
-     of DEVELOPING.md (``data``, ``im_info``, ``gt_*``, ``image_id``, ``orig_size``).
+In:  a dataset record (DEVELOPING.md, "Dataset records") whose image file is read as HxWx3 uint8
+     RGB, plus a ``numpy.random.Generator`` for the augmentation draws.
+Out: a *sample* dict for training (:class:`TrainTransform`), or a tuple ``(image, im_info,
+     image_id, orig_size)`` for testing (:class:`TestTransform`); :func:`batchify_train` /
+     :func:`batchify_test` stack samples into the batch dicts of DEVELOPING.md ("Training
+     batches": ``data``, ``im_info``, ``gt_*``, ``image_id``, ``orig_size``).
 
-Conventions fixed here:
-
-* Resize: ``scale = min(short / min(h, w), max_size / max(h, w))`` and the new size is
-  ``int(h * scale + 0.5), int(w * scale + 0.5)`` (round half up, as Detectron2). Because of that
-  rounding the true factors differ slightly per axis, so boxes and keypoints are multiplied by
-  the *actual* factors ``sx = new_w / w`` and ``sy = new_h / h``. That keeps annotations exactly
-  on the resized pixels (an object touching the right border still does). ``im_info`` carries
-  ``(new_h, new_w, scale)`` with the nominal ``scale``; undo the resize exactly with
-  ``orig_size / im_info[:2]`` per axis.
-* Test time (:class:`TestTransform`) takes the resize rule, the interpolation and the
-  normalisation arithmetic from the config (``input.resize_rule``, ``input.resize_interp``,
-  ``input.normalize``; :data:`RESIZE_RULES`, :data:`RESIZE_INTERPS`, :data:`NORMALIZE_MODES`),
-  so that a preset feeds its network exactly the tensor its original framework does. The
-  defaults are the rule above, ``cv2.INTER_LINEAR`` and the fused normalisation.
-* Training resizes the image with ``cv2.INTER_LINEAR``. Binary masks are resized with
-  ``cv2.INTER_LINEAR`` on 0/255 values and thresholded at 128 (a linear value >= 0.5). OpenCV's
-  linear resize maps pixel centres the same way as our continuous coordinates (pixel ``i`` covers
-  ``[i, i+1)``), so masks stay aligned with the scaled boxes; ``INTER_NEAREST`` in OpenCV takes
-  ``floor(i / scale)`` and shifts masks by up to half a source pixel.
-* Horizontal flip in continuous coordinates: ``x1' = W - x2``, ``x2' = W - x1`` for boxes,
-  ``x' = W - x`` for labelled keypoints, whose left/right indices are then swapped with the flip
-  map (``new[k] = old[flip_map[k]]``). Unlabelled keypoints (``v = 0``) are always ``(0, 0, 0)``.
-* Padding: images are zero padded (after normalisation) at the bottom/right to a multiple of
-  ``size_divisibility``; gt boxes, labels, keypoints and crowd boxes are padded with -1, masks
-  with 0. The instance axis ``G`` is at least 1 so that no batch array is empty.
+Coordinates stay continuous (pixel ``i`` covers ``[i, i+1)``) throughout: the resize scales
+boxes and keypoints by the actual per-axis factors (:func:`resize_shortest_edge`), masks stay
+aligned with them (:func:`resize_masks`), the flip mirrors in the same coordinates
+(:func:`hflip`), and batching pads images with 0 and annotations with -1
+(:func:`batchify_train`). The test-time pipeline follows ``input.resize_rule``,
+``input.resize_interp`` and ``input.normalize`` (:class:`TestTransform`).
 """
 import math
 
@@ -50,7 +32,11 @@ MASK_THRESHOLD = 128
 # Masks from COCO segmentations
 # --------------------------------------------------------------------------------------------
 def segmentation_to_rle(segmentation, height, width):
-    """One COCO segmentation (polygon list, uncompressed or compressed RLE) -> compressed RLE."""
+    """One COCO segmentation (polygon list, uncompressed or compressed RLE) -> compressed RLE.
+
+    Polygons with fewer than 3 points are ignored (none left: an empty mask); any other type is
+    a ValueError.
+    """
     if isinstance(segmentation, list):
         polygons = [p for p in segmentation if len(p) >= 6]
         if not polygons:
@@ -64,7 +50,15 @@ def segmentation_to_rle(segmentation, height, width):
 
 
 def decode_masks(segmentations, height, width):
-    """COCO segmentations (list of N polygon lists / RLE dicts) -> uint8 masks (N, H, W) of 0/1."""
+    """Decode COCO segmentations into binary masks.
+
+    Args:
+        segmentations (list): N polygon lists or RLE dicts (:func:`segmentation_to_rle`).
+        height, width (int): the image size.
+
+    Returns:
+        uint8 (N, H, W) of 0/1.
+    """
     if len(segmentations) == 0:
         return np.zeros((0, height, width), np.uint8)
     rles = [segmentation_to_rle(s, height, width) for s in segmentations]
@@ -210,7 +204,21 @@ def resize_bilinear_float(data, new_h, new_w):
 
 
 def resize_masks(masks, new_h, new_w):
-    """Binary masks (N, H, W) -> (N, new_h, new_w): linear on 0/255, then >= 128."""
+    """Resize binary masks so that they stay aligned with the scaled boxes.
+
+    Masks are resized with ``cv2.INTER_LINEAR`` on 0/255 values and thresholded at 128 (a
+    linear value >= 0.5). OpenCV's linear resize maps pixel centres the same way as the
+    continuous coordinates (pixel ``i`` covers ``[i, i+1)``), so masks stay aligned with the
+    boxes scaled by :func:`scale_boxes`; OpenCV's ``INTER_NEAREST`` takes ``floor(i / scale)``
+    and shifts masks by up to half a source pixel.
+
+    Args:
+        masks: uint8 (N, H, W) of 0/1.
+        new_h, new_w (int): the output size.
+
+    Returns:
+        uint8 (N, new_h, new_w) of 0/1 (``masks`` itself when the size is unchanged).
+    """
     if masks.shape[1:] == (new_h, new_w):
         return masks
     out = np.empty((masks.shape[0], new_h, new_w), np.uint8)
@@ -238,11 +246,27 @@ def scale_keypoints(keypoints, sx, sy):
 def resize_shortest_edge(image, short, max_size, boxes=None, masks=None, keypoints=None,
                          crowd_boxes=None):
     """Resize an image and its annotations so that the short side is ``short`` (long side capped
-    at ``max_size``).
+    at ``max_size``); the training resize.
 
-    Returns a dict with ``image`` (new_h x new_w x 3 uint8), ``scale`` (the nominal factor),
-    ``sx``/``sy`` (the actual per-axis factors) and each given annotation transformed
-    (``None`` for the ones not given).
+    ``scale = min(short / min(h, w), max_size / max(h, w))`` and the new size is
+    ``int(h * scale + 0.5), int(w * scale + 0.5)`` (round half up, as Detectron2), resized with
+    ``cv2.INTER_LINEAR``. Because of that rounding the true factors differ slightly per axis,
+    so boxes and keypoints are multiplied by the *actual* factors ``sx = new_w / w`` and
+    ``sy = new_h / h``. That keeps annotations exactly on the resized pixels (an object touching
+    the right border still does). ``im_info`` carries ``(new_h, new_w, scale)`` with the nominal
+    ``scale``; undo the resize exactly with ``orig_size / im_info[:2]`` per axis.
+
+    Args:
+        image: uint8 (H, W, 3).
+        short, max_size (int): the target short side and the cap on the long side.
+        boxes: float32 (N, 4) xyxy, or None; crowd_boxes likewise (M, 4).
+        masks: uint8 (N, H, W) of 0/1, or None.
+        keypoints: float32 (N, K, 3), or None.
+
+    Returns:
+        dict: ``image`` uint8 (new_h, new_w, 3), ``scale`` (the nominal factor), ``sx`` / ``sy``
+        (the actual per-axis factors) and ``boxes``, ``masks``, ``keypoints``, ``crowd_boxes``
+        transformed (``None`` for the ones not given).
     """
     h, w = image.shape[:2]
     new_h, new_w, scale = resized_size(h, w, short, max_size)
@@ -261,7 +285,15 @@ def resize_shortest_edge(image, short, max_size, boxes=None, masks=None, keypoin
 # Horizontal flip
 # --------------------------------------------------------------------------------------------
 def flip_boxes(boxes, width):
-    """xyxy boxes in an image of ``width`` pixels -> mirrored: x1' = W - x2, x2' = W - x1."""
+    """Mirror xyxy boxes left-right: x1' = W - x2, x2' = W - x1.
+
+    Args:
+        boxes: float32 (N, 4) xyxy.
+        width (float): the image width W.
+
+    Returns:
+        float32 (N, 4).
+    """
     out = boxes.astype(np.float32, copy=True)
     out[:, 0] = width - boxes[:, 2]
     out[:, 2] = width - boxes[:, 0]
@@ -269,10 +301,17 @@ def flip_boxes(boxes, width):
 
 
 def flip_keypoints(keypoints, width, flip_map=None):
-    """Keypoints (N, K, 3) mirrored: x' = W - x for labelled points, then left/right swapped.
+    """Mirror keypoints: x' = W - x for labelled points, then left/right swapped.
 
-    ``flip_map[k]`` is the index of keypoint k's mirror image (k itself for central points);
-    empty or None means no swap. Unlabelled points (v = 0) stay (0, 0, 0).
+    Args:
+        keypoints: float32 (N, K, 3).
+        width (float): the image width W.
+        flip_map (list[int] or None): ``flip_map[k]`` is the index of keypoint k's mirror image
+            (k itself for central points), so ``new[k] = old[flip_map[k]]``; empty or None
+            means no swap. ValueError when its length is not K.
+
+    Returns:
+        float32 (N, K, 3); unlabelled points (v = 0) are (0, 0, 0).
     """
     out = keypoints.astype(np.float32, copy=True)
     labelled = out[..., 2] > 0
@@ -287,9 +326,23 @@ def flip_keypoints(keypoints, width, flip_map=None):
 
 
 def hflip(image, boxes=None, masks=None, keypoints=None, crowd_boxes=None, flip_map=None):
-    """Mirror an image (HxWxC) and its annotations left-right; returns a dict like
-    :func:`resize_shortest_edge` (``image``, ``boxes``, ``masks``, ``keypoints``,
-    ``crowd_boxes``; ``None`` for the ones not given)."""
+    """Mirror an image and its annotations left-right, in continuous coordinates.
+
+    Boxes become ``x1' = W - x2``, ``x2' = W - x1`` (:func:`flip_boxes`); labelled keypoints
+    ``x' = W - x``, their left/right indices then swapped with the flip map
+    (:func:`flip_keypoints`); unlabelled keypoints (``v = 0``) are always ``(0, 0, 0)``.
+
+    Args:
+        image: (H, W, C).
+        boxes, crowd_boxes: float32 (N, 4) / (M, 4) xyxy, or None.
+        masks: (N, H, W), or None.
+        keypoints: float32 (N, K, 3), or None.
+        flip_map (list[int] or None): as in :func:`flip_keypoints`.
+
+    Returns:
+        dict like :func:`resize_shortest_edge`'s: ``image``, ``boxes``, ``masks``,
+        ``keypoints``, ``crowd_boxes`` (``None`` for the ones not given).
+    """
     width = image.shape[1]
     return {
         "image": np.ascontiguousarray(image[:, ::-1]),
@@ -304,8 +357,15 @@ def hflip(image, boxes=None, masks=None, keypoints=None, crowd_boxes=None, flip_
 # Copy-paste
 # --------------------------------------------------------------------------------------------
 def mask_boxes(masks):
-    """Binary masks (N, H, W) -> tight xyxy boxes (N, 4) float32 in continuous coordinates
-    (a mask covering pixel columns i..j gives x1 = i, x2 = j + 1); empty masks give zeros."""
+    """Tight boxes of binary masks, in continuous coordinates.
+
+    Args:
+        masks: (N, H, W), nonzero = on.
+
+    Returns:
+        float32 (N, 4) xyxy: a mask covering pixel columns i..j gives x1 = i, x2 = j + 1;
+        empty masks give zeros.
+    """
     masks = np.asarray(masks, bool)
     out = np.zeros((len(masks), 4), np.float32)
     cols = masks.any(axis=1)
@@ -321,16 +381,23 @@ def mask_boxes(masks):
 def paste_instances(dst, src, order, min_visible=0.5):
     """Simple copy-paste: the instances ``order`` of ``src`` painted, in that order, on ``dst``.
 
-    ``dst`` and ``src`` are dicts of one image each, at the same size: ``image`` HxWx3 uint8,
-    ``boxes`` (N, 4) xyxy float32, ``labels`` (N,), ``masks`` (N, H, W) 0/1 uint8 and
-    ``keypoints`` (N, K, 3) or None. An instance is pasted with its mask's pixels, unless it is
-    empty or would leave an instance already in the image less than ``min_visible`` of its
-    visible area (the placement rule of the synthetic generator, ``mxmask.data.shapes``).
+    An instance is pasted with its mask's pixels, unless it is empty or would leave an instance
+    already in the image less than ``min_visible`` of its visible area (the placement rule of
+    the synthetic generator, ``mxmask.data.shapes``).
 
-    Returns a new dict of the same form: ``dst``'s instances, their masks minus the pixels pasted
-    over them, the boxes of the covered ones shrunk to what is left (tight mask boxes) and their
-    visible keypoints (v = 2) under pasted pixels marked covered (v = 1, the COCO and generator
-    convention), followed by the pasted instances with ``src``'s boxes, labels and keypoints.
+    Args:
+        dst, src (dict): one image each, at the same size: ``image`` uint8 (H, W, 3), ``boxes``
+            float32 (N, 4) xyxy, ``labels`` (N,), ``masks`` uint8 (N, H, W) of 0/1 and
+            ``keypoints`` float32 (N, K, 3) or None.
+        order: indices of ``src``'s instances, in pasting order.
+        min_visible (float): the fraction of its visible area an instance must keep.
+
+    Returns:
+        dict of the same form: ``dst``'s instances, their masks minus the pixels pasted over
+        them, the boxes of the covered ones shrunk to what is left (tight mask boxes) and their
+        visible keypoints (v = 2) under pasted pixels marked covered (v = 1, the COCO and
+        generator convention), followed by the pasted instances with ``src``'s boxes, labels
+        and keypoints.
     """
     image = dst["image"].copy()
     src_image = src["image"]
@@ -420,7 +487,7 @@ def normalize(image, mean, std, mode="fused"):
     scale = 1.0 / (255.0 * np.asarray(std, np.float64))
     shift = np.asarray(mean, np.float64) / np.asarray(std, np.float64)
     out = np.empty((image.shape[2],) + image.shape[:2], np.float32)
-    for c in range(image.shape[2]):  # per channel: ~7x faster than broadcasting over HWC
+    for c in range(image.shape[2]):  # per channel, in place: cheaper than broadcasting over HWC
         out[c] = image[:, :, c]
         out[c] *= np.float32(scale[c])
         out[c] -= np.float32(shift[c])
@@ -437,6 +504,7 @@ def read_image_file(path):
 
 
 def _checked_image(record, reader):
+    """The record's image via ``reader``; UserError unless it is uint8 RGB of the json's size."""
     image = reader(record["file_name"])
     expected = (int(record["height"]), int(record["width"]))
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -450,6 +518,7 @@ def _checked_image(record, reader):
 
 
 def _clip_boxes(boxes, height, width):
+    """xyxy boxes clipped to [0, width] x [0, height]."""
     out = boxes.copy()
     np.clip(out[:, 0::2], 0, width, out=out[:, 0::2])
     np.clip(out[:, 1::2], 0, height, out=out[:, 1::2])
@@ -457,12 +526,14 @@ def _clip_boxes(boxes, height, width):
 
 
 class TrainTransform:
-    """Record + Generator -> training sample.
+    """Record + Generator -> training sample: copy-paste, resize, flip, normalise.
 
-    The sample is a dict: ``image`` float32 (3, h, w), ``im_info`` float32 (h, w, scale),
-    ``gt_boxes`` float32 (N, 4), ``gt_labels`` int32 (N,), ``gt_crowd`` float32 (M, 4),
-    ``image_id`` int, plus ``gt_masks`` uint8 (N, h, w) when ``cfg.model.mask_on`` and
-    ``gt_keypoints`` float32 (N, K, 3) when ``cfg.model.keypoint_on``.
+    ``transform(record, rng)`` returns a dict: ``image`` float32 (3, h, w), ``im_info`` float32
+    (h, w, scale), ``gt_boxes`` float32 (N, 4) clipped to the image, ``gt_labels`` int32 (N,),
+    ``gt_crowd`` float32 (M, 4), ``image_id`` int, plus ``gt_masks`` uint8 (N, h, w) when
+    ``cfg.model.mask_on`` and ``gt_keypoints`` float32 (N, K, 3) when ``cfg.model.keypoint_on``.
+    The image is always resized with Detectron2's rounding and ``cv2.INTER_LINEAR``
+    (:func:`resize_shortest_edge`), whatever the test-time settings.
 
     The generator draws, in this order, the short side (uniformly from
     ``cfg.input.min_size_train``) and the flip (probability ``cfg.input.flip_prob``); then,
@@ -471,6 +542,13 @@ class TrainTransform:
     ``paste_pool``, resized to this image's size) and which of its instances (a random order of
     a random non-empty subset, :func:`paste_instances`). Pasting happens at
     the original size, before the resize and the flip.
+
+    Args:
+        cfg: the config (``input.*``, ``model.mask_on``, ``model.keypoint_on``,
+            ``data.keypoint_flip_map`` when ``info`` has none).
+        info (DatasetInfo or None): the keypoint names and flip map.
+        reader: image reader, default :func:`read_image_file`.
+        paste_pool (list[dict] or None): the records copy-paste draws from.
     """
 
     def __init__(self, cfg, info=None, reader=None, paste_pool=None):
@@ -607,11 +685,20 @@ class TestTransform:
     """Record -> ``(image float32 (3, h, w), im_info float32 (h, w, scale), image_id,
     orig_size int64 (height, width))`` with the test-time shortest-edge resize.
 
-    The pipeline is the config's: ``input.resize_rule`` sizes the image (:func:`resized_size`);
-    with ``input.resize_interp`` ``linear`` or ``cubic`` the uint8 image is resized
-    (:func:`resize_image`) then normalised (``input.normalize``, :func:`normalize`); with
-    ``bilinear_float`` it is normalised first and the float image resized
-    (:func:`resize_bilinear_float`), as torchvision does."""
+    The pipeline is the config's, so that a preset feeds its network exactly the tensor its
+    original framework does: ``input.resize_rule`` sizes the image (:func:`resized_size`,
+    :data:`RESIZE_RULES`); with ``input.resize_interp`` (:data:`RESIZE_INTERPS`) ``linear`` or
+    ``cubic`` the uint8 image is resized (:func:`resize_image`) then normalised
+    (``input.normalize``, :data:`NORMALIZE_MODES`, :func:`normalize`); with ``bilinear_float``
+    it is normalised first and the float image resized (:func:`resize_bilinear_float`), as
+    torchvision does. The defaults are Detectron2's rounding, ``cv2.INTER_LINEAR`` and the
+    fused normalisation.
+
+    Args:
+        cfg: the config (``input.min_size_test``, ``max_size_test``, ``pixel_mean``,
+            ``pixel_std`` and the three settings above; UserError for an unknown value).
+        reader: image reader, default :func:`read_image_file`.
+    """
 
     __test__ = False  # not a pytest class
 
@@ -655,7 +742,11 @@ class TestTransform:
 # Batching
 # --------------------------------------------------------------------------------------------
 def padded_size(height, width, size_divisibility):
-    """Round (height, width) up to multiples of ``size_divisibility`` (<= 1: unchanged)."""
+    """Round (height, width) up to multiples of ``size_divisibility`` (<= 1: unchanged).
+
+    Returns:
+        tuple: ``(Hp, Wp)`` as ints.
+    """
     d = int(size_divisibility)
     if d <= 1:
         return int(height), int(width)
@@ -663,7 +754,16 @@ def padded_size(height, width, size_divisibility):
 
 
 def pad_images(images, size_divisibility):
-    """List of (3, h_i, w_i) float32 -> (B, 3, Hp, Wp) zero padded at the bottom/right."""
+    """Stack images, zero padded at the bottom/right.
+
+    Args:
+        images (list): B float32 arrays (3, h_i, w_i).
+        size_divisibility (int): Hp and Wp are the largest h_i / w_i rounded up to multiples of
+            it (:func:`padded_size`).
+
+    Returns:
+        float32 (B, 3, Hp, Wp).
+    """
     hp, wp = padded_size(max(im.shape[1] for im in images), max(im.shape[2] for im in images),
                          size_divisibility)
     out = np.zeros((len(images), images[0].shape[0], hp, wp), np.float32)
@@ -682,7 +782,22 @@ def _stack_padded(arrays, fill, dtype, count):
 
 
 def batchify_train(samples, size_divisibility=32):
-    """Training samples -> the batch dict of DEVELOPING.md (numpy arrays)."""
+    """Training samples -> the batch dict of DEVELOPING.md, "Training batches".
+
+    Images are zero padded (after normalisation) at the bottom/right to a multiple of
+    ``size_divisibility``; gt boxes, labels, keypoints and crowd boxes are padded with -1, masks
+    with 0. The instance axes ``G`` and ``Gc`` are at least 1 so that no batch array is empty.
+
+    Args:
+        samples (list[dict]): :class:`TrainTransform` samples.
+        size_divisibility (int): ``input.size_divisibility``.
+
+    Returns:
+        dict of numpy arrays: ``data`` float32 (B, 3, Hp, Wp), ``im_info`` float32 (B, 3),
+        ``gt_boxes`` float32 (B, G, 4), ``gt_labels`` float32 (B, G), ``gt_crowd`` float32
+        (B, Gc, 4), ``image_id`` int64 (B,), plus ``gt_masks`` uint8 (B, G, Hp, Wp) and
+        ``gt_keypoints`` float32 (B, G, K, 3) when the samples have them.
+    """
     data = pad_images([s["image"] for s in samples], size_divisibility)
     hp, wp = data.shape[2:]
     count = max(1, max(len(s["gt_boxes"]) for s in samples))
@@ -708,8 +823,17 @@ def batchify_train(samples, size_divisibility=32):
 
 
 def batchify_test(samples, size_divisibility=32):
-    """Test tuples ``(image, im_info, image_id, orig_size)`` -> dict with ``data``,
-    ``im_info``, ``image_id`` and ``orig_size`` (B, 2) = (height, width)."""
+    """Test tuples -> a test batch dict.
+
+    Args:
+        samples (list[tuple]): :class:`TestTransform` outputs ``(image, im_info, image_id,
+            orig_size)``.
+        size_divisibility (int): ``input.size_divisibility``.
+
+    Returns:
+        dict: ``data`` float32 (B, 3, Hp, Wp) zero padded, ``im_info`` float32 (B, 3),
+        ``image_id`` int64 (B,) and ``orig_size`` int64 (B, 2) = (height, width).
+    """
     return {
         "data": pad_images([s[0] for s in samples], size_divisibility),
         "im_info": np.stack([s[1] for s in samples]).astype(np.float32),

@@ -30,7 +30,21 @@ MAX_EXAMPLES = 3
 # --------------------------------------------------------------------------------------------
 @dataclass
 class DatasetReport:
-    """What validation found: counts, skipped items with reasons, and problem lines."""
+    """What validation found: counts, skipped items with reasons, and problem lines.
+
+    Attributes:
+        ann_file, image_dir (str): the dataset.
+        problems (list[str]): one line per problem, naming the file, the entry and the field;
+            the dataset is valid (``ok``) when empty.
+        skipped (dict): ``{reason: count}`` of what training skips (not problems), with up to
+            three ``skipped_examples`` per reason.
+        categories (list): ``(id, name)`` of the valid categories, by id.
+        instance_counts, crowd_counts, keypoint_counts (dict): per category id: kept non-crowd
+            instances, crowd instances, instances with a labelled keypoint.
+        num_keypoints (int): K of the keypoint categories (0 without).
+        num_images (int), num_records (int): image entries in the json, images returned as
+            records.
+    """
     ann_file: str
     image_dir: str
     problems: List[str] = field(default_factory=list)
@@ -53,6 +67,7 @@ class DatasetReport:
         self.problems.append(line.replace("\r", "\\r").replace("\n", "\\n"))
 
     def skip(self, reason, example):
+        """Count one skipped item under ``reason``, keeping a few examples ("image 3")."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         examples = self.skipped_examples.setdefault(reason, [])
         if len(examples) < MAX_EXAMPLES:
@@ -85,6 +100,7 @@ class DatasetReport:
         return "\n".join(lines)
 
     def _format_counts(self):
+        """The per-category counts table, with a total row."""
         if not self.categories:
             return ["categories: none"]
         name_width = max(4, max(len(name) for _, name in self.categories))
@@ -109,10 +125,12 @@ class DatasetReport:
 # Small value checks
 # --------------------------------------------------------------------------------------------
 def _is_int(v):
+    """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v):
+    """A finite int or float (not a bool)."""
     return _all_finite_numbers((v,))
 
 
@@ -130,21 +148,25 @@ def _all_finite_numbers(values):
 
 
 def _is_positive_integer(v):
+    """A finite number > 0 with an integer value (``640`` or ``640.0``)."""
     return _is_number(v) and v > 0 and float(v).is_integer()
 
 
 def _short(value, limit=60):
+    """A value as json text for a message, cut to ``limit`` characters."""
     finite = not isinstance(value, float) or math.isfinite(value)
     text = json.dumps(value) if finite else repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _type_name(value):
+    """The json name of a value's type ("object", "list", "string", ...)."""
     return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
             int: "integer", float: "number"}.get(type(value), type(value).__name__)
 
 
 def _list_ids(ids, limit=10):
+    """Sorted ids for a message, cut after ``limit``."""
     ids = sorted(ids)
     text = ", ".join(str(i) for i in ids[:limit])
     return text + (", ... (%d ids)" % len(ids) if len(ids) > limit else "")
@@ -154,7 +176,16 @@ def _list_ids(ids, limit=10):
 # Reading and validating the json
 # --------------------------------------------------------------------------------------------
 def read_json(ann_file, report):
-    """Parse ``ann_file``; problems (missing, not JSON, not an object) go to ``report``."""
+    """Parse a COCO json file.
+
+    Args:
+        ann_file (str): the json file.
+        report (DatasetReport): gets one problem line when the file is missing, not UTF-8, not
+            JSON or not an object at the top level.
+
+    Returns:
+        dict or None: the parsed json; None after a problem.
+    """
     try:
         with open(ann_file, "r", encoding="utf-8-sig") as f:
             data = json.load(f)
@@ -183,7 +214,17 @@ def read_json(ann_file, report):
 
 
 def top_level_lists(data, where, report):
-    """The ``images``, ``annotations`` and ``categories`` lists, or None if one is unusable."""
+    """The three top-level lists of a COCO json.
+
+    Args:
+        data (dict): the parsed json.
+        where (str): the file name for the problem lines.
+        report (DatasetReport): gets a problem line per missing or non-list key.
+
+    Returns:
+        dict or None: ``{"images": [...], "annotations": [...], "categories": [...]}``, or None
+        if one is unusable.
+    """
     lists = {}
     for key in ("images", "annotations", "categories"):
         if key not in data:
@@ -207,11 +248,23 @@ def _entry_name(kind, index, entry):
 
 
 def _missing_keys(entry, keys):
+    """The ``keys`` that ``entry`` lacks, in order."""
     return [k for k in keys if k not in entry]
 
 
 def valid_categories(categories, where, report):
-    """(category dicts that pass, sorted by id; ids of the entries that fail)."""
+    """Check the category entries (an object with an integer ``id``, unique, and a string
+    ``name``).
+
+    Args:
+        categories (list): the json's ``categories``.
+        where (str): the file name for the problem lines.
+        report (DatasetReport): gets one problem line per bad entry.
+
+    Returns:
+        tuple: ``(valid, bad_ids)``: the category dicts that pass, sorted by id, and the ids of
+        the entries that fail (their annotations are left out without further lines).
+    """
     valid, bad_ids = {}, set()
     for i, cat in enumerate(categories):
         name = _entry_name("category", i, cat)
@@ -246,6 +299,7 @@ def valid_categories(categories, where, report):
 
 
 def _keypoint_names_problem(names):
+    """None for a list of distinct keypoint names, else what is wrong."""
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return "keypoints must be a list of keypoint names, got %s" % _short(names)
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -255,6 +309,7 @@ def _keypoint_names_problem(names):
 
 
 def _skeleton_problem(skeleton, num_keypoints):
+    """None for a list of 1-based [a, b] pairs within 1..num_keypoints, else what is wrong."""
     if not isinstance(skeleton, list):
         return "skeleton must be a list of [a, b] pairs, got %s" % _short(skeleton)
     for j, pair in enumerate(skeleton):
@@ -267,7 +322,21 @@ def _skeleton_problem(skeleton, num_keypoints):
 
 
 def keypoint_spec(categories, where, report):
-    """(keypoint names, 0-based skeleton, {category id: K}) shared by the keypoint categories."""
+    """The keypoint set shared by the keypoint categories.
+
+    Every category with ``keypoints`` must carry the same name list (distinct names) and a
+    ``skeleton`` of 1-based pairs; a category that breaks this gets a problem line.
+
+    Args:
+        categories (list[dict]): the valid categories (:func:`valid_categories`).
+        where (str): the file name for the problem lines.
+        report (DatasetReport): gets the problem lines.
+
+    Returns:
+        tuple: ``(names, skeleton, per_category)``: the keypoint names (empty without
+        keypoints), the skeleton as 0-based pairs, and ``{category id: K}`` (0 for a category
+        without keypoints, None for one whose keypoint fields failed).
+    """
     names, skeleton, owner = [], [], None
     per_category = {}
     for cat in categories:
@@ -295,7 +364,18 @@ def keypoint_spec(categories, where, report):
 
 
 def valid_images(images, where, report):
-    """{id: image dict} of the image entries that pass; ids of entries that fail."""
+    """Check the image entries (an object with a unique integer ``id``, a non-empty string
+    ``file_name`` and positive integer ``width`` and ``height``).
+
+    Args:
+        images (list): the json's ``images``.
+        where (str): the file name for the problem lines.
+        report (DatasetReport): gets one problem line per bad entry.
+
+    Returns:
+        tuple: ``(valid, bad_ids)``: ``{id: image dict}`` of the entries that pass, in json
+        order, and the ids of the entries that fail.
+    """
     valid, bad_ids, first_index = OrderedDict(), set(), {}
     for i, img in enumerate(images):
         name = _entry_name("image", i, img)
@@ -336,6 +416,7 @@ def valid_images(images, where, report):
 
 
 def _bbox_problem(bbox):
+    """None for 4 finite numbers [x, y, w, h] with w, h >= 0, else what is wrong."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and _all_finite_numbers(bbox)):
         return "bbox must be 4 finite numbers [x, y, w, h], got %s" % _short(bbox)
     if bbox[2] < 0 or bbox[3] < 0:
@@ -344,10 +425,17 @@ def _bbox_problem(bbox):
 
 
 def decode_rle_string(text):
-    """Counts of a compressed COCO RLE string (the inverse of pycocotools' ``rleToString``).
+    """Decode a compressed COCO RLE string (the inverse of pycocotools' ``rleToString``).
 
-    Raises ValueError for a character outside the alphabet or a string ending mid-number, which
-    pycocotools' C decoder would read past.
+    Args:
+        text (str): the ``counts`` string.
+
+    Returns:
+        list[int]: the run lengths.
+
+    Raises:
+        ValueError: for a character outside the alphabet or a string ending mid-number, which
+            pycocotools' C decoder would read past.
     """
     counts, p, n = [], 0, len(text)
     while p < n:
@@ -371,6 +459,7 @@ def decode_rle_string(text):
 
 
 def _rle_problem(segm, height, width):
+    """None for an RLE dict of the image's size whose runs cover it, else what is wrong."""
     missing = _missing_keys(segm, ("counts", "size"))
     if missing:
         return "segmentation RLE is missing %s" % ", ".join("'%s'" % k for k in missing)
@@ -399,6 +488,7 @@ def _rle_problem(segm, height, width):
 
 
 def _polygons_problem(segm):
+    """None for a non-empty list of flat polygons of >= 3 finite points, else what is wrong."""
     if not segm:
         return "segmentation is an empty list, expected polygons"
     for j, poly in enumerate(segm):
@@ -424,6 +514,7 @@ def _segmentation_problem(segm, height, width):
 
 
 def _keypoints_problem(kps, num_keypoints, cat):
+    """None for ``3 * K`` finite values with visibility 0, 1 or 2, else what is wrong."""
     described = "category %d '%s'" % (cat["id"], cat["name"])
     if not isinstance(kps, list):
         return "keypoints must be a list of numbers, got a %s" % _type_name(kps)
@@ -466,8 +557,26 @@ def _annotation_problems(ann, img, cat, num_keypoints, has_segmentations):
 
 def valid_annotations(annotations, images, bad_image_ids, categories, bad_category_ids,
                        kp_per_category, where, report):
-    """The annotations that pass; those of images or categories that failed are left out quietly
-    (their entry already has a problem line)."""
+    """Check the annotation entries against the valid images and categories.
+
+    Each annotation needs a unique integer ``id``, an existing ``image_id`` and
+    ``category_id``, a finite ``bbox``, ``iscrowd`` 0 or 1, polygons or an RLE that fits the
+    image (required when other annotations have one), and ``3 * K`` keypoint values with
+    visibility 0, 1 or 2. Annotations of images or categories that failed are left out quietly
+    (their entry already has a problem line).
+
+    Args:
+        annotations (list): the json's ``annotations``.
+        images (dict): ``{id: image}`` of :func:`valid_images`; bad_image_ids its failures.
+        categories (list[dict]): of :func:`valid_categories`; bad_category_ids its failures.
+        kp_per_category (dict): ``{category id: K}`` of :func:`keypoint_spec`.
+        where (str): the file name for the problem lines.
+        report (DatasetReport): gets one problem line per problem.
+
+    Returns:
+        tuple: ``(valid, has_segmentations)``: the annotations that pass, and whether any
+        annotation has a ``segmentation``.
+    """
     cats = {c["id"]: c for c in categories}
     has_segmentations = any(isinstance(a, dict) and a.get("segmentation") is not None
                             for a in annotations)
