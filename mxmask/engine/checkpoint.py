@@ -1,19 +1,18 @@
 """Checkpoint folders: crash-safe saving, loading and resuming.
 
-A checkpoint folder (the run's ``output_dir``) holds, as the contract says:
+In: a network, its ``gluon.Trainer`` and the iteration; or a checkpoint folder to read.
+Out: a checkpoint folder (the run's ``output_dir``) that holds, as the contract says:
 
     config.yaml        the full resolved config
     model.params       the network weights of the last checkpoint
     trainer.states     the optimizer state of the last checkpoint
     progress.json      {"iter": N, "max_iter": M, "checkpoint": "iter_0000N", ...}
+    iter_NNNNNNN/      the last checkpoints' model.params and trainer.states
     metrics.json       after evaluation
 
-How a save stays safe: the parameters and optimizer states are written into a fresh staging
-folder, fsynced, and the folder is renamed to ``iter_NNNNNNN`` (a rename is atomic). Only then
-is ``progress.json`` replaced (atomically) to point at it, and ``model.params`` /
-``trainer.states`` are replaced by hard links to the new files. A crash or a full disk at any
-moment leaves the previous checkpoint complete and ``progress.json`` pointing at it. The last
-``keep`` iteration folders are kept.
+A crash or a full disk at any moment leaves the previous checkpoint complete
+(:func:`save_checkpoint`). Evaluation, prediction and export read the config back with
+:func:`load_checkpoint_config`, which only lets test-time settings change.
 """
 import glob
 import json
@@ -27,6 +26,7 @@ PROGRESS = "progress.json"
 
 
 def _fsync_dir(path):
+    """fsync a folder (so that a rename in it is durable); errors are ignored."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -40,6 +40,7 @@ def _fsync_dir(path):
 
 
 def _fsync_file(path):
+    """fsync a file's contents."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -58,12 +59,37 @@ def _link_or_copy(src, dst):
 
 
 def save_config(cfg, out_dir):
+    """Write the full resolved config as ``out_dir/config.yaml``, creating the folder.
+
+    Args:
+        cfg: the config.
+        out_dir (str): the checkpoint folder.
+    """
     os.makedirs(out_dir, exist_ok=True)
     dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
 
 
 def save_checkpoint(out_dir, net, trainer, iteration, max_iter, extra=None, keep=2):
-    """Save weights + optimizer state of ``iteration`` crash-safely; return the folder written."""
+    """Save the weights and optimizer state of ``iteration`` crash-safely.
+
+    The parameters and optimizer states are written into a fresh staging folder, fsynced, and
+    the folder is renamed to ``iter_NNNNNNN`` (a rename is atomic). Only then is
+    ``progress.json`` replaced (atomically) to point at it, and ``model.params`` /
+    ``trainer.states`` are replaced by hard links to the new files. A crash or a full disk at
+    any moment leaves the previous checkpoint complete and ``progress.json`` pointing at it.
+
+    Args:
+        out_dir (str): the checkpoint folder.
+        net (gluon.Block): its ``save_parameters`` writes ``model.params``.
+        trainer (gluon.Trainer or None): its ``save_states`` writes ``trainer.states``
+            (None: weights only, as the converters write).
+        iteration (int), max_iter (int): recorded in ``progress.json``.
+        extra (dict or None): more ``progress.json`` fields.
+        keep (int): how many ``iter_*`` folders to keep (the newest; <= 0 keeps all).
+
+    Returns:
+        str: the ``iter_NNNNNNN`` folder written.
+    """
     os.makedirs(out_dir, exist_ok=True)
     name = "iter_%07d" % iteration
     final = os.path.join(out_dir, name)
@@ -97,6 +123,7 @@ def save_checkpoint(out_dir, net, trainer, iteration, max_iter, extra=None, keep
 
 
 def _prune(out_dir, keep, current):
+    """Remove all but the newest ``keep`` ``iter_*`` folders (never ``current``)."""
     folders = sorted(glob.glob(os.path.join(out_dir, "iter_*")))
     for folder in folders[:-keep] if keep > 0 else []:
         if os.path.basename(folder) != current:
@@ -104,7 +131,15 @@ def _prune(out_dir, keep, current):
 
 
 def read_progress(out_dir):
-    """The progress record of a checkpoint folder, or None when there is none yet."""
+    """The progress record of a checkpoint folder.
+
+    Returns:
+        dict or None: ``progress.json`` (at least integer ``iter`` and ``max_iter``), or None
+        when there is none yet.
+
+    Raises:
+        UserError: when the file is unreadable or lacks those fields.
+    """
     path = os.path.join(out_dir, PROGRESS)
     if not os.path.exists(path):
         return None
@@ -120,7 +155,17 @@ def read_progress(out_dir):
 
 
 def checkpoint_files(out_dir):
-    """(params, states) of the last checkpoint in ``out_dir`` that progress.json points at."""
+    """The weight and optimizer files of the last checkpoint in ``out_dir``.
+
+    The ``iter_*`` folder that ``progress.json`` points at, else the top-level files; a folder
+    with only ``model.params`` works too.
+
+    Returns:
+        tuple: ``(params path, states path or None)``.
+
+    Raises:
+        UserError: when ``out_dir`` is not a checkpoint folder or its weights are missing.
+    """
     progress = read_progress(out_dir)
     if progress is None:
         params = os.path.join(out_dir, "model.params")
@@ -144,9 +189,20 @@ TEST_INPUT_KEYS = ("input.resize_rule", "input.resize_interp", "input.normalize"
 
 
 def load_checkpoint_config(ckpt, overrides=()):
-    """The config saved in a checkpoint folder (``ckpt`` may also be a config.yaml path), with
-    ``key=value`` overrides of its ``test.*`` settings and of the test-time preprocessing
-    (:data:`TEST_INPUT_KEYS`); the weights fix everything else."""
+    """The config saved in a checkpoint folder, with test-time overrides.
+
+    Args:
+        ckpt (str): the checkpoint folder, or the path of a config.yaml.
+        overrides: ``key=value`` strings (``--set``) of ``test.*`` settings and of the
+            test-time preprocessing (:data:`TEST_INPUT_KEYS`); the weights fix everything
+            else, so any other key is a ConfigError.
+
+    Returns:
+        the config.
+
+    Raises:
+        UserError: when ``config.yaml`` is missing.
+    """
     path = ckpt if ckpt.endswith((".yaml", ".yml")) else os.path.join(ckpt, "config.yaml")
     if not os.path.exists(path):
         raise UserError("%s: not a checkpoint folder (config.yaml is missing)" % ckpt)

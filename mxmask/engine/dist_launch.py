@@ -3,33 +3,14 @@
     python -m mxmask.engine.dist_launch -n WORKERS [-s SERVERS] [--launcher local|ssh|mpi|sge|yarn]
                                         [-H HOSTFILE] COMMAND ...
 
-Why not ``mxnet.tools.launch`` as it is: on Python >= 3.9 its tracker (``dmlc_tracker``) calls
-``Thread.isAlive()``, which no longer exists. The launcher then dies right after starting the
-ps-lite scheduler, the workers never start, and the orphaned scheduler waits forever, holding
-the caller's stdout open: the job looks hung. Even when it starts, its local launcher waits
-forever on the scheduler once a worker dies (ps-lite has no failure detection that ends the
-others: with ``PS_HEARTBEAT_INTERVAL``/``PS_HEARTBEAT_TIMEOUT`` set, the surviving workers still
-block in their next push/pull).
+In: the number of workers and servers, a launcher and the command every process runs.
+Out: the job's processes with the ``DMLC_*`` environment, and the launcher's exit code: 0 when
+every worker exited 0, non-zero with one line naming the process that failed.
 
-``--launcher local`` (one machine) is implemented here: it starts the scheduler, the servers and
-the workers as child processes (each in its own process group) with the ``DMLC_*`` variables,
-on 127.0.0.1 and a free port, and supervises them: when every worker has exited 0 the job
-succeeds; when a worker or a server exits with an error or a signal, everything else is stopped
-(SIGTERM, then SIGKILL after a grace period) and the launcher exits non-zero with one line
-naming the process. SIGINT/SIGTERM to the launcher stop the job too. ``--log-dir DIR``
-writes each process's output to ``DIR/{scheduler,server0,worker0,...}.log``. Worker *task*
-numbers are the launch order; ps-lite gives the kvstore ranks (``kv.rank``, which mxmask's
-messages show as "worker N") by the nodes' addresses, so the two can differ.
-
-Any other launcher is passed to ``mxnet.tools.launch`` (with ``Thread.isAlive`` restored). With
-``ssh``, the hostfile lists one host per line (``host`` or ``host:port``), the same command must
-work on every host (same paths, a shared file system for the data and ``--out``), and
-passwordless ssh must work from this machine. A worker that dies there makes the others stop
-through their watchdog (``MXMASK_DIST_TIMEOUT``, see :mod:`mxmask.engine.trainer`); servers
-left behind can be stopped with ``python .../site-packages/mxnet/tools/kill-mxnet.py HOSTFILE
-USER 'mxmask train'`` (kill -9 of the matching processes of USER on those hosts). dmlc's ssh
-launcher quotes the whole remote command in single quotes: the command's arguments must not
-contain spaces or single quotes (write ``--set input.min_size_train=[96,128]``).
+``--launcher local`` (one machine) is implemented here (:class:`LocalJob`), because MXNet
+1.9.1's own launcher hangs on Python >= 3.9 and never ends a job whose worker died; any other
+launcher is handed to ``mxnet.tools.launch`` with that bug patched (:func:`_mxnet_launch`).
+docs/distributed.md shows how to use it.
 """
 import argparse
 import os
@@ -47,13 +28,26 @@ POLL = 0.2
 
 
 def free_port(host="127.0.0.1"):
+    """A TCP port free on ``host`` right now (for the ps-lite scheduler)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def role_env(role, task_id, num_workers, num_servers, root_uri, root_port, base=None):
-    """The environment of one process of a local ps-lite job."""
+    """The environment of one process of a local ps-lite job.
+
+    Args:
+        role (str): ``scheduler``, ``server`` or ``worker``.
+        task_id (int): the process's number within its role.
+        num_workers, num_servers (int): the job's size.
+        root_uri (str), root_port (int): the scheduler's address.
+        base (dict or None): the environment to start from (default ``os.environ``).
+
+    Returns:
+        dict: ``base`` plus the ``DMLC_*`` variables, and ``OMP_NUM_THREADS`` when unset:
+        ``cores // num_workers`` for a worker, 1 for the scheduler and servers.
+    """
     env = dict(os.environ if base is None else base)
     env.update({
         "DMLC_ROLE": role,
@@ -76,6 +70,7 @@ def role_env(role, task_id, num_workers, num_servers, root_uri, root_port, base=
 
 
 def describe_exit(code):
+    """How a process ended, for a message ("exited with code 1", "was killed by SIGKILL")."""
     if code is None:
         return "is running"
     if code < 0:
@@ -88,7 +83,23 @@ def describe_exit(code):
 
 
 class LocalJob:
-    """The processes of a local job; :meth:`wait` supervises them and returns the exit code."""
+    """The processes of a local job; :meth:`wait` supervises them and returns the exit code.
+
+    :meth:`start` starts the scheduler, the servers and the workers as child processes (each
+    in its own process group) with the ``DMLC_*`` variables (:func:`role_env`), on 127.0.0.1
+    and a free port. When every worker has exited 0 the job succeeds; when a worker or a server
+    exits with an error or a signal, everything else is stopped (SIGTERM, then SIGKILL after
+    :data:`GRACE` seconds) and the exit code is non-zero, with one line naming the process.
+    Worker *task* numbers are the launch order; ps-lite gives the kvstore ranks (``kv.rank``,
+    which mxmask's messages show as "worker N") by the nodes' addresses, so the two can differ.
+
+    Args:
+        command (list[str]): what every process runs.
+        num_workers, num_servers (int): at least 1 each.
+        log: ``log(text)`` for the launcher's own lines (default: stderr).
+        log_dir (str or None): when set, each process's output goes to
+            ``LOG_DIR/{scheduler,server0,worker0,...}.log`` instead of the terminal.
+    """
 
     def __init__(self, command, num_workers, num_servers=1, log=None, log_dir=None):
         if num_workers < 1 or num_servers < 1:
@@ -103,6 +114,7 @@ class LocalJob:
         self._files = []
 
     def start(self):
+        """Start the scheduler, the servers and the workers."""
         host = os.environ.get("DMLC_PS_ROOT_URI", "127.0.0.1")
         port = int(os.environ.get("DMLC_PS_ROOT_PORT") or free_port(host))
         roles = [("scheduler", "scheduler", 0)] + \
@@ -123,12 +135,15 @@ class LocalJob:
                     ", ".join("%s %d" % (n, p.pid) for n, p in self.procs)))
 
     def log_path(self, name):
+        """``LOG_DIR/worker0.log`` for the process called "worker task 0"."""
         return os.path.join(self.log_dir, name.replace("task ", "").replace(" ", "") + ".log")
 
     def workers(self):
+        """``(name, Popen)`` of the workers."""
         return [(n, p) for n, p in self.procs if n.startswith("worker")]
 
     def others(self):
+        """``(name, Popen)`` of the scheduler and the servers."""
         return [(n, p) for n, p in self.procs if not n.startswith("worker")]
 
     def wait(self):
@@ -181,7 +196,26 @@ class LocalJob:
 
 
 def _mxnet_launch(argv):
-    """Hand over to ``mxnet.tools.launch`` with ``Thread.isAlive`` restored."""
+    """Hand over to ``mxnet.tools.launch`` with ``Thread.isAlive`` restored.
+
+    On Python >= 3.9 the tracker of ``mxnet.tools.launch`` (``dmlc_tracker``) calls
+    ``Thread.isAlive()``, which no longer exists. The launcher then dies right after starting
+    the ps-lite scheduler, the workers never start, and the orphaned scheduler waits forever,
+    holding the caller's stdout open: the job looks hung. Even when it starts, its local
+    launcher waits forever on the scheduler once a worker dies (ps-lite has no failure
+    detection that ends the others: with ``PS_HEARTBEAT_INTERVAL``/``PS_HEARTBEAT_TIMEOUT`` set,
+    the surviving workers still block in their next push/pull).
+
+    With ``ssh``, the hostfile lists one host per line (``host`` or ``host:port``), the same
+    command must work on every host (same paths, a shared file system for the data and
+    ``--out``), and passwordless ssh must work from this machine. A worker that dies there makes
+    the others stop through their watchdog (``MXMASK_DIST_TIMEOUT``,
+    :class:`mxmask.engine.trainer.Watchdog`); servers left behind can be stopped with
+    ``python .../site-packages/mxnet/tools/kill-mxnet.py HOSTFILE USER 'mxmask train'`` (kill -9
+    of the matching processes of USER on those hosts). dmlc's ssh launcher quotes the whole
+    remote command in single quotes: the command's arguments must not contain spaces or single
+    quotes (write ``--set input.min_size_train=[96,128]``).
+    """
     import runpy
     import threading
     if not hasattr(threading.Thread, "isAlive"):
@@ -192,6 +226,11 @@ def _mxnet_launch(argv):
 
 
 def build_parser():
+    """The argument parser of ``python -m mxmask.engine.dist_launch``.
+
+    Returns:
+        argparse.ArgumentParser: unknown options are passed on to ``mxnet.tools.launch``.
+    """
     p = argparse.ArgumentParser(
         prog="python -m mxmask.engine.dist_launch",
         description="Launch a parameter-server job (drop-in for python -m mxnet.tools.launch).")
@@ -207,6 +246,9 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run the launcher on ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    With the local launcher, SIGINT or SIGTERM to the launcher stops the whole job."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = build_parser().parse_known_args(argv)
     if not args.command:

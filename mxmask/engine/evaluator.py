@@ -10,15 +10,8 @@ Output of :func:`evaluate_results`: the contract's metrics dict
 ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...same...},
 "keypoints": {"AP", "AP50", "AP75", "APm", "APl"}}`` with floats in [0, 1], taken from
 ``COCOeval.stats``. pycocotools reports -1 when no gt falls into an area range; that is reported
-as 0.0 (the contract's range) with a printed note.
-
-Protocol choices (Detectron2's):
-- ``segm`` is scored from entries without their ``bbox`` so that pycocotools takes the
-  instance area from the mask (for APs/APm/APl), not from the box.
-- ``keypoints`` is scored over the categories that have ``keypoints`` in the gt only; the OKS
-  sigmas are COCO's 17 unless ``kpt_oks_sigmas`` (``test.keypoint_oks_sigmas``) gives them; for
-  K != 17 they are required.
-- All gt images are scored (an image without detections counts as missed objects).
+as 0.0 (the contract's range) with a printed note. The protocol is Detectron2's
+(:func:`evaluate_results`). :func:`gather_results` merges the entries of several shards.
 """
 import io
 import json
@@ -53,12 +46,21 @@ def _read_json(path, what):
 
 
 def load_gt(gt_ann):
-    """Load a COCO annotation json into a ``pycocotools.coco.COCO``; UserError when unusable.
+    """Load a COCO annotation json into a ``pycocotools.coco.COCO``.
 
     Missing ``iscrowd`` defaults to 0 and missing ``area`` to the box area (pycocotools needs
     both). Keypoint annotations without ``num_keypoints`` get it from their ``v > 0`` count,
     and annotations of keypoint categories without ``keypoints`` get all-zero keypoints, so
     that pycocotools' keypoint evaluation never fails on a missing field.
+
+    Args:
+        gt_ann (str): the json file.
+
+    Returns:
+        COCO: indexed, with ``mxmask_source`` holding the file name for messages.
+
+    Raises:
+        UserError: when the file is missing, unreadable or not COCO.
     """
     from pycocotools.coco import COCO
     data = _read_json(gt_ann, "annotation file")
@@ -93,6 +95,7 @@ def load_gt(gt_ann):
 
 
 def _is_number(x):
+    """A finite int or float (numpy's too), not a bool."""
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) \
         and np.isfinite(x)
 
@@ -113,11 +116,19 @@ def _load_results(results):
 def validate_results(entries, gt, label="results"):
     """Check result entries against the gt and return clean copies (the input is not changed).
 
-    Each copy holds ``image_id``, ``category_id``, ``score`` and those of ``bbox``,
-    ``segmentation`` (compressed RLE), ``keypoints`` that the entry has; a ``file_name`` is
-    resolved to the gt image with that base name. ``keypoints`` on a category without keypoints
-    are dropped (they are never scored). Raises UserError naming ``label``, the entry index and
-    the field.
+    Args:
+        entries (list[dict]): COCO result entries (module docstring).
+        gt (COCO): the ground truth of :func:`load_gt`.
+        label (str): names the results in messages (a file name).
+
+    Returns:
+        list[dict]: one copy per entry with ``image_id``, ``category_id``, ``score`` and those
+        of ``bbox``, ``segmentation`` (compressed RLE), ``keypoints`` that the entry has; a
+        ``file_name`` is resolved to the gt image with that base name. ``keypoints`` on a
+        category without keypoints are dropped (they are never scored).
+
+    Raises:
+        UserError: naming ``label``, the entry index and the field.
     """
     import pycocotools.mask as mask_util
     images = gt.imgs
@@ -196,7 +207,21 @@ def validate_results(entries, gt, label="results"):
 
 
 def keypoint_sigmas(gt, kpt_oks_sigmas, gt_ann="annotations"):
-    """(category ids with keypoints, sigmas array or None for pycocotools' COCO default)."""
+    """The keypoint categories of the gt and the OKS sigmas to score them with.
+
+    Args:
+        gt (COCO): the ground truth.
+        kpt_oks_sigmas (list or None): ``test.keypoint_oks_sigmas``; required unless K = 17.
+        gt_ann (str): the file name for messages.
+
+    Returns:
+        tuple: ``(category ids with keypoints, sigmas float64 (K,) or None)``; None means
+        pycocotools' COCO default.
+
+    Raises:
+        UserError: when no category has keypoints, the keypoint categories differ in K, or
+            the sigmas are missing, of the wrong count or not positive.
+    """
     kp_cats = sorted(cid for cid, c in gt.cats.items() if c.get("keypoints"))
     if not kp_cats:
         raise UserError("%s: no category has keypoints; cannot score the keypoints task" % gt_ann)
@@ -224,7 +249,12 @@ def keypoint_sigmas(gt, kpt_oks_sigmas, gt_ann="annotations"):
 
 
 def task_results(clean, task):
-    """The entries pycocotools scores for one task, as fresh dicts (``loadRes`` mutates them)."""
+    """The entries pycocotools scores for one task, as fresh dicts (``loadRes`` mutates them).
+
+    Only the entries with the task's field, holding ``image_id``, ``category_id``, ``score`` and
+    that field: ``segm`` entries lose their ``bbox`` so that pycocotools takes the area from
+    the mask; ``keypoints`` entries keep it (when all have one) for the dt area.
+    """
     key = TASK_KEY[task]
     keep = ("image_id", "category_id", "score", key)
     chosen = [e for e in clean if key in e]
@@ -237,13 +267,20 @@ def task_results(clean, task):
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def _max_det_index(params, wanted=100):
+    """The index of ``wanted`` in ``params.maxDets``, else of the last value."""
     return params.maxDets.index(wanted) if wanted in params.maxDets else len(params.maxDets) - 1
 
 
 def per_category_ap(coco_eval):
-    """{category_id: AP} from ``eval['precision']`` (T, R, K, A, M): mean over IoU thresholds
-    and recall, area 'all', maxDets 100 (the last for keypoints), ignoring -1; NaN when a
-    category has no gt."""
+    """Per-category AP of an evaluated ``COCOeval``.
+
+    Args:
+        coco_eval (COCOeval): after ``accumulate``; ``eval['precision']`` is (T, R, K, A, M).
+
+    Returns:
+        dict: ``{category_id: AP}``, the mean over IoU thresholds and recall, area 'all',
+        maxDets 100 (the last for keypoints), ignoring -1; NaN when a category has no gt.
+    """
     precision = coco_eval.eval["precision"]
     m = _max_det_index(coco_eval.params)
     out = {}
@@ -255,6 +292,7 @@ def per_category_ap(coco_eval):
 
 
 def _print_per_category(task, aps, gt):
+    """Print the per-category AP table of a task."""
     names = {cid: str(c.get("name", cid)) for cid, c in gt.cats.items()}
     width = max([len(names[c]) for c in aps] + [8])
     lines = ["Per-category %s AP:" % task, "  %-*s | AP" % (width, "category"),
@@ -321,13 +359,35 @@ def evaluate_results(results, gt_ann, tasks=None, kpt_oks_sigmas=None, out_dir=N
                      per_category=True, plots=False, image_ids=None):
     """Score COCO result entries against ``gt_ann`` and return the metrics dict.
 
-    ``results``: a list of entries or the path of a results json. ``gt_ann``: the path of a
-    COCO json, or a ``COCO`` object from :func:`load_gt` (not loaded again). ``tasks``: any of
-    ``bbox``/``segm``/``keypoints``; by default those whose field (``bbox``, ``segmentation``,
-    ``keypoints``) appears in the results (``bbox`` when there are no results). A task without
-    entries scores 0.0 everywhere. ``kpt_oks_sigmas``: ``test.keypoint_oks_sigmas`` (needed when
-    K != 17). ``out_dir``: where ``metrics.json`` (atomic) and, with ``plots``, ``pr_<task>.png``
-    go. ``image_ids``: score only these gt images (default: all).
+    The protocol is Detectron2's:
+
+    - ``segm`` is scored from entries without their ``bbox`` so that pycocotools takes the
+      instance area from the mask (for APs/APm/APl), not from the box.
+    - ``keypoints`` is scored over the categories that have ``keypoints`` in the gt only; the
+      OKS sigmas are COCO's 17 unless ``kpt_oks_sigmas`` gives them; for K != 17 they are
+      required.
+    - All gt images are scored (an image without detections counts as missed objects).
+
+    Args:
+        results: a list of entries or the path of a results json.
+        gt_ann: the path of a COCO json, or a ``COCO`` object from :func:`load_gt` (not loaded
+            again).
+        tasks (list or None): any of ``bbox``/``segm``/``keypoints``; by default those whose
+            field (``bbox``, ``segmentation``, ``keypoints``) appears in the results (``bbox``
+            when there are no results). A task without entries scores 0.0 everywhere.
+        kpt_oks_sigmas: ``test.keypoint_oks_sigmas`` (needed when K != 17).
+        out_dir (str or None): where ``metrics.json`` (atomic) and, with ``plots``,
+            ``pr_<task>.png`` go.
+        per_category (bool): also print the per-category AP tables.
+        plots (bool): draw precision/recall curves (needs ``out_dir``).
+        image_ids: score only these gt images (default: all).
+
+    Returns:
+        dict: ``{task: {"AP", "AP50", "AP75", "APs", "APm", "APl"}}`` (no ``APs`` for
+        keypoints), floats in [0, 1].
+
+    Raises:
+        UserError: for unusable results or gt, or an unknown task.
     """
     if hasattr(gt_ann, "loadRes"):
         gt, gt_ann = gt_ann, getattr(gt_ann, "mxmask_source", "annotations")
@@ -383,26 +443,37 @@ def evaluate_results(results, gt_ann, tasks=None, kpt_oks_sigmas=None, out_dir=N
 # Distributed / sharded evaluation
 # --------------------------------------------------------------------------------------------
 def _id_list(ids, limit=20):
+    """Sorted image ids (or file names) for a message, cut after ``limit``."""
     ids = sorted(ids, key=lambda v: (str(type(v)), v))
     text = ", ".join(str(i) for i in ids[:limit])
     return text + (" ... (%d in all)" % len(ids) if len(ids) > limit else "")
 
 
 def _image_key(entry):
+    """An entry's ``image_id``, else its ``file_name``."""
     return entry["image_id"] if "image_id" in entry else entry.get("file_name")
 
 
 def gather_results(shards, expected_image_ids=None, shard_image_ids=None):
     """Merge per-shard result lists into one list ordered by ``(image_id, -score)``.
 
-    ``shards``: one list of result entries per worker. ``shard_image_ids``: optionally, the
-    image ids each shard processed (an image with no detections leaves no entry, so only these
-    lists can show that it was processed). Every image must come from exactly one shard, and with
-    ``expected_image_ids`` every expected image must be covered (by ``shard_image_ids`` when
-    given, else by the entries: then an image without detections cannot be told from a missing
-    one, and only unexpected and duplicated ids are checked). Raises ValueError listing the
-    duplicated, missing or unexpected image ids. Ties in score keep category id order, then
-    shard order, so the result is deterministic.
+    Every image must come from exactly one shard, and with ``expected_image_ids`` every
+    expected image must be covered (by ``shard_image_ids`` when given, else by the entries:
+    then an image without detections cannot be told from a missing one, and only unexpected
+    and duplicated ids are checked).
+
+    Args:
+        shards (list[list[dict]]): one list of result entries per worker.
+        expected_image_ids (list or None): the images of the dataset.
+        shard_image_ids (list[list] or None): the image ids each shard processed (an image with
+            no detections leaves no entry, so only these lists can show that it was processed).
+
+    Returns:
+        list[dict]: the merged entries. Ties in score keep category id order, then shard
+        order, so the result is deterministic.
+
+    Raises:
+        ValueError: listing the duplicated, missing or unexpected image ids.
     """
     shards = [list(s) for s in shards]
     if shard_image_ids is not None:

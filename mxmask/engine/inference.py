@@ -9,19 +9,9 @@ What goes in: a :class:`~mxmask.predictor.Predictor` and a COCO dataset (read wi
 What comes out: COCO result entries ordered by ``(image_id, -score)``, the results json, and the
 metrics dict of :func:`mxmask.engine.evaluator.evaluate_results` (also ``out_dir/metrics.json``).
 
-Every image is processed exactly once:
-
-- Several contexts (``Predictor(ctx=[cpu(0), cpu(1)])``): the predictor sends consecutive batches
-  to the contexts in turn; each batch is read back once.
-- Several processes (``shard=(rank, num)``): worker ``rank`` processes records ``rank::num``.
-  Ranks ``1..num-1`` write ``results.rank{r}.json`` (their entries) and then
-  ``results.rank{r}.ids.json`` (the image ids they processed, the entry count and a fingerprint
-  of the run) into ``gather_dir``, atomically; the ids file is written last, so its presence
-  means the shard is complete. Rank 0 runs its own shard, waits for the others (at most
-  ``gather_timeout`` seconds, then a UserError naming the missing ranks), ignores files whose
-  fingerprint (model weights, test/model config, annotation file, shard count) belongs to
-  another run, and merges with :func:`gather_shards`, which fails when an image is missing or
-  was processed twice. Only rank 0 scores and returns metrics; the other ranks return None.
+Every image is processed exactly once, with several contexts (the predictor sends consecutive
+batches to them in turn) or several processes (``shard=(rank, num)``: files in a shared
+folder, merged and scored by rank 0; :func:`evaluate_on_dataset`).
 """
 import hashlib
 import json
@@ -42,7 +32,14 @@ DEFAULT_GATHER_TIMEOUT = 600.0
 # Running the model over records
 # --------------------------------------------------------------------------------------------
 def parse_shard(text):
-    """``"RANK/NUM"`` -> ``(rank, num)`` with ``0 <= rank < num``; UserError otherwise."""
+    """Parse ``--shard``.
+
+    Args:
+        text (str): ``"RANK/NUM"``.
+
+    Returns:
+        tuple: ``(rank, num)`` with ``0 <= rank < num``; UserError otherwise.
+    """
     rank, sep, num = str(text).partition("/")
     try:
         rank, num = int(rank), int(num)
@@ -55,11 +52,21 @@ def parse_shard(text):
 
 def inference_on_dataset(predictor, records, shard=(0, 1), batch_size=1, loader_workers=None,
                          log=None):
-    """Run ``predictor`` on this shard's records -> (entries, processed image ids, seconds).
+    """Run ``predictor`` on this shard's records.
 
-    ``batch_size`` images go through the network together on one context; with several
-    contexts, consecutive batches go to the contexts in turn. ``loader_workers``: decoding
-    processes (default ``cfg.data.num_workers``; 0 decodes in this process).
+    Args:
+        predictor (Predictor): its config gives the test-time input; with several contexts,
+            consecutive batches go to the contexts in turn, each read back once.
+        records (list[dict]): all records; this shard takes ``rank::num``.
+        shard (tuple): ``(rank, num)``.
+        batch_size (int): images that go through the network together on one context.
+        loader_workers (int or None): decoding processes (default ``cfg.data.num_workers``; 0
+            decodes in this process).
+        log: ``log(text)`` for progress lines every 50 images, or None.
+
+    Returns:
+        tuple: ``(entries, image_ids, seconds)``: the COCO result entries, the image ids
+        processed (also those without a detection), and the wall time.
     """
     total = len(shard_records(records, shard))
     loader = build_test_loader(predictor.cfg, records, batch_size=batch_size, shard=shard,
@@ -83,9 +90,16 @@ def inference_on_dataset(predictor, records, shard=(0, 1), batch_size=1, loader_
 def gather_shards(shard_entries, shard_image_ids, records):
     """Merge per-shard entries; every record's image must appear in exactly one shard.
 
-    ``shard_entries[s]`` / ``shard_image_ids[s]``: the entries and processed image ids of shard
-    ``s``. Returns the merged entries ordered by ``(image_id, -score)``; raises ValueError naming
-    the missing, duplicated or unexpected image ids.
+    Args:
+        shard_entries (list[list[dict]]): the entries of each shard.
+        shard_image_ids (list[list[int]]): the image ids each shard processed.
+        records (list[dict]): all records of the dataset.
+
+    Returns:
+        list[dict]: the merged entries ordered by ``(image_id, -score)``.
+
+    Raises:
+        ValueError: naming the missing, duplicated or unexpected image ids.
     """
     expected = [int(r["image_id"]) for r in records]
     return gather_results(shard_entries, expected_image_ids=expected,
@@ -93,7 +107,14 @@ def gather_shards(shard_entries, shard_image_ids, records):
 
 
 def model_tasks(cfg):
-    """The evaluation tasks of a model: bbox, plus segm / keypoints when it has those heads."""
+    """The evaluation tasks of a model.
+
+    Args:
+        cfg: the model's config.
+
+    Returns:
+        list[str]: ``bbox``, plus ``segm`` / ``keypoints`` when it has those heads.
+    """
     return ["bbox"] + (["segm"] if cfg.model.mask_on else []) + \
         (["keypoints"] if cfg.model.keypoint_on else [])
 
@@ -102,15 +123,26 @@ def model_tasks(cfg):
 # File-based gathering across processes
 # --------------------------------------------------------------------------------------------
 def shard_paths(gather_dir, rank):
-    """(results json, ids json) of ``rank`` in ``gather_dir``."""
+    """``(results.rank{r}.json, results.rank{r}.ids.json)`` of ``rank`` in ``gather_dir``."""
     return (os.path.join(gather_dir, "results.rank%d.json" % rank),
             os.path.join(gather_dir, "results.rank%d.ids.json" % rank))
 
 
 def run_fingerprint(predictor, ann_file, num_shards, num_records):
-    """A digest that is equal in every process of one sharded evaluation and differs when the
-    weights, the model/input/test config, the score threshold, the annotation file or the shard
-    count differ, so that rank 0 never merges a file left by an earlier run."""
+    """A digest that is equal in every process of one sharded evaluation.
+
+    It differs when the weights, the model/input/test config, the score threshold, the
+    annotation file or the shard count differ, so that rank 0 never merges a file left by an
+    earlier run.
+
+    Args:
+        predictor (Predictor): the model (weights and config).
+        ann_file (str): the annotation file (path, size and mtime are hashed).
+        num_shards (int), num_records (int): the split of the run.
+
+    Returns:
+        str: a SHA-1 hex digest.
+    """
     from ..config import to_dict
     cfg = to_dict(predictor.cfg)
     h = hashlib.sha1()
@@ -131,7 +163,18 @@ def run_fingerprint(predictor, ann_file, num_shards, num_records):
 
 
 def write_shard(gather_dir, rank, num_shards, entries, image_ids, fingerprint=""):
-    """Write one rank's entries, then its id list (the completion marker), atomically."""
+    """Write one rank's entries, then its id list (the completion marker), atomically.
+
+    Args:
+        gather_dir (str): the folder shared by the ranks.
+        rank (int), num_shards (int): this shard.
+        entries (list[dict]): its result entries.
+        image_ids (list[int]): the images it processed.
+        fingerprint (str): :func:`run_fingerprint` of the run.
+
+    Returns:
+        str: the results file written.
+    """
     results_path, ids_path = shard_paths(gather_dir, rank)
     atomic_write_json(results_path, list(entries))
     atomic_write_json(ids_path, {"rank": int(rank), "num_shards": int(num_shards),
@@ -141,8 +184,12 @@ def write_shard(gather_dir, rank, num_shards, entries, image_ids, fingerprint=""
 
 
 def read_shard(gather_dir, rank, num_shards, fingerprint=""):
-    """-> ((entries, image_ids), None) when ``rank``'s shard of this run is complete, else
-    (None, why not)."""
+    """Read ``rank``'s shard files.
+
+    Returns:
+        tuple: ``((entries, image_ids), None)`` when the shard of this run (same
+        ``num_shards`` and ``fingerprint``) is complete, else ``(None, why not)``.
+    """
     results_path, ids_path = shard_paths(gather_dir, rank)
     if not os.path.exists(ids_path):
         return None, "%s not written yet" % os.path.basename(ids_path)
@@ -169,8 +216,21 @@ def read_shard(gather_dir, rank, num_shards, fingerprint=""):
 
 def wait_for_shards(gather_dir, num_shards, ranks, fingerprint="",
                     timeout=DEFAULT_GATHER_TIMEOUT, poll=0.5, log=None):
-    """Wait until every rank in ``ranks`` has written its shard; -> list of (entries, ids) in
-    ``ranks`` order. Raises UserError naming the ranks still missing after ``timeout`` s."""
+    """Wait until every rank in ``ranks`` has written its shard of this run.
+
+    Args:
+        gather_dir (str): the folder shared by the ranks.
+        num_shards (int), ranks (iterable of int), fingerprint (str): what to wait for.
+        timeout (float): seconds.
+        poll (float): seconds between looks.
+        log: ``log(text)`` for one waiting line, or None.
+
+    Returns:
+        list: ``(entries, image_ids)`` per rank, in ``ranks`` order.
+
+    Raises:
+        UserError: naming the ranks still missing after ``timeout`` seconds, and why.
+    """
     ranks = list(ranks)
     deadline = time.monotonic() + float(timeout)
     got, logged = {}, False
@@ -204,9 +264,20 @@ def wait_for_shards(gather_dir, num_shards, ranks, fingerprint="",
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def check_eval_set(cfg, gt, ann_file, category_ids, kpt_oks_sigmas=None):
-    """Refuse, before any inference, a dataset the model's results could not be scored on:
-    model categories absent from the json (the labels of ``config.unused_labels`` aside),
-    a different keypoint count, missing OKS sigmas."""
+    """Refuse, before any inference, a dataset the model's results could not be scored on.
+
+    Args:
+        cfg: the checkpoint's config.
+        gt (COCO): the dataset (:func:`mxmask.engine.evaluator.load_gt`).
+        ann_file (str): its file name, for messages.
+        category_ids (list[int]): the COCO ids of the model's labels.
+        kpt_oks_sigmas (list or None): the OKS sigmas for keypoint models.
+
+    Raises:
+        UserError: for model categories absent from the json (the labels of
+            ``config.unused_labels`` aside), a different keypoint count, or missing OKS
+            sigmas.
+    """
     unused = set(unused_labels(cfg))
     missing = [c for label, c in enumerate(category_ids)
                if c not in gt.cats and label not in unused]
@@ -227,11 +298,36 @@ def evaluate_on_dataset(predictor, ann_file, image_dir, out_dir=None, results_pa
                         loader_workers=None, kpt_oks_sigmas=None):
     """Predict on every image of a COCO dataset and score it with pycocotools.
 
-    Writes ``results_path`` (all entries) and ``out_dir/metrics.json`` (+ ``pr_<task>.png`` with
-    ``plots``) and returns the metrics dict. ``kpt_oks_sigmas`` overrides
-    ``test.keypoint_oks_sigmas``. With ``shard=(rank, num)``, ``num > 1``, see the module
-    docstring: shard files go to ``gather_dir`` (default ``out_dir``); ranks other than 0 return
-    None after writing theirs.
+    With ``shard=(rank, num)``, ``num > 1``, worker ``rank`` processes records ``rank::num``.
+    Ranks ``1..num-1`` write ``results.rank{r}.json`` (their entries) and then
+    ``results.rank{r}.ids.json`` (the image ids they processed, the entry count and a
+    fingerprint of the run) into ``gather_dir``, atomically; the ids file is written last, so
+    its presence means the shard is complete. Rank 0 runs its own shard, waits for the others
+    (at most ``gather_timeout`` seconds, then a UserError naming the missing ranks), ignores
+    files whose fingerprint (model weights, test/model config, annotation file, shard count)
+    belongs to another run, and merges with :func:`gather_shards`, which fails when an image is
+    missing or was processed twice. Only rank 0 scores and returns metrics.
+
+    Args:
+        predictor (Predictor): the model.
+        ann_file (str), image_dir (str): the COCO dataset, read with
+            ``load_coco(..., for_training=False)`` so that images without annotations are kept
+            and scored.
+        out_dir (str or None): where ``metrics.json`` (and ``pr_<task>.png`` with ``plots``)
+            go.
+        results_path (str or None): where all entries go, ordered by ``(image_id, -score)``.
+        plots (bool): precision/recall plots.
+        log: ``log(text)`` for progress lines (None: silent).
+        shard (tuple): ``(rank, num)``.
+        gather_dir (str or None): the shard files' folder (default ``out_dir``), shared by the
+            ranks.
+        gather_timeout (float): seconds rank 0 waits for the others.
+        batch_size, loader_workers: as in :func:`inference_on_dataset`.
+        kpt_oks_sigmas (list or None): overrides ``test.keypoint_oks_sigmas``.
+
+    Returns:
+        dict or None: the metrics of :func:`mxmask.engine.evaluator.evaluate_results`; None on
+        ranks other than 0.
     """
     from ..data.coco import load_coco
     log = log or (lambda _: None)

@@ -15,7 +15,17 @@ def warmup_factor_at(solver, it):
 
 
 def lr_at(solver, it):
-    """Learning rate of iteration ``it`` (0-based)."""
+    """Learning rate of iteration ``it``.
+
+    Args:
+        solver: ``cfg.solver`` (``base_lr``, ``warmup_iters``, ``warmup_factor``,
+            ``lr_schedule`` ``step`` or ``cosine``, ``steps``, ``gamma``, ``max_iter``).
+        it (int): the 0-based iteration.
+
+    Returns:
+        float: ``base_lr`` times the warmup factor, times ``gamma`` per passed step, or times
+        the cosine factor ``0.5 * (1 + cos(pi * it / max_iter))``.
+    """
     base = solver.base_lr * warmup_factor_at(solver, it)
     if solver.lr_schedule == "cosine":
         progress = min(1.0, it / float(max(1, solver.max_iter)))

@@ -1,51 +1,15 @@
 """The training loop: a kvstore ``gluon.Trainer`` over any list of contexts, resumable.
 
-What goes in: a resolved config, a list of contexts (``[mx.cpu(0), mx.cpu(1)]`` or
-``[mx.gpu(0), ...]``) and a kvstore name (``device``, ``local`` or ``dist_sync``).
+What goes in: a resolved config, the network and its loss block, a list of contexts
+(``[mx.cpu(0), mx.cpu(1)]`` or ``[mx.gpu(0), ...]``), a kvstore name (``device``, ``local`` or
+``dist_sync``) and a loader of numpy batch dicts (:mod:`mxmask.data.loader`).
 What comes out: the checkpoint folder ``cfg.output_dir`` (see :mod:`mxmask.engine.checkpoint`)
 with ``history.json`` beside it (``curves.png`` is drawn from it by :mod:`mxmask.train`).
 
-How a step works:
-
-1. The loader yields this worker's share of the global batch (``solver.ims_per_batch`` images
-   over all workers). :func:`split_batch` cuts it across the contexts, uneven counts too
-   (5 images on 3 contexts: 2/1/2).
-2. Each context computes the losses of its images under ``autograd.record``. Its total is scaled
-   by its share of the *global* batch (its images / ``ims_per_batch``), so the gradients summed
-   over contexts and workers are the global-batch mean. Each context normalises its losses
-   over its own images (and its own sampled rois / positives), as Detectron2 does per GPU, so
-   the model's losses depend a little on how the batch is split; the trainer adds nothing to that.
-   A context that gets no image has its gradients zeroed.
-3. ``allreduce_grads()`` sums the gradients of all contexts and workers (the Gluon trainer
-   always runs with ``update_on_kvstore=False``, also for ``dist_sync``: servers only sum, each
-   worker applies the same update to the same weights). Every context then holds the global
-   mean gradient.
-4. Its global L2 norm decides the rest. A non-finite norm, or a non-finite loss on this worker
-   (which poisons the gradient it sends, so every worker takes the same decision), stops the run
-   with :class:`NonFiniteLoss`, keeping the last good checkpoint, or with
-   ``solver.nonfinite_policy=skip`` skips the batch (no parameter or momentum change). Gradient
-   clipping (``solver.clip_gradient > 0``) scales the *reduced* gradient so that its global norm
-   is at most the threshold (as ``torch.nn.utils.clip_grad_norm_`` on the averaged gradient,
-   Detectron2's ``CLIP_TYPE=norm`` over the full model). Gluon's ``clip_global_norm`` on each
-   context's un-reduced gradient would instead clip partial sums, so its result would depend on
-   the number of contexts.
-5. ``update()`` applies ``solver.optimizer`` (SGD with momentum as Detectron2, or Adam;
-   :func:`optimizer_settings`) with weight decay at the scheduled rate (linear warmup, then step
-   or cosine, :mod:`mxmask.engine.schedule`).
-
-Determinism and exact resume: the batch of iteration ``it`` and its augmentation are pure
-functions of ``(seed, it)`` (see :mod:`mxmask.data.loader`), MXNet's RNG (used for target
-sampling) is re-seeded from ``(seed, it)`` at every step, and the learning rate is a pure
-function of ``it``. A run resumed from the checkpoint of iteration ``k`` therefore repeats the
-straight run from ``k`` on, given the saved weights and optimizer state.
-
-Distributed runs (``dist_sync``): a kvstore call that waits for a process that died would block
-forever (ps-lite has no failure detection that ends the others). Every blocking exchange runs
-under a :class:`Watchdog` that ends the process with a clear message when it takes longer than
-``MXMASK_DIST_TIMEOUT`` seconds (default :data:`DEFAULT_DIST_TIMEOUT`; 0 disables; the config
-field ``solver.dist_timeout`` is used when the config has it). The exchange right after a
-periodic evaluation is not bounded, because the other workers wait there for worker 0's
-evaluation.
+Each step (:class:`Trainer`) gives every context its share of the batch, sums the gradients
+over contexts and workers, checks and clips them, and applies the update. A run resumed from a
+checkpoint repeats the straight run (:meth:`Trainer.train`; DEVELOPING.md, "Determinism and
+resume"), and a distributed run never hangs on a dead worker (:class:`Watchdog`).
 """
 import json
 import math
@@ -75,7 +39,13 @@ class NonFiniteLoss(UserError):
 def split_batch(batch, ctxs):
     """Split a numpy batch dict along axis 0 across ``ctxs`` (uneven splits allowed).
 
-    Returns a list of ``(ctx, dict of NDArray)``; contexts that would get no image are dropped.
+    Args:
+        batch (dict): numpy arrays with the batch on axis 0 (``image_id`` is left out).
+        ctxs (list[mx.Context]): the contexts, in order; 5 images on 3 contexts go 2/1/2.
+
+    Returns:
+        list: ``(ctx, dict of NDArray)`` per context that gets at least one image; float64,
+        uint8 and integer arrays become float32.
     """
     n = len(batch["data"])
     bounds = np.linspace(0, n, len(ctxs) + 1).round().astype(int)
@@ -89,6 +59,7 @@ def split_batch(batch, ctxs):
 
 
 def _dtype(v):
+    """The NDArray dtype of a batch array: float32 for float64, uint8 and integers."""
     return np.float32 if v.dtype in (np.float64, np.uint8, np.int64, np.int32) else v.dtype
 
 
@@ -98,9 +69,20 @@ def step_seed(seed, it):
 
 
 def optimizer_settings(solver):
-    """The ``gluon.Trainer`` settings of ``solver.optimizer``: SGD with momentum (Detectron2's
-    solver) or Adam (beta 0.9/0.999, eps 1e-8). Both take ``weight_decay`` as an L2 term added to
-    the gradient, and the learning rate of the schedule (warmup, steps or cosine)."""
+    """The ``gluon.Trainer`` settings of ``solver.optimizer``.
+
+    SGD with momentum (Detectron2's solver) or Adam (beta 0.9/0.999, eps 1e-8). Both take
+    ``weight_decay`` as an L2 term added to the gradient, and the learning rate of the schedule
+    (linear warmup, then step or cosine, :mod:`mxmask.engine.schedule`), which the loop sets
+    at every iteration.
+
+    Args:
+        solver: ``cfg.solver``.
+
+    Returns:
+        dict: the optimizer parameters (``learning_rate``, ``wd``, ``rescale_grad`` and
+        ``momentum`` or the Adam betas and epsilon).
+    """
     settings = {"learning_rate": solver.base_lr, "wd": solver.weight_decay, "rescale_grad": 1.0}
     if solver.optimizer == "sgd":
         settings["momentum"] = solver.momentum
@@ -110,8 +92,18 @@ def optimizer_settings(solver):
 
 
 def dist_timeout(cfg):
-    """Seconds a distributed exchange may take: ``MXMASK_DIST_TIMEOUT``, else the config's
-    ``solver.dist_timeout`` when it has one, else :data:`DEFAULT_DIST_TIMEOUT`. 0 disables."""
+    """Seconds a distributed exchange may take.
+
+    Args:
+        cfg: the config; its ``solver.dist_timeout`` is used when it has one.
+
+    Returns:
+        float: ``MXMASK_DIST_TIMEOUT``, else ``solver.dist_timeout``, else
+        :data:`DEFAULT_DIST_TIMEOUT`; 0 disables the watchdog.
+
+    Raises:
+        UserError: for a value that is not a number >= 0.
+    """
     text = os.environ.get("MXMASK_DIST_TIMEOUT", "").strip()
     if text:
         try:
@@ -127,6 +119,7 @@ def dist_timeout(cfg):
 
 
 def _exit_on_timeout(message):
+    """Print the message and leave at once with :data:`EXIT_DIST_TIMEOUT` (no exit handlers)."""
     try:
         sys.stdout.flush()
         sys.stderr.write("mxmask: error: %s\n" % message)
@@ -138,10 +131,23 @@ def _exit_on_timeout(message):
 class Watchdog:
     """Ends the process when a guarded call takes longer than ``timeout`` seconds.
 
-    ``with watchdog.guard("gradient exchange"): ...``. The check runs in a daemon thread (MXNet
-    releases the GIL while it waits), which calls ``on_timeout(message)``; the default prints
-    the message and leaves with :data:`EXIT_DIST_TIMEOUT` without running exit handlers (a
-    blocked kvstore would hang them). ``timeout`` 0 or None disables it.
+    In a distributed run (``dist_sync``), a kvstore call that waits for a process that died
+    would block forever (ps-lite has no failure detection that ends the others). So every
+    blocking exchange of the :class:`Trainer` runs under ``with watchdog.guard("gradient
+    exchange"): ...``, bounded by :func:`dist_timeout` (``MXMASK_DIST_TIMEOUT``, else
+    ``solver.dist_timeout``). The exchange right after a periodic evaluation is not bounded,
+    because the other workers wait there for worker 0's evaluation.
+
+    The check runs in a daemon thread (MXNet releases the GIL while it waits), which calls
+    ``on_timeout(message)``; the default prints the message and leaves with
+    :data:`EXIT_DIST_TIMEOUT` without running exit handlers (a blocked kvstore would hang
+    them).
+
+    Args:
+        timeout (float or None): seconds; 0 or None disables it.
+        who (str): prefixes the message ("worker 1").
+        on_timeout: ``on_timeout(message)``, default :func:`_exit_on_timeout`.
+        poll (float): seconds between checks.
     """
 
     def __init__(self, timeout, who="", on_timeout=None, poll=0.5):
@@ -157,6 +163,7 @@ class Watchdog:
 
     @contextmanager
     def guard(self, what, enabled=True):
+        """Bound the ``with`` block by the timeout; ``what`` names it in the message."""
         if not enabled or self.timeout <= 0:
             yield
             return
@@ -171,11 +178,13 @@ class Watchdog:
                 self._deadline = None
 
     def _start(self):
+        """Start the checking thread on first use."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mxmask-watchdog", daemon=True)
             self._thread.start()
 
     def _run(self):
+        """The checking thread: fire ``on_timeout`` once per guarded call that runs late."""
         while True:
             time.sleep(self.poll)
             with self._lock:
@@ -192,7 +201,15 @@ class Watchdog:
 
 
 class History:
-    """Loss, lr and evaluation records, saved as ``history.json`` and plotted as ``curves.png``."""
+    """Loss, lr and evaluation records, saved as ``history.json`` and plotted as ``curves.png``.
+
+    Args:
+        path (str): the ``history.json`` file; an existing one is loaded (a resumed run cuts
+            it back to its start with :meth:`truncate`).
+
+    ``data`` is ``{"iter": [...], "lr": [...], "losses": {name: [...]}, "eval": [{"iter", task:
+    AP}, ...]}``, the input of :func:`mxmask.vis.plot_training_curves`.
+    """
 
     def __init__(self, path):
         self.path = path
@@ -211,21 +228,25 @@ class History:
         self.data["eval"] = [e for e in self.data["eval"] if e["iter"] <= it]
 
     def add(self, it, lr, losses):
+        """Record iteration ``it``'s learning rate and losses ``{name: float}``."""
         self.data["iter"].append(int(it))
         self.data["lr"].append(float(lr))
         for k, v in losses.items():
             self.data["losses"].setdefault(k, []).append(float(v))
 
     def add_eval(self, it, metrics):
+        """Record the AP of each task of an evaluation at iteration ``it``."""
         entry = {"iter": int(it)}
         entry.update({task: m.get("AP", 0.0) for task, m in metrics.items()})
         self.data["eval"].append(entry)
 
     def save(self):
+        """Write ``history.json`` atomically."""
         atomic_write_json(self.path, self.data)
 
 
 def format_eta(seconds):
+    """``m:ss`` or ``h:mm:ss``."""
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -243,9 +264,23 @@ def format_progress(done, max_iter, speed, lr, losses, eta_seconds):
 class Trainer:
     """Runs ``solver.max_iter`` iterations of ``loss_net`` over batches from ``loader_fn``.
 
-    ``loss_net(**inputs) -> dict name -> scalar NDArray`` computes the losses of one context's
-    images; ``loader_fn(start_iter)`` returns an iterator of numpy batch dicts starting at
-    ``start_iter``; ``evaluate_fn(it) -> metrics`` runs evaluation (or None).
+    A step is :meth:`forward_backward` (losses and gradients per context) then :meth:`step`
+    (reduce, check, clip, update). ``loss_net(**inputs) -> dict name -> scalar NDArray``
+    computes the losses of one context's images (a staged block with ``begin`` / ``finish``,
+    :class:`mxmask.modeling.training.RCNNLoss`, is run stage by stage over the contexts).
+    :meth:`train` takes ``loader_fn(start_iter)``, which returns an iterator of numpy batch
+    dicts starting at ``start_iter``, and ``evaluate_fn(it) -> metrics`` (or None).
+
+    Args:
+        cfg: the resolved config (``solver.*``, ``seed``, ``output_dir``).
+        net (gluon.Block): the model whose parameters are trained and saved.
+        loss_net: the loss block over ``net``.
+        ctxs (list[mx.Context]): the contexts of this worker.
+        kvstore (str or KVStore): ``device``, ``local`` or ``dist_sync`` (``dist_async`` is
+            refused); with one context on one machine no kvstore is used.
+        out: where worker 0 prints the progress lines (default ``sys.stdout``).
+        watchdog (Watchdog or None): default, for a distributed kvstore, one with
+            :func:`dist_timeout`.
     """
 
     def __init__(self, cfg, net, loss_net, ctxs, kvstore="device", out=None, watchdog=None):
@@ -295,8 +330,25 @@ class Trainer:
     # One step
     # ----------------------------------------------------------------------------------------
     def forward_backward(self, batch):
-        """Losses and gradients of this worker's batch; returns {name: value}, the mean over
-        this worker's images of each context's losses (what the progress line shows)."""
+        """Losses and gradients of this worker's batch.
+
+        The loader yields this worker's share of the global batch (``solver.ims_per_batch``
+        images over all workers); :func:`split_batch` cuts it across the contexts, uneven counts
+        too. Each context computes the losses of its images under ``autograd.record``. Its
+        total is scaled by its share of the *global* batch (its images / ``ims_per_batch``), so
+        the gradients summed over contexts and workers are the global-batch mean. Each context
+        normalises its losses over its own images (and its own sampled rois / positives), as
+        Detectron2 does per GPU, so the model's losses depend a little on how the batch is
+        split; the trainer adds nothing to that. A context that gets no image has its
+        gradients zeroed.
+
+        Args:
+            batch (dict): numpy arrays (DEVELOPING.md, "Training batches").
+
+        Returns:
+            dict: ``{loss name: float}``, the mean over this worker's images of each context's
+            losses (what the progress line shows).
+        """
         parts = split_batch(batch, self.ctxs)
         local_images = float(len(batch["data"]))
         global_images = float(self.cfg.solver.ims_per_batch)
@@ -330,17 +382,41 @@ class Trainer:
         """L2 norm over all parameters of the gradient held by the first context (after
         ``allreduce_grads`` the global mean gradient); NaN/inf when any entry is."""
         grads = [p.list_grad()[0] for p in self.params]
-        # one multi_sum_sq call for all arrays (one norm per array cost 23 ms per shapes step)
+        # one multi_sum_sq call for all arrays, not one norm call per array
         squares = mx.nd.multi_sum_sq(*grads, num_arrays=len(grads))
         return float(np.sqrt(np.sum(squares.asnumpy().astype(np.float64))))
 
     def _scale_gradients(self, factor):
+        """Multiply every gradient of every context by ``factor`` in place."""
         for p in self.params:
             for g in p.list_grad():
                 g *= factor
 
     def step(self, it, losses):
-        """Reduce, check, clip and apply the gradients of iteration ``it``; True if applied."""
+        """Reduce, check, clip and apply the gradients of iteration ``it``.
+
+        ``allreduce_grads()`` sums the gradients of all contexts and workers (the Gluon trainer
+        always runs with ``update_on_kvstore=False``, also for ``dist_sync``: servers only sum,
+        each worker applies the same update to the same weights). Every context then holds the
+        global mean gradient, and its global L2 norm decides the rest. A non-finite norm, or a
+        non-finite loss on this worker (which poisons the gradient it sends, so every worker
+        takes the same decision), stops the run with :class:`NonFiniteLoss`, keeping the last
+        good checkpoint, or with ``solver.nonfinite_policy=skip`` skips the batch (no parameter
+        or momentum change). Gradient clipping (``solver.clip_gradient > 0``) scales the
+        *reduced* gradient so that its global norm is at most the threshold (as
+        ``torch.nn.utils.clip_grad_norm_`` on the averaged gradient, Detectron2's
+        ``CLIP_TYPE=norm`` over the full model). Gluon's ``clip_global_norm`` on each context's
+        un-reduced gradient would instead clip partial sums, so its result would depend on the
+        number of contexts. ``update()`` then applies ``solver.optimizer``
+        (:func:`optimizer_settings`).
+
+        Args:
+            it (int): the 0-based iteration.
+            losses (dict): ``{name: float}`` of :meth:`forward_backward`.
+
+        Returns:
+            bool: True if the update was applied, False if the batch was skipped.
+        """
         loss_ok = all(math.isfinite(v) for v in losses.values())
         if not loss_ok and self.distributed:
             # Tell the other workers: a NaN in what we send makes the reduced gradient NaN.
@@ -358,6 +434,7 @@ class Trainer:
         return True
 
     def _nonfinite(self, it, losses, norm):
+        """Skip the batch (``solver.nonfinite_policy=skip``) or raise :class:`NonFiniteLoss`."""
         bad = ["%s=%s" % (k, v) for k, v in losses.items() if not math.isfinite(v)]
         what = "non-finite loss (%s)" % ", ".join(bad) if bad else \
             "non-finite gradient (global norm %s%s)" % (
@@ -385,7 +462,7 @@ class Trainer:
         Gluon does this lazily inside the first ``allreduce_grads``, where with a dist kvstore
         it races: the broadcast's pull into the weights and the gradients' push on the same key
         are ordered by different engine variables, so a worker's pull can be answered after the
-        server has stored the gradient sum, and the worker's weights become that sum (measured
+        server has stored the gradient sum, and the worker's weights become that sum (seen
         with MXNet 1.9.1 and 2 workers). Waiting here, before any gradient is pushed, avoids it.
         """
         t = self.trainer
@@ -397,7 +474,11 @@ class Trainer:
             mx.nd.waitall()
 
     def resume_from(self, out_dir):
-        """Load the last checkpoint of ``out_dir``; return the iteration to start from."""
+        """Load the last checkpoint of ``out_dir`` (weights, and optimizer state when saved).
+
+        Returns:
+            int: the iteration to start from (0 without a checkpoint).
+        """
         progress = ckpt_io.read_progress(out_dir)
         if progress is None:
             return 0
@@ -434,7 +515,28 @@ class Trainer:
     # The loop
     # ----------------------------------------------------------------------------------------
     def train(self, loader_fn, start_iter=0, evaluate_fn=None, history=None):
-        """Iterations ``start_iter .. solver.max_iter - 1``; returns the :class:`History`."""
+        """Run iterations ``start_iter .. solver.max_iter - 1``.
+
+        The batch of iteration ``it`` and its augmentation are pure functions of
+        ``(seed, it)`` (:mod:`mxmask.data.loader`), MXNet's RNG (used for target sampling) is
+        re-seeded with :func:`step_seed` at every step, and the learning rate is a pure
+        function of ``it`` (:func:`mxmask.engine.schedule.lr_at`). A run resumed from the
+        checkpoint of iteration ``k`` (:meth:`resume_from`) therefore repeats the straight run
+        from ``k`` on, given the saved weights and optimizer state. Worker 0 logs progress every
+        ``solver.log_period`` iterations and checkpoints every ``solver.checkpoint_period``;
+        ``evaluate_fn`` runs every ``solver.eval_period`` iterations (not at the last).
+
+        Args:
+            loader_fn: ``loader_fn(start_iter)`` -> iterator of numpy batch dicts; closed at
+                the end when it has ``close``.
+            start_iter (int): the first iteration.
+            evaluate_fn: ``evaluate_fn(it) -> metrics dict`` or None.
+            history (History or None): default ``output_dir/history.json``, truncated to
+                ``start_iter``.
+
+        Returns:
+            History: the loss, lr and evaluation records.
+        """
         history = history or History(os.path.join(self.cfg.output_dir, "history.json"))
         history.truncate(start_iter)
         self.init_kvstore()
@@ -451,6 +553,7 @@ class Trainer:
         return history
 
     def _loop(self, loader, start_iter, evaluate_fn, history):
+        """The iterations of :meth:`train`: seed, lr, step, log, checkpoint, evaluate."""
         s = self.cfg.solver
         t_start = time.time()
         window = []
