@@ -1,4 +1,9 @@
-"""mxmask: Mask R-CNN and Keypoint R-CNN with FPN for MXNet/Gluon."""
+"""mxmask: Mask R-CNN and Keypoint R-CNN with FPN for MXNet/Gluon.
+
+Importing mxmask (before mxnet) sets ``OMP_NUM_THREADS`` to the usable cores unless it is set
+(:func:`_default_omp_threads`) and, on a CPU with AMX, lets oneDNN use it (:func:`_enable_amx`);
+see DEVELOPING.md, "Threads". It also exports the config entry points of :mod:`mxmask.config`.
+"""
 __version__ = "0.1.0"
 
 import os as _os
@@ -10,10 +15,10 @@ def _default_omp_threads():
 
     Left alone, MXNet 1.9.1 reserves one core per CPU engine worker and runs its kernels
     (the MKLDNN convolutions included) on the cores left over: on a 2-core machine that is ONE
-    thread, and a ResNet-50 forward at 800x1344 takes 1.8 s instead of 0.95 s. The setting is
-    read once, when libmxnet loads, so it must happen before the first ``import mxnet``; an
-    ``OMP_NUM_THREADS`` the user set is always kept. Scripts that import mxnet before mxmask
-    should export OMP_NUM_THREADS themselves (README, "Speed").
+    thread. The setting is read once, when libmxnet loads, so it must happen before the first
+    ``import mxnet``; an ``OMP_NUM_THREADS`` the user set is always kept. Scripts that import
+    mxnet before mxmask should export OMP_NUM_THREADS themselves (DEVELOPING.md, "Threads";
+    the measured effect is in docs/kernels.md, "Threads").
     """
     if "OMP_NUM_THREADS" in _os.environ or "mxnet" in _sys.modules:
         return
@@ -21,7 +26,12 @@ def _default_omp_threads():
 
 
 def usable_cores():
-    """The number of cores this process may run on (its CPU affinity where the OS tells it)."""
+    """The number of cores this process may run on.
+
+    Returns:
+        int >= 1: the size of the CPU affinity set where the OS reports it (Linux), else
+        ``os.cpu_count()``.
+    """
     try:
         return max(1, len(_os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -60,9 +70,9 @@ _ISA_VARS = ("DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKLDNN_MAX_CPU_ISA")
 
 
 class _AfterMxnetImport(object):
-    """A one-shot import hook: runs ``callback()`` right after ``import mxnet`` completes,
+    """A one-shot import hook: runs ``callback(mxnet)`` right after ``import mxnet`` completes,
     whoever imports it first. It keeps ``import mxmask`` (and ``mxmask --help``) free of the
-    1.5 s mxnet import."""
+    slow mxnet import."""
 
     def __init__(self, callback):
         self.callback = callback
@@ -93,8 +103,14 @@ _AMX = {"on": False}
 
 
 def amx_enabled():
-    """True when this process let oneDNN use the AMX tiles (:func:`_enable_amx`): bfloat16
-    convolutions then run about 2-4x faster than float32 ones (``solver.amp=auto`` uses them)."""
+    """Whether this process let oneDNN use the AMX tiles (:func:`_enable_amx`).
+
+    With AMX, bfloat16 convolutions run faster than float32 ones, so ``solver.amp=auto``
+    trains with them (figures: docs/kernels.md, "AMX and bfloat16").
+
+    Returns:
+        bool.
+    """
     return _AMX["on"]
 
 
@@ -102,9 +118,9 @@ def _enable_amx():
     """Let MXNet's oneDNN run bfloat16 convolutions on the AMX tiles where the CPU has them.
 
     oneDNN 2.4.4, which MXNet 1.9.1 bundles, leaves AMX off unless ``DNNL_MAX_CPU_ISA`` allows
-    it, and it does not ask Linux for the tile permission. With both, a bfloat16 ResNet-50 at
-    800x1344 takes about 0.3-0.45 s here instead of 1.2 s (AVX-512 bf16), against 0.85 s in
-    fp32 (README, "Speed"). fp32 kernels are unaffected: AMX only multiplies bf16 and int8.
+    it, and it does not ask Linux for the tile permission (DEVELOPING.md, "Measured facts about
+    MXNet 1.9.1 on CPU"; the speed is in docs/kernels.md, "AMX and bfloat16"). fp32 kernels are
+    unaffected: AMX only multiplies bf16 and int8.
 
     oneDNN reads the variable once, at its first primitive. So the variable is set, the first
     primitive is made as soon as mxnet is imported, and the variable is removed again: a

@@ -9,30 +9,9 @@ shapes of its inputs; optionally known parameter shapes and ``groups`` ``{group:
 "layers": [(node name, op, MACs), ...]}`` (integers; one MAC is one multiply and one add, so
 FLOPs = 2 * MACs).
 
-Counted, per node, from the node's weight shape and its inferred input/output shapes:
-
-    Convolution      N * C_out * prod(output spatial) * (C_in / groups) * prod(kernel)
-                     = prod(output shape) * prod(weight.shape[1:])   (groups are in the weight)
-    Deconvolution    N * C_in * prod(input spatial) * (C_out / groups) * prod(kernel)
-                     = prod(input shape) * prod(weight.shape[1:])    (every input pixel scatters
-                     one kernel window into every output channel of its group)
-    FullyConnected   rows * num_hidden * in_features = prod(output shape) * weight.shape[1]
-
-Nothing else is counted: bias additions, normalisation, activations, pooling, RoIAlign, resizing,
-box decoding, NMS and other element-wise work are left out (the usual convention for GMAC figures
-such as ResNet-50's 4.1 GMAC at 224x224, which this counter reproduces: 4,089,184,256). Only the plain graph is meant: MKLDNN-fused subgraph nodes (``_sg_mkldnn_*``) are not
-looked into, so count before ``optimize_for``.
-
-The shapes are the graph's own fixed shapes, so the RoI heads are counted on the roi counts built
-into the graph, not on how many rois hold a detection: in mxmask's inference graph the box head
-runs on ``model.rpn.post_nms_topk_test`` proposals per image and the mask and keypoint heads on
-``test.max_dets`` detections per image; in GluonCV's, the box head on ``_rpn_test_post_nms``
-proposals and the mask head on ``_rcnn_max_dets`` detections.
-
-``groups`` assigns a node to the first group holding a prefix that the node's (original) name or
-its weight's name starts with (so a group can be given as the parameter names of a sub-block, which
-also works for layers that Gluon named outside the block's name scope); nodes matching no group go
-to ``"other"`` (present only when non-zero).
+Only Convolution, Deconvolution and FullyConnected nodes are counted (:func:`count_macs` has the
+formulas), the usual convention for GMAC figures: ResNet-50 at 224x224 gives 4,089,184,256.
+Count the plain graph, before ``optimize_for``: fused ``_sg_mkldnn_*`` nodes are not looked into.
 """
 import json
 
@@ -44,6 +23,7 @@ COUNTED_OPS = ("Convolution", "Deconvolution", "FullyConnected")
 
 
 def _prod(shape):
+    """The product of a shape's dimensions as a Python int (int64 arithmetic)."""
     return int(np.prod([int(v) for v in shape], dtype=np.int64))
 
 
@@ -84,10 +64,45 @@ def _entry_shapes(sym, shapes, param_shapes):
 
 
 def count_macs(sym, shapes, groups=None, param_shapes=None):
-    """MACs of the Convolution, Deconvolution and FullyConnected nodes of ``sym`` for the input
-    ``shapes`` (``{input name: shape}``); see the module docstring. ``param_shapes`` may give
-    parameter shapes that shape inference cannot derive (constants). Raises ValueError when a
-    counted node's shape stays unknown."""
+    """MACs of the Convolution, Deconvolution and FullyConnected nodes of ``sym``.
+
+    Counted, per node, from the node's weight shape and its inferred input/output shapes:
+
+        Convolution      N * C_out * prod(output spatial) * (C_in / groups) * prod(kernel)
+                         = prod(output shape) * prod(weight.shape[1:])  (groups are in the weight)
+        Deconvolution    N * C_in * prod(input spatial) * (C_out / groups) * prod(kernel)
+                         = prod(input shape) * prod(weight.shape[1:])   (every input pixel
+                         scatters one kernel window into every output channel of its group)
+        FullyConnected   rows * num_hidden * in_features = prod(output shape) * weight.shape[1]
+
+    Nothing else is counted: bias additions, normalisation, activations, pooling, RoIAlign,
+    resizing, box decoding, NMS and other element-wise work are left out. MKLDNN-fused subgraph
+    nodes (``_sg_mkldnn_*``) are not looked into, so count before ``optimize_for``.
+
+    The shapes are the graph's own fixed shapes, so the RoI heads are counted on the roi counts
+    built into the graph, not on how many rois hold a detection: in mxmask's inference graph the
+    box head runs on ``model.rpn.post_nms_topk_test`` proposals per image and the mask and
+    keypoint heads on ``test.max_dets`` detections per image; in GluonCV's, the box head on
+    ``_rpn_test_post_nms`` proposals and the mask head on ``_rcnn_max_dets`` detections.
+
+    Args:
+        sym (mx.sym.Symbol): the graph.
+        shapes (dict): ``{input name: shape}``; every input's shape.
+        groups (dict or None): ``{group: [name prefix, ...]}``. A node goes to the first group
+            holding a prefix that the node's (original) name or its weight's name starts with
+            (so a group can be given as the parameter names of a sub-block, which also works for
+            layers that Gluon named outside the block's name scope); nodes matching no group go
+            to ``"other"`` (present only when non-zero).
+        param_shapes (dict or None): parameter shapes that shape inference cannot derive
+            (constants).
+
+    Returns:
+        dict: ``{"total": int, "by_op": {op: int}, "by_group": {group: int},
+        "layers": [(node name, op, MACs), ...]}``.
+
+    Raises:
+        ValueError: when a counted node's shape stays unknown.
+    """
     original = [n["name"] for n in json.loads(sym.tojson())["nodes"]]
     nodes, entries = _entry_shapes(sym, shapes, param_shapes)
     groups = groups or {}
@@ -123,9 +138,18 @@ def count_macs(sym, shapes, groups=None, param_shapes=None):
 
 
 def count_block_macs(block, shapes, groups=None):
-    """:func:`count_macs` of a HybridBlock traced (predict mode) on symbol variables named after
-    the keys of ``shapes`` (in that order). Parameter shapes that are already known (initialised
-    or declared) are passed along."""
+    """:func:`count_macs` of a HybridBlock traced in predict mode.
+
+    Args:
+        block (HybridBlock): called on symbol variables named after the keys of ``shapes``, in
+            that order. Parameter shapes that are already known (initialised or declared) are
+            passed to :func:`count_macs`.
+        shapes (dict): ``{input name: shape}``.
+        groups (dict or None): as in :func:`count_macs`.
+
+    Returns:
+        dict: the :func:`count_macs` record.
+    """
     import mxnet as mx
     names = list(shapes)
     with mx.autograd.predict_mode():

@@ -1,10 +1,16 @@
-"""Small shared helpers: atomic file writes, user-facing errors, logging setup."""
+"""Small shared helpers: atomic file writes, the user-facing error, short name lists.
+
+Files that must survive a crash are written with ``atomic_write_*`` (a temp file in the same
+folder, fsynced, then ``os.replace``); errors caused by the user's input raise
+:class:`UserError`, which the CLI prints as one line with exit code 2.
+"""
 import json
 import os
 import tempfile
 
 
 def _umask():
+    """The process's current umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -18,6 +24,7 @@ class UserError(Exception):
 
 
 def _atomic_write(path, write_fn, mode):
+    """``write_fn(f)`` into a temp file beside ``path``, fsync, then ``os.replace`` onto it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
@@ -37,20 +44,48 @@ def _atomic_write(path, write_fn, mode):
 
 
 def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``.
+
+    Args:
+        path (str): the file; its folder is created when missing.
+        text (str): the contents.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
     _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_write_bytes(path, data):
+    """Write bytes to ``path`` atomically, as :func:`atomic_write_text`.
+
+    Args:
+        path (str): the file.
+        data (bytes): the contents.
+    """
     _atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def atomic_write_json(path, obj, indent=None):
+    """Write an object as json to ``path`` atomically, as :func:`atomic_write_text`.
+
+    Args:
+        path (str): the file.
+        obj: anything ``json.dumps`` takes.
+        indent (int or None): passed to ``json.dumps``.
+    """
     atomic_write_text(path, json.dumps(obj, indent=indent))
 
 
 def shorten_names(names, limit=6):
-    """``a, b, c, ... (N more)``: a sorted, shortened list of names for a one-line error."""
+    """A sorted, shortened list of names for a one-line error.
+
+    Args:
+        names: iterable of str.
+        limit (int): how many names to show.
+
+    Returns:
+        str: ``a, b, c, ... (N more)``.
+    """
     names = sorted(names)
     text = ", ".join(names[:limit])
     if len(names) > limit:

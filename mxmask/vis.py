@@ -36,6 +36,7 @@ def _colors(n):
 
 
 def _check_image(image):
+    """The image as an array; ValueError unless it is RGB uint8 (H, W, 3)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError("expected an RGB uint8 image (H, W, 3), got %s %s"
@@ -72,10 +73,19 @@ def _png_bytes(array_rgb_or_rgba):
 
 def draw_instances(image, results, class_names, skeleton, out_path, score_thresh=0.5,
                    mask_alpha=0.45):
-    """Draw one image's results and save a PNG of the image's size; returns the RGB array.
+    """Draw one image's results and save a PNG of the image's size.
 
-    ``class_names``: {category_id: name}; ``skeleton``: 0-based keypoint index pairs (may be
-    empty or None). Entries with ``score < score_thresh`` are skipped.
+    Args:
+        image: uint8 RGB (H, W, 3), the original image.
+        results (list[dict]): COCO result entries of this image (module docstring).
+        class_names (dict or None): ``{category_id: name}``; the id is shown when missing.
+        skeleton: 0-based keypoint index pairs (may be empty or None).
+        out_path (str): the PNG, written atomically.
+        score_thresh (float): entries with ``score < score_thresh`` are skipped.
+        mask_alpha (float): the opacity of the mask colours.
+
+    Returns:
+        uint8 RGB (H, W, 3): the picture as written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.collections import LineCollection
@@ -145,11 +155,22 @@ def draw_instances(image, results, class_names, skeleton, out_path, score_thresh
 
 
 def write_cutouts(image, results, out_dir, prefix, score_thresh=0.5):
-    """Write ``{prefix}_{index:03d}_c{category_id}.png`` RGBA cut-outs; returns their paths.
+    """Write one RGBA cut-out per instance, ``{prefix}_{index:03d}_c{category_id}.png``.
 
-    ``index`` is the entry's position in ``results``. The crop is the box rounded outward
-    (floor of x1/y1, ceil of x2/y2) and clipped to the image; entries whose crop is empty are
-    skipped. Alpha is the instance mask * 255, or 255 when the entry has no ``segmentation``.
+    The crop is the box rounded outward (floor of x1/y1, ceil of x2/y2) and clipped to the
+    image; entries whose crop is empty are skipped. Alpha is the instance mask * 255, or 255
+    when the entry has no ``segmentation``.
+
+    Args:
+        image: uint8 RGB (H, W, 3), the original image.
+        results (list[dict]): COCO result entries of this image; ``index`` in the file name is
+            the entry's position in this list.
+        out_dir (str): the folder of the PNGs.
+        prefix (str): the start of each file name (the image's name).
+        score_thresh (float): entries with ``score < score_thresh`` are skipped.
+
+    Returns:
+        list[str]: the paths written.
     """
     image = _check_image(image)
     height, width = image.shape[:2]
@@ -177,9 +198,15 @@ def write_cutouts(image, results, out_dir, prefix, score_thresh=0.5):
 def plot_training_curves(history, out_path):
     """Plot ``history`` to a PNG: losses (log y), learning rate, AP at each evaluation.
 
-    ``history``: ``{"iter": [...], "losses": {name: [...]}, "lr": [...],
-    "eval": [{"iter": i, "bbox": AP, "segm": AP, "keypoints": AP}, ...]}`` (any part may be
-    missing or empty; loss lists align with ``iter`` from its start).
+    Args:
+        history (dict): ``{"iter": [...], "losses": {name: [...]}, "lr": [...],
+            "eval": [{"iter": i, "bbox": AP, "segm": AP, "keypoints": AP}, ...]}`` (any part may
+            be missing or empty; loss lists align with ``iter`` from its start), as
+            :class:`mxmask.engine.trainer.History` saves it.
+        out_path (str): the PNG, written atomically.
+
+    Returns:
+        str: ``out_path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

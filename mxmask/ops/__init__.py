@@ -8,38 +8,15 @@
     with compiled_kernels(True, ["roi_align", "box_nms"]): ...   # inference: not GroupNorm
     compiled_kernels_active("roi_align" | "group_norm" | "box_nms") -> bool
 
-Three operators, each the same computation as the stock one it replaces, faster on a CPU:
+Three operators, each the same computation as the stock CPU operator it replaces, which is slow
+(DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"; figures in docs/kernels.md). Each
+source file's header says what it computes and how it differs:
 
-- ``mxmask_roi_align`` (``roi_align.cc``): ``contrib.ROIAlign`` (same sampling, see the file's
-  header), whose forward it repeats bit for bit. Its forward pools from a channels-last copy of
-  the feature map, vectorised over channels (1000 rois of 256 channels on a 200x336 map: 235 ms
-  stock, 84 ms here, 2 threads); the stock CPU backward is one serial loop that recomputes the
-  sample positions for every output element (on a ResNet-50 FPN training step at 512x512 its
-  two calls took 2.8 s of 7.8 s), this one is parallel.
-- ``mxmask_group_norm`` (``group_norm.cc``): the GroupNorm of :mod:`mxmask.modeling.norm`, its
-  per-group normalisation and per-channel affine in one operator (there a LayerNorm, whose
-  backward took 186 ms of the 1.0 s ``shapes`` training step, and an inference-mode BatchNorm);
-  it accumulates in float64, so it agrees with the stock pair to float32 rounding.
-- ``mxmask_box_nms`` (``box_nms.cc``): ``contrib.box_nms`` in corner format, the same rows
-  exactly (stable score order, topk, greedy suppression with its float32 IoU), without a
-  gradient. The stock CPU kernel launches one parallel loop per reference box: 14 ms of a
-  ``shapes`` training step for 2 x 5 x 400 proposals, about 0.3 s for GluonCV's NMS over all
-  anchors (topk 6000); here each batch is one task and each kept box suppresses the later ones
-  in one vectorised pass (0.4 ms and 20 ms).
-
-Who uses them: the training graph on CPU contexts (:class:`mxmask.modeling.training.RCNNLoss`
-traces its graphs inside :func:`compiled_kernels`), all three; the inference network run
-in-process on CPUs (``MaskRCNN.use_kernels``, which the predictor, ``mxmask eval`` and
-``mxmask bench`` call), the RoIAlign and the NMS, so that it gives exactly the outputs of its
-exported graph, which keeps the stock operators and needs nothing but MXNet.
-
-The library is compiled once per machine with the C++ compiler ``$CXX`` (default ``g++``),
-against the headers and ``src/lib_api.cc`` shipped in the mxnet wheel, into
-``$MXMASK_CACHE`` (default ``~/.cache/mxmask``) under a name that hashes the sources, the mxnet
-version, the compiler and its flags; the file appears atomically (temp file + rename), so
-concurrent processes are safe. When no compiler is found or the build fails, a one-line warning
-names the reason and training and inference use the stock operators. ``MXMASK_OPS=mxnet``
-forces the stock operators.
+- ``mxmask_roi_align`` (``roi_align.cc``): ``contrib.ROIAlign``, its forward bit for bit.
+- ``mxmask_group_norm`` (``group_norm.cc``): the GroupNorm of :mod:`mxmask.modeling.norm` and
+  its per-channel affine in one operator; it accumulates in float64, so it agrees with the
+  stock LayerNorm + BatchNorm pair to float32 rounding.
+- ``mxmask_box_nms`` (``box_nms.cc``): ``contrib.box_nms`` in corner format, the same rows.
 """
 import contextlib
 import hashlib
@@ -69,16 +46,29 @@ _log = logging.getLogger(__name__)
 
 
 def _cache_dir():
+    """``$MXMASK_CACHE``, default ``~/.cache/mxmask``."""
     return os.environ.get("MXMASK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "mxmask")
 
 
 def _mxnet_dir():
+    """The installed mxnet package (its ``include`` and ``src/lib_api.cc`` are built against)."""
     return os.path.dirname(os.path.abspath(mx.__file__))
 
 
 def library_path(compiler):
-    """Where the compiled library for these sources, mxnet and compiler lives."""
+    """Where the compiled library for these sources, mxnet and compiler lives.
+
+    The name hashes the sources, ``lib_api.cc``, the mxnet version, the compiler and its flags,
+    so a change to any of them builds a new library.
+
+    Args:
+        compiler (str): the C++ compiler (``$CXX``, default ``g++``).
+
+    Returns:
+        str: ``<cache>/libmxmask_ops-<hash>.so`` under ``$MXMASK_CACHE`` (default
+        ``~/.cache/mxmask``).
+    """
     digest = hashlib.sha1()
     for path in SOURCES + HEADERS + [os.path.join(_mxnet_dir(), "src", "lib_api.cc")]:
         with open(path, "rb") as f:
@@ -90,8 +80,18 @@ def library_path(compiler):
 
 
 def build(compiler, out):
-    """Compile the sources into ``out`` (atomically), saying so on stderr (it takes about 10 s,
-    once per machine); raises RuntimeError with the compiler's message on failure."""
+    """Compile the sources into ``out``, saying so on stderr (once per machine).
+
+    The library is built against the headers and ``src/lib_api.cc`` shipped in the mxnet
+    wheel, into a temp file that is then renamed, so concurrent processes are safe.
+
+    Args:
+        compiler (str): the C++ compiler.
+        out (str): the library path (:func:`library_path`).
+
+    Raises:
+        RuntimeError: with the compiler's message when the build fails.
+    """
     print("mxmask: compiling the CPU kernels (once per machine, about 10 s) into %s" % out,
           file=sys.stderr, flush=True)
     mxdir = _mxnet_dir()
@@ -113,6 +113,8 @@ def build(compiler, out):
 
 
 def _load():
+    """Build when needed and load the library; False (with a one-line warning naming the
+    reason) without a compiler, after a failed build or with ``MXMASK_OPS=mxnet``."""
     if os.environ.get("MXMASK_OPS", "").lower() == "mxnet":
         return False
     compiler = os.environ.get("CXX") or "g++"
@@ -135,7 +137,13 @@ def _load():
 
 
 def load_ops():
-    """Build (once per machine) and load the operators (once per process)."""
+    """Build (once per machine) and load the operators (once per process).
+
+    Returns:
+        bool: whether ``mxmask_roi_align``, ``mxmask_group_norm`` and ``mxmask_box_nms`` exist
+        in ``mx.nd`` and ``mx.sym``. False means training and inference use the stock
+        operators.
+    """
     with _LOCK:
         if "loaded" not in _STATE:
             _STATE["loaded"] = _load()
@@ -143,15 +151,33 @@ def load_ops():
 
 
 def kernels_for(ctxs):
-    """``"mxmask"`` when every context is a CPU and the operators load, else ``"mxnet"``."""
+    """Which kernels suit these contexts.
+
+    Args:
+        ctxs (list[mx.Context]): the contexts.
+
+    Returns:
+        str: ``"mxmask"`` when every context is a CPU and the operators load, else
+        ``"mxnet"``.
+    """
     if all(c.device_type == "cpu" for c in ctxs) and load_ops():
         return "mxmask"
     return "mxnet"
 
 
 def resolve_kernels(kernels, ctxs):
-    """``"auto"`` -> :func:`kernels_for` ``(ctxs)``; ``"mxnet"`` / ``"mxmask"`` are checked
-    (``"mxmask"`` needs the operators: RuntimeError when they could not be built)."""
+    """Resolve a kernels setting.
+
+    Args:
+        kernels (str): ``"auto"``, ``"mxnet"`` or ``"mxmask"`` (ValueError otherwise).
+        ctxs (list[mx.Context]): the contexts, for ``"auto"``.
+
+    Returns:
+        str: ``"mxnet"`` or ``"mxmask"``; ``"auto"`` becomes :func:`kernels_for` ``(ctxs)``.
+
+    Raises:
+        RuntimeError: for ``"mxmask"`` when the operators could not be built.
+    """
     if kernels == "auto":
         return kernels_for(ctxs)
     if kernels not in ("mxnet", "mxmask"):
@@ -169,7 +195,19 @@ def compiled_kernels(enabled=True, kernels=KERNELS):
     """Within the block (this thread), the RoI poolers (``"roi_align"``), GroupNorm layers
     (``"group_norm"``) and NMS calls (``"box_nms"``) called, or traced into a graph, use the
     compiled operators named in ``kernels`` when ``enabled`` (they must be loaded:
-    :func:`load_ops`)."""
+    :func:`load_ops`).
+
+    Who uses them: the training graph on CPU contexts
+    (:class:`mxmask.modeling.training.RCNNLoss` traces its graphs inside this block), all
+    three; the inference network run in-process on CPUs (``MaskRCNN.use_kernels``, which the
+    predictor, ``mxmask eval`` and ``mxmask bench`` call), the RoIAlign and the NMS, so that it
+    gives exactly the outputs of its exported graph, which keeps the stock operators and needs
+    nothing but MXNet.
+
+    Args:
+        enabled (bool): False turns every compiled kernel off inside the block.
+        kernels: names among :data:`KERNELS`.
+    """
     previous = getattr(_ACTIVE, "on", frozenset())
     _ACTIVE.on = frozenset(kernels) if enabled else frozenset()
     try:
@@ -179,6 +217,13 @@ def compiled_kernels(enabled=True, kernels=KERNELS):
 
 
 def compiled_kernels_active(kernel):
-    """Whether ``kernel`` (``"roi_align"``, ``"group_norm"`` or ``"box_nms"``) is compiled in
-    this block."""
+    """Whether a compiled kernel is on in the current :func:`compiled_kernels` block.
+
+    Args:
+        kernel (str): ``"roi_align"``, ``"group_norm"`` or ``"box_nms"``.
+
+    Returns:
+        bool: True inside ``compiled_kernels(True, kernels)`` with ``kernel`` in ``kernels``
+        (this thread only).
+    """
     return kernel in getattr(_ACTIVE, "on", frozenset())

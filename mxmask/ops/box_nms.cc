@@ -15,10 +15,9 @@
 // detections anyway.
 //
 // Why: MXNet's CPU box_nms launches one parallel kernel per reference row (6000 launches for
-// GluonCV's 6000 pre-NMS proposals) and sorts all batches together, which took about 0.3 s of
-// that proposal stage and ~20 ms of a `shapes` training step; here each batch is one task,
-// sorted on its own, and the suppression by each kept row is one vectorised pass over the
-// later candidates.
+// GluonCV's 6000 pre-NMS proposals) and sorts all batches together; here each batch is one
+// task, sorted on its own, and the suppression by each kept row is one vectorised pass over the
+// later candidates (docs/kernels.md, "The compiled CPU operators").
 #include <omp.h>
 
 #include <algorithm>
@@ -108,9 +107,10 @@ inline float Area(const float* box) {
 }
 
 // Marks removed[q] for every candidate q in [from, n) of class `a_cls` whose IoU with
-// (ax1, ay1, ax2, ay2) of area `a_area` is > thresh (all classes are 0 when NMS ignores them). Branch-free over structure-of-
-// arrays candidates, so it vectorises (clones for AVX-512 and AVX2, picked at load time). The
-// arithmetic is box_nms's: max/min as a > b ? a : b, widths clamped at 0, float32.
+// (ax1, ay1, ax2, ay2) of area `a_area` is > thresh (all classes are 0 when NMS ignores them).
+// Branch-free over structure-of-arrays candidates, so it vectorises (clones for AVX-512 and
+// AVX2, picked at load time). The arithmetic is box_nms's: max/min as a > b ? a : b, widths
+// clamped at 0, float32.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void SuppressAfter(int64_t from, int64_t n, float ax1, float ay1, float ax2, float ay2,
                    float a_area, int a_cls, float thresh, const float* x1,

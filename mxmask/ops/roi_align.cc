@@ -14,12 +14,11 @@
 // gets no gradient.
 //
 // Why: contrib.ROIAlign's CPU backward is one serial loop over every output element that
-// recomputes the roi's sample positions for each channel (1.4 s per call on a ResNet-50 FPN
-// training step). Here each roi's samples (positions and weights) are computed once, in
-// parallel, and the gradient is scattered in parallel over (image, channel) planes, which no
-// two threads share. Its forward reads one channel plane at a time, a few scattered floats per
-// sample (1000 rois of 256 channels on a 200x336 map: 235 ms); this one reads a channels-last
-// copy, whole channel vectors per sample (84 ms, the copy included).
+// recomputes the roi's sample positions for each channel. Here each roi's samples (positions
+// and weights) are computed once, in parallel, and the gradient is scattered in parallel over
+// (image, channel) planes, which no two threads share. Its forward reads one channel plane at
+// a time, a few scattered floats per sample; this one reads a channels-last copy, whole channel
+// vectors per sample (docs/kernels.md, "The compiled CPU operators").
 #include <omp.h>
 
 #include <algorithm>
