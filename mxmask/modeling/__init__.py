@@ -8,5 +8,6 @@ between the files:
     anchors.py     AnchorGenerator: (1, H*W*A, 4) anchors per level, stored as a constant
     proposals.py   ProposalGenerator: RPN outputs -> rois (B, post, 4), scores (B, post)
     poolers.py     assign_fpn_levels, MultiLevelRoIAlign: rois (B, R, 4) -> (B*R, C, P, P)
-    backbone.py, fpn.py, norm.py, rpn.py, roi_heads.py, rcnn.py, targets.py, losses.py
+    backbone.py, fpn.py, norm.py, rpn.py, roi_heads.py, rcnn.py (the inference network)
+    targets.py, losses.py, training.py (the training graph); precision.py, _utils.py
 """

@@ -7,28 +7,12 @@
         C4 (B, 4*k*width, H/16, W/16)     sizes round up: a stride-2 layer maps n -> ceil(n/2)
         C5 (B, 8*k*width, H/32, W/32)
 
-ResNet-v1b puts the stride of a stage's first block in its 3x3 conv (conv2 of a Bottleneck, conv1
-of a BasicBlock) and in the 1x1 downsample conv. The stem is conv 7x7/2 (``width`` channels),
-norm, relu, max-pool 3x3/2 (pad 1). ``width`` = 64 is the standard ResNet; a smaller width scales
-every stage (stage channels ``width * (1, 2, 4, 8) * k``).
+    load_pretrained_from_config(backbone, cfg) -> the path loaded, or None
+        resolve_pretrained(cfg.model.backbone.pretrained) -> a GluonCV ImageNet .params file
+        load_pretrained_backbone(backbone, path) -> the number of parameters loaded
 
-Parameter names equal GluonCV's ``ResNetV1b`` (``resnet{18,34,50,101}_v1b``) without its ``fc``,
-both in the structural form written by ``save_parameters`` (``conv1.weight``,
-``layer1.0.bn1.gamma``, ``layer1.0.downsample.0.weight``, ...) and in the prefixed form of
-``collect_params()`` (``resnetv1b_conv0_weight``, ``resnetv1b_layers1_batchnorm0_gamma``,
-``resnetv1b_down1_conv0_weight``, ...; the prefix follows the parent blocks). So a GluonCV
-ImageNet ``.params`` file in either form loads with no renaming (:func:`load_pretrained_backbone`).
-With ``norm="gn"`` the norm layers are named ``groupnorm<i>_`` and have only gamma and beta.
-
-``freeze_at``: 0 trains everything; 1 freezes the stem (conv1, bn1); k >= 2 freezes the stem and
-res2..res<k> (``layer1`` .. ``layer<k-1>``). Frozen parameters get ``grad_req='null'``; with
-``norm`` bn or syncbn the norm layers of frozen stages are built as frozen BN (running statistics,
-as Detectron2 does), since a frozen stage must not change in training either.
-
-``cfg.model.backbone.pretrained`` (see :func:`resolve_pretrained`) is "" (none), a path to a
-GluonCV ImageNet ``.params`` file, or a GluonCV model name such as ``resnet50_v1b`` looked up as
-``$MXNET_HOME/models/resnet50_v1b-*.params`` (MXNET_HOME defaults to ``~/.mxnet``). Nothing is
-ever downloaded.
+The parameter names are GluonCV's (:class:`ResNetV1b`), so its ImageNet files load with no
+renaming. Nothing is ever downloaded.
 """
 import glob
 import os
@@ -73,6 +57,14 @@ class BasicBlockV1b(HybridBlock):
 
     The children take their names from the enclosing name scope (the stage's ``layers<s>_``),
     numbered from ``index``, as GluonCV's BasicBlockV1b: ``conv<2i>_``, ``conv<2i+1>_``.
+
+    Args:
+        in_channels, planes: input and output channels.
+        stride: 1 or 2.
+        downsample: the shortcut's projection block, or None for the identity.
+        norm: a kind of :func:`mxmask.modeling.norm.make_norm`.
+        index: i, the block's index in its stage (for the names).
+        gn_groups, num_devices: passed to ``make_norm``.
     """
     expansion = 1
 
@@ -99,6 +91,12 @@ class BottleneckV1b(HybridBlock):
 
     Input (B, in_channels, H, W) -> (B, 4*planes, ceil(H/stride), ceil(W/stride)).
     Children are named ``conv<3i+j>_`` / ``batchnorm<3i+j>_`` in the enclosing scope, as GluonCV.
+
+    Args:
+        in_channels: input channels.
+        planes: the 3x3 conv's channels; the output has 4 * planes.
+        stride, downsample, norm, index, gn_groups, num_devices: as for
+            :class:`BasicBlockV1b`.
     """
     expansion = 4
 
@@ -124,7 +122,35 @@ class BottleneckV1b(HybridBlock):
 
 
 class ResNetV1b(HybridBlock):
-    """ResNet-v1b body returning C2..C5 (see the module docstring for shapes and names)."""
+    """ResNet-v1b body returning C2..C5 (shapes in the module docstring).
+
+    ResNet-v1b puts the stride of a stage's first block in its 3x3 conv (conv2 of a
+    Bottleneck, conv1 of a BasicBlock) and in the 1x1 downsample conv. The stem is conv 7x7/2
+    (``width`` channels), norm, relu, max-pool 3x3/2 (pad 1). ``width`` = 64 is the standard
+    ResNet; a smaller width scales every stage (stage channels ``width * (1, 2, 4, 8) * k``).
+
+    Parameter names equal GluonCV's ``ResNetV1b`` (``resnet{18,34,50,101}_v1b``) without its
+    ``fc``, both in the structural form written by ``save_parameters`` (``conv1.weight``,
+    ``layer1.0.bn1.gamma``, ``layer1.0.downsample.0.weight``, ...) and in the prefixed form of
+    ``collect_params()`` (``resnetv1b_conv0_weight``, ``resnetv1b_layers1_batchnorm0_gamma``,
+    ``resnetv1b_down1_conv0_weight``, ...; the prefix follows the parent blocks). So a GluonCV
+    ImageNet ``.params`` file in either form loads with no renaming
+    (:func:`load_pretrained_backbone`). With ``norm="gn"`` the norm layers are named
+    ``groupnorm<i>_`` and have only gamma and beta.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        width: the stem's channels (64: the standard ResNet).
+        norm: a kind of :func:`mxmask.modeling.norm.make_norm`.
+        gn_groups: the GroupNorm groups with ``norm="gn"``; must divide every stage's channels.
+        freeze_at: 0 trains everything; 1 freezes the stem (conv1, bn1); k >= 2 freezes the
+            stem and res2..res<k> (``layer1`` .. ``layer<k-1>``). Frozen parameters get
+            ``grad_req='null'``; with ``norm`` bn or syncbn the norm layers of frozen stages
+            are built as frozen BN (running statistics, as Detectron2 does), since a frozen
+            stage must not change in training either.
+        num_devices: for syncbn.
+        prefix, params: as for any Gluon block (``resnetv1b_``: GluonCV's prefix).
+    """
 
     def __init__(self, depth=50, width=64, norm="frozen_bn", gn_groups=32, freeze_at=0,
                  num_devices=None, prefix="resnetv1b_", params=None):
@@ -190,6 +216,13 @@ class ResNetV1b(HybridBlock):
                 param.grad_req = "null"
 
     def hybrid_forward(self, F, x):
+        """
+        Args:
+            x: (B, 3, H, W) normalised RGB.
+
+        Returns:
+            (C2, C3, C4, C5) at strides 4, 8, 16, 32 (shapes in the module docstring).
+        """
         x = F.Activation(act_type="relu", data=self.bn1(self.conv1(x)))
         x = F.Pooling(x, kernel=(3, 3), stride=(2, 2), pad=(1, 1), pool_type="max")
         c2 = self.layer1(x)
@@ -199,6 +232,7 @@ class ResNetV1b(HybridBlock):
         return c2, c3, c4, c5
 
     def describe(self):
+        """One line naming the network, for messages."""
         return "ResNet-%d v1b (width %d, norm %s)" % (self.depth, self.width, self.norm)
 
 
@@ -224,15 +258,21 @@ def _is_classifier(name, structural):
 def load_pretrained_backbone(backbone, path, ctx=None):
     """Load a GluonCV ImageNet ResNet-v1b ``.params`` file into ``backbone``.
 
-    ``backbone`` is a :class:`ResNetV1b` or the block of :func:`mxmask.modeling.fpn.build_backbone` (its
-    ``bottom_up`` is used). The file may use structural names (``conv1.weight``, written by
-    ``save_parameters``) or prefixed names (``resnetv1b_conv0_weight``, ``arg:``/``aux:`` allowed);
-    the classifier (``fc.*`` / ``dense*``) is ignored. Parameters already initialised keep their
-    contexts; others are initialised on ``ctx`` (default: the current context).
+    The file may use structural names (``conv1.weight``, written by ``save_parameters``) or
+    prefixed names (``resnetv1b_conv0_weight``, ``arg:``/``aux:`` allowed); the classifier
+    (``fc.*`` / ``dense*``) is ignored. Raises UserError naming the file when it is missing,
+    unreadable, or when the names or shapes do not match (listing the missing, unexpected and
+    mismatched names).
 
-    Raises UserError naming the file when it is missing, unreadable, or when the names or shapes
-    do not match (listing the missing, unexpected and mismatched names). Returns the number of
-    parameters loaded.
+    Args:
+        backbone: a :class:`ResNetV1b`, or the block of
+            :func:`mxmask.modeling.fpn.build_backbone` (its ``bottom_up`` is used).
+        path: the ``.params`` file.
+        ctx: where parameters not yet initialised are initialised (default: the current
+            context); initialised ones keep their contexts.
+
+    Returns:
+        The number of parameters loaded.
     """
     resnet = _find_resnet(backbone)
     if not os.path.isfile(path):
@@ -287,11 +327,18 @@ def load_pretrained_backbone(backbone, path, ctx=None):
 
 
 def resolve_pretrained(value, mxnet_home=None):
-    """Turn ``cfg.model.backbone.pretrained`` into a file path, or None when it is empty.
+    """Turn ``cfg.model.backbone.pretrained`` into a file path.
 
-    ``value`` is a path to a ``.params`` file, or a GluonCV model name (``resnet50_v1b``) looked up
-    as ``<MXNET_HOME>/models/<name>-*.params`` (then ``<name>.params``); MXNET_HOME defaults to
-    ``~/.mxnet``. A missing file is a UserError that says where it looked; nothing is downloaded.
+    A missing file is a UserError that says where it looked; nothing is downloaded.
+
+    Args:
+        value: "" (none), a path to a GluonCV ImageNet ``.params`` file, or a GluonCV model
+            name (``resnet50_v1b``) looked up as ``<MXNET_HOME>/models/<name>-*.params``
+            (then ``<name>.params``).
+        mxnet_home: MXNET_HOME; default the environment variable, else ``~/.mxnet``.
+
+    Returns:
+        The path (the newest match for a name), or None when ``value`` is empty.
     """
     if not value:
         return None
@@ -314,7 +361,15 @@ def resolve_pretrained(value, mxnet_home=None):
 
 
 def load_pretrained_from_config(backbone, cfg, ctx=None):
-    """Load ``cfg.model.backbone.pretrained`` into ``backbone`` when it is set; return the path."""
+    """Load ``cfg.model.backbone.pretrained`` into ``backbone`` when it is set.
+
+    Args:
+        backbone, ctx: as for :func:`load_pretrained_backbone`.
+        cfg: the config.
+
+    Returns:
+        The path loaded (:func:`resolve_pretrained`), or None.
+    """
     path = resolve_pretrained(cfg.model.backbone.pretrained)
     if path is not None:
         load_pretrained_backbone(backbone, path, ctx=ctx)

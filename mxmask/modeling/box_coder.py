@@ -1,43 +1,22 @@
-"""Box maths, written once: encode, decode, clip, area, pairwise IoU and GIoU.
+"""Box maths, written once: encode, decode, clip, area, pairwise IoU and GIoU, mirroring.
+
+    encode_boxes(F, boxes (..., 4), anchors (..., 4), weights, plus_one) -> deltas (..., 4)
+    decode_boxes(F, deltas (..., 4), anchors (..., 4), weights, plus_one, scale_clamp)
+        -> boxes (..., 4)
+    clip_boxes(F, boxes (B, ..., 4), im_info (B, 3)) -> boxes (B, ..., 4)
+    box_area(F, boxes (..., 4), plus_one) -> (...)
+    pairwise_iou(F, a (B, N, 4), b (B, M, 4)) -> (B, N, M)
+    generalized_iou(F, a (..., 4), b (..., 4)), delta_giou(F, deltas, target_deltas) -> (...)
+    hflip_boxes(F, boxes (..., 4), width), hflip_deltas(F, deltas (N, 4k))
 
 Every function takes ``F`` (``mx.nd`` or ``mx.sym``) first, so it works inside a HybridBlock's
-``hybrid_forward`` both imperatively and after ``hybridize()``, on any context.
+``hybrid_forward`` both imperatively and after ``hybridize()``, on any context. Boxes are
+``(x1, y1, x2, y2)`` in pixels on the last axis, deltas ``(dx, dy, dw, dh)``. Leading axes
+broadcast (``broadcast_*`` ops), e.g. deltas (B, R, C, 4) with anchors (B, R, 1, 4).
 
-Boxes are ``(x1, y1, x2, y2)`` in pixels on the last axis (size 4). Deltas are
-``(dx, dy, dw, dh)`` on the last axis. Leading axes broadcast (``broadcast_*`` ops), e.g.
-deltas ``(B, R, C, 4)`` with anchors ``(B, R, 1, 4)``, or deltas ``(B, N, 4)`` with anchors
-``(1, N, 4)``.
-
-Box coding (Detectron2 ``Box2BoxTransform``, and equally GluonCV's
-``NormalizedBoxCenterEncoder/Decoder`` and MXNet's ``contrib.box_encode/box_decode`` in "corner"
-format, with ``stds = 1 / weights``)::
-
-    w  = x2 - x1          cx = x1 + 0.5 * w           (the same for anchors and boxes)
-    dx = wx * (cx - cx_a) / w_a      dw = ww * log(w / w_a)
-    decode: cx = dx / wx * w_a + cx_a,   w = exp(min(dw / ww, scale_clamp)) * w_a,
-            x1 = cx - 0.5 * w,   x2 = cx + 0.5 * w
-
-The ``plus_one`` flag. ``model.box_plus_one`` is true for the GluonCV preset and the functions
-here reproduce what GluonCV actually computes under it. Reading GluonCV 0.10.5 (``nn/coder.py``,
-``nn/bbox.py``, ``rpn/proposal.py``, ``rcnn.py``) and MXNet's box ops shows that the "+1" appears
-ONLY in box areas/sizes: the RPN's min-size test (``w = x2 - x1 + 1``) and the FPN level
-assignment (``sqrt((x2-x1+1)*(y2-y1+1))``), plus the Detectron1-style anchor generation (see
-anchors.py). Its coder (``BBoxCornerToCenter``: "we do not have +1 here since our nms and box
-iou does not"), its clipping (``BBoxClipToImage``: ``[0, W] x [0, H]`` of the image tensor, no -1),
-``contrib.box_iou`` and ``contrib.box_nms`` have no +1. Hence:
-
-    function          plus_one=False (Detectron2)        plus_one=True (GluonCV)
-    encode_boxes      w = x2 - x1                         identical (GluonCV has no +1)
-    decode_boxes      w = x2 - x1, exp in the dtype       identical maths, exp evaluated in
-                                                          float64 then rounded, which makes it
-                                                          bit-exact with contrib.box_decode
-    clip_boxes        [0, w] x [0, h]                     identical: [0, w] x [0, h]
-    box_area          (x2 - x1) * (y2 - y1)               (x2 - x1 + 1) * (y2 - y1 + 1)
-    pairwise_iou      as contrib.box_iou                  identical (box_iou has no +1)
-
-``decode_boxes`` multiplies deltas by ``1 / weights`` (GluonCV's ``stds``) rather than dividing by
-the weights; with GluonCV's stds this is bit-exact with its decoder, and within 1 ulp of
-Detectron2's division.
+``plus_one`` (``model.box_plus_one``, the GluonCV preset) reproduces what GluonCV computes: its
+"+1" is in box areas and sizes only (:func:`box_area`), never in the coder, the clipping or the
+IoU; each function says what the flag changes.
 """
 import math
 
@@ -53,7 +32,7 @@ def _corners(F, boxes):
 
 
 def _center_size(F, boxes):
-    """(..., 4) corner boxes -> cx, cy, w, h, each (..., 1); no +1 (see the module notes)."""
+    """(..., 4) corner boxes -> cx, cy, w, h, each (..., 1); no +1 (see :func:`encode_boxes`)."""
     x1, y1, x2, y2 = _corners(F, boxes)
     w = x2 - x1
     h = y2 - y1
@@ -63,11 +42,25 @@ def _center_size(F, boxes):
 def encode_boxes(F, boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=False):
     """Regression targets that turn ``anchors`` into ``boxes``.
 
-    boxes and anchors: (..., 4) xyxy, broadcast on the leading axes. Returns deltas (..., 4)
-    ``(wx * (cx - cx_a) / w_a, wy * (cy - cy_a) / h_a, ww * log(w / w_a), wh * log(h / h_a))``.
-    ``plus_one`` is accepted for a uniform signature and does not change the result (GluonCV's
-    encoder has no +1). Anchors and boxes should have positive size; a zero-size box gives
-    ``-inf`` in dw/dh, as in Detectron2 and GluonCV.
+    The box coding of Detectron2's ``Box2BoxTransform``, and equally of GluonCV's
+    ``NormalizedBoxCenterEncoder/Decoder`` and MXNet's ``contrib.box_encode/box_decode`` in
+    "corner" format with ``stds = 1 / weights``::
+
+        w  = x2 - x1          cx = x1 + 0.5 * w           (the same for anchors and boxes)
+        dx = wx * (cx - cx_a) / w_a      dw = ww * log(w / w_a)      (and dy, dh likewise)
+
+    No +1 in the widths: GluonCV's ``BBoxCornerToCenter`` has none either ("we do not have +1
+    here since our nms and box iou does not"). Anchors and boxes should have positive size; a
+    zero-size box gives ``-inf`` in dw/dh, as in Detectron2 and GluonCV.
+
+    Args:
+        boxes: (..., 4) xyxy targets.
+        anchors: (..., 4) xyxy reference boxes; broadcast with ``boxes`` on the leading axes.
+        weights: (wx, wy, ww, wh).
+        plus_one: accepted for a uniform signature; does not change the result.
+
+    Returns:
+        (..., 4) deltas ``(dx, dy, dw, dh)``.
     """
     del plus_one
     wx, wy, ww, wh = [float(w) for w in weights]
@@ -82,15 +75,30 @@ def encode_boxes(F, boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=False
 
 def decode_boxes(F, deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=False,
                  scale_clamp=DEFAULT_SCALE_CLAMP):
-    """Apply ``deltas`` (..., 4) to ``anchors`` (..., 4) -> boxes (..., 4) xyxy.
+    """Apply ``deltas`` to ``anchors``: the inverse of :func:`encode_boxes`::
 
-    The leading axes broadcast (e.g. deltas (B, N, 4) with anchors (1, N, 4)). dw and dh are
-    clamped from above at ``scale_clamp`` after dividing by the weights (Detectron2:
-    log(1000/16); GluonCV's FPN models: 4.42); ``None`` or a value <= 0 disables the clamp, as
-    ``clip=-1`` does for ``contrib.box_decode``. With ``plus_one=True`` the result is bit-exact
-    with GluonCV's ``contrib.box_decode(..., format='corner')`` (std_i = 1 / weight_i): that op
-    evaluates exp in double precision, so exp is computed in float64 here (float32 in, float32
-    out). Otherwise exp runs in the input dtype. No +1 either way (see the module notes).
+        cx = dx / wx * w_a + cx_a,   w = exp(min(dw / ww, scale_clamp)) * w_a,
+        x1 = cx - 0.5 * w,   x2 = cx + 0.5 * w                          (and y likewise)
+
+    The deltas are multiplied by ``1 / weights`` (GluonCV's ``stds``) rather than divided by
+    the weights: bit-exact with GluonCV's decoder, and within 1 ulp of Detectron2's division.
+    dw and dh are clamped from above at ``scale_clamp`` (Detectron2: log(1000/16); GluonCV's
+    FPN models: 4.42); ``None`` or a value <= 0 disables the clamp, as ``clip=-1`` does for
+    ``contrib.box_decode``. No +1 either way.
+
+    Args:
+        deltas: (..., 4) ``(dx, dy, dw, dh)``.
+        anchors: (..., 4) xyxy; broadcast with ``deltas`` on the leading axes (e.g. deltas
+            (B, N, 4) with anchors (1, N, 4)).
+        weights: (wx, wy, ww, wh).
+        plus_one: True makes the result bit-exact with GluonCV's
+            ``contrib.box_decode(..., format='corner')`` (std_i = 1 / weight_i): that op
+            evaluates exp in double precision, so exp is computed in float64 (float32 in,
+            float32 out). Otherwise exp runs in the input dtype.
+        scale_clamp: the upper bound of dw / ww and dh / wh before exp.
+
+    Returns:
+        (..., 4) boxes xyxy.
     """
     wx, wy, ww, wh = [float(w) for w in weights]
     ax, ay, aw, ah = _center_size(F, anchors)
@@ -116,13 +124,19 @@ def decode_boxes(F, deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), plus_one=Fals
 
 
 def clip_boxes(F, boxes, im_info, plus_one=False):
-    """Clip boxes (B, ..., 4) into their image: x to [0, w], y to [0, h].
+    """Clip boxes into their image: x to [0, w], y to [0, h].
 
-    im_info (B, 3) = (h, w, scale): the valid (resized, unpadded) image size of each image.
-    Computed as ``min(max(box, 0), (w, h, w, h))`` like GluonCV's ``BBoxClipToImage`` (which clips
-    to the unpadded image tensor's W and H, without -1), so ``plus_one`` does not change the
-    result. +-inf are clipped to the bounds; NaN coordinates stay NaN. Returns boxes of the input
-    shape.
+    Computed as ``min(max(box, 0), (w, h, w, h))`` like GluonCV's ``BBoxClipToImage`` (which
+    clips to the unpadded image tensor's W and H, without -1). +-inf are clipped to the bounds;
+    NaN coordinates stay NaN.
+
+    Args:
+        boxes: (B, ..., 4) xyxy.
+        im_info: (B, 3) = (h, w, scale): the valid (resized, unpadded) size of each image.
+        plus_one: accepted for a uniform signature; does not change the result.
+
+    Returns:
+        boxes of the input shape.
     """
     del plus_one
     hw = F.slice_axis(im_info, axis=1, begin=0, end=2)                  # (B, 2) = (h, w)
@@ -133,10 +147,17 @@ def clip_boxes(F, boxes, im_info, plus_one=False):
 
 
 def generalized_iou(F, a, b, eps=1e-7):
-    """Generalized IoU (Rezatofighi et al. 2019) of the box pairs ``a`` (..., 4) and ``b``
-    (..., 4), elementwise -> (...): ``IoU - (|C| - |A u B|) / |C|`` with C the smallest box
-    enclosing both; in [-1, 1], 1 only for equal boxes. Boxes should have positive size (``eps``
-    guards the divisions)."""
+    """Generalized IoU (Rezatofighi et al. 2019) of box pairs, elementwise:
+    ``IoU - (|C| - |A u B|) / |C|`` with C the smallest box enclosing both; in [-1, 1], 1 only
+    for equal boxes.
+
+    Args:
+        a, b: (..., 4) xyxy boxes of positive size, paired elementwise.
+        eps: guards the divisions.
+
+    Returns:
+        (...) the GIoU of each pair.
+    """
     ax1, ay1, ax2, ay2 = F.split(a, axis=-1, num_outputs=4, squeeze_axis=True)
     bx1, by1, bx2, by2 = F.split(b, axis=-1, num_outputs=4, squeeze_axis=True)
     inter = (F.relu(F.minimum(ax2, bx2) - F.maximum(ax1, bx1))
@@ -148,11 +169,19 @@ def generalized_iou(F, a, b, eps=1e-7):
 
 def delta_giou(F, deltas, target_deltas, weights=(1.0, 1.0, 1.0, 1.0),
                scale_clamp=DEFAULT_SCALE_CLAMP):
-    """:func:`generalized_iou` of the boxes that ``deltas`` (..., 4) and ``target_deltas``
-    (..., 4) make of the same reference box -> (...). GIoU does not change under a shift or an
-    axis-wise scaling of both boxes, so it is that of the two boxes decoded against the unit box
-    (0, 0, 1, 1), whatever the reference box: the box head's GIoU loss needs only its deltas and
-    targets (Detectron2 decodes both against the proposals)."""
+    """:func:`generalized_iou` of the boxes that two sets of deltas make of the same reference
+    box. GIoU does not change under a shift or an axis-wise scaling of both boxes, so it is that
+    of the two boxes decoded against the unit box (0, 0, 1, 1), whatever the reference box: the
+    box head's GIoU loss needs only its deltas and targets (Detectron2 decodes both against the
+    proposals).
+
+    Args:
+        deltas, target_deltas: (..., 4) ``(dx, dy, dw, dh)``, paired elementwise.
+        weights, scale_clamp: as in :func:`decode_boxes`.
+
+    Returns:
+        (...) the GIoU of each pair.
+    """
     corner = F.slice_axis(deltas, axis=-1, begin=0, end=2)
     unit = F.concat(F.zeros_like(corner), F.ones_like(corner), dim=-1)
     return generalized_iou(F, decode_boxes(F, deltas, unit, weights, scale_clamp=scale_clamp),
@@ -160,13 +189,19 @@ def delta_giou(F, deltas, target_deltas, weights=(1.0, 1.0, 1.0, 1.0),
 
 
 def hflip_boxes(F, boxes, width):
-    """Mirror boxes (..., 4) left to right in an image ``width`` pixels wide -> (..., 4).
+    """Mirror boxes left to right in an image ``width`` pixels wide.
 
     ``x1' = W - x2``, ``x2' = W - x1``; y unchanged. Continuous coordinates: pixel column ``i``
     of the mirrored image is column ``W - 1 - i`` of the image, so a coordinate ``x`` (pixel
     edges, pixel ``i`` centred at ``i + 0.5``) becomes ``W - x`` (the data loader's flip,
-    data/transforms.py, is the same map). ``width`` is a number or an array that broadcasts
-    against ``(..., 1)``, e.g. shape (1,). Applied twice it gives the boxes back.
+    data/transforms.py, is the same map). Applied twice it gives the boxes back.
+
+    Args:
+        boxes: (..., 4) xyxy.
+        width: W, a number or an array that broadcasts against ``(..., 1)``, e.g. shape (1,).
+
+    Returns:
+        (..., 4) the mirrored boxes.
     """
     x1, y1, x2, y2 = F.split(boxes, axis=-1, num_outputs=4)
     if isinstance(width, (int, float)):
@@ -175,12 +210,17 @@ def hflip_boxes(F, boxes, width):
 
 
 def hflip_deltas(F, deltas):
-    """Mirror box deltas (N, 4k) (k sets of ``(dx, dy, dw, dh)``, e.g. one per class) -> (N, 4k):
-    ``dx`` changes sign, the rest stays.
+    """Mirror box deltas: ``dx`` changes sign, the rest stays.
 
     The deltas that take box ``b`` to ``t`` take ``hflip_boxes(b)`` to ``hflip_boxes(t)`` once
     mirrored: ``decode_boxes(hflip_deltas(d), hflip_boxes(b)) == hflip_boxes(decode_boxes(d, b))``
     (the centre offset mirrors, the log-sizes do not).
+
+    Args:
+        deltas: (N, 4k), k sets of ``(dx, dy, dw, dh)`` (e.g. one per class).
+
+    Returns:
+        (N, 4k) the mirrored deltas.
     """
     d = F.reshape(deltas, (0, -1, 4))                                   # (N, k, 4)
     dx = F.slice_axis(d, axis=-1, begin=0, end=1)
@@ -189,10 +229,19 @@ def hflip_deltas(F, deltas):
 
 
 def box_area(F, boxes, plus_one=False):
-    """Areas (...) of boxes (..., 4): (x2 - x1 + p) * (y2 - y1 + p), p = 1 if plus_one else 0.
+    """Areas ``(x2 - x1 + p) * (y2 - y1 + p)``, p = 1 if plus_one else 0.
 
-    Not clamped: an inverted box has a negative or sign-flipped "area", as in Detectron2's
-    ``Boxes.area()`` and GluonCV's level assignment. The last axis is removed.
+    The one function here where ``plus_one`` changes the result: GluonCV's "+1" is in box
+    sizes (the RPN's min-size test, the FPN level assignment). Not clamped: an inverted box has
+    a negative or sign-flipped "area", as in Detectron2's ``Boxes.area()`` and GluonCV's level
+    assignment.
+
+    Args:
+        boxes: (..., 4) xyxy.
+        plus_one: add 1 to the width and height (GluonCV / Detectron1).
+
+    Returns:
+        (...) the areas; the last axis is removed.
     """
     x1, y1, x2, y2 = F.split(boxes, axis=-1, num_outputs=4, squeeze_axis=True)
     p = 1.0 if plus_one else 0.0
@@ -200,12 +249,19 @@ def box_area(F, boxes, plus_one=False):
 
 
 def pairwise_iou(F, a, b, plus_one=False):
-    """IoU of every box of ``a`` (B, N, 4) with every box of ``b`` (B, M, 4) -> (B, N, M).
+    """IoU of every box of ``a`` with every box of ``b``, per image.
 
-    Per image (no cross-image pairs, unlike ``contrib.box_iou`` on 3-d inputs), with
-    ``contrib.box_iou``'s rules: widths x2 - x1 (no +1, so ``plus_one`` does not change the
-    result, as in GluonCV), an inverted box has area 0, and a pair whose intersection is 0 has
-    IoU 0 (never NaN).
+    No cross-image pairs, unlike ``contrib.box_iou`` on 3-d inputs, but ``contrib.box_iou``'s
+    rules: widths x2 - x1 (no +1, as in GluonCV), an inverted box has area 0, and a pair whose
+    intersection is 0 has IoU 0 (never NaN).
+
+    Args:
+        a: (B, N, 4) xyxy.
+        b: (B, M, 4) xyxy.
+        plus_one: accepted for a uniform signature; does not change the result.
+
+    Returns:
+        (B, N, M) IoU.
     """
     del plus_one
     ax1, ay1, ax2, ay2 = F.split(F.expand_dims(a, axis=2), axis=-1, num_outputs=4,

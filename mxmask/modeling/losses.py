@@ -1,52 +1,22 @@
 """Training losses of the RPN, the box head, the mask head and the keypoint head.
 
-Each function takes ``mx.nd`` arrays (inside ``autograd.record``) or ``mx.sym`` symbols (inside a
-``hybrid_forward``); the operator namespace is picked from the type of the first argument, so the
-calls are the same in both modes. Every loss is a shape ``(1,)`` array, built from native ops only,
-and every normaliser is guarded with ``max(count, 1)`` so that a batch without positives gives a
-zero loss (and zero gradients) instead of a NaN. Labels and targets come from
-:mod:`mxmask.modeling.targets` (``-1`` means "not sampled / ignore").
+    rpn_losses(logits (B, N), deltas (B, N, 4), labels (B, N), box_targets (B, N, 4), ...)
+        -> (loss_objectness, loss_box)
+    fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S),
+                     box_targets (B, S, 4), ...) -> (loss_cls, loss_box)
+    mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P), mask_targets (B, P, M, M), ...)
+        -> loss_mask
+    keypoint_rcnn_loss(heatmap_logits (B*P, K, Q, Q), targets (B, P, K), valid (B, P, K))
+        -> loss_keypoint
 
-Normalisations follow Detectron2:
-
-``rpn_losses(logits (B, N), deltas (B, N, 4), labels (B, N), box_targets (B, N, 4), beta=0.0,
-batch_size_per_image=256, normalizer="batch_size")`` -> ``(loss_objectness, loss_box)``
-    objectness: sigmoid binary cross-entropy summed over the sampled anchors (label 0 or 1);
-    box: smooth-L1 (``beta`` 0 is L1) summed over the 4 deltas of the fg anchors. BOTH sums are
-    divided by ``batch_size_per_image * B`` (Detectron2's ``normalizer``), not by the number of
-    anchors actually sampled; with ``normalizer="sampled"`` (``model.rpn.loss_normalizer``)
-    by the number of anchors sampled in the batch (label >= 0): torchvision's
-    ``RegionProposalNetwork.compute_loss``, a mean cross-entropy and a box sum over
-    ``sampled_inds.numel()``. The two agree when every image fills its batch_size_per_image.
-
-``fast_rcnn_losses(cls_logits (B*S, C+1), deltas (B*S, C*4), labels (B, S) or (B*S,),
-box_targets (B, S, 4) or (B*S, 4), beta=0.0, cls_agnostic=False, reg_loss="smooth_l1",
-reg_weights=(1, 1, 1, 1))`` -> ``(loss_cls, loss_box)``
-    classification: softmax cross-entropy averaged over the sampled rois (label >= 0);
-    box: smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``; with
-    ``cls_agnostic`` deltas is (B*S, 4), the one box of every class) of the fg rois, summed and
-    divided by the number of sampled rois (label >= 0), Detectron2's
-    ``max(gt_classes.numel(), 1)``. With ``reg_loss="giou"`` (Detectron2's
-    ``BBOX_REG_LOSS_TYPE: giou``) each fg roi's term is instead ``1 - GIoU`` of the box its
-    deltas make with the box its targets make (``box_coder.delta_giou``; ``reg_weights`` are the
-    box coder's weights, ``model.box_head.bbox_reg_weights``), normalised the same way; the
-    caller multiplies by ``model.box_head.bbox_reg_loss_weight``.
-
-``mask_rcnn_loss(mask_logits (B*P, C, M, M), labels (B, P) or (B*P,), mask_targets (B, P, M, M),
-cls_agnostic=False, dice_weight=0.0)``
-    per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1; channel 0,
-    of C = 1, with ``cls_agnostic``), averaged over all pixels of the positive slots (label > 0).
-    With ``dice_weight > 0`` (``model.mask_head.dice_weight``; not in Detectron2) plus that
-    weight times the Dice loss of the same channel, averaged over the positive slots: per slot
-    ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` with ``p = sigmoid(logit)`` and the
-    sums over its M x M cells. Each slot counts as much as any other, however few cells its
-    object covers, so thin parts (a limb) weigh more than in the per-pixel average.
-
-``keypoint_rcnn_loss(heatmap_logits (B*P, K, S, S), targets (B, P, K), valid (B, P, K))``
-    softmax cross-entropy over the S*S positions of each heatmap, summed over the valid
-    keypoints and divided by their number in the batch (Detectron2's default
-    ``NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS``; the caller multiplies by
-    ``model.keypoint_head.loss_weight``).
+B images, N anchors of all levels, S sampled rois per image, P leading positive slots, C
+foreground classes, M the mask side, K keypoints, Q the heatmap side. Labels and targets come
+from :mod:`mxmask.modeling.targets` (``-1`` means "not sampled / ignore"). The arguments are
+``mx.nd`` arrays (inside ``autograd.record``) or ``mx.sym`` symbols (inside a
+``hybrid_forward``): the operator namespace is picked from the first argument. Every loss is a
+``(1,)`` array of native ops, every normaliser is guarded with ``max(count, 1)``, so a batch
+without positives gives a zero loss (and zero gradients) instead of a NaN. The normalisations
+are Detectron2's unless an argument says otherwise.
 """
 import mxnet as mx
 
@@ -62,13 +32,29 @@ def _ns(x):
 
 
 def sigmoid_bce_with_logits(F, x, z):
-    """Elementwise ``-z*log(sigmoid(x)) - (1-z)*log(1-sigmoid(x))``, computed stably."""
+    """Elementwise ``-z*log(sigmoid(x)) - (1-z)*log(1-sigmoid(x))``, computed stably.
+
+    Args:
+        x: logits, any shape.
+        z: targets in [0, 1], the shape of ``x``.
+
+    Returns:
+        the losses, the shape of ``x``.
+    """
     return F.relu(x) - x * z + F.log1p(F.exp(-F.abs(x)))
 
 
 def smooth_l1(F, x, beta):
     """Detectron2's smooth-L1 of the difference ``x``: ``|x|`` when beta < 1e-5, otherwise
-    ``0.5*x^2/beta`` for ``|x| < beta`` and ``|x| - 0.5*beta`` beyond."""
+    ``0.5*x^2/beta`` for ``|x| < beta`` and ``|x| - 0.5*beta`` beyond.
+
+    Args:
+        x: differences, any shape.
+        beta: a Python number.
+
+    Returns:
+        the losses, the shape of ``x``.
+    """
     ax = F.abs(x)
     if beta < 1e-5:
         return ax
@@ -82,6 +68,29 @@ def _total(F, x):
 
 def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_image=256,
                normalizer="batch_size"):
+    """The RPN's objectness and box losses.
+
+    objectness: sigmoid binary cross-entropy summed over the sampled anchors (label 0 or 1);
+    box: smooth-L1 summed over the 4 deltas of the fg anchors. Both sums are divided by the
+    same normaliser: ``batch_size_per_image * B`` with ``normalizer="batch_size"``
+    (Detectron2), not by the number of anchors actually sampled; with ``"sampled"``
+    (``model.rpn.loss_normalizer``) by the number of anchors sampled in the batch (label >= 0):
+    torchvision's ``RegionProposalNetwork.compute_loss``, a mean cross-entropy and a box sum
+    over ``sampled_inds.numel()``. The two agree when every image fills its
+    batch_size_per_image.
+
+    Args:
+        logits: (B, N) objectness logits of all levels.
+        deltas: (B, N, 4) predicted deltas.
+        labels: (B, N) 1 fg, 0 bg, -1 not sampled (``RPNTargets``).
+        box_targets: (B, N, 4) target deltas (used where labels is 1).
+        beta: smooth-L1's beta (0: L1).
+        batch_size_per_image: the anchors sampled per image (``model.rpn``).
+        normalizer: ``"batch_size"`` or ``"sampled"``.
+
+    Returns:
+        (loss_objectness, loss_box), each (1,).
+    """
     F = _ns(logits)
     sampled = labels >= 0
     fg = labels > 0
@@ -103,6 +112,30 @@ def rpn_losses(logits, deltas, labels, box_targets, beta=0.0, batch_size_per_ima
 
 def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agnostic=False,
                      reg_loss="smooth_l1", reg_weights=(1.0, 1.0, 1.0, 1.0)):
+    """The box head's classification and box regression losses.
+
+    classification: softmax cross-entropy averaged over the sampled rois (label >= 0); box:
+    smooth-L1 on the deltas of the gt class (columns ``4*(label-1) .. 4*(label-1)+3``) of the
+    fg rois, summed and divided by the number of sampled rois (label >= 0), Detectron2's
+    ``max(gt_classes.numel(), 1)``. With ``reg_loss="giou"`` (Detectron2's
+    ``BBOX_REG_LOSS_TYPE: giou``) each fg roi's term is instead ``1 - GIoU`` of the box its
+    deltas make with the box its targets make (``box_coder.delta_giou``), normalised the same
+    way; the caller multiplies by ``model.box_head.bbox_reg_loss_weight``.
+
+    Args:
+        cls_logits: (B*S, C+1) class logits, background in column 0.
+        deltas: (B*S, C*4) class-specific deltas, or (B*S, 4) with ``cls_agnostic`` (the one
+            box of every class).
+        labels: (B, S) or (B*S,): c + 1 for class c, 0 bg, -1 not sampled (``RoISampler``).
+        box_targets: (B, S, 4) or (B*S, 4) target deltas (used where labels > 0).
+        beta: smooth-L1's beta (0: L1).
+        cls_agnostic: ``model.box_head.cls_agnostic_bbox_reg``.
+        reg_loss: ``"smooth_l1"`` or ``"giou"`` (``model.box_head.bbox_reg_loss``).
+        reg_weights: the box coder's weights (``model.box_head.bbox_reg_weights``), for GIoU.
+
+    Returns:
+        (loss_cls, loss_box), each (1,).
+    """
     F = _ns(cls_logits)
     labels = F.reshape(labels, shape=(-1,))
     box_targets = F.reshape(box_targets, shape=(-1, 4))
@@ -131,6 +164,25 @@ def fast_rcnn_losses(cls_logits, deltas, labels, box_targets, beta=0.0, cls_agno
 
 
 def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False, dice_weight=0.0):
+    """The mask head's loss.
+
+    Per-pixel sigmoid binary cross-entropy on the channel of the gt class (label - 1; channel
+    0 with ``cls_agnostic``), averaged over all pixels of the positive slots (label > 0). With
+    ``dice_weight > 0`` (not in Detectron2) plus that weight times the :func:`dice_loss` of the
+    same channel, averaged over the positive slots: each slot counts as much as any other,
+    however few cells its object covers, so thin parts (a limb) weigh more than in the
+    per-pixel average.
+
+    Args:
+        mask_logits: (B*P, C, M, M), or (B*P, 1, M, M) with ``cls_agnostic``.
+        labels: (B, P) or (B*P,): c + 1 for class c; slots with label <= 0 carry no loss.
+        mask_targets: (B, P, M, M) in [0, 1] (``MaskTargets``).
+        cls_agnostic: ``model.mask_head.cls_agnostic_mask``.
+        dice_weight: ``model.mask_head.dice_weight``.
+
+    Returns:
+        loss_mask (1,).
+    """
     F = _ns(mask_logits)
     labels = F.reshape(labels, shape=(-1,))
     targets = F.reshape(mask_targets, shape=(-3, -2))                   # (B*P, M, M)
@@ -150,8 +202,16 @@ def mask_rcnn_loss(mask_logits, labels, mask_targets, cls_agnostic=False, dice_w
 
 
 def dice_loss(F, logits, targets):
-    """Per-slot Dice loss ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` of mask logits
-    ``(N, M, M)`` against targets in [0, 1] ``(N, M, M)``, ``p = sigmoid(logits)`` -> ``(N,)``."""
+    """Per-slot Dice loss ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)``, with
+    ``p = sigmoid(logits)`` and the sums over the M x M cells.
+
+    Args:
+        logits: (N, M, M) mask logits.
+        targets: (N, M, M) in [0, 1].
+
+    Returns:
+        (N,) the loss of each slot.
+    """
     prob = F.sigmoid(logits)
     inter = F.sum(prob * targets, axis=(1, 2))
     union = F.sum(prob, axis=(1, 2)) + F.sum(targets, axis=(1, 2))
@@ -159,6 +219,19 @@ def dice_loss(F, logits, targets):
 
 
 def keypoint_rcnn_loss(heatmap_logits, targets, valid):
+    """The keypoint head's loss: softmax cross-entropy over the Q*Q positions of each heatmap,
+    summed over the valid keypoints and divided by their number in the batch (Detectron2's
+    default ``NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS``; the caller multiplies by
+    ``model.keypoint_head.loss_weight``).
+
+    Args:
+        heatmap_logits: (B*P, K, Q, Q).
+        targets: (B, P, K) heatmap index y * Q + x of each keypoint (``KeypointTargets``).
+        valid: (B, P, K) 1 where the keypoint carries a loss, else 0.
+
+    Returns:
+        loss_keypoint (1,).
+    """
     F = _ns(heatmap_logits)
     flat = F.reshape(heatmap_logits, shape=(-3, -3))                    # (B*P*K, S*S)
     logp = F.log_softmax(flat, axis=-1)

@@ -5,27 +5,16 @@
     check_conv_precision("bfloat16", ctxs)  # UserError unless every context can run it
     resolve_amp("auto", ctxs)             # -> "bfloat16" or ""
 
-``solver.amp`` selects it for training: ``""`` (off), ``"bfloat16"``, or ``"auto"``: bfloat16
-when every context is a CPU and this process let oneDNN use the AMX tiles
-(:func:`mxmask.amx_enabled`), else off; without AMX oneDNN's bfloat16 convolutions are slower
-than float32 ones. RCNNLoss resolves it and traces its stages inside :func:`conv_precision`.
-
-:class:`Conv2D` is ``nn.Conv2D`` (same parameters, names and graph outside the context) whose
-convolution, inside it, casts its input, weight and bias to bfloat16 and its output back to
-float32 (``amp_cast``); one with fewer than 16 input channels (the stem) stays float32. So only
-the ``Convolution`` operators compute in bfloat16 (oneDNN accumulates in float32); the weights,
-their gradients and the optimizer state stay float32 (``amp_cast``'s backward casts the gradient
-back), and normalisation, pooling, RoIAlign, the fc layers, the deconvolutions, targets and
-losses are unchanged. bfloat16 has float32's exponent range, so no loss scaling is needed.
+``solver.amp`` selects it for training: ``""`` (off), ``"bfloat16"``, or ``"auto"``
+(:func:`resolve_amp`). RCNNLoss resolves it and traces its stages inside
+:func:`conv_precision`; every convolution of the model is a :class:`Conv2D`, so only the
+``Convolution`` operators change. Inference and exported graphs are unchanged. What it gives:
+docs/training.md, "Mixed precision".
 
 Why not ``mx.contrib.amp``: on MXNet 1.9.1 its bfloat16 mode crashes in the backward of
 ``Deconvolution`` (oneDNN), and with ``Deconvolution`` kept in float32 the hybridized graph fails
-type inference (README, "Mixed precision"; ``dev/amp_probe.py``).
-
-What it gives (2-core Xeon with AMX, README "Mixed precision"): the ``mask_rcnn_r50_fpn``
-training step at 512x512 1.25-1.46x faster, 1500 ``shapes`` iterations in 508 s instead of
-698 s. MXNet 1.9.1 has no bfloat16 convolution on GPUs: :func:`check_conv_precision` refuses
-GPU contexts.
+type inference (DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"; docs/training.md,
+"Mixed precision"; ``dev/amp_probe.py``).
 """
 import contextlib
 import functools
@@ -50,7 +39,11 @@ _ACTIVE = threading.local()
 @contextlib.contextmanager
 def conv_precision(dtype):
     """Within the block (this thread), :class:`Conv2D` layers called or traced compute their
-    convolution in ``dtype`` (``"bfloat16"``); ``""`` or None: float32 (no cast)."""
+    convolution in ``dtype``.
+
+    Args:
+        dtype: ``"bfloat16"``; ``""`` or None: float32 (no cast).
+    """
     if dtype not in PRECISIONS and dtype is not None:
         raise ValueError("conv_precision: expected one of %r, got %r" % (PRECISIONS, dtype))
     previous = active_conv_dtype()
@@ -67,14 +60,23 @@ def active_conv_dtype():
 
 
 class Conv2D(nn.Conv2D):
-    """``nn.Conv2D``; inside :func:`conv_precision` its convolution runs in bfloat16 (module
-    docstring): amp_cast of x, weight and bias to bfloat16, Convolution, amp_cast back to
-    float32, then the layer's activation."""
+    """``nn.Conv2D`` (same arguments, parameters, names, and graph outside
+    :func:`conv_precision`) whose convolution, inside ``conv_precision("bfloat16")``, runs in
+    bfloat16: amp_cast of x, weight and bias to bfloat16, Convolution, amp_cast back to float32,
+    then the layer's activation.
+
+    oneDNN accumulates in float32; the weights, their gradients and the optimizer state stay
+    float32 (``amp_cast``'s backward casts the gradient back), and normalisation, pooling,
+    RoIAlign, the fc layers, the deconvolutions, targets and losses are unchanged. bfloat16 has
+    float32's exponent range, so no loss scaling is needed. A convolution with fewer than 16
+    input channels (the stem) stays float32. Input (N, C_in, H, W) -> output (N, C_out, H', W')
+    float32, as ``nn.Conv2D``.
+    """
 
     def hybrid_forward(self, F, x, weight, bias=None):
         # a convolution of fewer than 16 input channels (the stem's 3) stays float32: oneDNN's
-        # bfloat16 kernels gain nothing there and the casts cost time (stem, 2 images of
-        # 192x256: 7.2 ms forward + backward in float32, 8.1 ms in bfloat16)
+        # bfloat16 kernels gain nothing there and the casts cost time (docs/training.md,
+        # "Mixed precision")
         if active_conv_dtype() != "bfloat16" or 0 < self._in_channels < 16:
             return super(Conv2D, self).hybrid_forward(F, x, weight, bias)
         args = [F.amp_cast(a, dtype=BFLOAT16) for a in (x, weight, bias) if a is not None]
@@ -83,8 +85,20 @@ class Conv2D(nn.Conv2D):
 
 
 def resolve_amp(amp, ctxs):
-    """``solver.amp`` -> the precision of the training graph's convolutions, ``""`` or
-    ``"bfloat16"``: ``"auto"`` is bfloat16 on CPU contexts with AMX enabled (module doc)."""
+    """The precision of the training graph's convolutions for ``solver.amp``.
+
+    ``"auto"`` is bfloat16 when every context is a CPU and this process let oneDNN use the AMX
+    tiles (:func:`mxmask.amx_enabled`), else off: without AMX, oneDNN's bfloat16 convolutions
+    are no faster than float32 ones (docs/kernels.md, "AMX and bfloat16").
+
+    Args:
+        amp: ``solver.amp``: ``""``, ``"bfloat16"`` or ``"auto"``.
+        ctxs: the training contexts.
+
+    Returns:
+        ``""`` or ``"bfloat16"`` (any other value of ``amp`` is returned as it is, for
+        :func:`check_conv_precision` to refuse).
+    """
     if amp != "auto":
         return amp or ""
     from .. import amx_enabled
@@ -92,9 +106,17 @@ def resolve_amp(amp, ctxs):
 
 
 def check_conv_precision(dtype, ctxs):
-    """Raise UserError unless ``dtype`` (``solver.amp``) can run on every context of ``ctxs``:
-    bfloat16 convolutions need CPU contexts and a CPU whose oneDNN has bfloat16 kernels
-    (AVX-512; checked by running one small convolution forward and backward)."""
+    """Raise UserError unless ``dtype`` can run on every context of ``ctxs``.
+
+    bfloat16 convolutions need CPU contexts (MXNet 1.9.1 has no bfloat16 convolution on GPUs)
+    and a CPU whose oneDNN has bfloat16 kernels (AVX-512; checked by running one small
+    convolution forward and backward).
+
+    Args:
+        dtype: the resolved ``solver.amp`` (:func:`resolve_amp`): ``""`` (nothing to check)
+            or ``"bfloat16"``.
+        ctxs: the training contexts.
+    """
     if not dtype:
         return
     if dtype not in PRECISIONS:

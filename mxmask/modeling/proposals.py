@@ -3,50 +3,16 @@
     ProposalGenerator(pre_nms_topk_train, pre_nms_topk_test, post_nms_topk_train,
                       post_nms_topk_test, nms_thresh, min_size, per_level_nms=True,
                       plus_one=False, style='detectron2', num_levels=None, scale_clamp=None)
-        forward(im_info, anchors_1..anchors_L, logits_1..logits_L, deltas_1..deltas_L)
+        forward(im_info (B, 3), anchors_1..anchors_L, logits_1..logits_L, deltas_1..deltas_L)
             -> rois (B, post, 4), scores (B, post)
+    TrainTestBlock: a HybridBlock that retraces its graph when the training mode changes
 
-Inputs per level l: anchors (1, N_l, 4) xyxy input pixels (AnchorGenerator), objectness logits
-(B, N_l) and deltas (B, N_l, 4) (weights 1, 1, 1, 1) in the same (h, w, a) order; im_info (B, 3)
-= (h, w, scale) with the valid image size used for clipping. ``post`` is post_nms_topk_train when
-``autograd.is_training()`` and post_nms_topk_test otherwise (likewise ``pre``). Outputs are sorted
-by score, highest first; ``scores`` are sigmoid probabilities; padded rows (fewer than ``post``
-proposals survive) have score -1 and box (0, 0, 0, 0). Both outputs carry no gradient
-(``stop_gradient``); the logits and deltas inputs are not differentiated through here. This is
-also a safety measure: with the stop_gradients removed, ``backward()`` through this graph
-segfaulted in MXNet 1.9.1's imperative backward (``SetDependency``), measured on CPU.
-
-Two algorithms, chosen by ``per_level_nms``:
-
-- ``per_level_nms=True`` (Detectron2 ``find_top_rpn_proposals``): per level and image, the top
-  ``min(pre, N_l)`` anchors by logit; decode; drop non-finite boxes; clip to the image; drop
-  boxes not larger than ``min_size``; NMS at ``nms_thresh`` independently per level; then the top
-  ``post`` over all levels by score. Implemented as one ``contrib.box_nms`` over a
-  (B, L, pre, 6) array (box_nms treats the leading axes as independent batches), which costs
-  L * pre^2 box pairs instead of (L * pre)^2 for one NMS with level ids.
-- ``per_level_nms=False`` (GluonCV ``RPN(multi_level=True, per_level_nms=False)`` +
-  ``RPNProposal``, reproduced op for op): all anchors of all levels are decoded (no per-level
-  top-k), clipped, boxes smaller than ``min_size`` get score -1 (also NaN boxes, which GluonCV
-  would keep), scores = sigmoid(logits), then ONE
-  ``box_nms`` over all levels with ``topk = pre`` (the ``pre`` highest-scoring valid boxes of
-  the image enter the NMS) and the first ``post`` rows are kept. GluonCV returns -1 rows as
-  padding; here padded rows follow the contract (score -1, box 0).
-
-``style`` sets the min-size rule and the default scale clamp:
-- ``detectron2``: keep a box iff ``w > min_size and h > min_size`` (``Boxes.nonempty``);
-  scale clamp log(1000/16).
-- ``gluoncv``: drop a box iff ``w < min_size or h < min_size``; scale clamp 4.42 (GluonCV's
-  FPN models pass ``clip=4.42``).
-- ``torchvision`` (``remove_small_boxes``): keep a box iff ``w >= min_size and h >= min_size``;
-  scale clamp log(1000/16). Its per-level NMS then global top-k is ``per_level_nms=True``
-  (``batched_nms`` with the level as the id, then the first ``post`` by score).
-with ``w = x2 - x1 (+1 when plus_one)`` measured after clipping. Decoding never adds 1 (see
-box_coder.py); ``plus_one=True`` decodes bit-exactly like GluonCV's ``contrib.box_decode``.
-
-Hybridization: train/test counts are read from ``autograd.is_training()`` when the graph is
-built. A hybridized ProposalGenerator called on its own rebuilds its graph when the mode
-changes; inside a hybridized parent the parent's cached graph keeps the mode it was traced in
-(the parent must clear its cache, ``_clear_cached_op()``, when switching modes).
+Per level l: anchors (1, N_l, 4) xyxy in input pixels (AnchorGenerator), objectness logits
+(B, N_l) and deltas (B, N_l, 4) (weights 1, 1, 1, 1) in the same (h, w, a) order. ``pre`` and
+``post`` are the training counts when ``autograd.is_training()``, else the test counts. Outputs
+are sorted by score, highest first; scores are sigmoid probabilities; padded rows (fewer than
+``post`` proposals survive) have score -1 and box (0, 0, 0, 0); neither output carries a
+gradient.
 """
 from mxnet import autograd
 from mxnet.gluon import HybridBlock
@@ -63,7 +29,7 @@ _FINITE_MAX = 3.0e38
 
 
 def _rows_like(F, x, count, value):
-    """A (B, count, ...) array filled with ``value``, shaped like ``x`` (B, N, ...) on other axes."""
+    """A (B, count, ...) array filled with ``value``, shaped like ``x`` (B, N, ...) otherwise."""
     first = F.slice_axis(x, axis=1, begin=0, end=1)
     return F.broadcast_axis(F.ones_like(first) * value, axis=1, size=count)
 
@@ -75,8 +41,14 @@ def _batch_index(F, x, like):
 
 
 class TrainTestBlock(HybridBlock):
-    """A HybridBlock whose graph differs between training and inference (``autograd.is_training()``
-    is read while tracing): when hybridized, it retraces when the mode changes."""
+    """A HybridBlock whose graph differs between training and inference
+    (``autograd.is_training()`` is read while tracing): when hybridized, it retraces when the
+    mode changes.
+
+    Only a block called on its own retraces: inside a hybridized parent the parent's cached
+    graph keeps the mode it was traced in, and the parent must clear its cache
+    (``_clear_cached_op()``) when the mode changes.
+    """
 
     def __init__(self, **kwargs):
         super(TrainTestBlock, self).__init__(**kwargs)
@@ -91,7 +63,39 @@ class TrainTestBlock(HybridBlock):
 
 
 class ProposalGenerator(TrainTestBlock):
-    """RPN outputs of L levels -> rois (B, post, 4), scores (B, post). See the module docstring."""
+    """RPN outputs of L levels -> rois (B, post, 4), scores (B, post).
+
+    Two algorithms, chosen by ``per_level_nms``:
+
+    - ``per_level_nms=True`` (Detectron2 ``find_top_rpn_proposals``; torchvision's per-level
+      NMS then global top-k is the same): per level and image, the top ``min(pre, N_l)``
+      anchors by logit; decode; drop non-finite boxes; clip to the image; drop boxes that fail
+      the min-size rule; NMS at ``nms_thresh`` independently per level; then the top ``post``
+      over all levels by score (:meth:`_per_level`).
+    - ``per_level_nms=False`` (GluonCV ``RPN(multi_level=True, per_level_nms=False)`` +
+      ``RPNProposal``, reproduced op for op): all anchors of all levels are decoded (no
+      per-level top-k), clipped, boxes failing the min-size rule get score -1, then one NMS
+      over all levels whose input is the ``pre`` highest-scoring valid boxes of the image, and
+      the first ``post`` rows are kept (:meth:`_all_levels`).
+
+    ``style`` sets the min-size rule (:meth:`_size_ok`) and the default scale clamp:
+    log(1000/16) for ``detectron2`` and ``torchvision``, 4.42 for ``gluoncv`` (GluonCV's FPN
+    models pass ``clip=4.42``). Decoding never adds 1 (box_coder.py); ``plus_one=True``
+    decodes bit-exactly like GluonCV's ``contrib.box_decode`` and adds 1 to the sizes of the
+    min-size rule.
+
+    Args:
+        pre_nms_topk_train, pre_nms_topk_test: ``pre``, the boxes per level (per image with
+            ``per_level_nms=False``) that enter the NMS.
+        post_nms_topk_train, post_nms_topk_test: ``post``, the proposals kept per image.
+        nms_thresh: the NMS IoU threshold.
+        min_size: the min-size rule's side in pixels.
+        per_level_nms: the algorithm (above).
+        plus_one: ``model.box_plus_one``.
+        style: ``"detectron2"``, ``"gluoncv"`` or ``"torchvision"``.
+        num_levels: L, checked at forward when given.
+        scale_clamp: the decoder's clamp of dw, dh; None: the style's default.
+    """
 
     def __init__(self, pre_nms_topk_train, pre_nms_topk_test, post_nms_topk_train,
                  post_nms_topk_test, nms_thresh, min_size, per_level_nms=True, plus_one=False,
@@ -118,7 +122,11 @@ class ProposalGenerator(TrainTestBlock):
 
     # ----------------------------------------------------------------------------------------
     def _size_ok(self, F, boxes):
-        """(B, K, 4) clipped boxes -> (B, K) 1 where the box passes the min-size rule."""
+        """(B, K, 4) clipped boxes -> (B, K) 1 where the box passes the min-size rule, with
+        ``w = x2 - x1`` and ``h = y2 - y1`` (+1 each with ``plus_one``) measured after clipping:
+        ``detectron2`` keeps a box iff ``w > min_size and h > min_size`` (``Boxes.nonempty``);
+        ``gluoncv`` drops it iff ``w < min_size or h < min_size``; ``torchvision``
+        (``remove_small_boxes``) keeps it iff ``w >= min_size and h >= min_size``."""
         x1, y1, x2, y2 = F.split(boxes, axis=-1, num_outputs=4, squeeze_axis=True)
         p = 1.0 if self.plus_one else 0.0
         w = x2 - x1 + p
@@ -128,6 +136,19 @@ class ProposalGenerator(TrainTestBlock):
         return (w >= self.min_size) * (h >= self.min_size)
 
     def hybrid_forward(self, F, im_info, *args):
+        """
+        Args:
+            im_info: (B, 3) = (h, w, scale), the valid image size used for clipping.
+            args: anchors (1, N_l, 4) of the L levels, then logits (B, N_l), then deltas
+                (B, N_l, 4).
+
+        Returns:
+            rois (B, post, 4) and scores (B, post), sorted by score; padded rows have score -1
+            and box 0. Both pass through ``stop_gradient``, and the logits and deltas are not
+            differentiated through here. This is also a safety measure: without the
+            stop_gradients, ``backward()`` through this graph segfaults in MXNet 1.9.1's
+            imperative backward (``SetDependency``) on CPU.
+        """
         if len(args) % 3 or not args:
             raise ValueError("ProposalGenerator expects L anchors, L logits and L deltas, got %d"
                              " arrays" % len(args))
@@ -148,7 +169,11 @@ class ProposalGenerator(TrainTestBlock):
 
     # ----------------------------------------------------------------------------------------
     def _per_level(self, F, im_info, anchors, logits, deltas, pre, post):
-        """Detectron2: per-level top-k, decode, clip, min size, per-level NMS, global top post."""
+        """Detectron2: per-level top-k, decode, clip, min size, per-level NMS, global top post.
+
+        The per-level NMS is one ``box_nms`` over a (B, L, pre, 6) array (box_nms treats the
+        leading axes as independent batches): L * pre^2 box pairs instead of (L * pre)^2 for one
+        NMS with level ids."""
         rows = []
         for anc, lg, dl in zip(anchors, logits, deltas):
             # pad every level with `pre` invalid entries so that top-k never exceeds N_l
@@ -191,7 +216,10 @@ class ProposalGenerator(TrainTestBlock):
         return boxes, scores
 
     def _all_levels(self, F, im_info, anchors, logits, deltas, pre, post):
-        """GluonCV: decode all anchors, clip, min size, one NMS over all levels (topk=pre)."""
+        """GluonCV: decode all anchors, clip, min size, one NMS over all levels (topk=pre).
+
+        NaN boxes get score -1 too (GluonCV would keep them). GluonCV returns -1 rows as
+        padding; here padded rows follow the module's contract (score -1, box 0)."""
         anc = F.concat(*anchors, dim=1) if len(anchors) > 1 else anchors[0]     # (1, N, 4)
         lg = F.concat(*logits, dim=1) if len(logits) > 1 else logits[0]         # (B, N)
         dl = F.concat(*deltas, dim=1) if len(deltas) > 1 else deltas[0]         # (B, N, 4)

@@ -6,7 +6,7 @@
 
 Inputs: data (B, 3, H, W) normalised RGB, H and W multiples of 32; im_info (B, 3) = (h, w, scale)
 with (h, w) the valid (unpadded) resized size. Outputs, in this order (DEVELOPING.md, "Network
-outputs"), D = cfg.test.max_dets:
+outputs"), D = cfg.test.max_dets, C classes, K keypoints:
 
     ids        (B, D)             class label 0..C-1 (float), -1 for padding rows
     scores     (B, D)             softmax score (times the mask's maskness with
@@ -16,62 +16,7 @@ outputs"), D = cfg.test.max_dets:
     keypoints  (B, D, K, 3)       x, y, peak logit (argmax decode)             if model.keypoint_on
     heatmaps   (B, D, K, 56, 56)  keypoint logits                              if model.keypoint_on
 
-The stages, as attributes and methods that the training code reuses:
-
-    backbone       data -> (P2, P3, P4, P5, P6)                      fpn.build_backbone
-    rpn            (im_info, P2..P6) -> rois (B, R, 4), roi_scores (B, R)
-                   (in training mode also anchors, logits and deltas per level; see rpn.py)
-    box_head       (rois, P2..P5) -> box features (B*R, fc_dim)      RoIAlign + avg-pool + fcs
-    box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
-    box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
-    detect         roi_heads.detect with self.detect_kwargs: score threshold, per-class NMS, top D
-    mirror(F, data) -> None, or with test.flip (W, P2..P6 of the input flipped left to right,
-                   that flipped input)
-    detections(F, im_info, rois, roi_scores, *features, mirror=None) -> box_forward + detect,
-                   then with test.refine_boxes a second box_forward on the detections +
-                   refine_detections (each box_forward averaged with the mirror's if given)
-    mask_head      (rois (B, D, 4), P2..P5[, data]) -> mask logits (B*D, C, 28, 28)   or None
-    keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
-    roi_features(features) -> the levels the RoI heads pool from (P2..P5)
-
-With ``model.mask_head.image_guide`` the mask head also takes the input ``data`` after P2..P5
-(``roi_heads.ImageGuide``: each roi's pixels at the head's 28x28; ``roi_heads.head_inputs``
-builds the list).
-
-At inference the mask and keypoint heads run on the D final detections of each image, never on
-all proposals.
-
-With ``test.flip`` (horizontal-flip test-time augmentation) the backbone also runs on the mirrored
-input (the whole padded (H, W) tensor, so a coordinate x maps to W - x), and every head averages
-its logits over the image and the mirror image: the box head on the proposals and, with
-refine_boxes, on the detections (class logits averaged; box deltas averaged after ``dx`` of the
-mirror pass changes sign), the mask head (the mirror pass's 28x28 logits flipped back), the
-keypoint head (heatmap logits flipped back, left and right keypoints swapped with
-``data.keypoint_flip_map``). Proposals come from the image alone. The outputs keep their shapes;
-the network time is about twice as long.
-
-With ``test.mask_score`` the scores are the box head's times the maskness of each detection's
-mask (the mean probability over its foreground, ``roi_heads.rescore_by_masks``), and the rows
-are re-sorted by it.
-
-``hybrid_forward`` is the inference graph. Called in training mode it still returns the outputs
-above (computed from the RPN's training-mode proposal counts); the training step composes the
-stages itself (``rpn`` in training mode, target sampling, ``box_forward``, ``mask_head``,
-``keypoint_head``). A hybridized MaskRCNN retraces its graph when the autograd training mode
-changes between calls.
-
-Kernels: ``net.kernels`` is ``"mxnet"`` (the default: MXNet's own operators, what every exported
-graph holds) or ``"mxmask"`` (RoIAlign and NMS by the compiled CPU operators of
-:mod:`mxmask.ops`, which repeat ``contrib.ROIAlign``'s arithmetic bit for bit, about 3x faster,
-and ``contrib.box_nms``'s rows exactly: the same outputs). ``net.use_kernels("auto")`` picks
-``"mxmask"`` when the parameters live on CPUs and the operators load; the predictor does this
-for the graphs it runs in-process. ``mxmask.graph.network_symbol`` always traces MXNet's
-operators.
-
-Export: ``net.export(prefix)`` (after one hybridized forward) writes a graph whose two inputs are
-named ``data0`` (data) and ``data1`` (im_info), Gluon's names for a two-input block; load it
-with ``mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data0", "data1"],
-prefix + "-0000.params")``. The anchors are constants saved among the parameters.
+The training graph (training.py) reuses the stages, :class:`MaskRCNN`'s attributes.
 """
 import warnings
 
@@ -92,7 +37,14 @@ __all__ = ["MaskRCNN", "build_model", "output_names", "init_weights", "inference
 
 
 def output_names(cfg):
-    """Names of the inference outputs of a model built from ``cfg``, in order."""
+    """Names of the inference outputs of a model built from ``cfg``, in order.
+
+    Args:
+        cfg: the config (``model.mask_on``, ``model.keypoint_on``).
+
+    Returns:
+        list of str: ids, scores, boxes[, masks][, keypoints, heatmaps].
+    """
     names = ["ids", "scores", "boxes"]
     if cfg.model.mask_on:
         names.append("masks")
@@ -102,6 +54,7 @@ def output_names(cfg):
 
 
 def _check_config(cfg):
+    """Raise UserError for a config that cannot build the network (class or keypoint counts)."""
     m = cfg.model
     if m.num_classes <= 0:
         raise UserError("model.num_classes must be > 0 to build the network (got %d); it is set "
@@ -119,10 +72,19 @@ def _check_config(cfg):
 
 
 def keypoint_flip_map(cfg):
-    """The keypoint mirror map of the flip test-time augmentation (``[]`` without keypoints or
-    ``test.flip``): the one the training flip uses, ``data.keypoint_flip_map``, else derived
-    from ``data.keypoint_names`` (``left_*`` <-> ``right_*``), else no swap. Raises UserError
-    when it is not a permutation of the ``num_keypoints`` keypoints."""
+    """The keypoint mirror map of the flip test-time augmentation.
+
+    The one the training flip uses, ``data.keypoint_flip_map``, else derived from
+    ``data.keypoint_names`` (``left_*`` <-> ``right_*``), else no swap. Raises UserError when it
+    is not a permutation of the ``num_keypoints`` keypoints.
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        list of K ints, the index of each keypoint's mirror; ``[]`` without keypoints or
+        ``test.flip``.
+    """
     m = cfg.model
     if not (cfg.test.flip and m.keypoint_on):
         return []
@@ -139,14 +101,66 @@ def keypoint_flip_map(cfg):
 
 
 def inference_kernels(kernels):
-    """The :func:`mxmask.ops.compiled_kernels` block of an inference graph with ``kernels``
-    (``"mxmask"``: the compiled RoIAlign and NMS, which give MXNet's outputs exactly; GroupNorm
-    stays MXNet's, so that the outputs are exactly those of the exported graph)."""
+    """The :func:`mxmask.ops.compiled_kernels` block of an inference graph.
+
+    Args:
+        kernels: ``"mxnet"`` or ``"mxmask"``: the compiled RoIAlign and NMS, which give MXNet's
+            outputs exactly; GroupNorm stays MXNet's, so that the outputs are exactly those of
+            the exported graph.
+
+    Returns:
+        a context manager.
+    """
     return compiled_kernels(kernels == "mxmask", ["roi_align", "box_nms"])
 
 
 class MaskRCNN(mx.gluon.HybridBlock):
-    """Backbone + FPN, RPN, box head, detection, mask head, keypoint head (see module doc)."""
+    """Backbone + FPN, RPN, box head, detection, mask head, keypoint head.
+
+    The stages, as attributes and methods that the training code reuses::
+
+        backbone       data -> (P2, P3, P4, P5, P6)                      fpn.build_backbone
+        rpn            (im_info, P2..P6) -> rois (B, R, 4), roi_scores (B, R)
+                       (in training mode also anchors, logits and deltas per level; see rpn.py)
+        box_head       (rois, P2..P5) -> box features (B*R, fc_dim)      RoIAlign + avg-pool + fcs
+        box_predictor  features -> cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or 4: agnostic)
+        box_forward(rois, *features) -> box_head + box_predictor on any rois (B, R, 4)
+        detect_kwargs  roi_heads.detect's settings: score threshold, per-class NMS, top D
+        mirror(F, data) -> None, or with test.flip (W, P2..P6 of the input flipped left to
+                       right, that flipped input)
+        detections(F, im_info, rois, roi_scores, *features, mirror=None) -> box_forward +
+                       detect, then with test.refine_boxes a second box_forward on the
+                       detections + refine_detections (each box_forward averaged with the
+                       mirror's if given)
+        mask_head      (rois (B, D, 4), P2..P5[, data]) -> mask logits (B*D, C, 28, 28) or None
+        keypoint_head  (rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)    or None
+        roi_features(features) -> the levels the RoI heads pool from (P2..P5)
+
+    With ``model.mask_head.image_guide`` the mask head also takes the input ``data`` after
+    P2..P5 (``roi_heads.ImageGuide``: each roi's pixels at the head's 28x28;
+    ``roi_heads.head_inputs`` builds the list). At inference the mask and keypoint heads run on
+    the D final detections of each image, never on all proposals. With ``test.mask_score`` the
+    scores are the box head's times the maskness of each detection's mask (the mean
+    probability over its foreground, ``roi_heads.rescore_by_masks``), and the rows are
+    re-sorted by it.
+
+    ``hybrid_forward`` is the inference graph. Called in training mode it still returns the
+    outputs of the module docstring (computed from the RPN's training-mode proposal counts);
+    the training step composes the stages itself (``rpn`` in training mode, target sampling,
+    ``box_forward``, ``mask_head``, ``keypoint_head``). A hybridized MaskRCNN retraces its graph
+    when the autograd training mode changes between calls.
+
+    Export: ``net.export(prefix)`` (after one hybridized forward) writes a graph whose two
+    inputs are named ``data0`` (data) and ``data1`` (im_info), Gluon's names for a two-input
+    block; load it with ``mx.gluon.SymbolBlock.imports(prefix + "-symbol.json",
+    ["data0", "data1"], prefix + "-0000.params")``. The anchors are constants saved among the
+    parameters.
+
+    Args:
+        cfg: the config; ``model.num_classes`` (and ``num_keypoints`` with ``keypoint_on``)
+            must be > 0.
+        num_devices: for syncbn.
+    """
 
     def __init__(self, cfg, num_devices=None, **kwargs):
         super(MaskRCNN, self).__init__(**kwargs)
@@ -182,9 +196,23 @@ class MaskRCNN(mx.gluon.HybridBlock):
         return next(iter(self.collect_params().values())).list_ctx()
 
     def use_kernels(self, kernels):
-        """Run the inference graph with ``"mxnet"`` or ``"mxmask"`` operators (module doc);
-        ``"auto"``: ``"mxmask"`` on CPU contexts where the compiled operators load. Returns the
-        choice; a change drops the cached graph, which is traced again on the next call."""
+        """Choose the operators of the inference graph.
+
+        ``net.kernels`` is ``"mxnet"`` (the default: MXNet's own operators, what every exported
+        graph holds) or ``"mxmask"`` (RoIAlign and NMS by the compiled CPU operators of
+        :mod:`mxmask.ops`, which repeat ``contrib.ROIAlign``'s arithmetic bit for bit, faster
+        (docs/kernels.md), and ``contrib.box_nms``'s rows exactly: the same outputs). The
+        predictor calls ``use_kernels("auto")`` for the graphs it runs in-process;
+        ``mxmask.graph.network_symbol`` always traces MXNet's operators.
+
+        Args:
+            kernels: ``"mxnet"``, ``"mxmask"``, or ``"auto"``: ``"mxmask"`` on CPU contexts
+                where the compiled operators load.
+
+        Returns:
+            The choice. A change drops the cached graph, which is traced again on the next
+            call.
+        """
         kernels = resolve_kernels(kernels, self.contexts())
         if kernels != self.kernels:
             self._clear_cached_op()
@@ -205,15 +233,38 @@ class MaskRCNN(mx.gluon.HybridBlock):
         return tuple(features[:4])
 
     def box_forward(self, rois, *features):
-        """Box head + predictor on rois (B, R, 4) -> cls_logits (B*R, C+1), deltas (B*R, C*4).
+        """Box head + predictor on any rois; works on NDArrays and Symbols.
 
-        ``features`` are the backbone outputs (P2..P6 or P2..P5); works on NDArrays and Symbols.
+        Args:
+            rois: (B, R, 4) xyxy in input pixels.
+            features: the backbone outputs (P2..P6 or P2..P5).
+
+        Returns:
+            cls_logits (B*R, C+1), box_deltas (B*R, C*4) (or (B*R, 4): class-agnostic).
         """
         return self.box_predictor(self.box_head(rois, *self.roi_features(features)))
 
     def mirror(self, F, data):
-        """With ``test.flip``: ``(W, mirrored features, mirrored input)``, the padded width (1,),
-        the backbone outputs of the input flipped left to right and that input; else None."""
+        """The mirror image of horizontal-flip test-time augmentation (``test.flip``).
+
+        The backbone also runs on the mirrored input (the whole padded (H, W) tensor, so a
+        coordinate x maps to W - x), and every head averages its logits over the image and the
+        mirror image: the box head on the proposals and, with refine_boxes, on the detections
+        (class logits averaged; box deltas averaged after ``dx`` of the mirror pass changes
+        sign), the mask head (the mirror pass's 28x28 logits flipped back), the keypoint head
+        (heatmap logits flipped back, left and right keypoints swapped with
+        ``data.keypoint_flip_map``). Proposals come from the image alone. The outputs keep
+        their shapes; the cost is one more backbone pass and one more pass of each head
+        (docs/experiments/shapes_test_time.md, "test.flip").
+
+        Args:
+            data: (B, 3, H, W) the network input.
+
+        Returns:
+            With ``test.flip``: ``(W, mirrored features, mirrored input)``, the padded width
+            (1,), the backbone outputs of the input flipped left to right, and that input;
+            else None.
+        """
         if not self.flip_test:
             return None
         width = F.cast(F.slice_axis(F.shape_array(data), axis=0, begin=3, end=4), "float32")
@@ -230,9 +281,19 @@ class MaskRCNN(mx.gluon.HybridBlock):
         return (cls_logits + m_logits) * 0.5, (box_deltas + hflip_deltas(F, m_deltas)) * 0.5
 
     def detections(self, F, im_info, rois, roi_scores, *features, mirror=None):
-        """Box head on the proposals, per-class NMS -> ids (B, D), scores (B, D), boxes (B, D, 4);
-        with ``test.refine_boxes`` the box head runs once more on those detections. ``mirror``
-        (from :meth:`mirror`) averages in the mirror image's box head (``test.flip``)."""
+        """Box head on the proposals, then per-class NMS; with ``test.refine_boxes`` the box head
+        runs once more on those detections.
+
+        Args:
+            im_info: (B, 3) = (h, w, scale).
+            rois, roi_scores: (B, R, 4), (B, R) the RPN's proposals.
+            features: the backbone outputs.
+            mirror: from :meth:`mirror`; averages in the mirror image's box head
+                (``test.flip``).
+
+        Returns:
+            ids (B, D), scores (B, D), boxes (B, D, 4), as :func:`~roi_heads.detect`.
+        """
         cls_logits, box_deltas = self._box_pass(F, rois, features, mirror)
         ids, scores, boxes = detect(F, cls_logits, box_deltas, rois, roi_scores, im_info,
                                     **self.detect_kwargs)
@@ -253,11 +314,20 @@ class MaskRCNN(mx.gluon.HybridBlock):
                             *head_inputs(head, self.roi_features(mirrored), flipped))
 
     def hybrid_forward(self, F, data, im_info):
+        """
+        Args:
+            data: (B, 3, H, W) normalised RGB, H and W multiples of 32.
+            im_info: (B, 3) = (h, w, scale).
+
+        Returns:
+            The outputs of the module docstring, in ``output_names`` order.
+        """
         # every RoI head pools from one level canvas (poolers.shared_level_canvas)
         with inference_kernels(self.kernels), shared_level_canvas():
             return self._inference(F, data, im_info)
 
     def _inference(self, F, data, im_info):
+        """The inference graph's body (:meth:`hybrid_forward` sets the kernels and canvas)."""
         # backbone: (B, 3, H, W) -> P2..P6
         features = self.backbone(data)
         # test.flip: (W, backbone outputs of the mirrored input), else None
@@ -308,12 +378,19 @@ def _xavier_fill():
 
 
 def init_weights(net, ctx=None):
-    """Initialise every parameter of ``net`` (biases 0; norm gamma 1, beta 0):
+    """Initialise every parameter of ``net`` (biases 0; norm gamma 1, beta 0), Detectron2-like:
 
     backbone: the layers' own initialisers (He fan-out convs, Xavier FPN), else Xavier;
     RPN head: N(0, 0.01); box convs (if any): He fan-out; box fcs: c2_xavier_fill;
     cls_score N(0, 0.01); bbox_pred N(0, 0.001); mask/keypoint convs and deconvs: He fan-out;
     mask predictor N(0, 0.001).
+
+    Args:
+        net: a :class:`MaskRCNN`.
+        ctx: the context(s) (default CPU).
+
+    Returns:
+        ``net``.
     """
     ctx = ctx or mx.cpu()
     subsets = [(net.backbone, mx.init.Xavier()),
@@ -338,10 +415,18 @@ def init_weights(net, ctx=None):
 
 
 def build_model(cfg, ctx=None, num_devices=None):
-    """Build and initialise the network of ``cfg`` (``MaskRCNN``) on ``ctx`` (default CPU).
+    """Build and initialise the network of ``cfg``.
 
     Pretrained backbone weights are not loaded here (see backbone.load_pretrained_from_config).
     Raises UserError when model.num_classes (or num_keypoints with keypoint_on) is 0.
+
+    Args:
+        cfg: the config.
+        ctx: the context(s) (default CPU).
+        num_devices: for syncbn.
+
+    Returns:
+        A :class:`MaskRCNN`, parameters initialised (:func:`init_weights`).
     """
     net = MaskRCNN(cfg, num_devices=num_devices)
     init_weights(net, ctx)

@@ -1,68 +1,22 @@
 """RoI heads: box head + predictor, detection post-processing, mask head, keypoint head.
 
-Everything here is a HybridBlock or a function of ``F`` (``mx.nd`` or ``mx.sym``) that builds
-fixed-size outputs with native ops (no Python loop over rois or classes), so the whole inference
-path hybridizes into one graph. ``B`` images, ``R`` rois per image, ``C`` foreground classes,
-``D = test.max_dets``, ``K`` keypoints. Boxes are ``(x1, y1, x2, y2)`` in network-input pixels.
+    BoxHead(cfg)        forward(rois (B, R, 4), P2..P5) -> features (B*R, fc_dim)
+    BoxPredictor(...)   forward(features) -> cls_logits (B*R, C+1), box_deltas (B*R, C*4)
+    detect(F, ...)      -> ids (B, D), scores (B, D), boxes (B, D, 4)
+    refine_detections(F, ...) -> the same, after a second box-head pass (test.refine_boxes)
+    MaskHead(cfg)       forward(rois (B, R, 4), P2..P5[, image]) -> logits (B*R, C, 2P, 2P)
+    select_class_masks(F, logits, ids, C) -> probabilities (B, D, 2P, 2P)
+    rescore_by_masks(F, ids, scores, masks, threshold, *others)   (test.mask_score)
+    KeypointHead(cfg)   forward(rois (B, R, 4), P2..P5) -> heatmap logits (B*R, K, S, S)
+    decode_keypoints(F, heatmaps (B, D, K, S, S), boxes (B, D, 4), S) -> (B, D, K, 3)
 
-Box branch (Detectron2 ``FastRCNNConvFCHead`` / GluonCV ``box_features``)::
-
-    BoxHead(cfg)       forward(rois (B, R, 4), P2, P3, P4, P5) -> features (B*R, fc_dim)
-                       MultiLevelRoIAlign at box_head.pooler_resolution; with pool_then_avgpool
-                       (GluonCV) a 3x3/2 pad-1 average pool (count_include_pad) brings 14x14 to
-                       7x7; then num_conv x (3x3 conv_dim [+ GroupNorm] + ReLU) (Detectron2's
-                       "4conv1fc" heads; none by default) and num_fc x (Dense(fc_dim) + ReLU) on
-                       the flattened (channels*P*P) input.
-    BoxPredictor(C)    forward(features) -> cls_logits (B*R, C+1)   column 0 is background,
-                                            box_deltas (B*R, C*4)   class c at columns 4c..4c+3
-                       (B*R, 4) with box_head.cls_agnostic_bbox_reg (Detectron2's option)
-                       (the layout of GluonCV's class_predictor / box_predictor, copied as is).
-
-Detection (``detect``): softmax, class-specific decode from the rois, optional clip, score
-threshold (strict ``>``), per-class NMS (one ``contrib.box_nms`` call over a (B, C, R, 6) array:
-each class of each image is an independent batch) and the top ``D`` scores per image
--> ids (B, D) float (label 0..C-1, -1 padding), scores (B, D) (-1 padding), boxes (B, D, 4)
-(0 padding). Rows are sorted by score, valid rows first. With ``test.refine_boxes``,
-``refine_detections`` runs the box head once more on the detections: each box moves by its
-class's regression and its score becomes the mean of the two passes' (same outputs).
-
-Mask branch (Detectron2 ``MaskRCNNConvUpsampleHead`` = GluonCV ``Mask`` with 4 convs)::
-
-    MaskHead(cfg)      forward(rois (B, D, 4), P2..P5) -> mask logits (B*D, C, 2P, 2P)
-                       (C = 1 with mask_head.cls_agnostic_mask)
-                       RoIAlign at mask_head.pooler_resolution (14), num_conv x (3x3 conv_dim +
-                       ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C channels (28x28).
-                       With mask_head.image_guide = g (not in Detectron2) the input image
-                       (B, 3, H, W) follows P5: ImageGuide pools each roi from it at 28x28 into
-                       g channels, and a 3x3 conv + ReLU fuses them with the deconv output
-                       before the 1x1 conv. ``head_inputs(head, levels, image)`` builds a
-                       head's inputs after the rois.
-    select_class_masks(F, logits, ids, C) -> probabilities (B, D, 28, 28) of the predicted class.
-    rescore_by_masks(F, ids, scores, masks, threshold, *others) -> with ``test.mask_score``,
-                       scores (B, D) times each mask's maskness, every (B, D, ...) output
-                       re-sorted by them.
-
-Keypoint branch (Detectron2 ``KRCNNConvDeconvUpsampleHead``)::
-
-    KeypointHead(cfg)  forward(rois (B, D, 4), P2..P5) -> heatmap logits (B*D, K, 56, 56)
-                       RoIAlign at 14, num_conv x (3x3 conv_dim + ReLU), 4x4/2 pad-1 deconv to K
-                       channels (28x28), bilinear x2 (half-pixel centres, align_corners=False).
-    decode_keypoints(F, heatmaps (B, D, K, S, S), boxes (B, D, 4), S)
-                       -> keypoints (B, D, K, 3) = (x, y, peak logit)
-                       of the argmax: x = (px + 0.5) / S * max(x2 - x1, 1) + x1, same for y.
-
-At inference the mask and keypoint heads run on the ``B*D`` final detections only. Padded
-detections (id -1, box 0) are safe to pool: the pooler never gives ROIAlign a degenerate roi.
-
-Notes for the ``gluoncv_mask_rcnn_r50_fpn`` preset (GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco``):
-- GluonCV's RCNN decoder (``NormalizedBoxCenterDecoder(clip=4.42)`` -> ``contrib.box_decode``
-  with stds 0.1/0.1/0.2/0.2) has no "+1" in widths (box_coder.decode_boxes with plus_one=True is
-  bit-exact with it) and clamps the log-scales at 4.42 instead of log(1000/16): the scale clamp of
-  :func:`detection_settings` is 4.42 when ``model.anchor.style`` is ``gluoncv``.
-- Its ``MultiPerClassDecoder`` keeps ``score > 0.01``; per-class NMS at 0.5 with ``topk=-1``
-  and ``valid_thresh=0.0001`` on a (C, N, 6) array per image (the same computation as here);
-  it then argsorts all C*N results by score, takes the top ``rcnn_max_dets`` (the preset uses
-  100) and does not clip. Only the order of exactly equal scores can differ (argsort vs topk).
+B images, R rois per image, C foreground classes, D = test.max_dets, K keypoints, P a head's
+pooler resolution (14: masks 2P = 28), S = 4P the heatmap side (56). Boxes are
+``(x1, y1, x2, y2)`` in network-input pixels. Everything is a HybridBlock or a function of
+``F`` that builds fixed-size outputs with native ops (no Python loop over rois or classes), so
+the whole inference path hybridizes into one graph. At inference the mask and keypoint heads
+run on the B*D final detections only; padded detections (id -1, box 0) are safe to pool: the
+pooler never gives ROIAlign a degenerate roi.
 """
 import math
 
@@ -87,9 +41,15 @@ GLUONCV_SCALE_CLAMP = 4.42          # GluonCV's predefined FPN models: clip=4.42
 
 
 def pooler_style(cfg):
-    """The level-assignment style of :class:`MultiLevelRoIAlign` for this config:
-    ``model.box_head.level_mapper``, or when it is empty gluoncv with ``model.box_plus_one``
-    and detectron2 otherwise."""
+    """The level-assignment style of :class:`MultiLevelRoIAlign` for this config.
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        ``model.box_head.level_mapper``, or when it is empty ``"gluoncv"`` with
+        ``model.box_plus_one`` and ``"detectron2"`` otherwise.
+    """
     if cfg.model.box_head.level_mapper:
         return cfg.model.box_head.level_mapper
     return "gluoncv" if cfg.model.box_plus_one else "detectron2"
@@ -137,7 +97,18 @@ def _conv_stack(num_conv, channels, in_channels, prefix_format, norm="", gn_grou
 # Box branch
 # --------------------------------------------------------------------------------------------
 class BoxHead(mx.gluon.HybridBlock):
-    """Pool each roi from P2..P5 and run the fc layers: (B, R, 4) rois -> (B*R, fc_dim)."""
+    """Pool each roi from P2..P5 and run the fc layers (Detectron2 ``FastRCNNConvFCHead`` /
+    GluonCV ``box_features``).
+
+    MultiLevelRoIAlign at ``box_head.pooler_resolution``; with ``pool_then_avgpool`` (GluonCV)
+    a 3x3/2 pad-1 average pool (count_include_pad) brings 14x14 to 7x7; then ``num_conv`` x
+    (3x3 ``conv_dim`` [+ GroupNorm] + ReLU) (Detectron2's "4conv1fc" heads; none by default)
+    and ``num_fc`` x (Dense(``fc_dim``) + ReLU) on the flattened (channels*P*P) input.
+    ``out_units`` is the feature size.
+
+    Args:
+        cfg: the config (``model.box_head``, ``model.fpn.out_channels``).
+    """
 
     def __init__(self, cfg, **kwargs):
         super(BoxHead, self).__init__(**kwargs)
@@ -163,6 +134,14 @@ class BoxHead(mx.gluon.HybridBlock):
         self.out_units = in_units
 
     def hybrid_forward(self, F, rois, *features):
+        """
+        Args:
+            rois: (B, R, 4) xyxy in input pixels.
+            features: P2..P5.
+
+        Returns:
+            (B*R, out_units) box features, image-major.
+        """
         x = self.pooler(rois, *features)
         if self.avgpool is not None:
             x = self.avgpool(x)
@@ -172,7 +151,16 @@ class BoxHead(mx.gluon.HybridBlock):
 
 class BoxPredictor(mx.gluon.HybridBlock):
     """Class logits (C+1, background first) and class-specific box deltas (C*4), or one set of
-    deltas for every class (4) with ``cls_agnostic``."""
+    deltas for every class (4) with ``cls_agnostic`` (Detectron2's
+    ``box_head.cls_agnostic_bbox_reg``). The layout of GluonCV's class_predictor /
+    box_predictor, copied as is: column 0 is background, class c has its deltas at columns
+    4c..4c+3.
+
+    Args:
+        in_units: the box head's feature size.
+        num_classes: C.
+        cls_agnostic: one set of deltas for every class.
+    """
 
     def __init__(self, in_units, num_classes, cls_agnostic=False, **kwargs):
         super(BoxPredictor, self).__init__(**kwargs)
@@ -184,11 +172,32 @@ class BoxPredictor(mx.gluon.HybridBlock):
                                       prefix="bbox_pred_")
 
     def hybrid_forward(self, F, x):
+        """
+        Args:
+            x: (B*R, in_units) box features.
+
+        Returns:
+            cls_logits (B*R, C+1) and box_deltas (B*R, C*4), or (B*R, 4) with
+            ``cls_agnostic``.
+        """
         return self.cls_score(x), self.bbox_pred(x)
 
 
 def detection_settings(cfg):
-    """Keyword arguments of :func:`detect` taken from the config (see the module notes)."""
+    """Keyword arguments of :func:`detect` taken from the config.
+
+    The scale clamp of the box decoder is 4.42 when ``model.anchor.style`` is ``gluoncv``:
+    GluonCV's RCNN decoder (``NormalizedBoxCenterDecoder(clip=4.42)`` -> ``contrib.box_decode``
+    with stds 0.1/0.1/0.2/0.2) clamps the log-scales there instead of at log(1000/16); it has
+    no "+1" in widths (``box_coder.decode_boxes`` with plus_one=True is bit-exact with it).
+
+    Args:
+        cfg: the config (``model``, ``test``).
+
+    Returns:
+        dict: ``num_classes`` and the other keyword arguments of :func:`detect` (and of
+        :func:`refine_detections`).
+    """
     bh = cfg.model.box_head
     clamp = getattr(bh, "scale_clamp", None)  # a config field the lead may add
     if clamp is None:
@@ -215,13 +224,36 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
            decode_plus_one=False, scale_clamp=DETECTRON2_SCALE_CLAMP, min_box_size=0.0):
     """Turn box-head outputs into at most ``max_dets`` detections per image.
 
-    cls_logits (B*R, C+1) and box_deltas (B*R, C*4), or (B*R, 4) with ``cls_agnostic_bbox_reg``
-    (one box per roi, shared by the classes), from :class:`BoxPredictor`; rois (B, R, 4)
-    and roi_scores (B, R) from the RPN (rois with a negative score are padding and yield no
-    detection); im_info (B, 3) = (h, w, scale). ``min_box_size`` > 0 drops boxes (after the
-    clip) whose width or height is under it (torchvision's ``remove_small_boxes``). Returns ids
-    (B, D), scores (B, D), boxes (B, D, 4) with D = max_dets, sorted by score; padded rows are
-    id -1, score -1, box 0.
+    Softmax, class-specific decode from the rois, optional clip, score threshold (strict
+    ``>``), per-class NMS (one ``box_nms`` call over a (B, C, R, 6) array: each class of each
+    image is an independent batch) and the top D scores per image.
+
+    GluonCV's ``MultiPerClassDecoder`` (the ``gluoncv_mask_rcnn_r50_fpn`` preset) keeps
+    ``score > 0.01``, runs per-class NMS at 0.5 with ``topk=-1`` and ``valid_thresh=0.0001`` on
+    a (C, N, 6) array per image (the same computation as here), then argsorts all C*N results by
+    score, takes the top ``rcnn_max_dets`` (the preset uses 100) and does not clip. Only the
+    order of exactly equal scores can differ (argsort vs topk).
+
+    Args:
+        cls_logits: (B*R, C+1) from :class:`BoxPredictor`.
+        box_deltas: (B*R, C*4), or (B*R, 4) with ``cls_agnostic_bbox_reg`` (one box per roi,
+            shared by the classes).
+        rois: (B, R, 4) from the RPN.
+        roi_scores: (B, R); rois with a negative score are padding and yield no detection.
+        im_info: (B, 3) = (h, w, scale).
+        num_classes: C.
+        bbox_reg_weights, decode_plus_one, scale_clamp: the box decoder's
+            (:func:`~mxmask.modeling.box_coder.decode_boxes`).
+        score_thresh: detections must score above it.
+        nms_thresh: the per-class NMS IoU threshold.
+        max_dets: D.
+        clip, clip_plus_one: clip the boxes to the image (``model.clip_boxes``).
+        min_box_size: > 0 drops boxes (after the clip) whose width or height is under it
+            (torchvision's ``remove_small_boxes``).
+
+    Returns:
+        ids (B, D) float class labels 0..C-1, scores (B, D), boxes (B, D, 4), sorted by score,
+        valid rows first; padded rows are id -1, score -1, box 0.
     """
     C = int(num_classes)
     # (B*R, X) -> (B, R, X)
@@ -251,9 +283,8 @@ def detect(F, cls_logits, box_deltas, rois, roi_scores, im_info, num_classes,
                        F.reshape(boxes, (0, -4, -1, C, 4)), dim=-1)            # (B, R, C, 6)
     # per-class NMS: box_nms treats the leading axes as independent batches, so with the class
     # axis in front each class of each image is its own NMS (C * R^2 pairs instead of
-    # (C * R)^2 for one NMS with id_index over all classes: 0.6 s instead of 27 s for 1000 rois
-    # x 80 classes all above the threshold). Each (b, c) row comes back sorted by score, with
-    # the suppressed and invalid entries as rows of -1.
+    # (C * R)^2 for one NMS with id_index over all classes). Each (b, c) row comes back sorted
+    # by score, with the suppressed and invalid entries as rows of -1.
     nms = box_nms(F, F.transpose(entries, axes=(0, 2, 1, 3)), overlap_thresh=nms_thresh,
                   valid_thresh=0.0, topk=-1, coord_start=2, score_index=1, id_index=0,
                   background_id=-1, force_suppress=False, in_format="corner",
@@ -281,14 +312,22 @@ def refine_detections(F, cls_logits, box_deltas, ids, scores, boxes, im_info, nu
                       scale_clamp=DETECTRON2_SCALE_CLAMP, **_):
     """A second pass of the box head on its own detections (``test.refine_boxes``).
 
-    cls_logits (B*D, C+1) and box_deltas (B*D, C*4) (or (B*D, 4)) are the box head's outputs on
-    ``boxes`` (B, D, 4), the detections of :func:`detect` with their ids (B, D) and scores (B, D).
-    Each valid detection moves to the box its class's deltas give from it (decoded and clipped as
-    in :func:`detect`), and its score becomes the mean of its score and the second pass's
-    probability of its class: Cascade R-CNN's test-time refinement and score averaging, with one
-    head. The class stays. Rows are re-sorted by the new scores; padding rows (id -1) keep score
-    -1 and box 0. Returns ids, scores, boxes in the shapes of the inputs. The keyword arguments
-    are those of :func:`detection_settings` (the NMS and threshold ones are not used).
+    Each valid detection moves to the box its class's deltas give from it (decoded and clipped
+    as in :func:`detect`), and its score becomes the mean of its score and the second pass's
+    probability of its class: Cascade R-CNN's test-time refinement and score averaging, with
+    one head. The class stays. Rows are re-sorted by the new scores.
+
+    Args:
+        cls_logits: (B*D, C+1), the box head's outputs on ``boxes``.
+        box_deltas: (B*D, C*4), or (B*D, 4) with ``cls_agnostic_bbox_reg``.
+        ids, scores, boxes: (B, D), (B, D), (B, D, 4), the detections of :func:`detect`.
+        im_info: (B, 3) = (h, w, scale).
+        num_classes and the other keyword arguments: those of :func:`detection_settings`
+            (the NMS and threshold ones are not used).
+
+    Returns:
+        ids (B, D), scores (B, D), boxes (B, D, 4), re-sorted; padding rows (id -1) keep
+        score -1 and box 0.
     """
     C = int(num_classes)
     valid = ids >= 0
@@ -319,10 +358,9 @@ class Deconv2D(nn.Conv2DTranspose):
     unit weights (exactly ``+ bias``).
 
     The same values, faster on CPU: MXNet 1.9.1's ``Deconvolution`` with a bias is slow there
-    (the mask head's 2x2 deconvolution of 32 rois, 64 channels, 14x14, one thread: forward
-    11.7 ms, forward + backward 20.0 ms with the bias inside; 4.0 and 15.0 ms this way; of 100
-    rois, 256 channels: forward 356 -> 213 ms). ``broadcast_add`` is slower still, and a
-    ``BatchNorm`` affine needs its statistics as graph variables (new parameters).
+    (DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"; docs/benchmarks.md).
+    ``broadcast_add`` is slower still, and a ``BatchNorm`` affine needs its statistics as graph
+    variables (new parameters). Input (N, C_in, H, W) -> output as ``nn.Conv2DTranspose``'s.
     """
 
     def hybrid_forward(self, F, x, weight, bias=None):
@@ -336,15 +374,18 @@ class Deconv2D(nn.Conv2DTranspose):
 
 class ImageGuide(mx.gluon.HybridBlock):
     """The input image at the mask head's own resolution (``mask_head.image_guide`` = g > 0; not
-    in Detectron2):
+    in Detectron2).
 
-        rois (B, R, 4) xyxy input pixels, image (B, 3, H, W) normalised -> (B*R, g, S, S),
-        image-major
-
-    Each roi is pooled from the image at S x S (RoIAlign at stride 1, the box head's sampling
+    Each roi is pooled from the image at 2P x 2P (RoIAlign at stride 1, the box head's sampling
     ratio and aligned flag), then a 3x3 conv + ReLU (``conv_``) makes g channels. Stride-4
     features pooled to 14x14 blur the edges, points and limbs a pixel or two wide that these
-    pixels still show."""
+    pixels still show.
+
+    Args:
+        cfg: the config (``model.box_head`` sampling).
+        channels: g.
+        resolution: the output side, the mask head's 2P.
+    """
 
     def __init__(self, cfg, channels, resolution, **kwargs):
         super(ImageGuide, self).__init__(**kwargs)
@@ -356,25 +397,46 @@ class ImageGuide(mx.gluon.HybridBlock):
                                prefix="conv_")
 
     def hybrid_forward(self, F, rois, image):
+        """
+        Args:
+            rois: (B, R, 4) xyxy in input pixels.
+            image: (B, 3, H, W) the normalised network input.
+
+        Returns:
+            (B*R, g, 2P, 2P), image-major.
+        """
         return self.conv(self.pooler(rois, image))
 
 
 def head_inputs(head, levels, image):
-    """What a RoI head takes after its rois: P2..P5 (``levels``), then the input image (B, 3,
-    H, W) when the head has an ``image_guide`` (the mask head's option)."""
+    """What a RoI head takes after its rois.
+
+    Args:
+        head: a RoI head block.
+        levels: P2..P5.
+        image: (B, 3, H, W) the normalised network input.
+
+    Returns:
+        tuple: ``levels``, then ``image`` when the head has an ``image_guide`` (the mask
+        head's option).
+    """
     return tuple(levels) + ((image,) if getattr(head, "image_guide", 0) else ())
 
 
 class MaskHead(mx.gluon.HybridBlock):
-    """Pool, num_conv x (3x3 conv + ReLU), 2x2/2 deconv + ReLU, 1x1 conv to C mask logits (one,
-    shared by the classes, with ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1).
+    """Detectron2's ``MaskRCNNConvUpsampleHead`` (= GluonCV's ``Mask`` with 4 convs): pool at
+    ``mask_head.pooler_resolution`` P, num_conv x (3x3 conv_dim [+ norm] + ReLU), 2x2/2 deconv
+    + ReLU, 1x1 conv to C mask logits at 2P x 2P (one, shared by the classes, with
+    ``mask_head.cls_agnostic_mask``: ``num_classes`` is then 1).
 
-    rois (B, R, 4) xyxy input pixels, P2..P5 -> logits (B*R, C, 2P, 2P), image-major.
+    With ``mask_head.image_guide`` = g > 0 (not in Detectron2) the last input is the network's
+    input image: an :class:`ImageGuide` pools it at the output resolution 2P into g channels,
+    and one more 3x3 conv (+ the head's norm) + ReLU maps [deconv output, those g] to g
+    channels before the predictor (:func:`head_inputs` builds the inputs).
 
-    With ``mask_head.image_guide`` = g > 0 the last input is the network's input image
-    (B, 3, H, W), normalised: an :class:`ImageGuide` pools it at the output resolution 2P into
-    g channels, and one more 3x3 conv (+ the head's norm) + ReLU maps [deconv output, those g]
-    to g channels before the predictor."""
+    Args:
+        cfg: the config (``model.mask_head``, ``model.clip_boxes``, ...).
+    """
 
     def __init__(self, cfg, **kwargs):
         super(MaskHead, self).__init__(**kwargs)
@@ -404,6 +466,14 @@ class MaskHead(mx.gluon.HybridBlock):
                                     prefix="predictor_")
 
     def hybrid_forward(self, F, rois, *features):
+        """
+        Args:
+            rois: (B, R, 4) xyxy in input pixels.
+            features: P2..P5, then with ``image_guide`` the input image (B, 3, H, W).
+
+        Returns:
+            (B*R, C, 2P, 2P) mask logits, image-major.
+        """
         levels = features[:-1] if self.image_guide else features
         x = self.convs(self.pooler(rois, *levels))
         x = self.deconv(x)            # with its ReLU (Activation op: MKLDNN can fuse it)
@@ -413,22 +483,37 @@ class MaskHead(mx.gluon.HybridBlock):
 
 
 def select_class_masks(F, mask_logits, ids, num_classes):
-    """mask_logits (B*D, C, S, S) and ids (B, D) -> sigmoid of the id's channel (B, D, S, S).
+    """The mask probabilities of each detection's class.
 
-    Padding ids (-1) select channel 0 (their masks are meaningless but finite). With class-agnostic
-    masks (C = 1) every id selects channel 0.
+    Args:
+        mask_logits: (B*D, C, M, M), M = 2P.
+        ids: (B, D) class labels; padding ids (-1) select channel 0 (their masks are
+            meaningless but finite). With class-agnostic masks (C = 1) every id selects
+            channel 0.
+        num_classes: C.
+
+    Returns:
+        (B, D, M, M) sigmoid of the id's channel.
     """
     cls = F.reshape(F.clip(ids, 0, num_classes - 1), (-1,))                    # (B*D,)
-    # a gather of one S x S plane per roi: a one-hot product summed over the C classes read all
-    # of them (57 ms of the 800x1344 R50 inference at 100 detections)
+    # a gather of one M x M plane per roi: a one-hot product summed over the C classes would
+    # read all of them
     picked = F.gather_nd(mask_logits, F.stack(F.contrib.arange_like(cls), cls, axis=0))
     picked = F.reshape_like(picked, ids, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=2)
     return F.sigmoid(picked)
 
 
 def mask_quality(F, masks, threshold):
-    """masks (B, D, S, S) probabilities -> (B, D) maskness: the mean probability of the cells at
-    or above ``threshold`` (the mask's foreground), 0 for an empty mask (SOLOv2's maskness)."""
+    """SOLOv2's maskness: the mean probability of the cells at or above ``threshold`` (the
+    mask's foreground), 0 for an empty mask.
+
+    Args:
+        masks: (B, D, M, M) probabilities.
+        threshold: ``test.mask_thresh``.
+
+    Returns:
+        (B, D) maskness.
+    """
     fg = masks >= threshold
     area = F.sum(fg, axis=(2, 3))
     return F.sum(masks * fg, axis=(2, 3)) / F.maximum(area, 1.0)
@@ -437,10 +522,19 @@ def mask_quality(F, masks, threshold):
 def rescore_by_masks(F, ids, scores, masks, threshold, *others):
     """``test.mask_score``: each detection's score times its maskness (:func:`mask_quality`),
     so that detections whose masks are confident rank first, then every output re-sorted by the
-    new score. ids, scores (B, D), masks (B, D, S, S), others (B, D, ...) -> the same outputs
-    in the new order, ``(ids, scores, masks) + others``. Padding rows (score < 0) keep their
-    score and stay last. Mask AP rewards the ranking: segm AP +0.004 to +0.018 on seven shapes
-    checkpoints (README, "Evaluation, prediction, pictures")."""
+    new score. Mask AP rewards the ranking (docs/experiments/shapes_test_time.md,
+    "test.mask_score").
+
+    Args:
+        ids, scores: (B, D).
+        masks: (B, D, M, M) probabilities.
+        threshold: ``test.mask_thresh``, for :func:`mask_quality`.
+        others: more (B, D, ...) outputs to re-sort.
+
+    Returns:
+        ``(ids, scores, masks) + others`` in the new order, with the new scores. Padding rows
+        (score < 0) keep their score and stay last.
+    """
     rescored = F.where(scores >= 0, scores * mask_quality(F, masks, threshold), scores)
     order = F.topk(rescored, axis=1, k=0, ret_typ="indices", is_ascend=False)
     return tuple(batch_gather(F, a, order) for a in (ids, rescored, masks) + tuple(others))
@@ -450,7 +544,15 @@ def rescore_by_masks(F, ids, scores, masks, threshold, *others):
 # Keypoint branch
 # --------------------------------------------------------------------------------------------
 class KeypointHead(mx.gluon.HybridBlock):
-    """Pool, num_conv x (3x3 conv + ReLU), 4x4/2 deconv to K, bilinear x2 -> (B*D, K, 4P, 4P)."""
+    """Detectron2's ``KRCNNConvDeconvUpsampleHead``: pool at ``keypoint_head.pooler_resolution``
+    P (14), num_conv x (3x3 conv_dim [+ norm] + ReLU), 4x4/2 pad-1 deconv to K channels (2P),
+    bilinear x2 (half-pixel centres, align_corners=False, :func:`upsample2x_bilinear`) to
+    S = 4P (56).
+
+    Args:
+        cfg: the config (``model.keypoint_head``, ``model.num_keypoints``, ...);
+            ``keypoint_head.resolution`` must be 4P.
+    """
 
     def __init__(self, cfg, **kwargs):
         super(KeypointHead, self).__init__(**kwargs)
@@ -470,20 +572,33 @@ class KeypointHead(mx.gluon.HybridBlock):
                                    in_channels=channels, prefix="score_lowres_")
 
     def hybrid_forward(self, F, rois, *features):
+        """
+        Args:
+            rois: (B, R, 4) xyxy in input pixels.
+            features: P2..P5.
+
+        Returns:
+            (B*R, K, S, S) heatmap logits, image-major.
+        """
         x = self.deconv(self.convs(self.pooler(rois, *features)))
         return upsample2x_bilinear(F, x, self.num_keypoints)
 
 
 def upsample2x_bilinear(F, x, channels):
-    """(N, C, S, S) -> (N, C, 2S, 2S): bilinear x2 with half-pixel centres (align_corners=False,
-    edges clamped), as ``BilinearResize2D`` / ``F.interpolate(scale_factor=2)``.
+    """Bilinear x2 with half-pixel centres (align_corners=False, edges clamped), as
+    ``BilinearResize2D`` / ``F.interpolate(scale_factor=2)``.
 
     Output pixel 2i is 0.25 x[i-1] + 0.75 x[i] and 2i+1 is 0.75 x[i] + 0.25 x[i+1], with x[-1] and
-    x[S] the edge values: a depthwise 4x4 stride-2 transposed convolution with the kernel
-    outer([.25, .75, .75, .25]) of the edge-padded input (pad 3 crops it to 2S). The same
-    numbers as ``BilinearResize2D``, whose CPU backward alone took 107 ms of the shapes
-    training step (forward + backward of 64 rois x 7 channels at 28 -> 56: 56 ms against the
-    op's 136 ms). Needs S >= 4; ``channels`` is C.
+    x[T] the edge values: a depthwise 4x4 stride-2 transposed convolution with the kernel
+    outer([.25, .75, .75, .25]) of the edge-padded input (pad 3 crops it to 2T). The same
+    numbers as ``BilinearResize2D``, whose CPU backward is slow.
+
+    Args:
+        x: (N, C, T, T), T >= 4.
+        channels: C.
+
+    Returns:
+        (N, C, 2T, 2T).
     """
     i = F.slice_axis(F.contrib.arange_like(x, axis=3), axis=0, begin=0, end=4)   # 0, 1, 2, 3
     k = 1.0 - 0.5 * F.abs(i - 1.5)                                                 # .25 .75 .75 .25
@@ -495,23 +610,35 @@ def upsample2x_bilinear(F, x, channels):
 
 
 def hflip_heatmaps(F, heatmaps, flip_map):
-    """Keypoint heatmaps (N, K, S, S) of mirrored boxes in the mirror image -> the heatmaps of the
-    boxes in the image: columns reversed, and keypoint k takes the channel of its mirror
-    ``flip_map[k]`` (left <-> right; the data loader's flip uses the same map).
+    """The heatmaps of mirrored boxes in the mirror image -> the heatmaps of the boxes in the
+    image: columns reversed, and keypoint k takes the channel of its mirror ``flip_map[k]``
+    (left <-> right; the data loader's flip uses the same map).
 
     Exact for the heatmap grid: column j of a mirrored box covers the image columns of column
     S - 1 - j of the box.
+
+    Args:
+        heatmaps: (N, K, S, S) logits.
+        flip_map: K keypoint indices.
+
+    Returns:
+        (N, K, S, S).
     """
     channels = [F.slice_axis(heatmaps, axis=1, begin=j, end=j + 1) for j in flip_map]
     return F.flip(F.concat(*channels, dim=1), axis=3)
 
 
 def decode_keypoints(F, heatmaps, boxes, resolution):
-    """Argmax decode: heatmaps (B, D, K, S, S) logits, boxes (B, D, 4) -> (B, D, K, 3).
+    """Argmax decode: the peak cell (px, py) maps to x = (px + 0.5) / S * max(x2 - x1, 1) + x1
+    (same for y). Finer decodes (bicubic / Taylor) live in postprocess.py.
 
-    ``resolution`` is S. The peak cell (px, py) maps to x = (px + 0.5) / S * max(x2 - x1, 1) + x1
-    (same for y); the third value is the peak logit. Finer decodes (bicubic / Taylor) live in
-    postprocess.py.
+    Args:
+        heatmaps: (B, D, K, S, S) logits.
+        boxes: (B, D, 4) xyxy in input pixels.
+        resolution: S.
+
+    Returns:
+        (B, D, K, 3) keypoints (x, y, peak logit).
     """
     S = float(resolution)
     flat = F.reshape(heatmaps, (0, 0, 0, -1))                                 # (B, D, K, S*S)

@@ -1,116 +1,24 @@
 """Training targets: RPN anchor labels, RoI sampling with box targets, mask and keypoint targets.
 
-Everything is a HybridBlock (or an ``F`` function usable inside ``hybrid_forward``) built from
-batched MXNet ops: no Python loop over images, anchors, rois or gts, so the training graph
-hybridizes, and it runs on whatever context its inputs live on. Random choices come from
-``F.random.uniform_like``, so they are reproducible after ``mx.random.seed(k)`` (per context).
-All outputs are wrapped in ``BlockGrad``: targets carry no gradient.
+    RPNTargets(...)         forward(anchors (1, N, 4), gt_boxes (B, G, 4), gt_crowd (B, Gc, 4),
+                                    im_info (B, 3))
+                            -> labels (B, N), box_targets (B, N, 4), matched (B, N)
+    RoISampler(C, ...)      forward(rois (B, R, 4), gt_boxes (B, G, 4), gt_labels (B, G))
+                            -> rois (B, S, 4), labels (B, S), matched (B, S),
+                               box_targets (B, S, 4), num_pos (B,)
+    MaskTargets(P, ...)     forward(rois (B, S, 4), labels (B, S), matched (B, S),
+                                    gt_masks (B, G, Hp, Wp)) -> mask_targets (B, P, M, M)
+    KeypointTargets(P, ...) forward(rois, labels, matched, gt_keypoints (B, G, K, 3))
+                            -> targets (B, P, K), valid (B, P, K)
 
-Shapes (``B`` images, ``N`` anchors of all levels, ``G`` gt slots, ``Gc`` crowd slots, ``R``
-proposals per image, ``S`` sampled rois per image, ``P`` leading "positive" slots, ``K``
-keypoints). Inputs follow the training batch of DEVELOPING.md: boxes are ``(x1, y1, x2, y2)``
-in resized-image pixels.
-
-Validity rules (the padding conventions the blocks rely on):
-
-- a gt slot is valid iff its box has ``x2 > x1`` and ``y2 > y1`` (``RoISampler`` also needs
-  ``gt_labels >= 0``). Padding rows are ``-1`` everywhere, so they never match anything. ``G``
-  and ``Gc`` must be at least 1 (the loader pads an image without gts/crowd with a -1 row).
-- a proposal row is valid iff ``x2 > x1`` and ``y2 > y1``; the proposal generator pads with
-  zero boxes, which are therefore never sampled (neither fg nor bg).
-
-``RPNTargets(batch_size_per_image=256, positive_fraction=0.5, fg_iou=0.7, bg_iou=0.3,
-plus_one=False, crowd_ioa=0.7, boundary_threshold=-1)``::
-
-    forward(anchors (1, N, 4), gt_boxes (B, G, 4), gt_crowd (B, Gc, 4), im_info (B, 3))
-      -> labels      (B, N)     1 sampled fg, 0 sampled bg, -1 not sampled / ignored
-         box_targets (B, N, 4)  encode_boxes(matched gt, anchor, weights (1, 1, 1, 1));
-                                exactly 0 for anchors that are not fg
-         matched     (B, N)     index of the matched gt (argmax IoU), -1 where not fg
-
-  Matching (Detectron2 ``Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)``):
-  max IoU >= fg_iou is fg, < bg_iou is bg, in between ignored; in addition, for every valid gt,
-  every anchor whose IoU equals that gt's highest IoU (ties included, only when it is > 0) is fg;
-  the box target of such an anchor is still taken from its own argmax gt, as in Detectron2.
-  An image without valid gts gives only background. Crowd rule: an anchor lying more than
-  ``crowd_ioa`` inside one crowd box (intersection / anchor area > 0.7) is never used as a
-  negative (it becomes -1); positives are kept, since they match a real object. With
-  ``crowd_ioa >= 1`` (``model.rpn.crowd_ioa``) no anchor can be more inside, and the crowd
-  boxes are not looked at: torchvision and Detectron2, which drop crowd instances when they
-  load the data, where an anchor inside a crowd region can be a negative.
-  ``boundary_threshold=-1`` keeps anchors that cross the image border (Detectron2's default);
-  with ``t >= 0`` anchors reaching more than ``t`` pixels outside ``im_info``'s (h, w) are -1.
-  Sampling (Detectron2 ``subsample_labels``): min(#fg, int(256 * 0.5)) random positives, then
-  min(#bg, 256 - #positives) random negatives; everything else -1. Cost: ~0.5 s for 2 images
-  with 268k anchors (800 x 1344) and 20 gts each, on 2 CPU cores, hybridized.
-
-``RoISampler(num_classes, batch_size_per_image=512, positive_fraction=0.25, fg_iou=0.5,
-plus_one=False, box_weights=(10, 10, 5, 5))``::
-
-    forward(rois (B, R, 4), gt_boxes (B, G, 4), gt_labels (B, G))
-      -> rois        (B, S, 4)  sampled rois, S = batch_size_per_image
-         labels      (B, S)     c + 1 for a fg roi of contiguous class c, 0 bg, -1 padding
-         matched     (B, S)     gt index of fg rois, -1 otherwise
-         box_targets (B, S, 4)  encode_boxes(matched gt, roi, weights (10, 10, 5, 5)) for fg
-                                rois (regression target of the gt class), 0 otherwise
-         num_pos     (B,)       number of fg rois of each image (<= P)
-
-  The gt boxes are appended to the proposals before matching (Detectron2), and ``rois`` is
-  passed through ``BlockGrad``. Matching: max IoU >= fg_iou is fg, otherwise bg (no low-quality
-  matches). Sampling as for the RPN: min(#fg, P) positives with ``P = int(S *
-  positive_fraction)``, then min(#bg, S - #positives) negatives, all at random. Output order per
-  image: the sampled positives first, then the sampled negatives, then padding rows with label
-  -1 when there are fewer than S valid candidates (their box is a proposal, gt or zero row with a
-  minimum size of 1 pixel forced, so pooling them is safe; losses ignore them). Hence the first
-  ``P = RoISampler.num_pos_slots`` slots hold every positive: the mask and keypoint heads run on
-  ``rois[:, :P]`` and use the slots whose label is > 0 (leading slots beyond ``num_pos`` hold
-  negatives or padding, label 0 or -1, and get no mask/keypoint loss).
-
-``MaskTargets(num_pos_slots=P, resolution=28, sampling_ratio=0, aligned=True, soft=False)``, and
-``KeypointTargets`` below, use the first ``P`` slots of their inputs, or every slot when ``P``
-is None (the training graph passes ``rois[:, :k]``, ``k`` covering every positive)::
-
-    forward(rois (B, S, 4), labels (B, S), matched (B, S), gt_masks (B, G, Hp, Wp) uint8)
-      -> mask_targets (B, P, M, M) float32 in {0, 1} ([0, 1] when soft); all 0 for slots
-                     whose label <= 0
-
-  For slot ``i < P`` the gt mask of its matched gt is cropped and resized to ``M x M`` with
-  ``contrib.ROIAlign`` over the roi box (aligned=True, adaptive sampling: Detectron2's
-  ``BitMasks.crop_and_resize``), then thresholded at >= 0.5; with ``soft=True`` the crop is
-  kept as it is, the fraction of each cell the mask covers (``mask_head.soft_targets``: a
-  structure thinner than a cell, a limb or a star's tip, is not lost to the threshold; the
-  binary cross-entropy takes fractional targets as they are). ``aligned=False``
-  (``mask_head.target_aligned: false``) crops without the half-pixel shift and with sides of
-  at least 1 pixel; with ``soft=True`` that is torchvision's ``project_masks_on_boxes``
-  (``roi_align(aligned=False)``, adaptive sampling, unthresholded). There the masks are the
-  image's (H, W) and a sample past the last valid row or column reads that row (column);
-  here the padded masks read 0 beyond it, so the two differ only in the cells of a positive
-  roi whose mask touches the valid image's bottom or right edge. ``ROIAlign`` reads the masks as
-  float32 ``(B*G, 1, Hp, Wp)`` and each roi uses the batch index ``b*G + matched``, which is
-  never negative (non-fg slots use gt 0 and a 1-pixel box; DESIGN.md section 6). Roi sides
-  are forced to at least 0.01 pixel, so aligned=True never sees a degenerate roi. Memory: the
-  float32 copy of the masks is ``4 * B * G * Hp * Wp`` bytes (86 MB for 2 x 20 masks at
-  800 x 1344); the whole block took ~0.5 s for that case on 2 CPU cores.
-
-``KeypointTargets(num_pos_slots=P, resolution=56)``::
-
-    forward(rois (B, S, 4), labels (B, S), matched (B, S), gt_keypoints (B, G, K, 3))
-      -> targets (B, P, K) float32 holding integers: heatmap index y * 56 + x (0 when invalid;
-                 float32 so that ``pick`` and the loss need no dtype casts; exact up to 2**24)
-         valid   (B, P, K) float32 in {0, 1}
-
-  Detectron2 ``keypoints_to_heatmap``: x = floor((kx - x1) * 56 / (x2 - x1)), same for y; a
-  keypoint exactly on the right (bottom) edge kx == x2 gets x = 55; valid iff the slot is a
-  positive, v > 0 and 0 <= x, y < 56. Keypoint coordinates are used as given (continuous
-  coordinates; Detectron2 adds 0.5 to COCO's integer keypoints when it loads them). A positive
-  without labelled keypoints simply has no valid entry (Detectron2 drops such proposals from
-  the keypoint head; here they stay in their slot with zero weight).
-
-IoU has no +1 (``plus_one`` changes no result here, as in GluonCV, whose encoder and
-``box_iou`` have no +1; the flag is passed on to ``box_coder`` for a uniform signature).
-``RoISampler`` uses ``box_coder.pairwise_iou`` (per image); ``RPNTargets`` uses
-``contrib.box_iou`` of all gts against the shared anchors (the same rules, and about 20x
-faster than a broadcast formula on ~270k anchors), giving a (B*G, N) matrix.
+B images, N anchors of all levels, G gt slots, Gc crowd slots, R proposals per image, S sampled
+rois per image, P leading "positive" slots, M the mask side, K keypoints. Inputs follow the
+training batch of DEVELOPING.md ("Training batches"): boxes are ``(x1, y1, x2, y2)`` in
+resized-image pixels, padding rows are ``-1``. Everything is built from batched MXNet ops (no
+Python loop over images, anchors, rois or gts), so the training graph hybridizes and runs on its
+inputs' context. Random choices come from ``F.random.uniform_like``, reproducible after
+``mx.random.seed(k)`` (per context). All outputs pass through ``BlockGrad``: targets carry no
+gradient.
 """
 import mxnet as mx
 
@@ -130,7 +38,17 @@ def _coords(F, boxes):
 
 
 def valid_boxes(F, boxes):
-    """(..., 4) -> (...) float 1 where x2 > x1 and y2 > y1 (padding rows of -1 or 0 give 0)."""
+    """Which boxes are real: a gt slot or a proposal row is valid iff x2 > x1 and y2 > y1.
+
+    Padding gt rows are ``-1`` everywhere and the proposal generator pads with zero boxes, so
+    neither ever matches or is sampled.
+
+    Args:
+        boxes: (..., 4) xyxy.
+
+    Returns:
+        (...) float 1 for a valid box, 0 otherwise.
+    """
     x1, y1, x2, y2 = _coords(F, boxes)
     return F.squeeze((x2 > x1) * (y2 > y1), axis=-1)
 
@@ -158,14 +76,20 @@ def _any_per_image(F, flags, per_image):
 def sample_balanced(F, pos, neg, num_samples, num_pos_max):
     """Random balanced subsampling (Detectron2 ``subsample_labels``), batched.
 
-    ``pos`` and ``neg`` are disjoint (B, N) 0/1 masks. Returns ``(sel_pos, sel_neg, num_pos)``:
-    ``min(#pos, num_pos_max)`` random positives and ``min(#neg, num_samples - num_pos)`` random
-    negatives per image, and the number of selected positives (B, 1). Each element gets a key
-    ``2*pos + neg + u/2`` with ``u ~ U[0, 1)``; its rank in the descending order (argsort of the
-    argsort, a permutation, so ranks are unique even when keys tie) places the positives first
-    in random order, then the negatives; a rank threshold picks the first ones of each group.
-    Ranks are float32, exact for N < 2**24. Two argsorts of N = 270k cost ~0.15 s per 2
-    images on 2 CPU cores.
+    Each element gets a key ``2*pos + neg + u/2`` with ``u ~ U[0, 1)``; its rank in the
+    descending order (argsort of the argsort, a permutation, so ranks are unique even when keys
+    tie) places the positives first in random order, then the negatives; a rank threshold picks
+    the first ones of each group. Ranks are float32, exact for N < 2**24.
+
+    Args:
+        pos, neg: disjoint (B, N) 0/1 masks.
+        num_samples: the elements to select per image.
+        num_pos_max: the most positives to select per image.
+
+    Returns:
+        ``(sel_pos, sel_neg, num_pos)``: (B, N) masks of ``min(#pos, num_pos_max)`` random
+        positives and ``min(#neg, num_samples - num_pos)`` random negatives per image, and the
+        number of selected positives (B, 1).
     """
     rand = F.random.uniform_like(pos)
     key = 2.0 * pos + neg + 0.5 * rand
@@ -184,7 +108,38 @@ def sample_balanced(F, pos, neg, num_samples, num_pos_max):
 # RPN
 # --------------------------------------------------------------------------------------------
 class RPNTargets(mx.gluon.HybridBlock):
-    """Anchor labels and box targets for the RPN (see the module docstring)."""
+    """Anchor labels and box targets for the RPN.
+
+    Matching (Detectron2 ``Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)``):
+    max IoU >= fg_iou is fg, < bg_iou is bg, in between ignored; in addition, for every valid
+    gt, every anchor whose IoU equals that gt's highest IoU (ties included, only when it is
+    > 0) is fg; the box target of such an anchor is still taken from its own argmax gt, as in
+    Detectron2. An image without valid gts gives only background. The IoU is
+    ``contrib.box_iou`` of all gts against the shared anchors, a (B*G, N) matrix (the rules of
+    ``box_coder.pairwise_iou``, faster than a broadcast formula on the anchors of a large
+    image); it has no +1, so ``plus_one`` changes no result, as in GluonCV.
+
+    Crowd rule: an anchor lying more than ``crowd_ioa`` inside one crowd box (intersection /
+    anchor area > 0.7) is never used as a negative (it becomes -1); positives are kept, since
+    they match a real object. With ``crowd_ioa >= 1`` (``model.rpn.crowd_ioa``) no anchor can
+    be more inside, and the crowd boxes are not looked at: torchvision and Detectron2, which
+    drop crowd instances when they load the data, where an anchor inside a crowd region can be
+    a negative.
+
+    Sampling (Detectron2 ``subsample_labels``, :func:`sample_balanced`): min(#fg,
+    int(256 * 0.5)) random positives, then min(#bg, 256 - #positives) random negatives;
+    everything else -1.
+
+    Args:
+        batch_size_per_image: the anchors sampled per image (256).
+        positive_fraction: the most positives, as a share of them (0.5).
+        fg_iou, bg_iou: the matching thresholds (0.7, 0.3).
+        plus_one: ``model.box_plus_one``; passed to the box coder for a uniform signature.
+        crowd_ioa: the crowd rule's threshold (>= 1: no crowd rule).
+        boundary_threshold: -1 keeps anchors that cross the image border (Detectron2's
+            default); with ``t >= 0`` anchors reaching more than ``t`` pixels outside
+            ``im_info``'s (h, w) are -1.
+    """
 
     def __init__(self, batch_size_per_image=256, positive_fraction=0.5, fg_iou=0.7, bg_iou=0.3,
                  plus_one=False, crowd_ioa=0.7, boundary_threshold=-1, **kwargs):
@@ -201,6 +156,20 @@ class RPNTargets(mx.gluon.HybridBlock):
         self._boundary = float(boundary_threshold)
 
     def hybrid_forward(self, F, anchors, gt_boxes, gt_crowd, im_info):
+        """
+        Args:
+            anchors: (1, N, 4) the anchors of all levels.
+            gt_boxes: (B, G, 4), padded with -1; G >= 1 (the loader pads an image without
+                gts with a -1 row).
+            gt_crowd: (B, Gc, 4) crowd boxes, padded with -1; Gc >= 1.
+            im_info: (B, 3) = (h, w, scale).
+
+        Returns:
+            labels (B, N): 1 sampled fg, 0 sampled bg, -1 not sampled / ignored;
+            box_targets (B, N, 4): ``encode_boxes(matched gt, anchor, weights (1, 1, 1, 1))``,
+            exactly 0 for anchors that are not fg;
+            matched (B, N): index of the matched gt (argmax IoU), -1 where not fg.
+        """
         # Layout (B*G, N): contrib.box_iou of all gts against the shared anchors has no wasted
         # cross-image pairs, and the reductions below use fast kernels (global max Pooling over
         # N, argmax/pick and batch_dot over G) instead of slow generic reductions.
@@ -268,7 +237,31 @@ class RPNTargets(mx.gluon.HybridBlock):
 # RoI sampling + box targets
 # --------------------------------------------------------------------------------------------
 class RoISampler(mx.gluon.HybridBlock):
-    """Sample S rois per image among proposals + gts, with labels and box targets."""
+    """Sample S rois per image among proposals + gts, with labels and box targets.
+
+    The gt boxes are appended to the proposals before matching (Detectron2). Matching
+    (``box_coder.pairwise_iou``, per image): max IoU >= fg_iou is fg, otherwise bg (no
+    low-quality matches); a gt slot takes part iff it is valid (:func:`valid_boxes`) and
+    ``gt_labels >= 0``. Sampling as for the RPN: min(#fg, P) positives with
+    ``P = int(S * positive_fraction)``, then min(#bg, S - #positives) negatives, all at random.
+
+    Output order per image: the sampled positives first, then the sampled negatives, then
+    padding rows with label -1 when there are fewer than S valid candidates (their box is a
+    proposal, gt or zero row with a minimum size of 1 pixel forced, so pooling them is safe;
+    losses ignore them). Hence the first ``P = RoISampler.num_pos_slots`` slots hold every
+    positive: the mask and keypoint heads run on ``rois[:, :P]`` and use the slots whose label
+    is > 0 (leading slots beyond ``num_pos`` hold negatives or padding, label 0 or -1, and get
+    no mask/keypoint loss).
+
+    Args:
+        num_classes: C.
+        batch_size_per_image: S (512).
+        positive_fraction: P / S (0.25).
+        fg_iou: the fg threshold (0.5).
+        plus_one: ``model.box_plus_one``; IoU and encoding have no +1, so it changes no
+            result (as in GluonCV).
+        box_weights: the box coder's weights (10, 10, 5, 5).
+    """
 
     def __init__(self, num_classes, batch_size_per_image=512, positive_fraction=0.25, fg_iou=0.5,
                  plus_one=False, box_weights=(10.0, 10.0, 5.0, 5.0), **kwargs):
@@ -281,6 +274,20 @@ class RoISampler(mx.gluon.HybridBlock):
         self._weights = tuple(float(w) for w in box_weights)
 
     def hybrid_forward(self, F, rois, gt_boxes, gt_labels):
+        """
+        Args:
+            rois: (B, R, 4) proposals; zero rows are padding.
+            gt_boxes: (B, G, 4), padded with -1.
+            gt_labels: (B, G) contiguous labels 0..C-1, -1 for padding.
+
+        Returns:
+            rois (B, S, 4): the sampled rois;
+            labels (B, S): c + 1 for a fg roi of class c, 0 bg, -1 padding;
+            matched (B, S): gt index of fg rois, -1 otherwise;
+            box_targets (B, S, 4): ``encode_boxes(matched gt, roi, box_weights)`` for fg rois
+            (the regression target of the gt class), 0 otherwise;
+            num_pos (B,): the number of fg rois of each image (<= P).
+        """
         S = self.num_samples
         rois = F.BlockGrad(rois)
         gt_boxes = F.BlockGrad(gt_boxes)
@@ -330,6 +337,7 @@ class RoISampler(mx.gluon.HybridBlock):
 # Mask and keypoint targets for the first P slots
 # --------------------------------------------------------------------------------------------
 def _leading_slots(F, P, rois, labels, matched):
+    """The first P slots (all when P is None): rois, is_pos (label > 0), gt index (0 if not)."""
     if P is not None:
         rois = F.slice_axis(rois, axis=1, begin=0, end=P)
         labels = F.slice_axis(labels, axis=1, begin=0, end=P)
@@ -339,8 +347,37 @@ def _leading_slots(F, P, rois, labels, matched):
 
 
 class MaskTargets(mx.gluon.HybridBlock):
-    """Binary (or, with ``soft``, fractional) M x M mask targets of the positive rois (see the
-    module docstring)."""
+    """Binary (or, with ``soft``, fractional) M x M mask targets of the positive rois.
+
+    For slot ``i < P`` the gt mask of its matched gt is cropped and resized to ``M x M`` with
+    ``contrib.ROIAlign`` over the roi box (aligned=True, adaptive sampling: Detectron2's
+    ``BitMasks.crop_and_resize``), then thresholded at >= 0.5; with ``soft=True`` the crop is
+    kept as it is, the fraction of each cell the mask covers (``mask_head.soft_targets``: a
+    structure thinner than a cell, a limb or a star's tip, is not lost to the threshold; the
+    binary cross-entropy takes fractional targets as they are).
+
+    ``aligned=False`` (``mask_head.target_aligned: false``) crops without the half-pixel shift
+    and with sides of at least 1 pixel; with ``soft=True`` that is torchvision's
+    ``project_masks_on_boxes`` (``roi_align(aligned=False)``, adaptive sampling,
+    unthresholded). There the masks are the image's (H, W) and a sample past the last valid row
+    or column reads that row (column); here the padded masks read 0 beyond it, so the two
+    differ only in the cells of a positive roi whose mask touches the valid image's bottom or
+    right edge.
+
+    ``ROIAlign`` reads the masks as float32 ``(B*G, 1, Hp, Wp)`` (``4 * B * G * Hp * Wp``
+    bytes, 86 MB for 2 x 20 masks at 800 x 1344) and each roi uses the batch index
+    ``b*G + matched``, which is never negative (non-fg slots use gt 0 and a 1-pixel box;
+    DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"). Roi sides are forced to at least
+    0.01 pixel, so aligned=True never sees a degenerate roi.
+
+    Args:
+        num_pos_slots: P, the leading slots to use; None: every slot (the training graph
+            passes ``rois[:, :k]``, ``k`` covering every positive).
+        resolution: M (28).
+        sampling_ratio: ROIAlign's samples per bin side (0: adaptive).
+        aligned: the crop's ROIAlign mode.
+        soft: keep the fractional crop instead of thresholding it.
+    """
 
     def __init__(self, num_pos_slots, resolution=28, sampling_ratio=0, aligned=True,
                  soft=False, **kwargs):
@@ -352,6 +389,15 @@ class MaskTargets(mx.gluon.HybridBlock):
         self._aligned = bool(aligned)
 
     def hybrid_forward(self, F, rois, labels, matched, gt_masks):
+        """
+        Args:
+            rois, labels, matched: (B, S, 4), (B, S), (B, S) from :class:`RoISampler`.
+            gt_masks: (B, G, Hp, Wp) uint8 binary masks in resized-image pixels.
+
+        Returns:
+            mask_targets (B, P, M, M) float32 in {0, 1} ([0, 1] when soft); all 0 for slots
+            whose label <= 0.
+        """
         P, M = self._P, self._M
         rois, is_pos, gidx = _leading_slots(F, P, F.BlockGrad(rois), labels, matched)
         # number of gt slots G as a (B, 1) tensor, from the masks' own shape
@@ -378,7 +424,20 @@ class MaskTargets(mx.gluon.HybridBlock):
 
 
 class KeypointTargets(mx.gluon.HybridBlock):
-    """Heatmap indices and validity of the keypoints of the positive rois (module docstring)."""
+    """Heatmap indices and validity of the keypoints of the positive rois.
+
+    Detectron2 ``keypoints_to_heatmap``: x = floor((kx - x1) * Q / (x2 - x1)), same for y,
+    with Q the heatmap side; a keypoint exactly on the right (bottom) edge kx == x2 gets
+    x = Q - 1; valid iff the slot is a positive, v > 0 and 0 <= x, y < Q. Keypoint coordinates
+    are used as given (continuous coordinates; Detectron2 adds 0.5 to COCO's integer keypoints
+    when it loads them). A positive without labelled keypoints simply has no valid entry
+    (Detectron2 drops such proposals from the keypoint head; here they stay in their slot with
+    zero weight).
+
+    Args:
+        num_pos_slots: P, the leading slots to use; None: every slot.
+        resolution: Q (56).
+    """
 
     def __init__(self, num_pos_slots, resolution=56, **kwargs):
         super(KeypointTargets, self).__init__(**kwargs)
@@ -386,6 +445,17 @@ class KeypointTargets(mx.gluon.HybridBlock):
         self._S = int(resolution)
 
     def hybrid_forward(self, F, rois, labels, matched, gt_keypoints):
+        """
+        Args:
+            rois, labels, matched: (B, S, 4), (B, S), (B, S) from :class:`RoISampler`.
+            gt_keypoints: (B, G, K, 3) (x, y, v) in resized-image pixels.
+
+        Returns:
+            targets (B, P, K) float32 holding integers: the heatmap index y * Q + x (0 when
+            invalid; float32 so that ``pick`` and the loss need no dtype casts; exact up to
+            2**24);
+            valid (B, P, K) float32 in {0, 1}.
+        """
         S = float(self._S)
         rois, is_pos, gidx = _leading_slots(F, self._P, F.BlockGrad(rois), labels, matched)
         kps = batch_gather(F, F.BlockGrad(gt_keypoints), gidx)               # (B, P, K, 3)

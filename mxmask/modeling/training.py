@@ -1,12 +1,10 @@
 """The training graph: the model's own stages, plus targets and losses.
 
     loss_net = RCNNLoss(net, cfg)             # net = build_model(cfg); shares its parameters
-                                              # kernels="auto": see below
-    loss_net.hybridize(static_alloc=True)     # optional: two hybridized graphs (below)
+    loss_net.hybridize(static_alloc=True)     # optional: two hybridized graphs
     with autograd.record():
-        losses = loss_net(**batch_on_ctx)     # dict name -> (1,) loss
-        # or, over several contexts, all first stages before any second stage:
-        states = [loss_net.begin(**b) for b in batches]; losses = [loss_net.finish(s) for s in states]
+        losses = loss_net(**batch_on_ctx)     # dict name -> (1,) loss; over several contexts:
+                                              # begin(**b) on each, then finish(state) on each
 
 Inputs (one context's share of a training batch, DEVELOPING.md "Training batches"):
 ``data`` (B, 3, Hp, Wp), ``im_info`` (B, 3), ``gt_boxes`` (B, G, 4), ``gt_labels`` (B, G),
@@ -20,48 +18,6 @@ Inputs (one context's share of a training batch, DEVELOPING.md "Training batches
     loss_mask                      per-pixel sigmoid BCE on the gt class's 28x28 mask, times
                                    model.mask_head.loss_weight
     loss_keypoint                  softmax CE over the 56x56 heatmap of each visible keypoint
-
-The conventions are Detectron2's; four fields switch to torchvision's training ones (the
-torchvision presets set them): ``model.rpn.loss_normalizer: sampled``, ``model.rpn.crowd_ioa:
-1`` and, for the mask targets, ``model.mask_head.target_aligned: false`` with
-``soft_targets: true``. With them, and both sides' samplers taking every candidate, each loss
-equals torchvision's on the same weights, image and targets within 1e-4
-(tests/test_torchvision_training.py).
-
-The path, stage by stage (the same sub-blocks as inference, see rcnn.py), in two graphs:
-
-1. :class:`BoxStage`: backbone -> RPN (anchors, logits, deltas, proposals) -> anchor targets ->
-   RPN losses; proposals -> RoI sampler (gt boxes appended; S rois, positives in the first P
-   slots) -> ``net.box_forward`` -> box losses. It also returns the sampled rois, labels and
-   matched gts, and the FPN levels the RoI heads pool from.
-2. :class:`HeadStage`: the mask head / keypoint head and their targets and losses. The mask
-   head runs on the first ``k`` slots, where ``k`` (:meth:`RCNNLoss.head_slots`) is the largest
-   number of positives of an image of the batch, rounded up to a multiple of 8 (at most P).
-   Slots past an image's positives carry no loss, so the losses equal those over all P slots
-   (Detectron2 and torchvision also run these heads on the positives only), while the heads'
-   cost follows the real positives: with 2 objects in a ResNet-50 FPN training image, 20-odd of
-   the 128 slots instead of all of them. With ``model.mask_head.max_train_rois`` = n > 0, k is
-   at most n: the mask head trains on the first n positive slots of each image, a random subset
-   of its positives (the sampler orders them at random), and its cost stops growing with
-   crowded images. The keypoint head runs on the positives whose gt has a
-   labelled keypoint (v > 0), moved to the front of the P slots, again rounded up to a multiple
-   of 8 (:meth:`RCNNLoss.keypoint_slots`; Detectron2's ``select_proposals_with_visible_keypoints``):
-   the other positives have no keypoint target, and the keypoint loss, normalised by the number
-   of labelled keypoints, is the same as over all P slots (the shapes dataset: a third of the
-   objects are figures). Reading the counts waits for stage 1; :meth:`RCNNLoss.begin` /
-   :meth:`RCNNLoss.finish` let a multi-context step start every context's stage 1 first.
-
-Kernels (``kernels``): ``"auto"`` picks ``"mxmask"`` when the network's parameters live on CPU
-contexts only and :func:`mxmask.ops.load_ops` can build the compiled operators, else
-``"mxnet"``. With ``"mxmask"`` the RoI poolers and GroupNorm layers of these training graphs run
-``mxmask_roi_align`` / ``mxmask_group_norm``: the same values as the stock operators
-(tests/test_ops.py), with faster CPU backward passes (:mod:`mxmask.ops`). Inference
-graphs of the same network are not affected.
-
-Mixed precision (``solver.amp="bfloat16"``, or ``"auto"`` on a CPU with AMX; ``RCNNLoss.amp``
-says which applies): both stages are traced inside
-:func:`mxmask.modeling.precision.conv_precision`, so every ``Convolution`` of the network computes
-in bfloat16 with float32 inputs, outputs, weights and gradients (:mod:`mxmask.modeling.precision`).
 """
 import mxnet as mx
 
@@ -84,9 +40,17 @@ def _weighted(loss, weight):
 
 
 class BoxStage(mx.gluon.HybridBlock):
-    """Stage 1 (module docstring): (data, im_info, gt_boxes, gt_labels, gt_crowd) ->
-    (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, rois (B, S, 4), labels (B, S),
-    matched (B, S), P2, P3, P4, P5)."""
+    """Stage 1 of :class:`RCNNLoss`: backbone -> RPN (anchors, logits, deltas, proposals) ->
+    anchor targets -> RPN losses; proposals -> RoI sampler (gt boxes appended; S rois,
+    positives in the first P slots) -> ``net.box_forward`` -> box losses. It also returns the
+    sampled rois, labels and matched gts, and the FPN levels the RoI heads pool from.
+
+    Args:
+        net: the :class:`~mxmask.modeling.rcnn.MaskRCNN` whose stages it runs.
+        cfg: the config (``model.rpn``, ``model.box_head``, ...).
+        kernels: ``"mxnet"`` or ``"mxmask"`` (:class:`RCNNLoss`).
+        amp: ``""`` or ``"bfloat16"``, the convolutions' precision.
+    """
 
     def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(BoxStage, self).__init__(**kwargs)
@@ -116,6 +80,14 @@ class BoxStage(mx.gluon.HybridBlock):
                 plus_one=m.box_plus_one, box_weights=tuple(m.box_head.bbox_reg_weights))
 
     def hybrid_forward(self, F, data, im_info, gt_boxes, gt_labels, gt_crowd):
+        """
+        Args:
+            data, im_info, gt_boxes, gt_labels, gt_crowd: as in the module docstring.
+
+        Returns:
+            (loss_rpn_cls, loss_rpn_loc, loss_cls, loss_box_reg, rois (B, S, 4),
+            labels (B, S), matched (B, S), P2, P3, P4, P5).
+        """
         with compiled_kernels(self.kernels == "mxmask"), conv_precision(self.amp):
             # 1. backbone + FPN
             features = self.backbone(data)
@@ -147,10 +119,16 @@ class BoxStage(mx.gluon.HybridBlock):
 
 
 class HeadStage(mx.gluon.HybridBlock):
-    """Stage 2 (module docstring): ([rois (B, k, 4), labels (B, k), matched (B, k), gt_masks]
-    if mask_on, [rois (B, k', 4), labels (B, k'), matched (B, k'), gt_keypoints] if keypoint_on,
-    P2..P5[, data: the input, with model.mask_head.image_guide]) -> ([loss_mask],
-    [loss_keypoint]). The keypoint head pools P2..P5 only."""
+    """Stage 2 of :class:`RCNNLoss`: the mask head / keypoint head and their targets and
+    losses, on the slots :class:`RCNNLoss` chose (:meth:`RCNNLoss.head_slots`,
+    :meth:`RCNNLoss.keypoint_slots`). Both heads pool from one level canvas.
+
+    Args:
+        net: the :class:`~mxmask.modeling.rcnn.MaskRCNN` whose heads it runs.
+        cfg: the config (``model.mask_head``, ``model.keypoint_head``).
+        kernels: ``"mxnet"`` or ``"mxmask"`` (:class:`RCNNLoss`).
+        amp: ``""`` or ``"bfloat16"``, the convolutions' precision.
+    """
 
     def __init__(self, net, cfg, kernels, amp="", **kwargs):
         super(HeadStage, self).__init__(**kwargs)
@@ -175,6 +153,16 @@ class HeadStage(mx.gluon.HybridBlock):
                 if self.keypoint_on else None
 
     def hybrid_forward(self, F, *inputs):
+        """
+        Args:
+            inputs: [rois (B, k, 4), labels (B, k), matched (B, k), gt_masks] if mask_on,
+                [rois (B, k', 4), labels (B, k'), matched (B, k'), gt_keypoints] if
+                keypoint_on, P2..P5, [data: the input, with model.mask_head.image_guide].
+                The keypoint head pools P2..P5 only.
+
+        Returns:
+            ([loss_mask], [loss_keypoint]), each (1,).
+        """
         mask_in = inputs[:4] if self.mask_on else None
         keypoint_in = inputs[4 * self.mask_on:4 * self.mask_on + 4] if self.keypoint_on else None
         levels = inputs[4 * (self.mask_on + self.keypoint_on):]      # P2..P5[, data]
@@ -198,7 +186,47 @@ class HeadStage(mx.gluon.HybridBlock):
 
 
 class RCNNLoss(mx.gluon.Block):
-    """Losses of Mask R-CNN / Keypoint R-CNN for a training batch (see module doc)."""
+    """Losses of Mask R-CNN / Keypoint R-CNN for a training batch (the module docstring), in
+    two graphs that call the model's own sub-blocks (rcnn.py): :class:`BoxStage` and
+    :class:`HeadStage`.
+
+    The conventions are Detectron2's; four fields switch to torchvision's training ones (the
+    torchvision presets set them): ``model.rpn.loss_normalizer: sampled``,
+    ``model.rpn.crowd_ioa: 1`` and, for the mask targets, ``model.mask_head.target_aligned:
+    false`` with ``soft_targets: true``. With them, and both sides' samplers taking every
+    candidate, each loss equals torchvision's on the same weights, image and targets within
+    1e-4 (tests/test_torchvision_training.py; docs/torchvision.md).
+
+    The mask head runs on the first ``k`` sampled slots, where ``k`` (:meth:`head_slots`) is
+    the largest number of positives of an image of the batch, rounded up to a multiple of 8 (at
+    most P). Slots past an image's positives carry no loss, so the losses equal those over all
+    P slots (Detectron2 and torchvision also run these heads on the positives only), while the
+    heads' cost follows the real positives: with 2 objects in a ResNet-50 FPN training image,
+    20-odd of the 128 slots instead of all of them. With ``model.mask_head.max_train_rois`` =
+    n > 0, k is at most n: the mask head trains on the first n positive slots of each image, a
+    random subset of its positives (the sampler orders them at random), and its cost stops
+    growing with crowded images. The keypoint head runs on the positives whose gt has a
+    labelled keypoint (:meth:`keypoint_slots`). Reading the counts waits for stage 1;
+    :meth:`begin` / :meth:`finish` let a multi-context step start every context's stage 1
+    first.
+
+    Kernels: ``"auto"`` picks ``"mxmask"`` when the network's parameters live on CPU contexts
+    only and :func:`mxmask.ops.load_ops` can build the compiled operators, else ``"mxnet"``.
+    With ``"mxmask"`` the RoI poolers, GroupNorm layers and NMS of these training graphs run
+    the compiled operators of :mod:`mxmask.ops`: the same values as the stock operators
+    (tests/test_ops.py), with faster CPU backward passes (docs/kernels.md). Inference graphs of
+    the same network are not affected.
+
+    Mixed precision (``solver.amp="bfloat16"``, or ``"auto"`` on a CPU with AMX; ``self.amp``
+    says which applies): both stages are traced inside
+    :func:`mxmask.modeling.precision.conv_precision`, so every ``Convolution`` of the network
+    computes in bfloat16 with float32 inputs, outputs, weights and gradients.
+
+    Args:
+        net: the :class:`~mxmask.modeling.rcnn.MaskRCNN`; the loss shares its parameters.
+        cfg: the config.
+        kernels: ``"auto"``, ``"mxnet"`` or ``"mxmask"``.
+    """
 
     _BOX_INPUTS = ("data", "im_info", "gt_boxes", "gt_labels", "gt_crowd")
 
@@ -224,26 +252,47 @@ class RCNNLoss(mx.gluon.Block):
             (["loss_keypoint"] if self.keypoint_on else [])
 
     def hybridize(self, active=True, **kwargs):
+        """Hybridize both stages (each is its own graph)."""
         self.box_stage.hybridize(active, **kwargs)
         if self.head_stage is not None:
             self.head_stage.hybridize(active, **kwargs)
 
     def _round_slots(self, count):
+        """``count`` rounded up to a multiple of 8, between 8 and P."""
         return min(self.num_pos_slots, max(_SLOT_STEP, -(-int(count) // _SLOT_STEP) * _SLOT_STEP))
 
     def head_slots(self, labels):
-        """k for the mask head: the most positives (label > 0) of one image among the first P
-        slots of ``labels`` (B, S), rounded up to a multiple of 8, between 8 and P, and at most
-        ``model.mask_head.max_train_rois`` when that is > 0. Waits for it."""
+        """The mask head's slot count. Waits for stage 1.
+
+        Args:
+            labels: (B, S) the sampled labels (NDArray).
+
+        Returns:
+            int k: the most positives (label > 0) of one image among the first P slots,
+            rounded up to a multiple of 8, between 8 and P, and at most
+            ``model.mask_head.max_train_rois`` when that is > 0.
+        """
         first = mx.nd.slice_axis(labels, axis=1, begin=0, end=self.num_pos_slots)
         k = self._round_slots(mx.nd.max(mx.nd.sum(first > 0, axis=1)).asscalar())
         return min(k, self.mask_slot_cap) if self.mask_slot_cap > 0 else k
 
     def keypoint_slots(self, labels, matched, gt_keypoints):
-        """The keypoint head's slots: ``(order (B, P), k')``. ``order`` lists each image's first
-        P slots with the positives whose matched gt has a labelled keypoint (v > 0 in
-        ``gt_keypoints`` (B, G, K, 3)) first; ``k'`` is the most such slots of one image, rounded
-        up to a multiple of 8, between 8 and P. Waits for it."""
+        """The keypoint head's slots: the positives whose gt has a labelled keypoint (v > 0),
+        moved to the front of the P slots (Detectron2's
+        ``select_proposals_with_visible_keypoints``). The other positives have no keypoint
+        target, and the keypoint loss, normalised by the number of labelled keypoints, is the
+        same as over all P slots (the shapes dataset: a third of the objects are figures).
+        Waits for stage 1.
+
+        Args:
+            labels, matched: (B, S) the sampled labels and matched gts (NDArrays).
+            gt_keypoints: (B, G, K, 3).
+
+        Returns:
+            ``(order (B, P), k')``: ``order`` lists each image's first P slots with those
+            positives first; ``k'`` is the most such slots of one image, rounded up to a
+            multiple of 8, between 8 and P.
+        """
         P = self.num_pos_slots
         labels, matched = [mx.nd.slice_axis(a, axis=1, begin=0, end=P) for a in (labels, matched)]
         vis = mx.nd.slice_axis(gt_keypoints, axis=3, begin=2, end=3)
@@ -255,11 +304,22 @@ class RCNNLoss(mx.gluon.Block):
         return order, self._round_slots(mx.nd.max(mx.nd.sum(has, axis=1)).asscalar())
 
     def begin(self, **inputs):
-        """Stage 1 on one context's inputs; returns the state that :meth:`finish` takes."""
+        """Stage 1 on one context's inputs.
+
+        Args:
+            inputs: one context's batch (the module docstring), by name.
+
+        Returns:
+            the state that :meth:`finish` takes.
+        """
         return inputs, self.box_stage(*[inputs[n] for n in self._BOX_INPUTS])
 
     def finish(self, state):
-        """Stage 2 from :meth:`begin`'s state -> {loss name: (1,) loss}."""
+        """Stage 2 from :meth:`begin`'s state.
+
+        Returns:
+            dict {loss name: (1,) loss}, in ``loss_names`` order.
+        """
         inputs, out = state
         losses = list(out[:4])
         if self.head_stage is not None:
@@ -281,4 +341,5 @@ class RCNNLoss(mx.gluon.Block):
         return dict(zip(self.loss_names, losses))
 
     def __call__(self, **inputs):
+        """:meth:`begin` then :meth:`finish`: {loss name: (1,) loss}."""
         return self.finish(self.begin(**inputs))
