@@ -188,8 +188,8 @@ def test_legacy_canvas_equals_per_level_pooling(sampling_ratio, pooled, canonica
     """Legacy mode (aligned=False) with rois inside the image, as the box head's proposals and
     training rois are: one ROIAlign over the level canvas equals pooling every roi on its own
     level with contrib.ROIAlign, edge slivers included (the widened sliver samples past the
-    level; see the module docstring). A canonical size of 8 puts slivers on three or more
-    levels."""
+    level; see MultiLevelRoIAlign._pool_on_canvas). A canonical size of 8 puts slivers on three
+    or more levels."""
     rng = np.random.RandomState(11)
     H, W = 256, 320
     feats = _features(rng, B=2, H=H, W=W)

@@ -125,7 +125,7 @@ def check_conv_precision(dtype, ctxs):
     if others:
         raise UserError("solver.amp=bfloat16 runs the convolutions in bfloat16 on CPUs only "
                         "(MXNet 1.9.1 has no bfloat16 GPU convolution); got %s. Train without "
-                        "it on GPUs (README, \"Mixed precision\")" % ", ".join(others))
+                        "it on GPUs (docs/training.md, \"Mixed precision\")" % ", ".join(others))
     error = _bfloat16_conv_error()
     if error:
         raise UserError("solver.amp=bfloat16: this CPU / MXNet build cannot run a bfloat16 "
