@@ -12,8 +12,8 @@ steps of the preset's training graph with ``mxnet.contrib.amp``:
     bfloat16 fp32-deconv    bfloat16 with Deconvolution kept in float32, hybridized
 
 It prints one line per probe: ``ok`` with the losses, or how it failed (exception text or the
-signal that killed it). README.md ("Mixed precision") records the results on the development
-machine.
+signal that killed it). docs/training.md ("Mixed precision") records the results, with their
+machine and date.
 """
 import argparse
 import os
@@ -64,6 +64,9 @@ print("LOSSES " + " ".join("%s=%.4f" % (k, v.asscalar()) for k, v in losses.item
 
 
 def run_probe(name, dtype, hybridize, fp32_deconv, preset, size, ctx, timeout=600):
+    """Run one probe in a child process: ``ok: <losses>``, ``crashed: killed by signal N``,
+    ``failed (exit N): <last error line>`` or ``timed out after N s``.
+    """
     h, w = size.lower().split("x")
     cmd = [sys.executable, "-c", CHILD, dtype, "1" if hybridize else "0",
            "1" if fp32_deconv else "0", preset, h, w, ctx]
@@ -82,6 +85,7 @@ def run_probe(name, dtype, hybridize, fp32_deconv, preset, size, ctx, timeout=60
 
 
 def main(argv=None):
+    """Run every probe of :data:`PROBES` and print one line each."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="shapes")
     p.add_argument("--size", default="160x192", help="input HxW")

@@ -6,24 +6,9 @@ In:  a checkpoint (``--ckpt``; its val set, or ``--ann``/``--images``), or by de
      generated with ``mxmask.data.shapes.generate_shapes`` into ``--data`` (or a temporary
      folder) when missing. A random-init model keeps ``test.max_dets`` detections per image
      (every score is near 1/(C+1) > 0.05), the post-processing load of a full COCO model.
-Out: a table on stdout (total seconds, ms per image and share of each stage) and, with
-     ``--json``, the same numbers as JSON. Nothing else is written.
-
-Stages, timed one after the other on each image (one context, batch 1, after ``--warmup``
-untimed images):
-
-- data: read the image file, resize, normalise (``TestBatchMaker``, in this process);
-- network forward: the hybridized model plus reading its outputs back (``asnumpy``);
-- post-processing (all): ``Predictor.to_entries`` (``detections_to_coco`` per image, as
-  evaluation runs it), which is what counts in the total. Its pieces are timed again
-  separately on the same inputs and listed under it: mask paste (``paste_masks_in_image`` of
-  the kept detections into the original image), RLE encode (``pycocotools.mask.encode``, one C
-  call for all masks), keypoint decode (``decode_keypoints`` with ``test.keypoint_decode``;
-  the other decoder is shown for comparison, outside the total), and the rest (output copy,
-  box mapping, entry dicts) by difference: it is small, so timing noise can make it slightly
-  negative;
-- COCOeval per task: ``evaluate_results`` (validation, ``loadRes``, evaluate, accumulate,
-  summarize, per-category AP) with the gt loaded once.
+Out: a table on stdout (total seconds, ms per image and share of each stage; :func:`run` says
+     what each stage holds) and, with ``--json``, the same numbers as JSON. Nothing else is
+     written.
 
     python dev/bench_eval.py                          # random-init shapes model, 50 images
     python dev/bench_eval.py --ckpt runs/shapes --json bench_eval.json
@@ -51,6 +36,7 @@ from mxmask.utils import UserError  # noqa: E402
 
 
 def parse_args(argv=None):
+    """The command-line options (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="checkpoint folder (default: a random-init shapes model)")
     p.add_argument("--ann", help="COCO json to evaluate on (default: the checkpoint's val set, "
@@ -152,7 +138,9 @@ def kept_detections(predictor, out, im_info, orig_size):
 
 
 def time_image(predictor, batch, clock, counts):
-    """Time the stages of one test batch of one image; returns its COCO entries."""
+    """Time the stages of one test batch of one image (:func:`run`); returns its COCO
+    entries.
+    """
     import pycocotools.mask as mask_util
     from mxmask.postprocess import decode_keypoints, paste_masks_in_image
     cfg = predictor.cfg
@@ -186,6 +174,25 @@ def time_image(predictor, batch, clock, counts):
 
 
 def run(args, tmp):
+    """Time every stage over the val images; returns ``(predictor, ann, timed records,
+    {stage: seconds}, counts, number of entries)``.
+
+    Stages, timed one after the other on each image (one context, batch 1, after ``--warmup``
+    untimed images):
+
+    - data: read the image file, resize, normalise (``TestBatchMaker``, in this process);
+    - network forward: the hybridized model plus reading its outputs back (``asnumpy``);
+    - post-processing (all): ``Predictor.to_entries`` (``detections_to_coco`` per image, as
+      evaluation runs it), which is what counts in the total. Its pieces are timed again
+      separately on the same inputs and listed under it: mask paste (``paste_masks_in_image`` of
+      the kept detections into the original image), RLE encode (``pycocotools.mask.encode``, one C
+      call for all masks), keypoint decode (``decode_keypoints`` with ``test.keypoint_decode``;
+      the other decoder is shown for comparison, outside the total), and the rest (output copy,
+      box mapping, entry dicts) by difference: it is small, so timing noise can make it slightly
+      negative;
+    - COCOeval per task: ``evaluate_results`` (validation, ``loadRes``, evaluate, accumulate,
+      summarize, per-category AP) with the gt loaded once.
+    """
     from mxmask.data.coco import load_coco
     from mxmask.data.loader import TestBatchMaker
     from mxmask.engine.evaluator import evaluate_results, load_gt
@@ -237,6 +244,9 @@ def table(seconds):
 
 
 def main(argv=None):
+    """Run, print the table (and with ``--json`` write it). Returns the exit code: 0, or 2 after
+    a bad option, config or dataset.
+    """
     args = parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_eval_")
     try:

@@ -6,16 +6,14 @@ keypoints and the proposals are random. This script times the batches training i
 (their sizes, objects and augmentation, from ``data/loader.py``), through the trainer's own
 ``forward_backward`` and ``step`` (gradient exchange, norm, clipping, optimizer update), and can
 start from a checkpoint's trained weights, whose proposals give the RoI heads the positives of
-late training. Use it to measure a change to the training step: run it before and after,
-alternating, since this machine's speed drifts by 20-30%.
+late training. To measure a change to the training step, run it before and after, alternating,
+several times (docs/benchmarks.md, "Machines": the machines' speed drifts).
 
-In:  a preset (``--preset``, default ``shapes``; its synthetic dataset is generated as `mxmask
-     train` does when missing) or a checkpoint (``--ckpt``: its config and weights); ``--set``
-     overrides either config.
+In:  a preset (``--preset``, default ``shapes``; its dataset is generated as `mxmask train` does
+     when missing) or a checkpoint (``--ckpt``: its config and weights); ``--set`` overrides.
 Out: ms per step of each of ``--repeat`` blocks of ``--steps`` timed steps (after ``--warmup``
      untimed ones; the batches are made beforehand, so data loading is not timed) and their
-     median, on stdout; ``--json`` writes the same numbers. Nothing else is written (the
-     weights are not saved).
+     median, on stdout; ``--json`` writes the same numbers. The weights are not saved.
 
     python dev/bench_train_steps.py                                 # shapes, random init
     python dev/bench_train_steps.py --ckpt runs/shapes --steps 50 --repeat 3
@@ -37,6 +35,7 @@ from mxmask.utils import UserError, atomic_write_json  # noqa: E402
 
 
 def parse_args(argv=None):
+    """The command-line options (``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="shapes", help="config preset (default shapes)")
     p.add_argument("--ckpt", help="checkpoint folder: its config and trained weights")
@@ -122,6 +121,9 @@ def time_steps(trainer, batches, warmup, steps, repeat, lr):
 
 
 def main(argv=None):
+    """Build, time, print (and with ``--json`` write) the blocks. Returns the exit code: 0, or 2
+    after a bad option, config or dataset.
+    """
     args = parse_args(argv)
     if args.steps < 1 or args.repeat < 1 or args.warmup < 0:
         print("bench_train_steps: error: --steps and --repeat must be at least 1, --warmup at "

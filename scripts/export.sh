@@ -7,7 +7,7 @@
 #   scripts/export.sh CKPT --out PREFIX [--size HxW] [--fuse] [--dtype float32|bfloat16]
 #                                      the same as `mxmask export CKPT ...`
 #
-# The preset graphs need no weights (they are built from the code in a few seconds); load them
+# The preset graphs need no weights (they are built from the code); load them
 # with the PREFIX-0000.params of `mxmask export` (see symbols/README.md). Set PYTHON to choose
 # the interpreter.
 set -euo pipefail

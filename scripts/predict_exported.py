@@ -12,27 +12,11 @@ next to an export and used where mxmask is not installed. It reads:
                                              mean/std, size divisibility, output names, class
                                              names, COCO category ids, thresholds
 
-Each image is decoded as RGB, resized so that its short side is ``min_size_test`` (long side at
-most ``max_size_test``), normalised as ``(x / 255 - mean) / std``, zero padded at the
-bottom/right to a multiple of ``size_divisibility`` and run with ``im_info = (h, w, scale)``.
-The size rule, the interpolation and the normalisation arithmetic are the checkpoint's
-``input.resize_rule`` (half_up, gluoncv, torchvision, torchvision_float32), ``resize_interp``
-(linear, cubic, bilinear_float) and ``normalize`` (fused, stepwise), computed as mxmask's
-Predictor computes them (mxmask.data.transforms), so the results are the same. Detections are
-mapped back to the original image:
-
-    file_name, category_id, class_name, score, bbox [x, y, w, h] (original pixels, w = x2 - x1
-                   whatever the model's box_plus_one: GluonCV's COCO instance evaluation and
-                   ``mxmask predict`` write it so; with ``mask_box_thresh`` > 0 in the meta
-                   file, the tight box of the pasted mask probability >= it, as mxmask's
-                   ``test.mask_box_thresh``),
-    segmentation   the mask pasted into the image (aligned bilinear, >= mask_thresh), as COCO
-                   *uncompressed* RLE {"size": [h, w], "counts": [...]} (column-major runs
-                   starting with 0s; pycocotools' frPyObjects reads it), and "area" its pixels
-    keypoints      [x, y, 2, ...] in COCO pixel indices, from the graph's argmax keypoints
-                   (``mxmask predict`` refines them from the heatmaps, so they differ slightly)
-
-One line per detection is printed; ``--out`` writes them all as a JSON list.
+Each image is prepared as mxmask's Predictor prepares it (:func:`prepare`), run through the
+graph, and its detections are mapped back to the original image (:func:`to_entries`):
+``file_name``, ``category_id``, ``class_name``, ``score``, ``bbox`` [x, y, w, h],
+``segmentation`` (uncompressed RLE) and ``area``, ``keypoints``. One line per detection is
+printed; ``--out`` writes them all as a JSON list.
 """
 import argparse
 import json
@@ -43,6 +27,7 @@ import cv2
 import mxnet as mx
 import numpy as np
 
+# the graph's inputs, in order
 INPUTS = ("data", "im_info")
 
 
@@ -51,6 +36,9 @@ class ScriptError(Exception):
 
 
 def load_meta(prefix):
+    """``PREFIX-meta.json`` as a dict; ScriptError when it is missing, not JSON, not an mxmask
+    export record, or lacks a field this script needs.
+    """
     path = prefix + "-meta.json"
     try:
         with open(path) as f:
@@ -69,6 +57,9 @@ def load_meta(prefix):
 
 
 def load_network(prefix):
+    """The graph and weights as a ``SymbolBlock`` on the CPU; ScriptError when a file is
+    missing.
+    """
     import warnings
     for suffix in ("-symbol.json", "-0000.params"):
         if not os.path.exists(prefix + suffix):
@@ -83,6 +74,9 @@ def load_network(prefix):
 # Input
 # ----------------------------------------------------------------------------------------------
 def read_rgb(path):
+    """An image file as HxWx3 uint8 RGB (EXIF orientation ignored, as mxmask reads images);
+    ScriptError when it is not a readable image.
+    """
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     image = cv2.imread(path, flags) if os.path.isfile(path) else None
     if image is None:
@@ -164,7 +158,27 @@ def resize_bilinear_float(data, new_h, new_w):
 
 
 def prepare(image, meta):
-    """HxWx3 uint8 RGB -> data (1, 3, Hp, Wp) float32 and im_info (1, 3) float32."""
+    """The graph's inputs for one image, as mxmask's Predictor computes them
+    (mxmask.data.transforms.TestTransform), so the results are the same.
+
+    The image is resized so that its short side is ``min_size_test`` (long side at most
+    ``max_size_test``), normalised as ``(x / 255 - mean) / std``, and zero padded at the
+    bottom/right to a multiple of ``size_divisibility``. The size rule, the interpolation and the
+    normalisation arithmetic are the checkpoint's ``input.resize_rule`` (half_up, gluoncv,
+    torchvision, torchvision_float32: :func:`resized_size`), ``resize_interp`` (linear, cubic,
+    bilinear_float) and ``normalize`` (fused, stepwise: :func:`normalized`), from the meta file.
+
+    Args:
+        image: HxWx3 uint8 RGB.
+        meta: the meta file's record.
+
+    Returns:
+        ``(data (1, 3, Hp, Wp) float32, im_info (1, 3) float32 = (h, w, scale))``.
+
+    Raises:
+        ScriptError: the padded image is larger than the model's anchors cover, or an unknown
+        resize rule, interpolation or normalisation.
+    """
     h, w = image.shape[:2]
     rule = meta.get("resize_rule", "half_up")
     interp = meta.get("resize_interp", "linear")
@@ -284,7 +298,35 @@ def uncompressed_rle(mask):
 
 
 def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
-    """The graph's outputs for one image -> result dicts in original-image coordinates."""
+    """The graph's outputs for one image -> result dicts in original-image coordinates.
+
+    Rows with ``id < 0``, a score under ``score_thresh`` or a class named ``N/A`` (torchvision's
+    unused COCO ids) are dropped. Each entry holds ``file_name``, ``category_id``,
+    ``class_name``, ``score`` and:
+
+    - ``bbox`` ``[x, y, w, h]`` in original pixels, ``w = x2 - x1`` whatever the model's
+      ``box_plus_one`` (GluonCV's COCO instance evaluation and ``mxmask predict`` write it so);
+      with ``mask_box_thresh`` > 0 in the meta file, the tight box of the pasted mask probability
+      >= it, as mxmask's ``test.mask_box_thresh``;
+    - ``segmentation``: the mask pasted into the image (meta ``mask_paste``: aligned bilinear,
+      >= ``mask_thresh``, or torchvision's) as COCO *uncompressed* RLE ``{"size": [h, w],
+      "counts": [...]}`` (column-major runs starting with 0s; pycocotools' ``frPyObjects`` reads
+      it), and ``area`` its pixels;
+    - ``keypoints`` ``[x, y, 2, ...]`` in COCO pixel indices (minus ``keypoint_offset``), from the
+      graph's argmax keypoints (``mxmask predict`` refines them from the heatmaps, so they differ
+      slightly).
+
+    Args:
+        outputs: the graph's outputs as numpy arrays, in the meta file's ``outputs`` order.
+        meta: the meta file's record.
+        im_info: (1, 3) ``(h, w, scale)`` of :func:`prepare`.
+        orig_size: (height, width) of the original image.
+        file_name: the entries' ``file_name``.
+        score_thresh: the score threshold.
+
+    Returns:
+        list of result dicts.
+    """
     out = {name: value[0] for name, value in zip(meta["outputs"], outputs)}
     ids, scores = out["ids"].reshape(-1), out["scores"].reshape(-1).astype(np.float64)
     boxes = out["boxes"].reshape(-1, 4).astype(np.float64)
@@ -334,6 +376,9 @@ def to_entries(outputs, meta, im_info, orig_size, file_name, score_thresh):
 
 
 def main(argv=None):
+    """The script: runs the export on each image and prints its detections. Returns the exit
+    code: 0, or 2 after a ScriptError (one line on stderr).
+    """
     parser = argparse.ArgumentParser(description="Run an mxmask export (no mxmask needed).")
     parser.add_argument("prefix", help="export prefix (PREFIX-symbol.json, -0000.params, "
                                        "-meta.json)")

@@ -1,4 +1,4 @@
-"""``mxmask bench``: inference and training-step speed, stage by stage, beside GluonCV or torchvision.
+"""``mxmask bench``: inference and training-step speed by stage, beside GluonCV or torchvision.
 
     run_bench(preset="mask_rcnn_r50_fpn", size="800x1344", runs=5, against="torchvision")
 
@@ -12,8 +12,8 @@ Out: the printed table (:mod:`mxmask.bench.report`), a JSON record (``--json``) 
   timed after mxmask on the same inputs, and the ResNet-50 convolution floor;
 - :mod:`mxmask.bench.report`: the table, the peer ratios and the chart.
 
-docs/benchmarks.md is the manual (what each row measures) and holds the figures, each with its
-command, machine and date.
+docs/benchmarks.md ("How ``mxmask bench`` measures") says what each row and field holds; the
+figures live there too, each with its command, machine and date.
 """
 import os
 
@@ -35,9 +35,41 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
               warmup=2, train=False, overrides=(), json_path=None, fuse=False, dtype="float32",
               against=None, resnet50=False, chart_path=None, kernels="auto", torch_python=None,
               out=print):
-    """``mxmask bench`` (module docstring): times, prints the table and returns the record;
-    ``torch_python`` is the interpreter of ``against="torchvision"`` (None:
-    ``MXMASK_TORCH_PYTHON``)."""
+    """``mxmask bench``: time mxmask (and a peer), print the table, return the record.
+
+    Args:
+        preset: preset name, built with random weights (:func:`build_bench_model`); unused
+            when ``ckpt`` is given.
+        ckpt: a checkpoint folder, measured with its own weights.
+        size: ``"HxW"``, rounded up to multiples of 32 (:func:`bench_input_size`).
+        batch: images per forward; 1 with ``against="gluoncv"``.
+        runs, warmup: timed and untimed runs of every figure.
+        train: also time a training step (forward, backward, SGD update).
+        overrides: ``key=value`` config overrides; with ``against`` ``test.flip=false`` is
+            added (neither peer has test-time flip).
+        json_path: write the record here as JSON.
+        fuse, dtype: also time the MKLDNN-fused and/or bfloat16 graph built from the exported
+            graph; the stages stay those of the plain fp32 network. ``dtype="bfloat16"`` with
+            ``train`` runs the step's convolutions in bfloat16 (``solver.amp``).
+        against: None, ``"gluoncv"`` or ``"torchvision"`` (:data:`PEERS`).
+        resnet50: also time GluonCV's plain ResNet-50 (implied by ``against="gluoncv"``).
+        chart_path: write a PNG bar chart of the stages here.
+        kernels: ``auto``, ``mxmask`` or ``mxnet``: the in-process network's RoIAlign and NMS
+            (:meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels`).
+        torch_python: the torch interpreter of ``against="torchvision"`` (None:
+            ``MXMASK_TORCH_PYTHON``).
+        out: called with the table text.
+
+    Returns:
+        dict: ``settings``, ``mxmask`` (:func:`bench_inference`'s record plus GMAC, optimised
+        totals and training figures), and with ``against`` the peer's record and the ratios
+        of :func:`peer_ratios`, with ``resnet50`` its record. docs/benchmarks.md documents
+        each field.
+
+    Raises:
+        UserError: a bad argument, a missing GluonCV or torch interpreter, an input larger
+        than the anchors cover; all checked before any network is timed.
+    """
     check_dtype(dtype)
     if against not in (None,) + PEERS:
         raise UserError("--against %s: expected one of %s" % (against, ", ".join(PEERS)))

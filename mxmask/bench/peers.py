@@ -26,8 +26,34 @@ __all__ = ["bench_gluoncv", "torchvision_arch", "torch_threads", "TORCHVISION_RE
 
 
 def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
-    """GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` on the bench input (module docstring):
-    ``(record, settings)``. ``batch`` must be 1 (:func:`run_bench` checks it up front)."""
+    """GluonCV's ``mask_rcnn_fpn_resnet50_v1b_coco`` timed in this process on the bench input.
+
+    Matched to mxmask's side: random weights, hybridized (``static_alloc``, ``static_shape``),
+    ``test.max_dets`` detections per image (GluonCV keeps its own 1000 RPN test proposals and
+    80 classes), the same runs and warm-up. Its CPU RoIAlign bug is worked around with
+    :func:`mxmask.convert.gluoncv_reference.pyramid_roi_feats_masked`, which does GluonCV's own
+    RoIAlign work. Its paste is GluonCV's COCO evaluation post-processing
+    (:func:`~mxmask.convert.gluoncv_reference.gluoncv_postprocess`: ``mask.fill`` and an RLE
+    per detection), the counterpart of mxmask's paste/decode. Its training step
+    (:class:`~mxmask.convert.gluoncv_reference.GluonCVTrainStep`) includes the RPN anchor
+    targets GluonCV computes in its data loader, since mxmask computes them in its graph.
+
+    Args:
+        cfg: mxmask's config (``test.max_dets``; the synthetic batch's keypoints).
+        size: (H, W) of the input.
+        batch: must be 1, GluonCV's inference graph takes one image (:func:`run_bench` checks
+            it up front).
+        runs, warmup: timed and untimed runs.
+        train: also time a training step on :func:`synthetic_train_batch`.
+        ctx: the context (default CPU).
+
+    Returns:
+        ``(record, settings)``: ``total_s``, ``network_s``, ``paste_s`` (stats in seconds),
+        ``detections_per_image``, ``gmac``, ``gmac_stages``, ``gflop_per_s``, and with
+        ``train`` ``train_step_s``, ``train_images_per_s`` and ``rpn_targets_s`` (the anchor
+        targets alone); the settings name the model, its detections and RPN proposals, the
+        RoIAlign workaround and the hybridization.
+    """
     from ..convert.gluoncv_reference import (MODEL_NAME, GluonCVTrainStep, build_gluoncv_mask_rcnn,
                                             gluoncv_postprocess, mac_groups)
     from ..flops import count_macs
@@ -69,9 +95,18 @@ def bench_gluoncv(cfg, size, batch=1, runs=5, warmup=2, train=False, ctx=None):
 
 
 def torchvision_arch(cfg):
-    """The torchvision network an mxmask config is compared with: ``maskrcnn_resnet50_fpn`` when
-    ``model.mask_on``, else ``keypointrcnn_resnet50_fpn`` with ``model.keypoint_on`` (whose 17
-    keypoints the config must have); UserError otherwise."""
+    """The torchvision network an mxmask config is compared with.
+
+    Args:
+        cfg: mxmask's config.
+
+    Returns:
+        ``maskrcnn_resnet50_fpn`` when ``model.mask_on``, else ``keypointrcnn_resnet50_fpn``
+        with ``model.keypoint_on``.
+
+    Raises:
+        UserError: neither masks nor keypoints, or a keypoint config without 17 keypoints.
+    """
     if cfg.model.mask_on:
         return "maskrcnn_resnet50_fpn"
     if not cfg.model.keypoint_on:
@@ -84,8 +119,12 @@ def torchvision_arch(cfg):
 
 
 def torch_threads():
-    """The thread count the torch side gets: mxmask's ``OMP_NUM_THREADS`` (``import mxmask``
-    sets it to the usable cores unless the user set it), else the usable cores."""
+    """The thread count the torch side gets.
+
+    Returns:
+        mxmask's ``OMP_NUM_THREADS`` (``import mxmask`` sets it to the usable cores unless the
+        user set it), else the usable cores.
+    """
     from .. import usable_cores
     try:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
@@ -93,13 +132,24 @@ def torch_threads():
         return usable_cores()
 
 
+# what the torch program's record must hold (train_step_s and train_images_per_s with --train)
 TORCHVISION_RECORD_KEYS = ("network_s", "paste_s", "total_s", "detections_per_image", "gmac",
                            "gmac_stages")
 
 
 def bench_torchvision(python, arch, cfg, size, batch=1, runs=5, warmup=2, train=False,
                       dtype="float32", threads=None, train_dtype=None):
-    """torchvision's ``arch`` timed by ``python`` (module docstring) on mxmask's bench arrays.
+    """torchvision's ``arch`` timed by ``python`` on mxmask's bench arrays, after mxmask's
+    timings (the two never run at the same time).
+
+    The arrays (the bench input, the synthetic training batch, the keypoint-head boxes) go to
+    the torch program (``torchvision_reference.py time``) in a temporary npz. Matched to
+    mxmask's side: random weights, ``test.max_dets`` detections with score threshold 0 (its
+    heads see all of them), no test-time flip, the same runs and warm-up, mxmask's thread
+    count. Its network is timed on the normalised tensor through backbone, RPN and RoI heads
+    (GeneralizedRCNNTransform bypassed, as mxmask's network gets no resize); its paste is the
+    transform's ``postprocess`` (no RLE); its keypoint head runs on mxmask's boxes, in
+    ``dtype``.
 
     Args:
         python: the torch interpreter (:func:`mxmask.convert.torch_python.find_torch_python`).
@@ -161,8 +211,18 @@ def bench_torchvision(python, arch, cfg, size, batch=1, runs=5, warmup=2, train=
 
 
 def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
-    """GluonCV ``resnet50_v1b`` (random weights) forward on the bench input, hybridized plain and
-    after ``optimize_for(x, backend="MKLDNN")``, with its MACs and GFLOP/s."""
+    """GluonCV's ``resnet50_v1b`` (random weights, 1000 classes) on the bench input, hybridized
+    plain and after ``optimize_for(x, backend="MKLDNN")``: the rate a well-optimised plain CNN
+    reaches on this machine, to read the detector's GFLOP/s against.
+
+    Args:
+        size, batch: (H, W) and images of :func:`bench_input`.
+        runs, warmup: timed and untimed runs.
+        ctx: the context (default CPU).
+
+    Returns:
+        ``{"gmac", "plain_s": stats, "mkldnn_s": stats, "gflop_per_s": {"plain", "mkldnn"}}``.
+    """
     from gluoncv.model_zoo import resnet50_v1b
     from ..flops import count_block_macs
     ctx = ctx or mx.cpu()
@@ -182,4 +242,5 @@ def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
                             "mkldnn": 2.0 * macs / fused["median"] / 1e9}}
 
 
+# the values of --against
 PEERS = ("gluoncv", "torchvision")

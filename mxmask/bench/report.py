@@ -25,6 +25,7 @@ _NAME_WIDTH = 30
 
 
 def _row(name, s, note=""):
+    """One table line: the name, median, min and max seconds of stats ``s``, and ``note``."""
     return "%-*s %9.3f %9.3f %9.3f%s" % (_NAME_WIDTH, name, s["median"], s["min"], s["max"],
                                           note)
 
@@ -33,8 +34,9 @@ def peer_ratios(m, peer, keypoint_heads=True):
     """mxmask's speedups over a peer (peer median / mxmask median: above 1 mxmask is faster).
 
     Args:
-        m: mxmask's record; peer: the peer's record (``total_s``, ``network_s``, optionally
-            ``train_step_s`` and ``keypoint_head_per_rois``).
+        m: mxmask's record.
+        peer: the peer's record (``total_s``, ``network_s``, optionally ``train_step_s`` and
+            ``keypoint_head_per_rois``).
         keypoint_heads: compare the keypoint heads on 10 / 100 rois (False when the two were
             timed in different precisions).
 
@@ -91,6 +93,18 @@ def _peer_lines(peer, result, settings):
 
 
 def format_table(result, settings):
+    """The printed table of ``mxmask bench``.
+
+    Args:
+        result: :func:`mxmask.bench.run_bench`'s record.
+        settings: its ``settings`` (the scalar ones head the table).
+
+    Returns:
+        the text: one row per stage (median, min, max seconds; GMAC), the totals, detections
+        per image and peak RSS, the network's GMAC and GFLOP/s, the keypoint head on 10 / 100
+        rois, the training step, then the peer's rows and speedups and the ResNet-50 rows
+        when present.
+    """
     flat = [(k, v) for k, v in settings.items() if not isinstance(v, dict)]
     lines = ["mxmask bench: %s" % ", ".join("%s=%s" % kv for kv in flat),
              "%-*s %9s %9s %9s" % (_NAME_WIDTH, "stage", "median s", "min s", "max s")]
@@ -135,10 +149,16 @@ def format_table(result, settings):
 
 
 def write_chart(path, result, settings):
-    """A horizontal bar chart (PNG) of mxmask's stage medians (min-max as error bars), its total
-    and, when present, the peer's (GluonCV's or torchvision's) total, titled with preset, size
-    and dtype. The stages are those of the plain fp32 network; with --fuse / --dtype bfloat16
-    the plain total and the optimised total are both drawn, each named."""
+    """Write a horizontal bar chart (PNG, matplotlib's Agg backend) of mxmask's stage medians
+    (min-max as error bars), its total and, when present, the peer's (GluonCV's or
+    torchvision's) total, titled with preset, size and batch. The stages are those of the
+    plain fp32 network; with --fuse / --dtype bfloat16 the plain total and the optimised total
+    are both drawn, each named.
+
+    Args:
+        path: the PNG file, written atomically.
+        result, settings: :func:`mxmask.bench.run_bench`'s record and its settings.
+    """
     import io
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

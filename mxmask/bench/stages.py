@@ -12,8 +12,8 @@ multiply-accumulates (:func:`count_network_macs`), detections per image and peak
 
 The input is random normal data; class 0's logit is raised so that every image yields
 ``test.max_dets`` detections, the work a trained model does. Each stage is its own hybridized
-block fed the previous stage's outputs, so a stage's time is its own. docs/benchmarks.md is the
-manual: what each figure holds and how to read it.
+block fed the previous stage's outputs, so a stage's time is its own. docs/benchmarks.md says
+what each figure holds and how to read it.
 """
 import resource
 import time
@@ -38,7 +38,17 @@ __all__ = ["bench_input_size", "stats", "timed", "build_bench_model", "bench_inf
 
 
 def bench_input_size(text):
-    """``"HxW"`` -> (H, W) rounded up to multiples of 32."""
+    """The bench input size of ``--size``.
+
+    Args:
+        text: ``"HxW"``.
+
+    Returns:
+        (H, W) rounded up to multiples of 32.
+
+    Raises:
+        UserError: naming ``--size`` when it is not ``HxW`` of positive integers.
+    """
     h, w = parse_hw(text)
     if h <= 0 or w <= 0:
         raise UserError("--size %s: height and width must be positive" % text)
@@ -46,11 +56,29 @@ def bench_input_size(text):
 
 
 def stats(times):
+    """Summary of timed runs.
+
+    Args:
+        times: seconds of each run (at least one).
+
+    Returns:
+        ``{"median", "min", "max"}`` as floats.
+    """
     times = sorted(times)
     return {"median": float(np.median(times)), "min": float(times[0]), "max": float(times[-1])}
 
 
 def timed(fn, runs, warmup):
+    """Call ``fn()`` ``warmup`` times untimed, then ``runs`` times timed, each call followed by
+    ``mx.nd.waitall()`` so that MXNet's asynchronous work is counted.
+
+    Args:
+        fn: the work, no arguments.
+        runs, warmup: timed and untimed calls.
+
+    Returns:
+        ``(last output, [seconds of each timed call])``.
+    """
     for _ in range(warmup):
         out = fn()
         mx.nd.waitall()
@@ -64,6 +92,8 @@ def timed(fn, runs, warmup):
 
 
 class _TimedDetections(mx.gluon.HybridBlock):
+    """The box_head+nms stage: ``MaskRCNN.detections`` on the RPN's rois, one level canvas."""
+
     def __init__(self, net, **kwargs):
         super(_TimedDetections, self).__init__(**kwargs)
         self.net = net
@@ -74,6 +104,9 @@ class _TimedDetections(mx.gluon.HybridBlock):
 
 
 class _TimedHead(mx.gluon.HybridBlock):
+    """A mask or keypoint head stage on the detections (with ``num_classes``: the predicted
+    class's mask plane)."""
+
     def __init__(self, head, num_classes=0, **kwargs):
         super(_TimedHead, self).__init__(**kwargs)
         self.head = head
@@ -87,8 +120,22 @@ class _TimedHead(mx.gluon.HybridBlock):
 
 
 def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="auto"):
-    """(cfg, net) from a checkpoint or a preset with random weights (see module doc); the
-    network's RoIAlign ``kernels`` as :meth:`MaskRCNN.use_kernels` takes them."""
+    """The network ``mxmask bench`` times.
+
+    Args:
+        preset: preset name; the network gets random weights (seed ``cfg.seed``), 5 classes
+            and 7 keypoints where the preset leaves them to the data, and class 0's classifier
+            bias (column 1; column 0 is background) set to 10, so that every image yields
+            ``test.max_dets`` detections.
+        ckpt: a checkpoint folder instead, with its config and weights as they are.
+        overrides: ``key=value`` config overrides.
+        ctx: the context (default CPU).
+        kernels: the in-process RoIAlign and NMS, as
+            :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels` takes them.
+
+    Returns:
+        ``(cfg, net)``: the config and the initialised ``MaskRCNN``.
+    """
     ctx = ctx or mx.cpu()
     if ckpt:
         cfg = load_checkpoint_config(ckpt)
@@ -114,7 +161,21 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="a
 
 
 def bench_inference(cfg, net, size, batch=1, runs=5, warmup=2, ctx=None):
-    """Per-stage and end-to-end latency; returns the result dict (seconds)."""
+    """Per-stage and end-to-end latency of ``net`` on :func:`bench_input`.
+
+    Args:
+        cfg: the network's config (``test.keypoint_decode``, ``test.mask_box_thresh``).
+        net: a ``MaskRCNN``; hybridized here with ``static_alloc`` and ``static_shape``.
+        size: (H, W) of the input.
+        batch, runs, warmup: images per forward, timed and untimed runs.
+        ctx: the context (default CPU).
+
+    Returns:
+        dict: ``total_s`` (network + paste/decode per run), ``network_s``, ``stages`` (stage
+        name -> stats), each ``{"median", "min", "max"}`` seconds; ``detections_per_image``;
+        ``peak_rss_mb`` (this process's peak resident memory); for keypoint presets the
+        figures of :func:`bench_keypoint_head_rois`.
+    """
     with warnings.catch_warnings():
         # a stage block holds the whole network but uses only its own part of it
         warnings.filterwarnings("ignore", message=".*is not used by any computation")
@@ -124,7 +185,17 @@ def bench_inference(cfg, net, size, batch=1, runs=5, warmup=2, ctx=None):
 
 
 def bench_input(size, batch=1, ctx=None):
-    """``(data, im_info)``: the random-normal input every timed network gets (seed 0)."""
+    """The input every timed network gets.
+
+    Args:
+        size: (H, W).
+        batch: images.
+        ctx: the context (default CPU).
+
+    Returns:
+        ``(data, im_info)`` NDArrays: ``data`` (batch, 3, H, W) normal(0, 1) (seed 0), a
+        normalised image; ``im_info`` (batch, 3) = (H, W, 1).
+    """
     h, w = size
     rng = np.random.RandomState(0)
     data = mx.nd.array(rng.normal(0, 1, (batch, 3, h, w)), ctx=ctx or mx.cpu())
@@ -133,6 +204,7 @@ def bench_input(size, batch=1, ctx=None):
 
 
 def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
+    """The body of :func:`bench_inference`, inside its warning filter and kernel block."""
     ctx = ctx or mx.cpu()
     h, w = size
     data, im_info = bench_input(size, batch, ctx)
@@ -182,6 +254,7 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
     return result
 
 
+# the roi counts the keypoint head is timed on, alone (bench_keypoint_head_rois)
 KEYPOINT_ROIS = (10, 100)
 
 
@@ -195,16 +268,34 @@ def _random_boxes(rng, count, size):
 
 
 def keypoint_head_boxes(size, counts=KEYPOINT_ROIS):
-    """``{count: (1, count, 4) float32 boxes}`` inside an image of ``size`` = (h, w): the rois
-    the keypoint head is timed on (seed 1; the torchvision comparison gets the same boxes)."""
+    """The rois the keypoint head is timed on (seed 1; the torchvision comparison gets the same
+    boxes).
+
+    Args:
+        size: (h, w) of the image the boxes lie in.
+        counts: roi counts.
+
+    Returns:
+        ``{count: (1, count, 4) float32 xyxy boxes}``, 8 px to half the image on each side.
+    """
     rng = np.random.RandomState(1)
     return {count: _random_boxes(rng, count, size) for count in counts}
 
 
 def bench_keypoint_head_rois(net, levels, size, counts=KEYPOINT_ROIS, runs=5, warmup=2):
-    """The keypoint head stage (RoIAlign + head) on exactly ``count`` rois of the first image
-    (``levels`` = its P2..P5, any batch; the first image is used): ``{"keypoint_head_per_rois":
-    {"10": stats, ...}, "keypoint_head_gmac_per_rois": {"10": GMAC, ...}}``."""
+    """The keypoint head stage (RoIAlign + head) on exactly ``count`` rois of the first image:
+    the cost a deployment pays per detection that needs keypoints.
+
+    Args:
+        net: a ``MaskRCNN`` with a keypoint head.
+        levels: P2..P5, each (B, C, H_l, W_l); only the first image is used.
+        size: (h, w) of the input, for :func:`keypoint_head_boxes`.
+        counts, runs, warmup: roi counts, timed and untimed runs.
+
+    Returns:
+        ``{"keypoint_head_per_rois": {"10": stats, ...}, "keypoint_head_gmac_per_rois":
+        {"10": GMAC, ...}}``, keyed by the count as a string.
+    """
     from ..flops import count_block_macs
     ctx = levels[0].context
     first = [lvl[0:1] for lvl in levels]
@@ -223,9 +314,17 @@ def bench_keypoint_head_rois(net, levels, size, counts=KEYPOINT_ROIS, runs=5, wa
 
 
 def stage_mac_groups(net):
-    """``{stage: block prefixes + parameter names}`` of a MaskRCNN, for
-    :func:`mxmask.flops.count_macs` (the prefix also catches layers whose weight is computed in the
-    graph, such as the keypoint head's bilinear upsampling deconvolution)."""
+    """The groups :func:`mxmask.flops.count_macs` counts a MaskRCNN's stages by.
+
+    Args:
+        net: a ``MaskRCNN``.
+
+    Returns:
+        ``{stage: block prefixes + parameter names}`` for backbone+fpn, rpn+proposals,
+        box_head+nms and the mask / keypoint head when present (the prefix also catches layers
+        whose weight is computed in the graph, such as the keypoint head's bilinear upsampling
+        deconvolution).
+    """
     def names(*blocks):
         return [b.prefix for b in blocks] + \
             [p.name for b in blocks for p in b.collect_params().values()]
@@ -239,14 +338,32 @@ def stage_mac_groups(net):
 
 
 def gmac_record(macs, median_s):
+    """The arithmetic fields of a bench record.
+
+    Args:
+        macs: a :func:`mxmask.flops.count_macs` result (``{"total", "by_group"}``).
+        median_s: the median seconds of the network the MACs belong to.
+
+    Returns:
+        ``{"gmac", "gmac_stages": {stage: GMAC}, "gflop_per_s": 2 * MACs / median_s / 1e9}``.
+    """
     return {"gmac": macs["total"] / 1e9,
             "gmac_stages": {k: v / 1e9 for k, v in macs["by_group"].items()},
             "gflop_per_s": 2.0 * macs["total"] / median_s / 1e9}
 
 
 def count_network_macs(net, size, batch=1):
-    """:func:`mxmask.flops.count_macs` of the plain inference graph (``network_symbol``) at the
-    input ``size``, grouped by stage."""
+    """Multiply-accumulates of the plain inference graph at the bench input's shapes.
+
+    Args:
+        net: a ``MaskRCNN``.
+        size: (H, W) of the input.
+        batch: images.
+
+    Returns:
+        :func:`mxmask.flops.count_macs` of ``network_symbol(net)``, grouped by
+        :func:`stage_mac_groups`; the RoI heads count the graph's fixed roi counts.
+    """
     from ..graph import network_symbol
     from ..flops import count_macs
     h, w = size
@@ -256,7 +373,24 @@ def count_network_macs(net, size, batch=1):
 
 
 def synthetic_train_batch(cfg, size, batch, objects=2, seed=0):
-    """A training batch of ``batch`` images of ``size`` with ``objects`` boxes/masks each."""
+    """The synthetic training batch every timed training step gets (GluonCV's and
+    torchvision's too).
+
+    Args:
+        cfg: the config (``model.num_keypoints``).
+        size: (h, w) of the images.
+        batch: images.
+        objects: gt instances per image.
+        seed: numpy seed.
+
+    Returns:
+        dict of numpy float32 arrays (``gt_masks`` too) in the layout of a training batch
+        (DEVELOPING.md, "Training batches"): ``data`` (B, 3, h, w) normal(0, 1), ``im_info``
+        (B, 3), ``gt_boxes`` (B, objects, 4) xyxy of 0.2 to 0.5 of the image side,
+        ``gt_labels`` (B, objects) all 0, ``gt_crowd`` (B, 1, 4) padding, ``gt_masks``
+        (B, objects, h, w) the boxes filled with 1, ``gt_keypoints`` (B, objects, K, 3)
+        visible points inside the boxes (K at least 1).
+    """
     h, w = size
     rng = np.random.RandomState(seed)
     k = max(1, cfg.model.num_keypoints)
@@ -280,7 +414,20 @@ def synthetic_train_batch(cfg, size, batch, objects=2, seed=0):
 
 
 def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
-    """Seconds per SGD step (forward, backward, update) on a synthetic batch."""
+    """Seconds per training step on :func:`synthetic_train_batch`: ``RCNNLoss`` forward,
+    backward and an SGD update (lr 1e-4, momentum 0.9, weight decay 1e-4) of the trainable
+    parameters.
+
+    Args:
+        cfg: the config (``solver.amp`` sets the convolutions' precision).
+        net: the ``MaskRCNN`` whose weights the step updates.
+        size, batch, runs, warmup: (h, w), images, timed and untimed steps.
+        ctx: the context (default CPU).
+
+    Returns:
+        ``{"train_step_s": stats, "train_images_per_s": batch / median, "train_amp": the
+        precision RCNNLoss resolved solver.amp to ("float32" when none)}``.
+    """
     from mxnet import autograd, gluon
     from ..modeling.training import RCNNLoss
     ctx = ctx or mx.cpu()
@@ -307,7 +454,18 @@ def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
 
 
 def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
-    """End-to-end latency of the exported graph, bf16-converted and/or MKLDNN-fused."""
+    """End-to-end latency of the exported graph, bfloat16-converted and/or MKLDNN-fused
+    (:func:`mxmask.graph.optimized_block`, MXNet's own operators).
+
+    Args:
+        net: the ``MaskRCNN`` whose graph and parameters are taken.
+        size, batch: (H, W) and images of :func:`bench_input`.
+        fuse, dtype: MKLDNN fusion; ``float32`` or ``bfloat16``.
+        runs, warmup: timed and untimed runs.
+
+    Returns:
+        stats (``{"median", "min", "max"}`` seconds).
+    """
     from ..graph import network_symbol, optimized_block
     data, im_info = bench_input(size, batch)
     block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,

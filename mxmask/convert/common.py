@@ -69,20 +69,43 @@ COCO_KEYPOINTS_PATHS = dict(
 
 
 def coco_names_by_id(unused=UNUSED_CLASS_NAME):
-    """The names of COCO category ids 1..90 in id order, ``unused`` at the 10 ids COCO skips."""
+    """torchvision's 90-slot label space as class names.
+
+    Args:
+        unused: the name of the 10 ids COCO does not use (default ``"N/A"``,
+            :data:`mxmask.config.UNUSED_CLASS_NAME`).
+
+    Returns:
+        the names of COCO category ids 1..90 in id order, ``unused`` at the skipped ids.
+    """
     by_id = dict(zip(COCO_CATEGORY_IDS, COCO_CLASS_NAMES))
     return [by_id.get(i, unused) for i in range(1, 91)]
 
 
 def is_anchor_param(name):
-    """mxmask's anchor constants (``rpn.anchor_generators.<i>.anchors`` and any other constant
-    of an anchor generator): the network builds them, converters leave them alone."""
+    """Whether an mxmask parameter is an anchor constant, which the network builds itself and
+    converters leave alone.
+
+    Args:
+        name: an mxmask structural parameter name.
+
+    Returns:
+        True for ``rpn.anchor_generators.<i>.anchors`` and any other anchor constant.
+    """
     return name.startswith("rpn.anchor_generators.") or name.endswith("anchors")
 
 
 def mismatch_report(missing=(), unexpected=(), wrong=(), limit=5):
-    """``"missing N: ...; unexpected M: ...; wrong shape K: ..."`` (empty parts left out), each
-    list sorted and shortened to ``limit`` names; "" when all three are empty."""
+    """The one-line body of a converter's UserError.
+
+    Args:
+        missing, unexpected, wrong: name lists (``wrong`` entries may carry their shapes).
+        limit: the names shown per list; the rest are counted.
+
+    Returns:
+        ``"missing N: ...; unexpected M: ...; wrong shape K: ..."`` (empty parts left out),
+        each list sorted and shortened; "" when all three are empty.
+    """
     parts = []
     for label, names in (("missing", missing), ("unexpected", unexpected),
                          ("wrong shape", wrong)):
@@ -92,8 +115,17 @@ def mismatch_report(missing=(), unexpected=(), wrong=(), limit=5):
 
 
 def check_out_dir(out_dir):
-    """Refuse (UserError) an ``out_dir`` that is a file, or a folder holding a checkpoint other
-    than an earlier conversion (its progress.json has no ``source``)."""
+    """Check a converter's output folder before any work, so that a conversion never writes
+    over a training run.
+
+    Args:
+        out_dir: the checkpoint folder to write; it may be missing, empty, or hold an earlier
+            conversion.
+
+    Raises:
+        UserError: ``out_dir`` is a file, or holds a checkpoint other than a conversion (its
+        progress.json has no ``source``, or there is a model.params without progress.json).
+    """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError("%s: is a file, expected a folder for the checkpoint" % out_dir)
     if os.path.isdir(out_dir):
@@ -131,6 +163,11 @@ def write_checkpoint(cfg, net, out_dir, src, extra=None):
 
 def import_gluoncv(feature):
     """``import gluoncv`` for a GluonCV-specific feature.
+
+    mxmask imports GluonCV only inside its GluonCV features (``mxmask bench --against gluoncv``
+    and ``--resnet50``, the GluonCV reference network), each of which calls this function
+    first; convert, predict, eval, export and train never import it, so they also run where
+    torch >= 2 is installed.
 
     Args:
         feature: what needs it, for the message (``"mxmask bench --against gluoncv"``).

@@ -2,30 +2,17 @@
 
 In: a parameter file written by GluonCV's ``net.save_parameters`` for
 ``gluoncv.model_zoo.get_model("mask_rcnn_fpn_resnet50_v1b_coco")`` (for example the published
-``mask_rcnn_fpn_resnet50_v1b_coco-*.params``; nothing is downloaded here). Its keys are the
-model's structural parameter names (``features.resnetv1b_conv0_weight``,
-``rpn.rpn_head.conv1.0.weight``, ``class_predictor.bias``, ...).
+``mask_rcnn_fpn_resnet50_v1b_coco-*.params``; nothing is downloaded here).
 
 Out: a checkpoint folder of preset ``gluoncv_mask_rcnn_r50_fpn``::
 
-    config.yaml      the full preset config, with data.class_names / data.category_ids set to the
-                     80 COCO classes in GluonCV's order and their COCO category ids (1..90 with
-                     gaps), model.num_classes 80 and data.{train,val}_{ann,images} at the usual
-                     datasets/coco paths, so the results json scores on COCO val2017 as it is
+    config.yaml      the preset with the 80 COCO classes and ids (:func:`converted_config`)
     model.params     mxmask parameter names (``backbone.*``, ``rpn.head.*``, ``box_head.*``, ...)
     progress.json    {"iter": 0, "max_iter": 0, "source": <absolute SRC path>, ...}
 
-The name mapping: ``features.*`` (ResNet-50-v1b and FPN) goes through
-:func:`mxmask.modeling.fpn.gluoncv_backbone_name_map`; the heads through :data:`GLUONCV_HEADS`
-(``<gluoncv prefix>.weight/.bias -> <mxmask prefix>.weight/.bias``). GluonCV's anchor constants
-(``rpn.anchor_generator.*.anchors``) are skipped: mxmask stores its own anchors (same boxes,
-different table size) and keeps the ones the network builds. Every other GluonCV parameter must be
-consumed and every mxmask parameter but the anchors filled, with equal shapes; anything else is a
-:class:`~mxmask.utils.UserError` naming the file and listing the missing, unexpected and
-wrong-shape names.
-
-The tensors are copied as they are: the class column layout (background first), the
-class-specific box deltas and mask channels are GluonCV's layout in mxmask too.
+The names map through :func:`gluoncv_name_map` and the tensors are copied as they are
+(:func:`convert_gluoncv_params`); a file that is not this model's parameters is a
+:class:`~mxmask.utils.UserError` naming the file and the names that do not fit.
 """
 import os
 
@@ -71,9 +58,22 @@ def _is_anchor(name):
 
 
 def gluoncv_name_map(gluon_names, net):
-    """``{gluoncv name: mxmask structural name}`` for the GluonCV names that have a counterpart
-    in ``net`` (a ``MaskRCNN`` of the gluoncv preset). Anchors and unknown names are left out;
-    :func:`convert_gluoncv_params` reports what is left over."""
+    """Map GluonCV's parameter names to mxmask's.
+
+    GluonCV's keys are the model's structural parameter names (``features.resnetv1b_conv0_weight``,
+    ``rpn.rpn_head.conv1.0.weight``, ``class_predictor.bias``, ...). ``features.*`` (ResNet-50-v1b
+    and FPN) goes through :func:`mxmask.modeling.fpn.gluoncv_backbone_name_map`; the heads through
+    :data:`GLUONCV_HEADS` (``<gluoncv prefix>.weight/.bias -> <mxmask prefix>.weight/.bias``).
+
+    Args:
+        gluon_names: the names in the GluonCV file.
+        net: a ``MaskRCNN`` of the gluoncv preset.
+
+    Returns:
+        ``{gluoncv name: mxmask structural name}`` for the names that have a counterpart in
+        ``net``. Anchors and unknown names are left out; :func:`convert_gluoncv_params`
+        reports what is left over.
+    """
     from ..modeling.fpn import gluoncv_backbone_name_map
     mapping = {k: "backbone." + v for k, v in
                gluoncv_backbone_name_map(gluon_names, net.backbone, strict=False).items()}
@@ -88,12 +88,26 @@ def gluoncv_name_map(gluon_names, net):
 
 
 def convert_gluoncv_params(arrays, net, source="GluonCV parameters"):
-    """Copy GluonCV arrays (``{name: NDArray}``) into ``net`` (a gluoncv-preset ``MaskRCNN``).
+    """Copy GluonCV arrays into ``net``.
 
-    Every non-anchor GluonCV name must map to an mxmask parameter of the same shape, and every
-    mxmask parameter except the anchors must be covered; otherwise a UserError (one line, naming
-    ``source``) lists the missing, unexpected and wrong-shape names. Returns the number of arrays
-    copied.
+    GluonCV's anchor constants (``rpn.anchor_generator.*.anchors``) are skipped: mxmask stores
+    its own anchors (same boxes, different table size) and keeps the ones the network builds.
+    Every other GluonCV name must map to an mxmask parameter of the same shape, and every mxmask
+    parameter except the anchors must be covered. The tensors are copied as they are (cast to
+    float32): the class column layout (background first), the class-specific box deltas and
+    mask channels are GluonCV's layout in mxmask too.
+
+    Args:
+        arrays: ``{GluonCV name: NDArray}`` (:func:`load_params_file`).
+        net: a ``MaskRCNN`` of the gluoncv preset, initialised.
+        source: the file name the message starts with.
+
+    Returns:
+        the number of arrays copied.
+
+    Raises:
+        UserError: one line naming ``source`` and listing the missing, unexpected and
+        wrong-shape names.
     """
     ours = net._collect_params_with_prefix()
     names = [k for k in arrays if not _is_anchor(k)]
@@ -132,7 +146,18 @@ def _gluon_name_of(ours, net):
 
 
 def load_params_file(path):
-    """A ``save_parameters`` file -> ``{name: NDArray}``; UserError when it is not one."""
+    """Read a GluonCV ``net.save_parameters`` file.
+
+    Args:
+        path: the ``.params`` file.
+
+    Returns:
+        ``{name: NDArray}``.
+
+    Raises:
+        UserError: the file is missing, a folder, not an MXNet parameter file, or holds no
+        named parameters.
+    """
     if not os.path.exists(path):
         raise UserError("%s: parameter file not found" % path)
     if not os.path.isfile(path):
@@ -150,8 +175,14 @@ def load_params_file(path):
 
 
 def converted_config():
-    """The config of a converted checkpoint: preset ``gluoncv_mask_rcnn_r50_fpn`` with the COCO
-    classes, ids and dataset paths."""
+    """The config of a converted checkpoint.
+
+    Returns:
+        preset ``gluoncv_mask_rcnn_r50_fpn`` with ``data.class_names`` / ``data.category_ids``
+        the 80 COCO classes in GluonCV's order and their COCO category ids (1..90 with gaps),
+        ``model.num_classes`` 80 and ``data.{train,val}_{ann,images}`` at the usual
+        datasets/coco paths, so that the results json scores on COCO val2017 as it is.
+    """
     cfg = get_config(PRESET)
     cfg.model.num_classes = len(COCO_CLASS_NAMES)
     cfg.data.class_names = list(COCO_CLASS_NAMES)
@@ -165,9 +196,16 @@ def converted_config():
 def convert_gluoncv(src, out_dir):
     """Convert the GluonCV file ``src`` into the checkpoint folder ``out_dir``.
 
-    Refuses (UserError) to write into a folder that already holds a checkpoint other than an
-    earlier conversion (:func:`~mxmask.convert.common.check_out_dir`). Returns ``{"params":
-    path, "config": path, "copied": n}``.
+    Args:
+        src: a GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` parameter file.
+        out_dir: the checkpoint folder; refused if it already holds a checkpoint other than an
+            earlier conversion (:func:`~mxmask.convert.common.check_out_dir`).
+
+    Returns:
+        ``{"params": path, "config": path, "copied": n}``.
+
+    Raises:
+        UserError: one line naming the file or folder.
     """
     from ..modeling.rcnn import build_model
     check_out_dir(out_dir)

@@ -1,71 +1,16 @@
 """GluonCV's ``mask_rcnn_fpn_resnet50_v1b_coco`` as a reference: built, patched and run the way
 ``mxmask bench --against gluoncv`` and the GluonCV comparison tests need it.
 
+    net = build_gluoncv_mask_rcnn(max_dets=100)      # random weights, RoIAlign bug worked around
+    step = GluonCVTrainStep(net, batch=1)            # one iteration of GluonCV's training script
+
 What goes in: the wanted number of detections per image (and the batch size for training). What
 comes out: an initialised GluonCV network (random weights, nothing downloaded) with its CPU
-RoIAlign bug worked around, the pieces of GluonCV's own training script that make one training
-iteration, GluonCV's evaluation post-processing, and the network's stages for MAC counting.
-
-The RoIAlign workaround (DESIGN.md section 6). GluonCV's ``RCNN._pyramid_roi_feats`` pools each FPN
-level with the rois of the other levels given batch index -1. MXNet 1.9.1's CPU
-``contrib.ROIAlign`` skips such a roi (forward and backward) but leaves its output row
-uninitialised and writes a zero at flat element ``n`` of the output (inside roi 0's row), so the
-pooled features are corrupted and nondeterministic. Three replacements keep GluonCV's level rule
-(``floor(4 + log2(sqrt(w * h) / 224))`` with GluonCV's +1 extent, clipped to P2..P5) and give the
-correct result; they differ in cost and in where they run:
-
-- :func:`pyramid_roi_feats_masked` keeps GluonCV's own -1 masking, so each roi is pooled (and
-  back-propagated) once, as in GluonCV, and guards against both effects of the bug: a sacrificial
-  roi is put in front of the rois to receive the stray zeros (they land at flat indices 1..N,
-  inside its row, because N rois < channels * 14 * 14), each roi's row is taken from its own
-  level's output with nested ``where`` (three selects in place of GluonCV's four-way sum, so the
-  uninitialised rows are never read), and the sacrificial row is sliced off. Hybridizable, and the
-  same ROIAlign work as GluonCV's code; the extra cost is the one slice copy of the pooled
-  features. This is what ``mxmask bench --against gluoncv`` uses.
-- :func:`pyramid_roi_feats_every_level` pools every roi on every level with its real batch index
-  and keeps its own level's result with ``where``. Hybridizable, but four ROIAlign passes over all
-  rois; on CPU the single-threaded ROIAlign backward makes that about 10 s more per GluonCV
-  training step (512 rois), which would be charged to GluonCV. Used by tests/test_rcnn.py (its
-  bit-for-bit comparison with mxmask's gluoncv preset).
-- :func:`pyramid_roi_feats_gathered` gathers each level's rois, pools them once with their real
-  batch index and restores the order. It reads the level assignment back to numpy, so it only runs
-  imperatively (``F is mx.nd``). Used by tests/test_convert_gluoncv.py, whose GluonCV network is
-  not hybridized.
-
-The three give the same pooled features bit for bit (each roi's row is computed alone, and the
-other levels add exact zeros or are not selected; tests/test_bench.py checks it, and that GluonCV's
-own version differs).
-
-The training iteration (:class:`GluonCVTrainStep`) is what GluonCV's
-``scripts/instance/mask_rcnn/train_mask_rcnn.py`` does per batch on one device:
-
-1. RPN anchor targets, which GluonCV computes in its data loader: the target part of
-   ``MaskRCNNDefaultTrainTransform.__call__`` (GluonCV's own per-level anchors cropped to each
-   level's feature size from ``features`` shape inference, ``RPNTargetGenerator``: ``box_iou`` of
-   every anchor with the gt boxes, anchors crossing the image border ignored, 256 anchors sampled
-   at up to 50 % positives in numpy, numpy box encoding) for each image, then
-   ``MaskRCNNTrainBatchify``'s per-level padding and concatenation. The rest of that transform
-   (resize, flip, normalisation, polygon rasterisation) is data loading and is not included, as
-   mxmask's training step does not include its loader.
-2. Forward in ``autograd.record()`` (train mode) with gt boxes and labels: backbone + FPN, RPN with
-   training proposals (12000 pre-NMS, 2000 post-NMS), GluonCV's RoI sampler (512 rois, 25 %
-   positives) and box targets, FPN RoIAlign (with the patched ``_pyramid_roi_feats``), box head on
-   the sampled rois, mask head on the 128 positive slots.
-3. Losses as the script computes them: RPN sigmoid BCE over the sampled anchors and Huber
-   (rho 1/9) box loss, each scaled by ``size / number of sampled anchors``; R-CNN softmax CE and
-   Huber (rho 1) box loss scaled by ``size / valid rois``; mask targets from
-   ``net.mask_target`` (ROIAlign of the gt masks at 28x28 on the positive rois) and the mask
-   sigmoid BCE scaled by ``size / mask weights``; ``total = sum of all``.
-4. ``total.backward()`` and ``trainer.step(batch)``: SGD with momentum 0.9 and weight decay 1e-4
-   (none on biases), the script's settings, on ``net.collect_train_params()`` (GluonCV's train
-   patterns: the stem, the first ResNet stage and every BatchNorm stay frozen). The learning rate
-   is a constructor argument (``mxmask bench`` uses its own step's 1e-4; the script's is 0.00125
-   per image); it does not change the time.
-
-The script's metric updates (accuracy / L1 metrics) and learning-rate warm-up are not part of the
-step. :func:`gluoncv_postprocess` is the image-side part of GluonCV's COCO evaluation
-(``validate`` + ``COCOInstanceMetric.update``): score filter, ``gluoncv.data.transforms.mask.fill``
-of each mask into the image, and one compressed RLE per detection.
+RoIAlign bug worked around (:func:`patch_pyramid_roi_feats`, three ways), the pieces of GluonCV's
+own training script that make one training iteration (:class:`GluonCVTrainStep`), GluonCV's
+evaluation post-processing (:func:`gluoncv_postprocess`), and the network's stages for MAC
+counting (:func:`mac_groups`). The bug is in DEVELOPING.md ("Measured facts about MXNet 1.9.1
+on CPU") and docs/gluoncv.md ("GluonCV's CPU RoIAlign bug").
 """
 import types
 
@@ -77,6 +22,7 @@ __all__ = ["MODEL_NAME", "ROI_FEATS", "pyramid_roi_feats_masked", "pyramid_roi_f
            "build_gluoncv_mask_rcnn", "mac_groups", "GluonCVRPNTargets", "GluonCVTrainStep",
            "gluoncv_postprocess"]
 
+# the GluonCV model zoo name of the reference network
 MODEL_NAME = "mask_rcnn_fpn_resnet50_v1b_coco"
 
 
@@ -90,10 +36,28 @@ def _fpn_levels(F, rpn_rois, roi_canonical_scale, eps):
 def pyramid_roi_feats_masked(self, F, features, rpn_rois, roi_size, strides, roi_mode="align",
                              roi_canonical_scale=224.0, sampling_ratio=2, eps=1e-6):
     """GluonCV's ``RCNN._pyramid_roi_feats`` (same level rule, same -1 masking, one ROIAlign pass
-    over the rois per level) made correct on CPU: a sacrificial first roi takes the kernel's stray
-    zero writes, each roi's row is selected from its own level with nested ``where`` (so the rows
-    the kernel left uninitialised are never read), and the sacrificial row is sliced off at the
-    end. Hybridizable (module docstring)."""
+    over the rois per level) made correct on CPU; ``mxmask bench --against gluoncv`` uses it.
+
+    It keeps GluonCV's own masking, so each roi is pooled (and back-propagated) once, as in
+    GluonCV, and guards against both effects of the bug (:func:`patch_pyramid_roi_feats`): a
+    sacrificial roi is put in front of the rois to receive the stray zeros (they land at flat
+    indices 1..N, inside its row, because N rois < channels * 14 * 14), each roi's row is taken
+    from its own level's output with nested ``where`` (three selects in place of GluonCV's
+    four-way sum, so the uninitialised rows are never read), and the sacrificial row is sliced
+    off. Hybridizable, and the same ROIAlign work as GluonCV's code; the extra cost is the one
+    slice copy of the pooled features.
+
+    Args:
+        self: the GluonCV network (bound by :func:`patch_pyramid_roi_feats`).
+        F: ``mx.nd`` or ``mx.sym``.
+        features: P2..P5.
+        rpn_rois: (N, 5) rois (batch index, x1, y1, x2, y2).
+        roi_size, strides, roi_mode, roi_canonical_scale, sampling_ratio, eps: GluonCV's
+            arguments (``roi_mode`` is always align here).
+
+    Returns:
+        (N, C) + ``roi_size`` pooled features, in the order of ``rpn_rois``.
+    """
     level = _fpn_levels(F, rpn_rois, roi_canonical_scale, eps)                   # (N, 1)
     rois = F.concat(_sacrificial_roi(F, rpn_rois), rpn_rois, dim=0)              # (N + 1, 5)
     # the sacrificial roi gets level 0 (no level); its row is dropped below
@@ -122,8 +86,13 @@ def pyramid_roi_feats_every_level(self, F, features, rpn_rois, roi_size, strides
                                   roi_mode="align", roi_canonical_scale=224.0, sampling_ratio=2,
                                   eps=1e-6):
     """GluonCV's ``RCNN._pyramid_roi_feats`` (same level rule) with every roi pooled on every
-    level with its real batch index, and each roi's own level kept with ``where``. Hybridizable;
-    four ROIAlign passes over all rois (module docstring)."""
+    level with its real batch index, and each roi's own level kept with ``where``.
+
+    Hybridizable, but four ROIAlign passes over all rois: in a training step the serial CPU
+    ROIAlign backward would then charge GluonCV for pooling work its own code does not do, so
+    the benchmark does not use it. tests/test_rcnn.py does (its bit-for-bit comparison with
+    mxmask's gluoncv preset). Arguments and result as :func:`pyramid_roi_feats_masked`.
+    """
     level = F.squeeze(_fpn_levels(F, rpn_rois, roi_canonical_scale, eps))
     pooled = []
     for i, lvl in enumerate(range(2, 6)):
@@ -137,8 +106,13 @@ def pyramid_roi_feats_gathered(self, F, features, rpn_rois, roi_size, strides, r
                                roi_canonical_scale=224.0, sampling_ratio=2, eps=1e-6):
     """GluonCV's ``RCNN._pyramid_roi_feats`` (same level rule, same op sequence per level)
     without the -1 batch index: each level's rois are gathered and pooled once with their real
-    batch index, then put back in order. Imperative only (the level assignment is read back to
-    numpy); four times cheaper than :func:`pyramid_roi_feats_every_level`."""
+    batch index, then put back in order.
+
+    Imperative only (``F is mx.nd``: the level assignment is read back to numpy); a quarter of
+    the ROIAlign work of :func:`pyramid_roi_feats_every_level`. tests/test_convert_gluoncv.py
+    uses it, whose GluonCV network is not hybridized. Arguments and result as
+    :func:`pyramid_roi_feats_masked`.
+    """
     assert F is mx.nd, "pyramid_roi_feats_gathered runs imperatively only (not hybridized)"
     level = _fpn_levels(F, rpn_rois, roi_canonical_scale, eps).asnumpy().reshape(-1)
     pooled, order = [], []
@@ -153,23 +127,52 @@ def pyramid_roi_feats_gathered(self, F, features, rpn_rois, roi_size, strides, r
     return F.take(F.concat(*pooled, dim=0), mx.nd.array(inverse, dtype="int64"))
 
 
+# the workarounds of patch_pyramid_roi_feats, by name
 ROI_FEATS = {"masked": pyramid_roi_feats_masked, "every_level": pyramid_roi_feats_every_level,
              "gathered": pyramid_roi_feats_gathered}
 
 
 def patch_pyramid_roi_feats(net, workaround="masked"):
-    """Replace ``net._pyramid_roi_feats`` (a GluonCV FPN R-CNN) by one of the workarounds
-    (``ROI_FEATS`` key, module docstring); clears a cached graph. Returns ``net``."""
+    """Replace GluonCV's FPN RoI pooling by one that is correct on CPU.
+
+    GluonCV's ``RCNN._pyramid_roi_feats`` pools each FPN level with the rois of the other levels
+    given batch index -1. MXNet 1.9.1's CPU ``contrib.ROIAlign`` skips such a roi (forward and
+    backward) but leaves its output row uninitialised and writes a zero at flat element ``n`` of
+    the output (inside roi 0's row), so the pooled features are corrupted and nondeterministic.
+    The three replacements of :data:`ROI_FEATS` keep GluonCV's level rule (``floor(4 +
+    log2(sqrt(w * h) / 224))`` with GluonCV's +1 extent, clipped to P2..P5) and give the same,
+    correct pooled features bit for bit (each roi's row is computed alone, and the other levels
+    add exact zeros or are not selected; tests/test_bench.py checks it, and that GluonCV's own
+    version differs). They differ in cost and in where they run: ``masked``
+    (:func:`pyramid_roi_feats_masked`, the benchmark's), ``every_level``
+    (:func:`pyramid_roi_feats_every_level`) and ``gathered``
+    (:func:`pyramid_roi_feats_gathered`, imperative only).
+
+    Args:
+        net: a GluonCV FPN R-CNN.
+        workaround: a :data:`ROI_FEATS` key.
+
+    Returns:
+        ``net``, patched, its cached graph cleared.
+    """
     net._pyramid_roi_feats = types.MethodType(ROI_FEATS[workaround], net)
     net._clear_cached_op()
     return net
 
 
 def set_max_dets(net, max_dets):
-    """Detections per image of a GluonCV Mask R-CNN: the top ``_rcnn_max_dets`` rows after NMS go
-    through the mask head (``get_model(..., rcnn_max_dets=...)`` raises a duplicate-keyword error,
-    DESIGN.md section 6). Bounded by the RPN test proposal counts as GluonCV's constructor does.
-    Returns the value set."""
+    """Set the detections per image of a GluonCV Mask R-CNN: the top ``_rcnn_max_dets`` rows
+    after NMS go through the mask head. ``get_model(..., rcnn_max_dets=...)`` raises a
+    duplicate-keyword error (DEVELOPING.md, "Outside references"), hence the attribute.
+
+    Args:
+        net: a GluonCV Mask R-CNN.
+        max_dets: the wanted count, bounded by the RPN test proposal counts as GluonCV's
+            constructor bounds it.
+
+    Returns:
+        the value set.
+    """
     value = int(min(max_dets, net._rpn_test_post_nms, net.rpn._test_pre_nms))
     net._rcnn_max_dets = value
     net._clear_cached_op()
@@ -177,10 +180,21 @@ def set_max_dets(net, max_dets):
 
 
 def build_gluoncv_mask_rcnn(max_dets=None, batch=1, workaround="masked", ctx=None):
-    """GluonCV ``mask_rcnn_fpn_resnet50_v1b_coco`` with random weights (``pretrained=False,
-    pretrained_base=False``, ``initialize()``; shapes still deferred until the first forward),
-    ``per_device_batch_size=batch`` for training, the RoIAlign ``workaround`` and, when given,
-    ``max_dets`` detections per image."""
+    """GluonCV's ``mask_rcnn_fpn_resnet50_v1b_coco`` with random weights.
+
+    Args:
+        max_dets: detections per image (:func:`set_max_dets`); None keeps GluonCV's.
+        batch: ``per_device_batch_size``, for training.
+        workaround: the RoIAlign workaround (:func:`patch_pyramid_roi_feats`).
+        ctx: the context (default CPU).
+
+    Returns:
+        the network, ``pretrained=False, pretrained_base=False`` and ``initialize()``d (shapes
+        still deferred until the first forward).
+
+    Raises:
+        UserError: GluonCV cannot be imported (:func:`mxmask.convert.common.import_gluoncv`).
+    """
     from .common import import_gluoncv
     gluoncv = import_gluoncv("GluonCV's %s" % MODEL_NAME)
     ctx = ctx or mx.cpu()
@@ -194,9 +208,16 @@ def build_gluoncv_mask_rcnn(max_dets=None, batch=1, workaround="masked", ctx=Non
 
 
 def mac_groups(net):
-    """``{stage: parameter names}`` of a GluonCV FPN Mask R-CNN, for
-    :func:`mxmask.flops.count_macs` (the box head's Dense layers are named outside the network's
-    name scope, so the stages are given by their parameters)."""
+    """The groups :func:`mxmask.flops.count_macs` counts a GluonCV FPN Mask R-CNN's stages by.
+
+    Args:
+        net: the GluonCV network.
+
+    Returns:
+        ``{stage: parameter names (and block prefixes)}`` for backbone+fpn, rpn, box_head and
+        mask_head (the box head's Dense layers are named outside the network's name scope, so
+        the stages are given by their parameters).
+    """
     def names(*blocks):
         return [p.name for b in blocks for p in b.collect_params().values()]
     return {"backbone+fpn": names(net.features), "rpn": [net.rpn.prefix] + names(net.rpn),
@@ -205,9 +226,21 @@ def mac_groups(net):
 
 
 class GluonCVRPNTargets(object):
-    """RPN anchor targets of a batch as GluonCV's data loader makes them (module docstring,
-    step 1): ``(gt_boxes (B, M, 4) numpy, height, width) -> (cls_targets (B, N), box_targets
-    (B, N, 4), box_masks (B, N, 4))`` NDArrays, N = all anchors of P2..P6."""
+    """RPN anchor targets of a batch as GluonCV's data loader makes them (step 1 of
+    :class:`GluonCVTrainStep`).
+
+    The target part of ``MaskRCNNDefaultTrainTransform.__call__`` for each image (GluonCV's own
+    per-level anchors cropped to each level's feature size from ``features`` shape inference,
+    ``RPNTargetGenerator``: ``box_iou`` of every anchor with the gt boxes, anchors crossing the
+    image border ignored, 256 anchors sampled at up to 50 % positives in numpy, numpy box
+    encoding), then ``MaskRCNNTrainBatchify``'s per-level padding and concatenation. The rest
+    of that transform (resize, flip, normalisation, polygon rasterisation) is data loading and
+    is not included, as mxmask's training step does not include its loader.
+
+    Called as ``targets(gt_boxes, height, width)`` with ``gt_boxes`` (B, M, 4) numpy (rows
+    with a negative coordinate are padding); returns ``(cls_targets (B, N), box_targets
+    (B, N, 4), box_masks (B, N, 4))`` NDArrays, N = all anchors of P2..P6.
+    """
 
     def __init__(self, net):
         from gluoncv.data.transforms.presets.rcnn import MaskRCNNDefaultTrainTransform
@@ -258,10 +291,38 @@ class GluonCVRPNTargets(object):
 
 
 class GluonCVTrainStep(object):
-    """One GluonCV training iteration (module docstring): ``step(batch)`` with ``batch`` a dict
-    of numpy arrays as :func:`mxmask.bench.synthetic_train_batch` makes them (``data``,
-    ``gt_boxes``, ``gt_labels``, ``gt_masks``); returns the total loss NDArray. ``rpn_targets``
-    (step 1) and ``forward_backward_update`` (steps 2-4) can be called separately."""
+    """One GluonCV training iteration, as GluonCV's
+    ``scripts/instance/mask_rcnn/train_mask_rcnn.py`` does it per batch on one device.
+
+    1. RPN anchor targets, which GluonCV computes in its data loader (:class:`GluonCVRPNTargets`).
+    2. Forward in ``autograd.record()`` (train mode) with gt boxes and labels: backbone + FPN,
+       RPN with training proposals (12000 pre-NMS, 2000 post-NMS), GluonCV's RoI sampler (512
+       rois, 25 % positives) and box targets, FPN RoIAlign (with the patched
+       ``_pyramid_roi_feats``), box head on the sampled rois, mask head on the 128 positive
+       slots.
+    3. Losses as the script computes them: RPN sigmoid BCE over the sampled anchors and Huber
+       (rho 1/9) box loss, each scaled by ``size / number of sampled anchors``; R-CNN softmax
+       CE and Huber (rho 1) box loss scaled by ``size / valid rois``; mask targets from
+       ``net.mask_target`` (ROIAlign of the gt masks at 28x28 on the positive rois) and the
+       mask sigmoid BCE scaled by ``size / mask weights``; ``total = sum of all``.
+    4. ``total.backward()`` and ``trainer.step(batch)``: SGD with momentum 0.9 and weight decay
+       1e-4 (none on biases), the script's settings, on ``net.collect_train_params()``
+       (GluonCV's train patterns: the stem, the first ResNet stage and every BatchNorm stay
+       frozen). The learning rate is a constructor argument (``mxmask bench`` uses its own
+       step's 1e-4; the script's is 0.00125 per image); it does not change the time.
+
+    The script's metric updates (accuracy / L1 metrics) and learning-rate warm-up are not part
+    of the step. :meth:`step` takes a dict of numpy arrays as
+    :func:`mxmask.bench.synthetic_train_batch` makes them (``data``, ``gt_boxes``,
+    ``gt_labels``, ``gt_masks``) and returns the total loss NDArray; :meth:`rpn_targets` (step
+    1) and :meth:`forward_backward_update` (steps 2-4) can be called separately.
+
+    Args:
+        net: a GluonCV Mask R-CNN built with ``per_device_batch_size=batch``.
+        batch: images per step.
+        lr, momentum, wd: the SGD settings.
+        ctx: the context (default CPU).
+    """
 
     def __init__(self, net, batch=1, lr=1e-4, momentum=0.9, wd=1e-4, ctx=None):
         from mxnet import gluon
@@ -288,11 +349,15 @@ class GluonCVTrainStep(object):
                 mx.nd.array(batch["gt_masks"], ctx=self.ctx))
 
     def rpn_targets(self, batch):
+        """Step 1: the anchor targets of a synthetic batch (:class:`GluonCVRPNTargets`), on
+        ``ctx``."""
         h, w = batch["data"].shape[2:]
         return [x.as_in_context(self.ctx) for x in self._targets(batch["gt_boxes"], h, w)]
 
     def forward_backward_update(self, data, label, gt_mask, rpn_cls_targets, rpn_box_targets,
                                 rpn_box_masks):
+        """Steps 2-4 on NDArrays (:meth:`inputs` and :meth:`rpn_targets`); returns the total
+        loss."""
         from mxnet import autograd
         net = self.net
         with autograd.record():
@@ -338,11 +403,24 @@ class GluonCVTrainStep(object):
 
 
 def gluoncv_postprocess(ids, scores, boxes, masks, height, width, scale=1.0, thresh=0.001):
-    """GluonCV's COCO evaluation for one image (``validate`` + ``COCOInstanceMetric``): rows with
-    ``id >= 0`` and ``score >= thresh``, boxes / ``scale``, ``mask.fill`` of the 28x28
-    probabilities into the original image (GluonCV's default fast fill) and a compressed RLE of
-    each. Inputs are GluonCV's outputs for the image ((D, 1), (D, 1), (D, 4), (D, 28, 28));
-    returns the list of RLE dicts."""
+    """The image-side part of GluonCV's COCO evaluation (``validate`` +
+    ``COCOInstanceMetric.update``) for one image: the counterpart of mxmask's paste/decode.
+
+    Rows with ``id >= 0`` and ``score >= thresh`` are kept, boxes divided by ``scale``, the
+    28x28 probabilities filled into the original image with
+    ``gluoncv.data.transforms.mask.fill`` (GluonCV's default fast fill), and each mask encoded
+    as a compressed RLE.
+
+    Args:
+        ids, scores, boxes, masks: GluonCV's outputs for the image: (D, 1), (D, 1), (D, 4),
+            (D, 28, 28) numpy.
+        height, width: the network input's size.
+        scale: network input / original image.
+        thresh: the score threshold.
+
+    Returns:
+        list of RLE dicts (``counts`` as str).
+    """
     import pycocotools.mask as mask_util
     from gluoncv.data.transforms.mask import fill
     ids, scores = ids.reshape(-1), scores.reshape(-1)

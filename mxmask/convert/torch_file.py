@@ -1,26 +1,14 @@
 """Read a PyTorch ``torch.save(state_dict)`` file with the standard library and numpy, no torch.
 
-In: a file in the zip format that ``torch.save`` writes since torch 1.6: one folder ``<root>/``
-holding ``data.pkl`` (a protocol-2 pickle of the object), ``data/<key>`` (one raw blob per
-storage), ``byteorder`` (``little`` or ``big``; little when absent) and ``version``. The pickle
-refers to storages by persistent ids ``('storage', <torch.FloatStorage class>, key, location,
-numel)`` and rebuilds tensors with ``torch._utils._rebuild_tensor_v2(storage, offset, size,
-stride, requires_grad, hooks[, metadata])``.
+    arrays, wrapper = load_state_dict("maskrcnn_resnet50_fpn_coco.pth")
 
-Out: :func:`load_state_dict` -> ``(OrderedDict name -> numpy array, wrapper)``, in the state
-dict's order: contiguous native-endian arrays of the tensor's dtype (float32, float16, float64,
-int64, int32, int16, int8, uint8, bool; bfloat16 becomes float32, exactly); ``wrapper`` is
-``None`` for a bare state dict, or ``"model"`` / ``"state_dict"`` when the file is a training
-checkpoint dict (as torchvision's reference scripts save) holding the state dict under that key.
+In: a file in the zip format that ``torch.save`` writes since torch 1.6, holding a state dict or
+a training checkpoint dict that holds one under ``"model"`` / ``"state_dict"``.
 
-Safety: the pickle is read by a restricted unpickler. ``find_class`` resolves only
-``collections.OrderedDict`` and the tensor rebuild functions (re-implemented here, they only
-record storage, offset, size and stride); storage classes and ``torch.<dtype>`` names become
-inert markers. Any other global (an ``argparse.Namespace`` of a checkpoint's ``args``, a whole
-pickled ``nn.Module``) becomes an inert placeholder that only records its name: nothing is
-imported or executed, and the file is refused if such an object is where the state dict should
-be. Tensor data is read only for the chosen state dict. Anything else (not a zip, a legacy
-pre-1.6 torch file, a TorchScript archive, truncated data, out-of-range strides) is a
+Out: ``(OrderedDict name -> numpy array, wrapper)``, in the state dict's order: contiguous
+native-endian arrays of the tensor's dtype (bfloat16 becomes float32, exactly); ``wrapper`` is
+``None`` for a bare state dict, else the key that held it. The pickle is read by a restricted
+unpickler that imports and executes nothing (:class:`_StateDictUnpickler`). Anything else is a
 :class:`~mxmask.utils.UserError` ``"<path>: not a torch state_dict file (<reason>)"``.
 """
 import collections
@@ -84,6 +72,7 @@ class _Opaque(object):
 
 
 def _opaque_class(module, name):
+    """A fresh :class:`_Opaque` subclass standing for the global ``module.name``."""
     return type(str(name), (_Opaque,), {"qualname": "%s.%s" % (module, name)})
 
 
@@ -126,6 +115,7 @@ class _Tensor(_Record):
 
 
 def _int_tuple(value, what):
+    """``value`` as a tuple of ints, or _Refused naming the tensor field ``what``."""
     if not isinstance(value, (tuple, list)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise _Refused("a tensor's %s is %r, not a tuple of integers" % (what, value))
@@ -152,7 +142,18 @@ def _rebuild_parameter(data, *unused):
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Restricted unpickler: see the module docstring."""
+    """The restricted unpickler of ``data.pkl``.
+
+    The pickle refers to storages by persistent ids ``('storage', <torch.FloatStorage class>,
+    key, location, numel)`` and rebuilds tensors with ``torch._utils._rebuild_tensor_v2(storage,
+    offset, size, stride, requires_grad, hooks[, metadata])``. ``find_class`` resolves only
+    ``collections.OrderedDict`` and the tensor rebuild functions (re-implemented here, they only
+    record storage, offset, size and stride); storage classes and ``torch.<dtype>`` names become
+    inert markers. Any other global (an ``argparse.Namespace`` of a checkpoint's ``args``, a
+    whole pickled ``nn.Module``) becomes an inert placeholder that only records its name:
+    nothing is imported or executed, and the file is refused if such an object is where the
+    state dict should be.
+    """
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
@@ -178,12 +179,14 @@ class _StateDictUnpickler(pickle.Unpickler):
 
 
 def _is_state_dict(obj):
+    """A non-empty dict of str -> tensor record."""
     return (isinstance(obj, dict) and len(obj) > 0
             and all(isinstance(k, str) for k in obj)
             and all(isinstance(v, _Tensor) for v in obj.values()))
 
 
 def _describe(obj):
+    """``obj`` in a few words, for a refusal's reason."""
     if isinstance(obj, _Opaque):
         return "a pickled %s object" % obj.qualname
     if isinstance(obj, _Tensor):
@@ -267,6 +270,8 @@ def _archive_root(zf):
 
 
 def _read(path):
+    """The body of :func:`load_state_dict`; raises _Refused (or anything a malformed file
+    makes the zip, pickle or numpy code raise)."""
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_MAGIC))
@@ -304,17 +309,25 @@ def _read(path):
 def load_state_dict(path):
     """Read a ``torch.save`` file holding a state dict (or a checkpoint dict wrapping one).
 
+    The zip archive holds one folder ``<root>/`` with ``data.pkl`` (a protocol-2 pickle of the
+    object, read by :class:`_StateDictUnpickler`), ``data/<key>`` (one raw blob per storage),
+    ``byteorder`` (``little`` or ``big``; little when absent) and ``version``. Tensor data is
+    read only for the chosen state dict, each view checked against its storage's size.
+
     Args:
         path: the ``.pth`` / ``.pt`` file.
 
     Returns:
-        ``(arrays, wrapper)``: an OrderedDict ``name -> numpy array`` (contiguous; bfloat16
-        becomes float32) and ``None``, or the key (``"model"`` or ``"state_dict"``) under which a
-        checkpoint dict holds the state dict.
+        ``(arrays, wrapper)``: an OrderedDict ``name -> numpy array`` (contiguous, native
+        endian, of the tensor's dtype: float32, float16, float64, int64, int32, int16, int8,
+        uint8, bool; bfloat16 becomes float32, exactly) and ``None``, or the key (``"model"``
+        or ``"state_dict"``) under which a checkpoint dict (as torchvision's reference
+        scripts save) holds the state dict.
 
     Raises:
-        UserError: one line, ``"<path>: not a torch state_dict file (<reason>)"``, or ``not
-        found`` / ``is a folder``.
+        UserError: one line, ``"<path>: not a torch state_dict file (<reason>)"`` (not a zip,
+        a legacy pre-1.6 torch file, a TorchScript archive, truncated data, out-of-range
+        strides, no state dict inside), or ``not found`` / ``is a folder``.
     """
     if not os.path.exists(path):
         raise UserError("%s: torch file not found" % path)

@@ -21,6 +21,8 @@ import subprocess
 
 from ..utils import UserError
 
+# the environment variable naming the interpreter, the program it runs, and the hint every
+# UserError about the interpreter ends with
 ENV_VAR = "MXMASK_TORCH_PYTHON"
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_reference.py")
 HOW = ("pass --torch-python PATH or set %s to a Python with torch and torchvision, for example "
@@ -112,9 +114,11 @@ def _parse_json(text):
 
 
 def _last_line(text):
+    """The last non-blank line of ``text``, stripped; "" when there is none."""
     lines = [x.strip() for x in (text or "").splitlines() if x.strip()]
     return lines[-1] if lines else ""
 
 
 def _one_line(text):
+    """``text`` with its whitespace runs, newlines included, made single spaces."""
     return " ".join((text or "").split())

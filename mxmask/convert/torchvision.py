@@ -3,31 +3,18 @@ checkpoint folder.
 
 In: a ``torch.save(model.state_dict())`` file of either architecture (e.g. the published
 ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``; nothing is downloaded), or a training checkpoint
-dict holding it under ``"model"`` / ``"state_dict"``. The v1 files' key names
-(``fpn.inner_blocks.0.weight``, ``rpn.head.conv.weight``, ``mask_head.mask_fcn1.weight``) and
-today's (``inner_blocks.0.0.weight``, ``rpn.head.conv.0.0.weight``, ``mask_head.0.0.weight``) are
-both accepted; ``num_batches_tracked`` buffers are ignored. The arch defaults to what the keys
-show (``roi_heads.keypoint_predictor.*``: keypoint).
+dict holding it under ``"model"`` / ``"state_dict"``; the v1 files' key names and today's are
+both accepted (:func:`torchvision_key`). The arch defaults to what the keys show.
 
 Out: a checkpoint folder (``config.yaml``, ``model.params``, ``progress.json``, as
-:mod:`mxmask.convert.gluoncv` writes them) of preset ``torchvision_mask_rcnn_r50_fpn`` (90
-classes: torchvision's label i is COCO category id i, ``"N/A"`` at the 10 ids COCO does not use,
-so the results json scores on COCO val2017 as it is) or ``torchvision_keypoint_rcnn_r50_fpn``
-(``person``, id 1, COCO's 17 keypoints, flip map and skeleton).
-
-The mapping is :func:`torchvision_key`. mxmask's class-specific box deltas and mask channels
-have no background: the first 4 rows of ``bbox_pred`` and channel 0 of ``mask_fcn_logits`` are
-dropped (``cls_score`` keeps its background column 0, as mxmask's). Every other tensor is copied
-as it is (ConvTranspose2d's ``(in, out, kh, kw)`` is Conv2DTranspose's layout too). Every key
-must be used and every mxmask parameter but the anchor constants filled, with equal shapes;
-otherwise a :class:`~mxmask.utils.UserError` names the file and lists the keys.
+:mod:`mxmask.convert.gluoncv` writes them) of preset ``torchvision_mask_rcnn_r50_fpn`` or
+``torchvision_keypoint_rcnn_r50_fpn``, with COCO's label space (:func:`converted_config`).
+A file that is not the arch's weights is a :class:`~mxmask.utils.UserError` naming the file
+and the keys that do not fit (:func:`convert_torchvision_params`).
 
 No torch: :mod:`mxmask.convert.torch_file` reads the file with the standard library and numpy,
-so this runs in mxmask's environment, and the same beside torch. GluonCV 0.10.5 however raises
-at ``import gluoncv`` when torch >= 2 is importable; mxmask imports gluoncv only inside the
-GluonCV features (``mxmask bench --against gluoncv`` / ``--resnet50``, through
-:func:`mxmask.convert.common.import_gluoncv`, which turns that failure into one UserError
-line): convert, predict, eval, export and train never import it.
+so this runs in mxmask's environment (docs/torchvision.md, "Why torch stays out of mxmask's
+environment").
 """
 import re
 
@@ -43,10 +30,12 @@ from .torch_file import load_state_dict
 __all__ = ["ARCHS", "PRESETS", "torchvision_key", "detect_arch", "convert_torchvision_params",
            "converted_config", "convert_torchvision"]
 
+# the torchvision architectures and the presets they convert to
 MASK, KEYPOINT = "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"
 ARCHS = (MASK, KEYPOINT)
 PRESETS = {MASK: "torchvision_mask_rcnn_r50_fpn", KEYPOINT: "torchvision_keypoint_rcnn_r50_fpn"}
 
+# mxmask's BatchNorm parameter names -> FrozenBatchNorm2d's
 _BN_NAMES = {"gamma": "weight", "beta": "bias"}
 # mxmask head prefix -> torchvision prefix, for the layers whose names do not depend on the
 # key-name version
@@ -82,7 +71,9 @@ def torchvision_key(ours, old=False):
     Args:
         ours: an mxmask structural parameter name (``backbone.fpn.P2_conv_lat.weight``).
         old: the key names of torchvision's published v1 files (``inner_blocks.0.weight``,
-            ``rpn.head.conv.weight``, ``mask_head.mask_fcn1.weight``) instead of today's.
+            ``rpn.head.conv.weight``, ``mask_head.mask_fcn1.weight``) instead of today's
+            (``inner_blocks.0.0.weight``, ``rpn.head.conv.0.0.weight``,
+            ``mask_head.0.0.weight``).
 
     Returns:
         ``(key, drop)``: the torchvision key and the number of leading rows to drop from its
@@ -113,8 +104,16 @@ def torchvision_key(ours, old=False):
 
 
 def detect_arch(names):
-    """``keypointrcnn_resnet50_fpn`` when the keys include the keypoint predictor,
-    ``maskrcnn_resnet50_fpn`` when they include the mask predictor, else None."""
+    """The architecture a state dict's keys show.
+
+    Args:
+        names: the keys.
+
+    Returns:
+        ``keypointrcnn_resnet50_fpn`` when they include the keypoint predictor
+        (``roi_heads.keypoint_predictor.*``), ``maskrcnn_resnet50_fpn`` when they include the
+        mask predictor, else None.
+    """
     if any(k.startswith("roi_heads.keypoint_predictor.") for k in names):
         return KEYPOINT
     if any(k.startswith("roi_heads.mask_predictor.") for k in names):
@@ -139,6 +138,14 @@ def _key_table(net):
 
 def convert_torchvision_params(arrays, net, arch, source="torchvision state_dict"):
     """Copy torchvision arrays into ``net`` (a MaskRCNN of the arch's preset).
+
+    The keys map through :func:`torchvision_key`, in either key-name version;
+    ``num_batches_tracked`` buffers are ignored. mxmask's class-specific box deltas and mask
+    channels have no background: the first 4 rows of ``bbox_pred`` and channel 0 of
+    ``mask_fcn_logits`` are dropped (``cls_score`` keeps its background column 0, as mxmask's).
+    Every other tensor is copied as it is (ConvTranspose2d's ``(in, out, kh, kw)`` is
+    Conv2DTranspose's layout too). Every key must be used and every mxmask parameter but the
+    anchor constants filled, with equal shapes.
 
     Args:
         arrays: ``{torchvision key: numpy array}`` (a state dict as read by
@@ -198,8 +205,17 @@ def convert_torchvision_params(arrays, net, arch, source="torchvision state_dict
 
 
 def converted_config(arch):
-    """The config of a converted checkpoint: the arch's preset with the COCO classes (and
-    keypoints), ids and dataset paths."""
+    """The config of a converted checkpoint.
+
+    Args:
+        arch: ``maskrcnn_resnet50_fpn`` or ``keypointrcnn_resnet50_fpn``.
+
+    Returns:
+        the arch's preset with the usual datasets/coco paths and, for the mask arch, 90 classes
+        (torchvision's label i is COCO category id i, ``"N/A"`` at the 10 ids COCO does not
+        use), so that the results json scores on COCO val2017 as it is; for the keypoint arch
+        ``person`` (id 1) with COCO's 17 keypoints, flip map and skeleton.
+    """
     cfg = get_config(PRESETS[arch])
     d = cfg.data
     if arch == MASK:
@@ -229,11 +245,14 @@ def convert_torchvision(src, out_dir, arch=None):
         out_dir: the checkpoint folder; refused (UserError) if it holds a checkpoint other than
             an earlier conversion.
         arch: ``maskrcnn_resnet50_fpn`` / ``keypointrcnn_resnet50_fpn``, or None to detect it
-            from the keys.
+            from the keys (:func:`detect_arch`; the mask arch when they show neither).
 
     Returns:
         ``{"params": path, "config": path, "copied": n, "arch": arch, "preset": name,
         "wrapper": None | "model" | "state_dict"}``.
+
+    Raises:
+        UserError: one line naming the file, the folder or ``--arch``.
     """
     from ..modeling.rcnn import build_model
     if arch is not None and arch not in ARCHS:

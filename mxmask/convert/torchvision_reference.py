@@ -4,42 +4,20 @@ This file imports torch, torchvision and numpy only, never mxnet or mxmask: mxma
 program in a separate Python that has torch (``--torch-python``, ``MXMASK_TORCH_PYTHON``), so that
 neither environment needs the other's packages. Each verb reads and writes plain files:
 
-    build   --arch A --seed S --out M.pth
-            torchvision's network A with seeded random weights, random FrozenBatchNorm
-            statistics and prediction layers scaled so that scores and mask probabilities spread
-            out; its ``state_dict`` saved with ``torch.save`` (what ``mxmask convert torchvision``
-            reads).
+    build   --arch A --seed S --out M.pth         seeded random weights, saved (:func:`randomise`)
     run     --arch A --weights M.pth --input X.npy --image-size H W --out OUT.npz
-            the stages on a normalised, padded input tensor X (1, 3, Hp, Wp) whose valid part is
-            H x W: FPN features ``p2``..``p6``, ``proposals``, and the detections ``boxes``,
-            ``labels``, ``scores`` (network-input pixels), ``mask_probs`` (N, 28, 28) of the
-            label, or ``keypoints`` (N, K, 3) decoded and ``keypoint_logits`` (N, K, 56, 56).
+                                                  the stages on a tensor (:func:`run_stages`)
     predict --arch A --weights M.pth --image FILE --out OUT.npz
-            the whole model on an image file read with PIL, as torchvision's references do:
-            ``input`` (the transform's padded tensor), ``image_size``, and the detections in
-            image pixels, with ``masks`` pasted (N, H, W) probabilities.
-    time    --arch A [--inputs X.npz | --size H W --train-size H W] [--train]
-            [--dtype float32|bfloat16] [--train-dtype D] [--runs N] [--warmup N] [--threads N]
-            torchvision's speed on seeded random weights (``mxmask bench --against
-            torchvision``): the network on a normalised, padded tensor (GeneralizedRCNNTransform
-            bypassed), its postprocess, the keypoint head on 10 and 100 rois, a training step;
-            one JSON object on stdout (:func:`time_model`). Its ``--score-thresh`` and
-            ``--detections`` default to 0.0 and 100, so the heads see 100 boxes.
+                                                  the model on an image file (:func:`predict_file`)
+    time    --arch A [--inputs X.npz] [--train] [--dtype D] ...
+                                                  speed, one JSON line on stdout (:func:`time_verb`)
     losses  --arch A --weights M.pth --input IN.npz --out OUT.npz
-            torchvision's training losses of one step on the normalised, padded tensor ``x``
-            (B, 3, Hp, Wp) of IN.npz, its valid ``image_size`` (B, 2), gt ``boxes`` (B, G, 4)
-            in network-input pixels, ``labels`` (B, G) in torchvision's label space (< 0:
-            padding) and ``masks`` (B, G, Hp, Wp) uint8 or ``keypoints`` (B, G, 17, 3); one
-            image may come without the batch axis. Both samplers take every candidate, so
-            the result is deterministic (:func:`training_losses`). OUT.npz: ``loss_objectness``,
-            ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``, ``loss_mask`` or
-            ``loss_keypoint``, the sampled counts, the proposals per image, and the positive
-            rois the heads train on with their mask or keypoint targets.
+                                                  one training step's losses (:func:`losses_verb`)
 
 ``A`` is ``maskrcnn_resnet50_fpn`` (91 classes) or ``keypointrcnn_resnet50_fpn`` (2 classes, 17
-keypoints); ``--score-thresh`` and ``--detections`` set ``box_score_thresh`` and
-``box_detections_per_img``. The models are built as torchvision's builders build them for
-pretrained weights (FrozenBatchNorm2d, three trainable stages).
+keypoints), built as torchvision's builders build them for pretrained weights
+(:func:`build_model`); ``--score-thresh`` and ``--detections`` set ``box_score_thresh`` and
+``box_detections_per_img``.
 """
 import argparse
 import os
@@ -58,11 +36,23 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor  #
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
 from torchvision.ops import misc as misc_ops  # noqa: E402
 
+# the --arch values
 ARCHS = ("maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn")
 
 
 def build_model(arch, score_thresh=0.05, detections=100):
-    """torchvision's ``arch`` with its default initialisation, in eval mode."""
+    """torchvision's ``arch`` with its default initialisation, in eval mode.
+
+    Built as torchvision's builders build it for pretrained weights: a ResNet-50 with
+    FrozenBatchNorm2d and three trainable stages, FPN, and the arch's heads.
+
+    Args:
+        arch: one of :data:`ARCHS`.
+        score_thresh, detections: ``box_score_thresh`` and ``box_detections_per_img``.
+
+    Returns:
+        the ``MaskRCNN`` or ``KeypointRCNN`` module.
+    """
     body = torchvision.models.resnet50(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(body, 3)
     kwargs = dict(box_score_thresh=score_thresh, box_detections_per_img=detections)
@@ -76,10 +66,22 @@ def build_model(arch, score_thresh=0.05, detections=100):
 
 
 def randomise(model, arch, seed):
-    """torchvision's own initialisation under ``torch.manual_seed(seed)``, then random
+    """Seeded random weights for a comparison (the ``build`` verb saves the result's
+    ``state_dict`` with ``torch.save``, what ``mxmask convert torchvision`` reads).
+
+    torchvision's own initialisation under ``torch.manual_seed(seed)``, then random
     FrozenBatchNorm statistics and affine, non-zero biases, and the class and mask prediction
-    layers scaled so that scores and mask probabilities spread out (near-equal scores would
-    compare nothing)."""
+    layers scaled (:data:`SPREAD`) so that scores and mask probabilities spread out (near-equal
+    scores would compare nothing).
+
+    Args:
+        model: :func:`build_model`'s network.
+        arch: its arch.
+        seed: the seed.
+
+    Returns:
+        ``model``, its weights replaced.
+    """
     torch.manual_seed(seed)
     for module in model.modules():
         if hasattr(module, "reset_parameters") and not isinstance(module, misc_ops.FrozenBatchNorm2d):
@@ -116,18 +118,32 @@ SPREAD = {"maskrcnn_resnet50_fpn": {"rpn.head.cls_logits.weight": 30.0,
 
 
 def load(arch, weights, score_thresh, detections):
+    """:func:`build_model` with the state dict of the file ``weights``."""
     model = build_model(arch, score_thresh, detections)
     model.load_state_dict(torch.load(weights, map_location="cpu"))
     return model
 
 
 def _hook(module, store, key):
+    """Record a copy of ``module``'s output in ``store[key]`` at each forward."""
     module.register_forward_hook(lambda m, i, o: store.__setitem__(key, o.detach().clone()))
 
 
 @torch.no_grad()
 def run_stages(model, x, image_size):
-    """The network stages on a normalised (1, 3, Hp, Wp) tensor with valid size ``image_size``."""
+    """The network stages on a normalised tensor (the ``run`` verb).
+
+    Args:
+        model: the network, eval mode.
+        x: (1, 3, Hp, Wp) normalised, padded input tensor.
+        image_size: (H, W), its valid part.
+
+    Returns:
+        dict of numpy arrays: the FPN features ``p2``..``p6``, ``proposals`` (P, 4), and the
+        detections ``boxes`` (N, 4), ``labels``, ``scores`` (network-input pixels), then
+        ``mask_probs`` (N, 28, 28) of the label, or ``keypoints`` (N, K, 3) decoded,
+        ``keypoints_scores`` and ``keypoint_logits`` (N, K, 56, 56).
+    """
     out, seen = {}, {}
     if model.roi_heads.has_keypoint():
         _hook(model.roi_heads.keypoint_predictor, seen, "keypoint_logits")
@@ -150,7 +166,18 @@ def run_stages(model, x, image_size):
 
 @torch.no_grad()
 def predict_file(model, path):
-    """The whole model on an image file (PIL, RGB, [0, 1]), detections in image pixels."""
+    """The whole model on an image file, as torchvision's references run it (the ``predict``
+    verb).
+
+    Args:
+        model: the network, eval mode.
+        path: the image, read with PIL as RGB in [0, 1].
+
+    Returns:
+        dict of numpy arrays: ``input`` (the transform's padded tensor), ``image_size``, and
+        the detections in image pixels (``boxes``, ``labels``, ``scores``, ``keypoints``,
+        ``keypoints_scores``), with ``masks`` the pasted (N, H, W) probabilities.
+    """
     from PIL import Image
     image = Image.open(path).convert("RGB")
     tensor = torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)
@@ -168,6 +195,7 @@ def predict_file(model, path):
 # --------------------------------------------------------------------------------------------
 # time: torchvision's speed (the torch side of ``mxmask bench --against torchvision``)
 # --------------------------------------------------------------------------------------------
+# the roi counts the keypoint head is timed on, as mxmask's bench times its own
 TIME_KEYPOINT_ROIS = (10, 100)
 # FLOP counter modules -> the stage names of the record (torch's ModuleTracker names a module by
 # its path from the outermost module called, here the model's children)
@@ -250,6 +278,7 @@ def _time_precision(dtype):
 
 
 def _time_stats(times):
+    """``{"median", "min", "max"}`` seconds."""
     return {"median": float(np.median(times)), "min": float(min(times)), "max": float(max(times))}
 
 
@@ -436,7 +465,10 @@ def time_model(arch, inputs, dtype="float32", runs=5, warmup=2, train=False, sco
 
 
 def add_time_arguments(p):
-    """The ``time`` verb's options on the argparse subparser ``p``."""
+    """The ``time`` verb's options on the argparse subparser ``p``: ``--inputs X.npz`` (or
+    ``--size H W --train-size H W`` for its own inputs), ``--train``, ``--dtype``,
+    ``--train-dtype``, ``--runs``, ``--warmup``, ``--threads``; ``--score-thresh`` and
+    ``--detections`` default to 0.0 and 100, so the heads see 100 boxes."""
     p.add_argument("--arch", choices=ARCHS, required=True)
     p.add_argument("--inputs", help="npz of the arrays time_inputs makes (mxmask bench writes "
                                     "its own); without it they are made at --size / --train-size")
@@ -457,8 +489,9 @@ def add_time_arguments(p):
 
 
 def time_verb(args):
-    """The ``time`` verb: :func:`time_model` on ``--inputs`` or :func:`time_inputs`; prints the
-    record as one JSON line on stdout. Returns the exit code."""
+    """The ``time`` verb: torchvision's speed on seeded random weights (``mxmask bench
+    --against torchvision``): :func:`time_model` on ``--inputs`` or :func:`time_inputs`; prints
+    the record as one JSON line on stdout. Returns the exit code."""
     import json
     if args.runs < 1 or args.warmup < 0:
         raise SystemExit("--runs must be at least 1 and --warmup at least 0")
@@ -622,8 +655,11 @@ def training_losses(model, x, image_sizes, targets):
 
 
 def losses_verb(args):
-    """The ``losses`` verb: :func:`training_losses` on ``--input``, saved to ``--out`` (npz of
-    0-d arrays, ``proposals`` (B,)). Returns the exit code."""
+    """The ``losses`` verb: torchvision's training losses of one step on the normalised, padded
+    tensor of ``--input`` (:func:`loss_targets` gives its layout), with both samplers taking
+    every candidate, so that the result is deterministic (:func:`training_losses`). Saved to
+    ``--out``: the losses and counts as 0-d arrays, ``proposals`` (B,), and the positive rois
+    the heads train on with their mask or keypoint targets. Returns the exit code."""
     model = load(args.arch, args.weights, 0.05, 100)
     with np.load(args.input) as f:
         x, sizes, targets = loss_targets({k: f[k] for k in f.files})
@@ -636,6 +672,8 @@ def losses_verb(args):
 
 
 def main(argv=None):
+    """The program: parses the verb and its options (``--threads``: ``torch.set_num_threads``)
+    and runs it. Returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for verb in ("build", "run", "predict"):
