@@ -1,3 +1,4 @@
+"""``python -m mxmask``: the ``mxmask`` command (:func:`mxmask.cli.main`)."""
 from .cli import main
 
 if __name__ == "__main__":

@@ -52,7 +52,17 @@ def _add_data(sub):
 # contexts
 # --------------------------------------------------------------------------------------------
 def parse_ctx(text):
-    """``cpu`` / ``cpu:N`` (N CPU contexts) / ``gpu:0,1`` (those GPUs) -> list of contexts."""
+    """The contexts of ``--ctx``.
+
+    Args:
+        text: ``cpu``, ``cpu:N`` (N CPU contexts) or ``gpu:I,J`` (those GPUs; ``gpu``: GPU 0).
+
+    Returns:
+        list of ``mx.Context``.
+
+    Raises:
+        UserError: naming ``--ctx`` when the text is malformed or a GPU does not exist.
+    """
     import mxnet as mx
     kind, _, rest = text.strip().partition(":")
     kind = kind.lower()
@@ -300,9 +310,9 @@ def _add_bench(sub):
                         "GFLOP/s (implied by --against gluoncv)")
     p.add_argument("--chart", metavar="PATH", help="write a PNG bar chart of the stages here")
     p.add_argument("--kernels", default="auto", choices=["auto", "mxmask", "mxnet"],
-                   help="RoIAlign of the in-process network: auto (default) uses mxmask's "
-                        "compiled CPU operator where it loads, as mxmask predict and eval do; "
-                        "mxnet: MXNet's own, as in an exported graph")
+                   help="RoIAlign and NMS of the in-process network: auto (default) uses "
+                        "mxmask's compiled CPU operators where they load, as mxmask predict and "
+                        "eval do; mxnet: MXNet's own, as in an exported graph")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -379,11 +389,13 @@ def _cmd_export(args):
 
 
 def _add_graph_args(p):
-    """--fuse, --dtype and --set test.*: the graph as mxmask export writes it (export, eval,
-    predict)."""
+    """--fuse, --dtype and --set: the graph as mxmask export writes it (export, eval, predict).
+    --set takes the keys a trained checkpoint may change
+    (:func:`mxmask.engine.checkpoint.load_checkpoint_config`)."""
     p.add_argument("--set", action="append", default=[], metavar="test.KEY=VALUE",
-                   help="override a test setting of the checkpoint's config, e.g. --set "
-                        "test.refine_boxes=true (repeatable; only test.* keys)")
+                   help="override a test-time setting of the checkpoint's config, e.g. --set "
+                        "test.refine_boxes=true (repeatable; test.* keys and input.resize_rule, "
+                        "input.resize_interp, input.normalize)")
     p.add_argument("--fuse", action="store_true",
                    help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -398,8 +410,8 @@ def _add_export(sub):
     p.add_argument("--out", required=True, metavar="PREFIX",
                    help="output prefix: PREFIX-symbol.json, -0000.params, -config.yaml, -meta.json")
     p.add_argument("--size", metavar="HxW", help="example input to trace, fuse and check with "
-                   "(multiples of 32; default min_size_test square, at most 512); the graph "
-                   "still takes any size")
+                   "(multiples of input.size_divisibility; default min_size_test square, at "
+                   "most 512); the graph still takes other sizes")
     _add_graph_args(p)
     p.add_argument("--no-check", action="store_true",
                    help="skip running the export against the Gluon model")
@@ -407,10 +419,13 @@ def _add_export(sub):
 
 
 # --------------------------------------------------------------------------------------------
+# the verbs, in the order of mxmask --help
 VERBS = [_add_data, _add_train, _add_eval, _add_predict, _add_bench, _add_convert, _add_export]
 
 
 def build_parser():
+    """The ``mxmask`` argument parser: one subparser per verb of :data:`VERBS`, each with its
+    ``func``."""
     parser = argparse.ArgumentParser(
         prog="mxmask",
         description="Mask R-CNN and Keypoint R-CNN with FPN for MXNet/Gluon.")
@@ -423,6 +438,15 @@ def build_parser():
 
 
 def main(argv=None):
+    """Run the ``mxmask`` command.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        the exit code: the verb's (0 when it returns None); 2 after a UserError or ConfigError,
+        printed as one line on stderr; 130 on Ctrl-C. No verb prints the help and returns 0.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -118,7 +118,7 @@ class BackboneConfig:
 @dataclass
 class FPNConfig:
     out_channels: int = 256
-    p6: str = "maxpool"                  # maxpool (Detectron2) | conv (GluonCV: 3x3/2 on P5 lateral)
+    p6: str = "maxpool"                  # maxpool (Detectron2) | conv (GluonCV: 3x3/2, P5 lateral)
     norm: str = ""                       # "" or gn
 
 
@@ -166,7 +166,7 @@ class BoxHeadConfig:
     # log) | torchvision (LevelMapper: eps 1e-6 added after the log); "": gluoncv when
     # model.box_plus_one, else detectron2
     level_mapper: str = ""
-    pool_then_avgpool: bool = False      # GluonCV: RoIAlign at 14x14, then a 3x3/2 average pool to 7x7
+    pool_then_avgpool: bool = False      # GluonCV: RoIAlign at 14x14, then 3x3/2 avg pool to 7x7
     sampling_ratio: int = 0
     aligned: bool = True
     num_conv: int = 0                    # Detectron2 NUM_CONV: 3x3 convs on the pooled features
@@ -282,7 +282,7 @@ class TestConfig:
     refine_boxes: bool = False
     # horizontal-flip test-time augmentation: the box, mask and keypoint heads also run on the
     # mirrored image and their outputs are averaged (MaskRCNN docstring; Detectron2's
-    # TEST.AUG.FLIP). About twice the network time.
+    # TEST.AUG.FLIP). The backbone and the heads run twice per image.
     flip: bool = False
     # drop detections whose width or height is under this many network-input pixels, before
     # the per-class NMS (torchvision's postprocess_detections: 0.01); 0: keep all (Detectron2)
@@ -333,6 +333,7 @@ CHOICES = {
 # Conversion between dicts and the tree, with type checks
 # --------------------------------------------------------------------------------------------
 def _all_keys(node, prefix=""):
+    """Every dotted key of the tree under ``node``, sections included."""
     keys = []
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
@@ -344,6 +345,7 @@ def _all_keys(node, prefix=""):
 
 
 def _unknown_key(key, root, where):
+    """Raise ConfigError for ``key``, naming the nearest valid keys of ``root``."""
     near = difflib.get_close_matches(key, _all_keys(root), n=3, cutoff=0.5)
     hint = ("; did you mean " + " or ".join(near) + "?") if near else ""
     raise ConfigError("%sunknown config key '%s'%s" % (where, key, hint))
@@ -397,17 +399,34 @@ def _coerce(value, tp, key, where):
 
 
 def _field_types(node):
+    """``{field name: annotation}`` of a dataclass node."""
     return typing.get_type_hints(type(node))
 
 
 def _check_choice(key, value, where):
+    """Raise ConfigError when ``key`` has :data:`CHOICES` and ``value`` is not one of them."""
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError("%s%s: expected one of %s, got %r"
                           % (where, key, ", ".join(repr(c) for c in CHOICES[key]), value))
 
 
 def merge_dict(cfg, d, root=None, prefix="", where=""):
-    """Merge a nested dict into the config tree ``cfg`` in place, checking keys and types."""
+    """Merge a nested dict into the config tree in place, checking keys, types and choices.
+
+    Args:
+        cfg: a node of the tree (:class:`Config` or one of its sections).
+        d: the nested dict (a YAML file's content).
+        root: the tree's root, for the nearest-key hint (default ``cfg``).
+        prefix: the dotted key of ``cfg`` in the tree, with a trailing dot.
+        where: the message prefix naming the source (``"file.yaml: "``).
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        ConfigError: an unknown key (with the nearest valid keys), a value of the wrong type
+        or not one of :data:`CHOICES`.
+    """
     root = cfg if root is None else root
     if not isinstance(d, dict):
         raise ConfigError("%s%s: expected a mapping, got %r" % (where, prefix.rstrip(".") or "config", d))
@@ -431,11 +450,24 @@ def merge_dict(cfg, d, root=None, prefix="", where=""):
 
 
 def to_dict(cfg):
+    """The tree as nested dicts and lists (``dataclasses.asdict``)."""
     return dataclasses.asdict(cfg)
 
 
 def set_value(cfg, assignment):
-    """Apply one ``a.b.c=value`` override; the value is parsed as YAML then type-checked."""
+    """Apply one ``--set`` override in place.
+
+    Args:
+        cfg: the :class:`Config`.
+        assignment: ``a.b.c=value``; the value is parsed as YAML (``[640, 800]``, ``true``,
+            ``1e-3``), then type-checked; an empty value is "".
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        ConfigError: no ``=``, an unknown key or a section, a bad value.
+    """
     if "=" not in assignment:
         raise ConfigError("--set %s: expected key=value" % assignment)
     key, text = assignment.split("=", 1)
@@ -468,17 +500,26 @@ def set_value(cfg, assignment):
 # Presets and files
 # --------------------------------------------------------------------------------------------
 def unused_labels(cfg):
-    """The labels whose class name is :data:`UNUSED_CLASS_NAME`: indices of a label space that
-    stand for no category (torchvision's unused COCO ids), whose detections results leave out."""
+    """The labels that stand for no category.
+
+    Args:
+        cfg: a config with ``data.class_names``.
+
+    Returns:
+        the labels whose class name is :data:`UNUSED_CLASS_NAME` (torchvision's unused COCO
+        ids), whose detections results leave out.
+    """
     return [label for label, name in enumerate(cfg.data.class_names)
             if name == UNUSED_CLASS_NAME]
 
 
 def list_presets():
+    """The preset names (``mxmask/configs/*.yaml``), sorted."""
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
 
 def _read_yaml(path):
+    """A YAML file's mapping ({} when empty), or ConfigError naming the file."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -490,6 +531,7 @@ def _read_yaml(path):
 
 
 def _load_into(cfg, path, depth=0):
+    """Merge the file ``path`` into ``cfg``, its ``_base_`` chain first (at most 8 deep)."""
     if depth > 8:
         raise ConfigError("%s: _base_ chain is too deep (a cycle?)" % path)
     data = _read_yaml(path)
@@ -500,6 +542,8 @@ def _load_into(cfg, path, depth=0):
 
 
 def _resolve_name(name, relative_to="."):
+    """A preset name or YAML path -> the file to read (a relative ``_base_`` path is taken
+    from ``relative_to`` first)."""
     if name.endswith((".yaml", ".yml")):
         candidate = name if os.path.isabs(name) else os.path.join(relative_to, name)
         if os.path.exists(candidate) or not os.path.exists(name):
@@ -514,7 +558,20 @@ def _resolve_name(name, relative_to="."):
 
 
 def get_config(name_or_path="shapes", overrides=()):
-    """Build a config from a preset name or a YAML path, then apply ``key=value`` overrides."""
+    """Build a config.
+
+    Args:
+        name_or_path: a preset name or a YAML file (which may build on a preset with
+            ``_base_:``).
+        overrides: ``key=value`` strings, applied in order (:func:`set_value`).
+
+    Returns:
+        the :class:`Config`: the defaults, then the file, then the overrides.
+
+    Raises:
+        ConfigError: an unknown preset (with the nearest names), a missing or invalid file, a
+        bad key or value.
+    """
     cfg = Config()
     _load_into(cfg, _resolve_name(name_or_path))
     for assignment in overrides or ():
@@ -523,12 +580,30 @@ def get_config(name_or_path="shapes", overrides=()):
 
 
 def load_yaml(path):
-    """Load a full config saved by :func:`dump_yaml` (or any partial YAML over the defaults)."""
+    """Load a config file.
+
+    Args:
+        path: a full config saved by :func:`dump_yaml`, or any partial YAML over the defaults.
+
+    Returns:
+        the :class:`Config`.
+
+    Raises:
+        ConfigError: a missing or invalid file, a bad key or value.
+    """
     return _load_into(Config(), path)
 
 
 def dump_yaml(cfg, path=None):
-    """Write the whole config as YAML (atomically when ``path`` is given); return the text."""
+    """The whole config as YAML; :func:`load_yaml` reads it back equal.
+
+    Args:
+        cfg: the :class:`Config`.
+        path: when given, the text is also written there, atomically.
+
+    Returns:
+        the YAML text.
+    """
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
     if path is not None:
         from .utils import atomic_write_text

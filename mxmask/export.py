@@ -7,28 +7,17 @@
 What goes in: a checkpoint folder (``config.yaml`` + weights, see :mod:`mxmask.engine.checkpoint`).
 What comes out, for ``PREFIX``:
 
-    PREFIX-symbol.json    the inference graph; inputs ``data`` (B, 3, H, W) normalised RGB and
-                          ``im_info`` (B, 3) = (h, w, scale); outputs named ``ids``, ``scores``,
-                          ``boxes`` [, ``masks``] [, ``keypoints``, ``heatmaps``] (DEVELOPING.md,
-                          "Network outputs"; ``sym.list_outputs()`` gives ``ids_output``, ...)
+    PREFIX-symbol.json    the inference graph (:func:`mxmask.graph.network_symbol`): inputs
+                          ``data`` (B, 3, H, W) normalised RGB and ``im_info`` (B, 3) =
+                          (h, w, scale), outputs as in DEVELOPING.md, "Network outputs"
     PREFIX-0000.params    every weight plus the anchor constants (``arg:``/``aux:`` keys, as
                           ``HybridBlock.export`` writes them)
     PREFIX-config.yaml    the checkpoint's full config
-    PREFIX-meta.json      what a program needs to run the graph without mxmask (stdlib json):
-                          input names, output names, resize rule, interpolation and
-                          normalisation (``input.resize_rule``, ``resize_interp``,
-                          ``normalize``), mean/std, size divisibility,
-                          largest input side, class names, COCO category ids, thresholds
+    PREFIX-meta.json      what a program needs to run the graph without mxmask (:func:`export_meta`)
 
-It loads with ``mx.gluon.SymbolBlock.imports(PREFIX + "-symbol.json", ["data", "im_info"],
-PREFIX + "-0000.params")`` and gives the Gluon model's outputs (the plain export is the same
-graph, so they are equal). The graph takes any input size that is a multiple of
-``input.size_divisibility`` up to ``max_input_size`` (the anchor constants' extent).
-
-The graph is :func:`mxmask.graph.network_symbol` of the checkpoint's network; ``fuse`` and
-``dtype`` go through :func:`mxmask.graph.optimized_block`. Before the files replace an earlier
-export, the exported graph is run on an example input and compared with the Gluon model
-(:func:`compare_outputs`); all files are written to a staging folder and moved in together.
+It loads with ``mx.gluon.SymbolBlock.imports`` (:func:`import_exported`) and gives the Gluon
+model's outputs; before the files appear, :func:`export_checkpoint` checks that it does.
+docs/export.md is the user's page.
 """
 import os
 import shutil
@@ -44,6 +33,7 @@ from .utils import UserError, atomic_write_json, atomic_write_text
 __all__ = ["export_checkpoint", "export_meta", "export_input_size", "import_exported",
            "compare_outputs"]
 
+# the meta file's "format" and "version" fields
 META_FORMAT = "mxmask-export"
 META_VERSION = 1
 _CHECK_SIDE_CAP = 512            # the default check input is at most 512 x 512
@@ -53,8 +43,19 @@ _CHECK_SIDE_CAP = 512            # the default check input is at most 512 x 512
 # Export of a checkpoint
 # --------------------------------------------------------------------------------------------
 def export_input_size(text, cfg):
-    """``"HxW"`` -> (H, W): positive multiples of ``input.size_divisibility`` that the anchor
-    constants cover. Raises UserError naming ``--size``."""
+    """The example input size of ``--size``.
+
+    Args:
+        text: ``"HxW"``.
+        cfg: the checkpoint's config.
+
+    Returns:
+        (H, W), positive multiples of ``input.size_divisibility`` that the anchor constants
+        cover.
+
+    Raises:
+        UserError: naming ``--size`` otherwise.
+    """
     h, w = parse_hw(text)
     div = max(int(cfg.input.size_divisibility), 1)
     if h <= 0 or w <= 0 or h % div or w % div:
@@ -64,6 +65,8 @@ def export_input_size(text, cfg):
     return h, w
 
 def _default_check_size(cfg):
+    """The default example input: a square of ``input.min_size_test`` capped at 512 and at the
+    anchors' extent, rounded up to ``input.size_divisibility``."""
     from .modeling.rpn import anchor_max_size
     div = max(int(cfg.input.size_divisibility), 1)
     side = min(int(cfg.input.min_size_test), _CHECK_SIDE_CAP, anchor_max_size(cfg))
@@ -81,8 +84,26 @@ def _example_inputs(size, seed=0):
 
 
 def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=None):
-    """The ``PREFIX-meta.json`` record: everything needed to run the exported graph without
-    mxmask (see scripts/predict_exported.py)."""
+    """The ``PREFIX-meta.json`` record: everything a program needs to run the exported graph
+    without mxmask, reading it with the standard library's json (scripts/predict_exported.py
+    does).
+
+    Args:
+        cfg: the checkpoint's config.
+        output_names: the graph's output names (``net.output_names``).
+        dtype, fused: how the graph was optimised.
+        example_size: (H, W) of the example input the export was traced and checked with.
+
+    Returns:
+        dict: ``format``, ``version``, input and output names, ``dtype``, ``fused``,
+        ``example_size``; the test-time input pipeline (``min_size_test``,
+        ``max_size_test``, ``size_divisibility``, ``max_input_size`` the largest side the
+        anchor constants cover, ``resize_rule``, ``resize_interp``, ``normalize``,
+        ``pixel_mean``, ``pixel_std``); the labels (``num_classes``, ``class_names``,
+        ``category_ids``, ``keypoint_names``, ``keypoint_category_ids``, ``skeleton``); and
+        the post-processing (``box_plus_one``, ``score_thresh``, ``mask_thresh``,
+        ``mask_box_thresh``, ``mask_paste``, ``keypoint_offset``, ``max_dets``).
+    """
     from .modeling.rpn import anchor_max_size
     d, i, m, t = cfg.data, cfg.input, cfg.model, cfg.test
     return {
@@ -126,7 +147,17 @@ def _load_checkpoint(ckpt, overrides=()):
 
 
 def import_exported(prefix):
-    """``SymbolBlock.imports`` of an export (its warning about input types silenced)."""
+    """Load an export with MXNet alone.
+
+    Args:
+        prefix: the export's ``PREFIX``.
+
+    Returns:
+        ``mx.gluon.SymbolBlock.imports(PREFIX + "-symbol.json", ["data", "im_info"],
+        PREFIX + "-0000.params")`` on the CPU (its warning about input types silenced). It
+        takes any input size that is a multiple of ``input.size_divisibility`` up to the meta
+        file's ``max_input_size``.
+    """
     import mxnet as mx
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Cannot decide type")
@@ -145,14 +176,28 @@ def _iou(a, b):
 
 
 def compare_outputs(ref, got, names, iou=0.9):
-    """Compare two lists of network outputs (``names`` as in ``net.output_names``).
+    """Compare two lists of network outputs.
 
-    Returns per output name the largest absolute difference, row by row; ``ids_agree``, the
-    fraction of detection rows with the same class id; and, because rows swap when scores are
-    nearly tied (which moves whole boxes without any real difference), an order-free view:
-    ``matched``, the fraction of the reference's detections that have a detection of the same
-    class with IoU >= ``iou`` in ``got`` (per image), and over those pairs ``matched_score``
-    and ``matched_box``, the largest score and box-coordinate differences."""
+    Rows swap when scores are nearly tied, which moves whole boxes without any real difference,
+    so besides the row-by-row differences the report has an order-free view.
+
+    Args:
+        ref, got: the outputs (NDArrays or arrays), ``ids`` (B, D), ``scores`` (B, D),
+            ``boxes`` (B, D, 4), ...; equal shapes.
+        names: their names, as in ``net.output_names`` (``ids``, ``scores`` and ``boxes``
+            needed).
+        iou: the IoU at which two detections of the same class match.
+
+    Returns:
+        dict: per output name the largest absolute difference, row by row; ``ids_agree``, the
+        fraction of detection rows with the same class id; ``matched``, the fraction of the
+        reference's detections that have a detection of the same class with IoU >= ``iou``
+        in ``got`` (per image), and over those pairs ``matched_score`` and ``matched_box``,
+        the largest score and box-coordinate differences.
+
+    Raises:
+        RuntimeError: an output's shapes differ.
+    """
     ref = [r.asnumpy() if hasattr(r, "asnumpy") else np.asarray(r) for r in ref]
     got = [g.asnumpy() if hasattr(g, "asnumpy") else np.asarray(g) for g in got]
     report = {}
@@ -191,13 +236,30 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
                       overrides=()):
     """Export checkpoint ``ckpt`` to ``PREFIX-{symbol.json,0000.params,config.yaml,meta.json}``.
 
-    ``size`` (H, W): the example input used to trace, partition (``fuse``) and check; default
-    a square of ``input.min_size_test`` capped at 512. ``fuse``: MKLDNN subgraph fusion.
-    ``dtype``: ``float32`` or ``bfloat16``. With ``check`` the written files are loaded back
-    with ``SymbolBlock.imports`` and run against the Gluon model on the example input.
-    ``overrides``: ``test.*`` ``key=value`` settings applied to the checkpoint's config.
-    Returns ``{"files": [...], "check": compare_outputs report or None, "size": (H, W),
-    "bf16_fp32_nodes": [...]}``. The files appear only when everything succeeded.
+    The graph is :func:`mxmask.graph.network_symbol` of the checkpoint's network; ``fuse`` and
+    ``dtype`` go through :func:`mxmask.graph.optimized_block`. All files are written to a
+    staging folder next to ``PREFIX`` and moved in together, so they replace an earlier export
+    only when everything succeeded. The plain export is the Gluon model's graph, so its
+    outputs are the model's.
+
+    Args:
+        ckpt: a checkpoint folder (or its ``config.yaml``).
+        prefix: the output prefix (a file prefix such as ``export/model``, not a folder).
+        size: (H, W) of the example input used to trace, partition (``fuse``) and check;
+            default a square of ``input.min_size_test`` capped at 512.
+        fuse: MKLDNN subgraph fusion.
+        dtype: ``float32`` or ``bfloat16``.
+        check: load the written files back with ``SymbolBlock.imports`` and run them against
+            the Gluon model on the example input (:func:`compare_outputs`).
+        overrides: ``key=value`` settings applied to the checkpoint's config (``test.*`` and
+            the test-time input keys, :func:`mxmask.engine.checkpoint.load_checkpoint_config`).
+
+    Returns:
+        ``{"files": [the four paths], "check": the compare_outputs report or None, "size":
+        (H, W), "bf16_fp32_nodes": [names of the nodes kept in float32]}``.
+
+    Raises:
+        UserError: a bad ``dtype``, ``prefix`` or checkpoint.
     """
     import mxnet as mx
     from .config import dump_yaml

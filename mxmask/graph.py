@@ -14,10 +14,11 @@ get ``_1``, ``_2``... suffixes, because the AMP pass selects nodes by name.
 
 ``optimized_block`` is what ``mxmask export --fuse --dtype``, ``mxmask predict --fuse`` and
 ``mxmask bench`` run: MKLDNN fusion (``optimize_for(backend="MKLDNN")``) and/or bfloat16
-(``amp.convert_hybrid_block`` first, then fusion; see DEVELOPING.md for the AMP pass's bug that
-:func:`bf16_fp32_exclusions` works around). ``python -m mxmask.graph --symbols symbols/`` rewrites
-the committed preset graphs, ``--check symbols/`` compares them with the code
-(tests/test_symbols.py runs the same check).
+(``amp.convert_hybrid_block`` first, then fusion; DEVELOPING.md, "Measured facts about MXNet
+1.9.1 on CPU", has the order and the AMP pass's bug that :func:`bf16_fp32_exclusions` works
+around). ``python -m mxmask.graph --symbols symbols/`` rewrites the committed preset graphs,
+``--check symbols/`` compares them with the code (tests/test_graph_symbols.py runs the same
+check).
 """
 import argparse
 import difflib
@@ -33,6 +34,7 @@ __all__ = ["EXPORT_PREFIX", "INPUT_NAMES", "DTYPES", "check_dtype", "parse_hw",
            "preset_config", "preset_symbol", "write_preset_symbols", "graph_diff",
            "bf16_fp32_exclusions", "param_dict", "symbol_block", "optimized_block", "main"]
 
+# the fixed parameter prefix of exported graphs, their inputs, and the values of --dtype
 EXPORT_PREFIX = "mxmask_"
 INPUT_NAMES = ("data", "im_info")
 DTYPES = ("float32", "bfloat16")
@@ -42,13 +44,30 @@ _VOLATILE_VAR_ATTRS = ("__init__", "__lr_mult__", "__wd_mult__")
 
 
 def check_dtype(dtype):
-    """Raise UserError naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`."""
+    """Check a ``--dtype``.
+
+    Args:
+        dtype: the value.
+
+    Raises:
+        UserError: naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`.
+    """
     if dtype not in DTYPES:
         raise UserError("--dtype %s: expected one of %s" % (dtype, ", ".join(DTYPES)))
 
 
 def parse_hw(text):
-    """``"HxW"`` -> (H, W) integers, or UserError naming ``--size``."""
+    """Parse a ``--size``.
+
+    Args:
+        text: ``"HxW"`` (case and spaces ignored).
+
+    Returns:
+        (H, W) integers, not checked further.
+
+    Raises:
+        UserError: naming ``--size`` when it is not two integers.
+    """
     parts = str(text).lower().replace(" ", "").split("x")
     try:
         h, w = (int(p) for p in parts)
@@ -58,8 +77,17 @@ def parse_hw(text):
 
 
 def check_anchors_cover(text, hw, cfg, remedy="set by input.max_size_train/max_size_test"):
-    """UserError naming ``--size text`` when the input ``hw`` is larger than the anchor
-    constants of ``cfg`` cover; ``remedy`` says what lifts the limit."""
+    """Check that the anchor constants of ``cfg`` cover an input size.
+
+    Args:
+        text: the ``--size`` text, for the message.
+        hw: (H, W).
+        cfg: the config (:func:`mxmask.modeling.rpn.anchor_max_size`).
+        remedy: what lifts the limit, for the message.
+
+    Raises:
+        UserError: naming ``--size text`` when ``max(hw)`` is larger than the anchors cover.
+    """
     from .modeling.rpn import anchor_max_size
     biggest = anchor_max_size(cfg)
     if max(hw) > biggest:
@@ -71,7 +99,15 @@ def check_anchors_cover(text, hw, cfg, remedy="set by input.max_size_train/max_s
 # The graph
 # --------------------------------------------------------------------------------------------
 def build_export_net(cfg):
-    """The network of ``cfg`` with the fixed prefix ``mxmask_`` (parameters not initialised)."""
+    """The network of ``cfg`` with the fixed prefix ``mxmask_``, so that parameter names never
+    depend on Gluon's name counters.
+
+    Args:
+        cfg: the config.
+
+    Returns:
+        a ``MaskRCNN``, parameters not initialised.
+    """
     from .modeling.rcnn import MaskRCNN
     return MaskRCNN(cfg, prefix=EXPORT_PREFIX)
 
@@ -101,10 +137,24 @@ def _normalise_graph(js):
 
 
 def network_symbol(net):
-    """The inference graph of a :class:`~mxmask.modeling.rcnn.MaskRCNN` as a Symbol with inputs
-    ``data`` and ``im_info`` and one output per name in ``net.output_names`` (normalised, see the
-    module docstring). Needs no parameter values. Always MXNet's own operators, whatever
-    ``net.kernels`` says: the graph must run without mxmask."""
+    """The inference graph of a network, traced in predict mode.
+
+    Always MXNet's own operators, whatever ``net.kernels`` says: the graph must run without
+    mxmask. Needs no parameter values.
+
+    Args:
+        net: a :class:`~mxmask.modeling.rcnn.MaskRCNN` (:func:`build_export_net` for stable
+            parameter names).
+
+    Returns:
+        a Symbol with inputs ``data`` (B, 3, H, W) and ``im_info`` (B, 3) and one output per
+        name in ``net.output_names``, each an ``identity`` node of that name
+        (``sym.list_outputs()`` gives ``ids_output``, ...); normalised as the module docstring
+        says.
+
+    Raises:
+        RuntimeError: the network returns a different number of outputs than it names.
+    """
     import mxnet as mx
     kernels, net.kernels = net.kernels, "mxnet"      # tracing a Symbol uses no cached graph
     try:
@@ -122,7 +172,14 @@ def network_symbol(net):
 
 
 def graph_json_text(sym_or_json):
-    """Graph json text with one node per line (stable, diff-friendly); loads with mx.sym.load."""
+    """The text of a graph file, one node per line, keys sorted: stable and diff-friendly.
+
+    Args:
+        sym_or_json: a Symbol, its json text or the parsed dict.
+
+    Returns:
+        the json text (ending with a newline); it loads with ``mx.sym.load``.
+    """
     js = sym_or_json if isinstance(sym_or_json, dict) else json.loads(
         sym_or_json if isinstance(sym_or_json, str) else sym_or_json.tojson())
     dump = lambda v: json.dumps(v, sort_keys=True)      # noqa: E731
@@ -141,9 +198,16 @@ def graph_json_text(sym_or_json):
 # Presets
 # --------------------------------------------------------------------------------------------
 def preset_config(preset):
-    """The config a preset's shipped graph is built from. ``shapes`` gets the synthetic
-    dataset's classes and keypoints (``mxmask.data.shapes.CATEGORIES`` / ``KEYPOINT_NAMES``),
-    which training fills in from the data; the other presets are used as they are."""
+    """The config a preset's shipped graph is built from.
+
+    Args:
+        preset: a preset name.
+
+    Returns:
+        the preset's config; ``shapes`` gets the synthetic dataset's classes and keypoints
+        (``mxmask.data.shapes.CATEGORIES`` / ``KEYPOINT_NAMES``), which training fills in
+        from the data; the other presets are used as they are.
+    """
     from .config import get_config
     if preset != "shapes":
         return get_config(preset)
@@ -158,13 +222,21 @@ def preset_config(preset):
 
 
 def preset_symbol(preset):
-    """The inference graph of a preset, built from the code (no weights needed)."""
+    """The inference graph of a preset (:func:`network_symbol` of :func:`preset_config`),
+    built from the code; no weights needed."""
     return network_symbol(build_export_net(preset_config(preset)))
 
 
 def write_preset_symbols(out_dir, presets=None):
-    """Write ``<out_dir>/<preset>-symbol.json`` for ``presets`` (default: every preset);
-    returns the paths written."""
+    """Write the preset graphs (``symbols/``).
+
+    Args:
+        out_dir: the folder, made when missing.
+        presets: preset names (default: every preset).
+
+    Returns:
+        the paths written, ``<out_dir>/<preset>-symbol.json`` (:func:`graph_json_text`).
+    """
     from .config import list_presets
     presets = list(presets) if presets else list_presets()
     os.makedirs(out_dir, exist_ok=True)
@@ -180,6 +252,7 @@ def write_preset_symbols(out_dir, presets=None):
 # Comparing graphs
 # --------------------------------------------------------------------------------------------
 def _load_graph(g):
+    """A Symbol, json text or dict -> the graph's dict."""
     if isinstance(g, dict):
         return g
     if hasattr(g, "tojson"):
@@ -188,22 +261,32 @@ def _load_graph(g):
 
 
 def _desc(node):
+    """What aligns two nodes: (op, variable name or "", sorted attributes)."""
     attrs = tuple(sorted((node.get("attrs") or {}).items()))
     return (node["op"], node["name"] if node["op"] == "null" else "", attrs)
 
 
 def _label(node):
+    """``name (op)`` or ``name (variable)``, for the diff lines."""
     return "%s (%s)" % (node["name"], "variable" if node["op"] == "null" else node["op"])
 
 
 def graph_diff(old, new, limit=40):
-    """Differences between two graphs (Symbol, json text or dict) as readable lines; [] when
-    they are the same graph.
+    """Differences between two graphs as readable lines (the diff of
+    tests/test_graph_symbols.py).
 
     Nodes are aligned in topological order by (op, variable name, attributes); operator node
     names are not compared (they carry Gluon's counters), variable names are (they must match
-    the parameter files). Reported: added and removed nodes, changed attributes (key, old, new),
-    inputs that now come from another node, and changed outputs."""
+    the parameter files).
+
+    Args:
+        old, new: the graphs (Symbol, json text or dict).
+        limit: the most lines returned; the rest are counted in a last line.
+
+    Returns:
+        list of str: added and removed nodes, changed attributes (key, old, new), inputs that
+        now come from another node, and changed outputs; [] when they are the same graph.
+    """
     a, b = _load_graph(old), _load_graph(new)
     na, nb = a["nodes"], b["nodes"]
     da, db = [_desc(n) for n in na], [_desc(n) for n in nb]
@@ -257,6 +340,7 @@ def graph_diff(old, new, limit=40):
 
 
 def _attr_changes(node_a, node_b):
+    """The diff lines of two aligned nodes: changed attributes, a renamed variable."""
     aa, ab = node_a.get("attrs") or {}, node_b.get("attrs") or {}
     out = []
     for key in sorted(set(aa) | set(ab)):
@@ -272,14 +356,24 @@ def _attr_changes(node_a, node_b):
 # bfloat16
 # --------------------------------------------------------------------------------------------
 def bf16_fp32_exclusions(sym, excluded=()):
-    """Names of the nodes to pin to fp32 so that MXNet 1.9.1's AMP pass converts ``sym``
-    consistently (module docstring): the ops of ``amp.list_lp16_fp32_ops`` whose data input will
-    be fp32 after the conversion, and the grouped deconvolutions (:func:`_bf16_op_lists`).
+    """The nodes to pin to fp32 so that MXNet 1.9.1's AMP pass converts ``sym`` consistently.
 
-    Each node's precision is predicted as the pass decides it: variables fp32; lp16 ops
-    (Convolution, FullyConnected, Deconvolution) bf16; fp32 ops, the conditional ones that
-    match and ``excluded`` names fp32; widest-type ops bf16 only when all inputs are bf16;
-    others follow their first input."""
+    An operator that runs in either precision, whose fp32 input was also cast to bf16 for
+    another consumer, is recorded as producing bf16 while it still computes fp32, and the next
+    convolution fails (DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"). Each node's
+    precision is predicted as the pass decides it: variables fp32; lp16 ops (Convolution,
+    FullyConnected, Deconvolution) bf16; fp32 ops, the conditional ones that match and
+    ``excluded`` names fp32; widest-type ops bf16 only when all inputs are bf16; others follow
+    their first input.
+
+    Args:
+        sym: the graph (Symbol, json text or dict).
+        excluded: node names already kept in fp32.
+
+    Returns:
+        the names of the ops of ``amp.list_lp16_fp32_ops`` whose data input will be fp32 after
+        the conversion, and of the grouped deconvolutions (:func:`_bf16_op_lists`).
+    """
     from mxnet.contrib import amp
     from mxnet.contrib.amp.amp import bfloat16
     lp16, fp32 = (set(ops) for ops in _bf16_op_lists())
@@ -319,9 +413,9 @@ def bf16_fp32_exclusions(sym, excluded=()):
 
 def _bf16_op_lists():
     """(ops converted to bf16, ops kept in fp32): MXNet's AMP lists, with ``Deconvolution``
-    moved to bf16. AMP keeps it fp32 because its bf16 *backward* crashes (README, "Mixed
-    precision"), but its forward runs on oneDNN's bf16 kernels: the mask head's 2x2/2
-    deconvolution of 100 rois takes 52 ms on AMX instead of 135-180 ms in fp32. A grouped
+    moved to bf16. AMP keeps it fp32 because its bf16 *backward* crashes (DEVELOPING.md,
+    "Measured facts about MXNet 1.9.1 on CPU"; docs/training.md, "Mixed precision"), but an
+    inference graph has no backward, and its forward runs on oneDNN's bf16 kernels. A grouped
     deconvolution (the keypoint head's fixed bilinear upsample) has no bf16 primitive
     ("could not create a primitive descriptor for a reorder primitive");
     :func:`bf16_fp32_exclusions` pins those to fp32."""
@@ -346,7 +440,19 @@ def _convert_bf16(block, names):
 
 
 def param_dict(sym, params):
-    """``arg:``/``aux:`` dict for ``mx.nd.save`` of the parameters ``sym`` uses."""
+    """The parameter file's content for a graph.
+
+    Args:
+        sym: the graph.
+        params: a ``ParameterDict`` holding (at least) every parameter ``sym`` uses.
+
+    Returns:
+        ``{"arg:<name>" or "aux:<name>": NDArray}`` for ``mx.nd.save``, the parameters
+        ``sym`` uses.
+
+    Raises:
+        RuntimeError: the graph needs a parameter ``params`` lacks.
+    """
     args = set(sym.list_arguments())
     aux = set(sym.list_auxiliary_states())
     out = {}
@@ -363,7 +469,15 @@ def param_dict(sym, params):
 
 
 def symbol_block(sym, params):
-    """A SymbolBlock of ``sym`` (inputs data, im_info) holding ``params``' values."""
+    """The graph as a block that runs.
+
+    Args:
+        sym: the graph, inputs ``data`` and ``im_info``.
+        params: a ``ParameterDict`` with the values (:func:`param_dict`).
+
+    Returns:
+        a ``SymbolBlock`` on the CPU holding the values.
+    """
     import mxnet as mx
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Cannot decide type")
@@ -374,9 +488,23 @@ def symbol_block(sym, params):
 
 
 def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
-    """The network graph ``sym`` with ``params`` as a SymbolBlock, converted to bfloat16 (with
-    the fp32 exclusions above) and/or MKLDNN-fused, in that order (DESIGN.md section 6), and run
-    once on the example inputs. Returns ``(block, names of the nodes kept in fp32)``."""
+    """The network graph as ``mxmask export --fuse --dtype`` writes it, ready to run.
+
+    Converted to bfloat16 (with :func:`bf16_fp32_exclusions`) and/or MKLDNN-fused, in that
+    order: in the other order nothing runs in bfloat16 (DEVELOPING.md, "Measured facts about
+    MXNet 1.9.1 on CPU"). Runs once on the example inputs, which trace the graph; the block
+    takes other sizes afterwards.
+
+    Args:
+        sym: the network graph (:func:`network_symbol`).
+        params: a ``ParameterDict`` with its values.
+        data, im_info: example inputs, (B, 3, H, W) and (B, 3) NDArrays on the CPU.
+        fuse: MKLDNN fusion (``optimize_for(backend="MKLDNN")``).
+        dtype: ``float32`` or ``bfloat16``.
+
+    Returns:
+        ``(block, names of the nodes kept in fp32)``.
+    """
     pinned = []
     with warnings.catch_warnings():
         # SymbolBlocks warn that the graph inputs have no declared type (they are fp32)
@@ -400,7 +528,14 @@ def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
 # --------------------------------------------------------------------------------------------
 def main(argv=None):
     """``python -m mxmask.graph --symbols DIR [--preset P ...]``: write the preset graphs;
-    ``--check DIR``: compare the graphs in DIR with the code and print the differences."""
+    ``--check DIR``: compare the graphs in DIR with the code and print the differences.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        the exit code: 1 when ``--check`` finds a missing or differing graph, else 0.
+    """
     parser = argparse.ArgumentParser(prog="python -m mxmask.graph",
                                      description="Write or check the preset graphs (symbols/).")
     group = parser.add_mutually_exclusive_group(required=True)

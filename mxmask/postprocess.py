@@ -1,8 +1,9 @@
 """Post-processing of one image's network outputs: pasted masks, decoded keypoints, COCO entries.
 
-Coordinates follow DEVELOPING.md: boxes are ``(x1, y1, x2, y2)`` in continuous pixel coordinates
-(pixel ``i`` covers ``[i, i + 1)``, its centre is ``i + 0.5``); keypoints are ``(x, y, v)`` in
-the same frame. All functions here work on numpy arrays (``mx.nd`` arrays are converted).
+Coordinates follow DEVELOPING.md ("Coordinates and labels"): boxes are ``(x1, y1, x2, y2)`` in
+continuous pixel coordinates (pixel ``i`` covers ``[i, i + 1)``, its centre is ``i + 0.5``);
+keypoints are ``(x, y, v)`` in the same frame. All functions here work on numpy arrays
+(``mx.nd`` arrays are converted).
 
 Inputs (one image, ``D = test.max_dets`` rows, padded rows have ``ids == -1``)::
 
@@ -15,23 +16,8 @@ Inputs (one image, ``D = test.max_dets`` rows, padded rows have ``ids == -1``)::
     im_info   (3,)            (h, w, scale): valid resized size, resized/original
     orig_size (2,)            (height, width) of the original image
 
-Functions:
-
-- :func:`paste_masks_in_image` ``(N, M, M)`` probabilities + ``(N, 4)`` boxes in image coordinates
-  -> ``(N, H, W)`` bool masks (and with ``box_threshold`` their tight boxes at that
-  threshold). Aligned bilinear sampling as Detectron2: image pixel centre
-  ``x + 0.5`` maps to mask-grid coordinate ``(x + 0.5 - x1) / (x2 - x1) * M - 0.5``; samples
-  outside the ``M x M`` grid read zero; the result is ``>= threshold``. Bilinear interpolation is
-  separable, so each detection's crop is ``Wy @ mask @ Wx.T`` with sparse (2 weights a row)
-  interpolation matrices restricted to the pixels the mask can reach.
-- :func:`heatmaps_to_keypoints_bicubic` / :func:`heatmaps_to_keypoints_taylor`: heatmaps
-  ``(N, K, S, S)`` + boxes ``(N, 4)`` -> ``(N, K, 3)`` ``(x, y, score)`` in the boxes' frame;
-  score is the heatmap logit at the peak.
-- :func:`mask_extents`: ``(N, H, W)`` pasted probabilities -> ``(N, 4)`` xyxy tight boxes of
-  the pixels ``>= threshold`` and which rows have any.
-- :func:`detections_to_coco`: network outputs -> list of COCO result dicts in original-image
-  coordinates (``bbox`` as ``[x, y, w, h]``, ``segmentation`` as compressed RLE with ``str``
-  counts, ``keypoints`` flat ``[x, y, 2, ...]``).
+Output: COCO result dicts in original-image coordinates (:func:`detections_to_coco`), made with
+:func:`paste_masks_in_image`, :func:`mask_extents` and :func:`decode_keypoints`.
 """
 import math
 
@@ -91,21 +77,37 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
                          style="detectron2"):
     """Paste ``(N, Mh, Mw)`` mask probabilities into ``(N, height, width)`` image masks.
 
-    ``boxes`` ``(N, 4)`` are xyxy in the image's continuous pixel coordinates; they may lie partly
-    outside the image and be fractional. Boxes with ``x2 <= x1``, ``y2 <= y1`` or non-finite
-    coordinates give empty masks. Returns bool ``(N, H, W)`` (``prob >= threshold``), or float32
-    probabilities when ``threshold`` is None. With ``box_threshold`` it returns ``(masks,
-    tight (N, 4), found (N,))``: :func:`mask_extents` of the pasted probabilities at
-    ``box_threshold``, computed on each crop (no (N, H, W) float buffer).
+    ``style="detectron2"``: aligned bilinear sampling as Detectron2: image pixel centre
+    ``x + 0.5`` maps to mask-grid coordinate ``(x + 0.5 - x1) / (x2 - x1) * M - 0.5``; samples
+    outside the ``M x M`` grid read zero; the mask is ``prob >= threshold``. Bilinear
+    interpolation is separable, so each detection's crop is ``Wy @ mask @ Wx.T`` with sparse (2
+    weights a row) interpolation matrices restricted to the pixels the mask can reach.
 
     ``style="torchvision"`` pastes as torchvision's ``paste_masks_in_image`` (``test.mask_paste``):
     the grid padded by one zero cell, the box expanded by that cell in float32 and truncated to
     whole pixels, the padded grid resized bilinearly (align_corners=False) to the box's
     ``x2 - x1 + 1`` by ``y2 - y1 + 1`` pixels, and the mask is ``prob > threshold``.
 
-    The returned array is a transposed view of a C-ordered ``(N, W, H)`` buffer, so that
-    ``out.transpose(1, 2, 0)`` is Fortran-contiguous ``(H, W, N)``, the layout
-    ``pycocotools.mask.encode`` takes, with no copy.
+    Args:
+        masks: ``(N, Mh, Mw)`` probabilities.
+        boxes: ``(N, 4)`` xyxy in the image's continuous pixel coordinates; they may lie partly
+            outside the image and be fractional. Boxes with ``x2 <= x1``, ``y2 <= y1`` or
+            non-finite coordinates give empty masks.
+        height, width: the image's size.
+        threshold: the mask threshold; None returns the probabilities.
+        box_threshold: when given, also the tight boxes of the pasted probabilities at this
+            threshold (:func:`mask_extents`), computed on each crop (no (N, H, W) float buffer).
+        style: ``detectron2`` or ``torchvision``.
+
+    Returns:
+        bool ``(N, H, W)`` masks, or float32 probabilities when ``threshold`` is None; with
+        ``box_threshold`` ``(masks, tight (N, 4), found (N,))``. The array is a transposed view
+        of a C-ordered ``(N, W, H)`` buffer, so that ``out.transpose(1, 2, 0)`` is
+        Fortran-contiguous ``(H, W, N)``, the layout ``pycocotools.mask.encode`` takes, with no
+        copy.
+
+    Raises:
+        ValueError: ``masks`` and ``boxes`` do not match, or an unknown ``style``.
     """
     masks = _np(masks)
     boxes = _np(boxes).astype(np.float64).reshape(-1, 4)
@@ -136,7 +138,9 @@ def paste_masks_in_image(masks, boxes, height, width, threshold=0.5, box_thresho
 
 def _detectron2_crops(masks, boxes, height, width):
     """Yield ``(i, xa, xb, ya, yb, crop (xb - xa, yb - ya))`` of each pasted mask with pixels in
-    the image: aligned bilinear sampling of the grid (module docstring), zero outside it."""
+    the image: aligned bilinear sampling of the grid (:func:`paste_masks_in_image`), zero outside
+    it.
+    """
     _, mh, mw = masks.shape
     for i in range(len(boxes)):
         x1, y1, x2, y2 = boxes[i]
@@ -179,10 +183,18 @@ def _torchvision_crops(masks, boxes, height, width):
 
 
 def mask_extents(probs, threshold):
-    """``(N, H, W)`` pasted mask probabilities -> ``(boxes (N, 4), found (N,) bool)``: the tight
-    xyxy box, in continuous pixel coordinates, of each mask's pixels ``>= threshold`` (pixel
-    ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``, COCO's ``toBbox`` of the same mask);
-    ``found`` is False, and the box zeros, where no pixel reaches it."""
+    """Tight boxes of pasted masks.
+
+    Args:
+        probs: ``(N, H, W)`` pasted mask probabilities.
+        threshold: the probability a pixel must reach.
+
+    Returns:
+        ``(boxes (N, 4), found (N,) bool)``: the tight xyxy box, in continuous pixel coordinates,
+        of each mask's pixels ``>= threshold`` (pixel ``(r, c)`` covers ``[c, c + 1) x [r, r +
+        1)``, COCO's ``toBbox`` of the same mask); ``found`` is False, and the box zeros, where
+        no pixel reaches it.
+    """
     on = np.asarray(probs) >= threshold
     n, h, w = on.shape
     cols, rows = on.any(axis=1), on.any(axis=2)                            # (N, W), (N, H)
@@ -211,11 +223,17 @@ def _box_frame(boxes):
 def heatmaps_to_keypoints_bicubic(heatmaps, boxes):
     """Mask R-CNN's decoder: resize each roi's heatmaps bicubically to the box size, argmax.
 
-    ``heatmaps`` ``(N, K, Sh, Sw)`` logits, ``boxes`` ``(N, 4)`` xyxy. Each roi's maps are resized
-    (``cv2.INTER_CUBIC``: half-pixel centres, a = -0.75, as torch's bicubic with
-    align_corners=False) to ``ceil(h) x ceil(w)`` of the box (sizes clamped to >= 1); the argmax
-    cell ``(xi, yi)`` maps to ``x1 + (xi + 0.5) * w / ceil(w)``. Returns float32 ``(N, K, 3)``
-    ``(x, y, score)`` with score the resized logit at the peak.
+    Each roi's maps are resized (``cv2.INTER_CUBIC``: half-pixel centres, a = -0.75, as torch's
+    bicubic with align_corners=False) to ``ceil(h) x ceil(w)`` of the box (sizes clamped to
+    >= 1); the argmax cell ``(xi, yi)`` maps to ``x1 + (xi + 0.5) * w / ceil(w)``.
+
+    Args:
+        heatmaps: ``(N, K, Sh, Sw)`` logits.
+        boxes: ``(N, 4)`` xyxy.
+
+    Returns:
+        float32 ``(N, K, 3)`` ``(x, y, score)`` in the boxes' frame, score the resized logit at
+        the peak.
     """
     heatmaps = np.ascontiguousarray(_np(heatmaps), dtype=np.float32)
     n, k = heatmaps.shape[:2]
@@ -241,13 +259,19 @@ def heatmaps_to_keypoints_bicubic(heatmaps, boxes):
 def heatmaps_to_keypoints_taylor(heatmaps, boxes):
     """Argmax on the heatmap plus a second-order Taylor step for a sub-cell offset.
 
-    ``heatmaps`` ``(N, K, Sh, Sw)`` logits, ``boxes`` ``(N, 4)`` xyxy. At the argmax cell
-    ``(px, py)`` the gradient ``g`` and Hessian ``H`` are central finite differences; the
-    offset ``-H^-1 g`` (each component clamped to [-1, 1]) is used when the peak is not on the
-    border and ``H`` is negative definite, else the offset is 0. The cell maps into the box as
-    ``x1 + (px + 0.5 + dx) / Sw * w`` (sizes clamped to >= 1 like the bicubic decoder). Returns
-    float32 ``(N, K, 3)`` ``(x, y, score)``, score being the logit at the argmax cell.
-    Fully vectorised over N and K.
+    At the argmax cell ``(px, py)`` the gradient ``g`` and Hessian ``H`` are central finite
+    differences; the offset ``-H^-1 g`` (each component clamped to [-1, 1]) is used when the
+    peak is not on the border and ``H`` is negative definite, else the offset is 0. The cell maps
+    into the box as ``x1 + (px + 0.5 + dx) / Sw * w`` (sizes clamped to >= 1 like the bicubic
+    decoder). Fully vectorised over N and K.
+
+    Args:
+        heatmaps: ``(N, K, Sh, Sw)`` logits.
+        boxes: ``(N, 4)`` xyxy.
+
+    Returns:
+        float32 ``(N, K, 3)`` ``(x, y, score)`` in the boxes' frame, score the logit at the
+        argmax cell.
     """
     hm = _np(heatmaps)
     if hm.dtype not in (np.float32, np.float64):
@@ -298,12 +322,25 @@ def heatmaps_to_keypoints_taylor(heatmaps, boxes):
 
 
 def decode_keypoints(heatmaps, boxes, method="taylor", network_boxes=None, scale=(1.0, 1.0)):
-    """Keypoints ``(N, K, 3)`` in the frame of ``boxes`` ``(N, 4)`` (test.keypoint_decode).
+    """Keypoints of heatmaps, by ``test.keypoint_decode``.
 
-    ``bicubic`` and ``taylor`` decode each roi's heatmaps ``(N, K, S, S)`` in ``boxes`` directly.
+    ``bicubic`` and ``taylor`` decode each roi's heatmaps in ``boxes`` directly.
     ``torchvision`` (its ``heatmaps_to_keypoints`` runs before the resize is undone) decodes
-    bicubically in ``network_boxes`` ``(N, 4)``, the same boxes in network-input pixels, and
-    divides x and y by ``scale`` = (sx, sy), the per-axis resize factors.
+    bicubically in ``network_boxes``, the same boxes in network-input pixels, and divides x and
+    y by ``scale``.
+
+    Args:
+        heatmaps: ``(N, K, S, S)`` logits.
+        boxes: ``(N, 4)`` xyxy, the frame of the result.
+        method: ``bicubic``, ``taylor`` or ``torchvision``.
+        network_boxes: ``(N, 4)``, needed by ``torchvision``.
+        scale: (sx, sy), the per-axis resize factors (network input / original).
+
+    Returns:
+        float32 ``(N, K, 3)`` ``(x, y, score)`` in the frame of ``boxes``.
+
+    Raises:
+        ValueError: an unknown ``method``, or ``torchvision`` without ``network_boxes``.
     """
     if method == "bicubic":
         return heatmaps_to_keypoints_bicubic(heatmaps, boxes)
@@ -341,27 +378,14 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
                        mask_thresh=0.5, keypoint_decode="taylor", keypoint_category_ids=None,
                        file_name=None, mask_box_thresh=0.0, mask_paste="detectron2",
                        keypoint_offset=0.5, unused_labels=()):
-    """One image's network outputs -> list of COCO result dicts in original-image coordinates.
+    """One image's network outputs -> COCO result dicts in original-image coordinates.
 
-    ``outputs``: dict with ``ids``, ``scores``, ``boxes`` and optionally ``masks``, ``keypoints``,
-    ``heatmaps`` (see the module docstring; a leading batch axis of 1 is accepted).
-    ``im_info`` ``(h, w, scale)``; ``orig_size`` ``(height, width)``. Boxes are mapped back per
-    axis by ``w / width`` and ``h / height`` (the exact ratios of the resize; ``scale`` is used
-    when ``h``/``w`` are not positive). ``category_ids[label]`` gives the COCO id.
-
-    Rows with ``id < 0``, ``score < score_thresh`` or a label in ``unused_labels`` (label
-    indices with no category, such as torchvision's unused COCO ids) are dropped.
-    ``segmentation`` (when ``masks`` is present) is RLE of the mask pasted at ``mask_thresh`` in
-    the ``mask_paste`` style (:func:`paste_masks_in_image`); ``keypoints`` come from
-    ``heatmaps`` with ``keypoint_decode`` (:func:`decode_keypoints`) when present, else from
-    ``keypoints`` rescaled, minus ``keypoint_offset`` (``data.keypoint_offset``: COCO's integer
-    pixel indices); every keypoint gets ``v = 2``. With ``keypoint_category_ids`` only
-    detections of those COCO categories get keypoints.
-
-    Boxes are written in continuous coordinates whatever ``model.box_plus_one`` (that flag is
-    the network's box coding): ``bbox`` is ``[x1, y1, x2 - x1, y2 - y1]`` and masks are pasted
-    over ``[x1, x2)``, which is how GluonCV's COCO instance evaluation, the one behind its Mask
-    R-CNN APs, writes its ``x2 - x1 + 1``-coded boxes (``utils/metrics/coco_instance.py``;
+    Boxes are mapped back per axis by ``w / width`` and ``h / height`` (the exact ratios of the
+    resize; ``scale`` is used when ``h``/``w`` are not positive). They are written in continuous
+    coordinates whatever ``model.box_plus_one`` (that flag is the network's box coding): ``bbox``
+    is ``[x1, y1, x2 - x1, y2 - y1]`` and masks are pasted over ``[x1, x2)``, which is how
+    GluonCV's COCO instance evaluation, the one behind its Mask R-CNN APs, writes its
+    ``x2 - x1 + 1``-coded boxes (``utils/metrics/coco_instance.py``;
     ``data/transforms/mask.fill``); Detectron2 and torchvision write them so too. (GluonCV's
     box-only ``COCODetectionMetric`` adds 1 to w and h.) ``scripts/predict_exported.py`` uses
     the same convention.
@@ -373,8 +397,37 @@ def detections_to_coco(outputs, im_info, orig_size, image_id, category_ids, scor
     mask thresholded at ``mask_thresh`` loses. The mask is pasted, and keypoints decoded, in the
     network's box either way.
 
-    ``image_id`` may be a str (or ``file_name`` given), in which case entries carry
-    ``"file_name"`` instead of ``"image_id"`` (``mxmask predict`` on arbitrary files).
+    Args:
+        outputs: dict with ``ids``, ``scores``, ``boxes`` and optionally ``masks``,
+            ``keypoints``, ``heatmaps`` (module docstring; a leading batch axis of 1 is
+            accepted).
+        im_info: ``(h, w, scale)``.
+        orig_size: ``(height, width)`` of the original image.
+        image_id: the entries' ``image_id``; a str gives ``file_name`` entries instead
+            (``mxmask predict`` on arbitrary files).
+        category_ids: ``category_ids[label]`` is the COCO id of a label.
+        score_thresh: rows with ``id < 0``, ``score < score_thresh`` or a label in
+            ``unused_labels`` are dropped.
+        mask_thresh: the paste threshold of ``segmentation``.
+        keypoint_decode: the decoder of ``heatmaps`` (:func:`decode_keypoints`).
+        keypoint_category_ids: when given, only detections of those COCO categories get
+            keypoints.
+        file_name: when given, the entries carry it instead of ``image_id``.
+        mask_box_thresh: see above; 0 keeps the network's boxes.
+        mask_paste: the paste style (:func:`paste_masks_in_image`).
+        keypoint_offset: ``data.keypoint_offset``, subtracted from the keypoints to give COCO's
+            integer pixel indices.
+        unused_labels: label indices with no category, such as torchvision's unused COCO ids.
+
+    Returns:
+        list of dicts: ``image_id`` (or ``file_name``), ``category_id``, ``bbox`` as ``[x, y,
+        w, h]``, ``score``; ``segmentation`` (with ``masks``) as compressed RLE with ``str``
+        counts; ``keypoints`` (with ``heatmaps``, decoded, else from ``keypoints`` rescaled)
+        flat ``[x, y, 2, ...]``, every keypoint with ``v = 2``.
+
+    Raises:
+        ValueError: outputs without ids, scores or boxes, a batch of several images, a bad
+        ``im_info``, or a label without a category id.
     """
     out = _squeeze_batch(outputs)
     ids = out["ids"].reshape(-1)

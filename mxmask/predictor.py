@@ -5,24 +5,14 @@
     results, failures = predictor.predict_paths(["a.png", "b.jpg", "dir/"])
 
 What goes in: image files (any size; folders are expanded to their image files) or HxWx3 uint8
-RGB arrays. Each image is resized as at test time (``input.min_size_test``/``max_size_test``,
-with the checkpoint's ``input.resize_rule``, ``resize_interp`` and ``normalize``: see
-:class:`mxmask.data.transforms.TestTransform`), normalised and padded to a multiple of 32, run
-through the hybridized network, and its outputs are post-processed (:mod:`mxmask.postprocess`):
-boxes mapped back to the original image, masks pasted and RLE-encoded, keypoints decoded with
-``test.keypoint_decode``.
+RGB arrays, resized and normalised as the checkpoint's test-time input pipeline says
+(:class:`mxmask.data.transforms.TestTransform`), through the hybridized network
+(:func:`load_network`, or :func:`optimize_network` for ``fuse`` / ``dtype``) on one or several
+contexts (:meth:`Predictor.run_batches`).
 
 What comes out: COCO result entries (``image_id`` or ``file_name``, ``category_id``, ``bbox`` as
-xywh, ``score``, ``segmentation`` RLE, ``keypoints``) with COCO category ids taken from the
-checkpoint's config (``data.category_ids``).
-
-``fuse`` / ``dtype="bfloat16"`` run the network as ``mxmask export --fuse --dtype bfloat16``
-would (:func:`optimize_network`), on one CPU context. Otherwise the network runs in-process with
-the compiled CPU RoIAlign of :mod:`mxmask.ops` where it loads (MXNet's ``contrib.ROIAlign``
-bit for bit, faster; exported graphs keep MXNet's operator).
-
-Several contexts: :meth:`Predictor.run_batches` sends consecutive batches to the contexts in turn
-and lets MXNet's engine run them in parallel; each image's results are produced exactly once.
+xywh, ``score``, ``segmentation`` RLE, ``keypoints``) in original-image pixels, with COCO category
+ids taken from the checkpoint's config (``data.category_ids``; :mod:`mxmask.postprocess`).
 """
 import os
 
@@ -36,11 +26,20 @@ from .modeling.rcnn import build_model
 from .postprocess import detections_to_coco
 from .utils import UserError
 
+# the file names a folder is expanded to (case-insensitive)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def list_images(paths):
-    """Expand files and folders (sorted, non-recursive) into image file paths."""
+    """Expand files and folders into image file paths.
+
+    Args:
+        paths: files (kept as they are, whatever their extension) and folders (their files
+            with an :data:`IMAGE_EXTENSIONS` extension, sorted, not recursive).
+
+    Returns:
+        list of paths, in the order given.
+    """
     out = []
     for path in paths:
         if os.path.isdir(path):
@@ -52,9 +51,25 @@ def list_images(paths):
 
 
 def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
-    """Build the network of ``cfg`` on ``ctxs`` and load ``params`` (a file path); ``kernels``
-    as in :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels` (``auto``: the compiled RoIAlign on
-    CPUs)."""
+    """Build the network of ``cfg`` and load its weights.
+
+    On CPUs the in-process network runs the compiled RoIAlign and NMS of :mod:`mxmask.ops` where
+    they load (``kernels="auto"``): MXNet's ``contrib.ROIAlign`` and ``box_nms`` outputs, bit for
+    bit (docs/kernels.md); exported graphs keep MXNet's operators.
+
+    Args:
+        cfg: the checkpoint's config.
+        params: the parameter file.
+        ctxs: list of contexts.
+        hybridize: hybridize with ``static_alloc``.
+        kernels: as in :meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels`.
+
+    Returns:
+        the ``MaskRCNN``.
+
+    Raises:
+        UserError: the file does not match the network of the config.
+    """
     net = build_model(cfg, ctx=ctxs)
     try:
         net.load_parameters(params, ctx=ctxs)
@@ -70,8 +85,21 @@ def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
 def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
     """``net`` as ``mxmask export --fuse --dtype`` runs it (:func:`mxmask.graph.optimized_block`:
     MKLDNN fusion and/or bfloat16), so that evaluating it measures what a deployment gets.
-    MKLDNN graphs run on the CPU: ``ctxs`` must be one CPU context. The example input that traces
-    the graph is one image of the test size; the result takes any size and batch."""
+
+    Args:
+        net: the loaded ``MaskRCNN``.
+        cfg: its config; the example input that traces the graph is one zero image of the
+            padded test size.
+        ctxs: exactly one CPU context (MKLDNN graphs run on the CPU).
+        fuse: MKLDNN fusion.
+        dtype: ``float32`` or ``bfloat16``.
+
+    Returns:
+        a ``SymbolBlock`` with ``net``'s outputs that takes any size and batch.
+
+    Raises:
+        UserError: a bad ``dtype``, or ``ctxs`` is not one CPU context.
+    """
     from .graph import check_dtype, network_symbol, optimized_block
     check_dtype(dtype)
     if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
@@ -87,7 +115,29 @@ def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
 
 
 class Predictor:
-    """Runs a trained model on images. ``ckpt``: a checkpoint folder (config.yaml + params)."""
+    """Runs a trained model on images.
+
+    Each image is resized as at test time (``input.min_size_test`` / ``max_size_test``, with
+    the checkpoint's ``input.resize_rule``, ``resize_interp`` and ``normalize``), normalised
+    and padded to a multiple of ``input.size_divisibility``, run through the network, and its
+    outputs are post-processed (:func:`mxmask.postprocess.detections_to_coco`): boxes mapped
+    back to the original image, masks pasted and RLE-encoded, keypoints decoded with
+    ``test.keypoint_decode``.
+
+    Args:
+        ckpt: a checkpoint folder (config.yaml + params); None with ``cfg`` and ``net``.
+        ctx: a context or a list of them (default CPU).
+        score_thresh: drop detections below it (default ``test.score_thresh``).
+        params: the parameter file (default the checkpoint's last weights).
+        cfg: a config instead of the checkpoint's.
+        net: an in-memory network instead of the checkpoint's (training's evaluation).
+        fuse, dtype: run the network as an optimised export does (:func:`optimize_network`).
+        overrides: ``key=value`` settings applied to the checkpoint's config
+            (:func:`mxmask.engine.checkpoint.load_checkpoint_config`).
+
+    Raises:
+        UserError: a bad config or parameter file.
+    """
 
     def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None,
                  fuse=False, dtype="float32", overrides=()):
@@ -118,14 +168,33 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------
     def forward(self, batch, ctx):
-        """Run one test batch (numpy dict) on ``ctx``; returns the raw outputs (NDArrays)."""
+        """Run one test batch on ``ctx``.
+
+        Args:
+            batch: a test batch (numpy dict with ``data`` (B, 3, Hp, Wp) and ``im_info`` (B, 3)).
+            ctx: the context.
+
+        Returns:
+            list of NDArrays, the network outputs in the order of ``output_names`` (DEVELOPING.md,
+            "Network outputs"); not waited for.
+        """
         data = mx.nd.array(batch["data"], ctx=ctx)
         im_info = mx.nd.array(batch["im_info"], ctx=ctx)
         outputs = self.net(data, im_info)
         return outputs if isinstance(outputs, (list, tuple)) else [outputs]
 
     def to_entries(self, outputs, batch, names=None):
-        """Raw outputs of a batch -> list (per image) of lists of COCO result entries."""
+        """COCO result entries of a batch's outputs.
+
+        Args:
+            outputs: :meth:`forward`'s outputs.
+            batch: the test batch (``im_info``, ``orig_size``, ``image_id``).
+            names: file names per image; the entries then carry ``file_name`` instead of
+                ``image_id``.
+
+        Returns:
+            list (per image) of lists of COCO result dicts.
+        """
         arrays = [o.asnumpy() for o in outputs]
         per_image = []
         for i in range(len(batch["data"])):
@@ -144,8 +213,18 @@ class Predictor:
         return per_image
 
     def run_batches(self, batches, names_of=None):
-        """Yield ``(batch, entries per image)`` for an iterable of test batches, using every
-        context: batches are dispatched to the contexts in turn before any result is read."""
+        """Run test batches on every context.
+
+        Consecutive batches are sent to the contexts in turn before any result is read, so that
+        MXNet's engine runs them in parallel; each image's results are produced exactly once.
+
+        Args:
+            batches: an iterable of test batches.
+            names_of: ``batch -> file names``, or None for ``image_id`` entries.
+
+        Yields:
+            ``(batch, entries per image)``, in the order of ``batches``.
+        """
         pending = []
         for batch in batches:
             ctx = self.ctxs[len(pending) % len(self.ctxs)]
@@ -159,7 +238,18 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------
     def prepare(self, image, image_id=0):
-        """HxWx3 uint8 RGB -> a test batch of one image."""
+        """A test batch of one image.
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            image_id: the batch's ``image_id``.
+
+        Returns:
+            the batch (``data`` (1, 3, Hp, Wp), ``im_info``, ``image_id``, ``orig_size``).
+
+        Raises:
+            UserError: ``image`` is not HxWx3.
+        """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3:
             raise UserError("expected an HxWx3 RGB image, got shape %s" % (image.shape,))
@@ -168,20 +258,40 @@ class Predictor:
                              self.cfg.input.size_divisibility)
 
     def predict_array(self, image, image_id=0, file_name=None):
-        """One RGB array -> its COCO result entries."""
+        """COCO result entries of one image.
+
+        Args:
+            image: HxWx3 uint8 RGB.
+            image_id: the entries' ``image_id``.
+            file_name: when given, the entries carry it instead of ``image_id``.
+
+        Returns:
+            list of COCO result dicts in the image's pixels.
+        """
         batch = self.prepare(image, image_id)
         names = [file_name] if file_name is not None else None
         return self.to_entries(self.forward(batch, self.ctxs[0]), batch, names)[0]
 
     def predict_image(self, path):
-        """One image file -> its COCO result entries (keyed by ``file_name``)."""
+        """COCO result entries of one image file, keyed by its ``file_name`` (base name).
+
+        Raises:
+            UserError: the file is not a readable image.
+        """
         from .data.images import read_image
         return self.predict_array(read_image(path), file_name=os.path.basename(path))
 
     def predict_paths(self, paths, on_image=None):
-        """Files and folders -> (all entries, failures). An unreadable image is reported in
-        ``failures`` as ``(path, message)`` and skipped; the others are still processed.
-        ``on_image(path, image, entries)`` is called for each image that worked."""
+        """Run the model on files and folders (:func:`list_images`).
+
+        Args:
+            paths: image files and folders.
+            on_image: called as ``on_image(path, image, entries)`` for each image that worked.
+
+        Returns:
+            ``(all entries, failures)``: an unreadable image is reported in ``failures`` as
+            ``(path, message)`` and skipped; the others are still processed.
+        """
         from .data.images import read_image
         results, failures = [], []
         for path in list_images(paths):

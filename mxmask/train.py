@@ -12,14 +12,8 @@
 4. Training: :class:`mxmask.engine.trainer.Trainer` (kvstore, schedule, checkpoints).
 5. Evaluation on the validation set with pycocotools, ``metrics.json``, ``curves.png``.
 
-In a ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) every worker reads
-its shard of each global batch (``kv.rank``, ``kv.num_workers``); worker 0 prepares the data
-first (the others wait at a kvstore barrier), writes the config and the checkpoints, and runs
-the evaluation after all workers have left the job (the kvstore is finalised first, so the
-others exit instead of waiting). Every blocking kvstore call is bounded by the trainer's
-watchdog (``MXMASK_DIST_TIMEOUT``), and an error in a worker ends that worker at once
-(``os._exit``; a normal exit would wait in the kvstore's final barrier for workers that are
-themselves waiting for it). ``--resume`` needs ``--out`` on a file system all workers share.
+A ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) is described at
+:func:`run_training`.
 """
 import gc
 import os
@@ -33,16 +27,33 @@ from .config import ConfigError
 from .utils import UserError
 from .engine import checkpoint as ckpt_io
 
+# where the shapes dataset keeps its training json, under data.shapes.root
 SHAPES_ANN = ("annotations", "train.json")
 
 
 def _is_shapes_path(cfg):
+    """Whether ``data.train_ann`` is the shapes dataset's training json."""
     root = os.path.normpath(cfg.data.shapes.root)
     return os.path.normpath(cfg.data.train_ann) == os.path.join(root, *SHAPES_ANN)
 
 
 def prepare_data(cfg, log=print):
-    """Generate the shapes set when needed; load train and val records; fill the metadata."""
+    """Make the training data ready and take its metadata into the config.
+
+    Generates the shapes dataset when ``data.train_ann`` is its training json and it is missing
+    (``data.shapes``), then reads and validates the training json.
+
+    Args:
+        cfg: the config; its ``data`` and ``model`` metadata are filled (:func:`fill_metadata`).
+        log: called with each progress and warning line.
+
+    Returns:
+        ``(records, info)``: the training records and the ``DatasetInfo``
+        (:func:`mxmask.data.coco.load_coco`).
+
+    Raises:
+        UserError, ConfigError: invalid data, or a config that contradicts it.
+    """
     from .data.coco import load_coco
     if _is_shapes_path(cfg) and not os.path.exists(cfg.data.train_ann):
         from .data.shapes import ensure_shapes
@@ -60,7 +71,18 @@ def prepare_data(cfg, log=print):
 
 
 def fill_metadata(cfg, info):
-    """Copy class/keypoint metadata of the training json into the config (checked)."""
+    """Copy the class and keypoint metadata of the training json into the config, checked.
+
+    Args:
+        cfg: the config; ``model.num_classes`` and ``model.num_keypoints`` are set when 0 and
+            must match the data otherwise, and every ``DatasetInfo`` field goes to ``data``.
+        info: the training json's ``DatasetInfo``.
+
+    Raises:
+        ConfigError: ``model.num_classes``, ``model.num_keypoints`` or
+        ``test.keypoint_oks_sigmas`` does not match the data.
+        UserError: ``model.keypoint_on`` and no category has keypoints.
+    """
     m = cfg.model
     if m.num_classes in (0, info.num_classes):
         m.num_classes = info.num_classes
@@ -84,12 +106,14 @@ def fill_metadata(cfg, info):
 
 
 def _log_to(out):
+    """A log function printing each line to ``out``, flushed."""
     def log(text):
         print(text, file=out, flush=True)
     return log
 
 
 def _check_dist_env(kvstore):
+    """UserError when a dist kvstore is asked for outside a distributed job."""
     if "dist" in kvstore and not os.environ.get("DMLC_ROLE"):
         raise UserError("--kvstore %s needs the processes of a distributed job: start it with "
                         "scripts/train_dist.sh NUM_WORKERS [train arguments] (DMLC_ROLE is not "
@@ -118,8 +142,33 @@ def _abort_distributed(rank, exc):
 
 
 def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
-    """Train ``cfg`` on ``ctxs``; returns (checkpoint folder, metrics or None). Progress goes to
-    ``out`` (default: ``sys.stdout`` at the time of the call)."""
+    """Train, checkpoint and evaluate (module docstring).
+
+    In a ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) every worker reads its
+    shard of each global batch (``kv.rank``, ``kv.num_workers``); worker 0 prepares the data
+    first (the others wait at a kvstore barrier), writes the config and the checkpoints, and runs
+    the evaluation after all workers have left the job (the kvstore is finalised first, so the
+    others exit instead of waiting). Every blocking kvstore call is bounded by the trainer's
+    watchdog (``MXMASK_DIST_TIMEOUT``, else ``solver.dist_timeout``), and an error in a worker ends
+    that worker at once (``os._exit``; a normal exit would wait in the kvstore's final barrier for
+    workers that are themselves waiting for it). ``resume`` needs the output folder on a file
+    system all workers share.
+
+    Args:
+        cfg: the config (``output_dir`` is the checkpoint folder).
+        ctxs: list of contexts.
+        kvstore: ``device``, ``local`` or ``dist_sync``.
+        resume: continue the run in ``cfg.output_dir`` from its last checkpoint, with its saved
+            config.
+        out: where progress goes (default: ``sys.stdout`` at the time of the call).
+
+    Returns:
+        ``(checkpoint folder, metrics)``; metrics is None on workers other than 0.
+
+    Raises:
+        UserError: a folder that holds a checkpoint without ``resume``, a dist kvstore outside a
+        distributed job, bad data.
+    """
     from .engine.trainer import Watchdog, dist_timeout
 
     out = out or sys.stdout
@@ -219,7 +268,18 @@ def _train(cfg, ctxs, kv_box, resume, out, watchdog):
 
 
 def evaluate(cfg, net, ctxs, out_dir, log=print):
-    """Evaluate the in-memory ``net`` on ``cfg``'s val set; writes metrics.json in out_dir."""
+    """Evaluate the in-memory ``net`` on ``cfg``'s val set.
+
+    Args:
+        cfg: the config (``data.val_ann``, ``data.val_images``).
+        net: the trained ``MaskRCNN``, hybridized here.
+        ctxs: list of contexts.
+        out_dir: where ``results.json`` and ``metrics.json`` go.
+        log: called with each progress line.
+
+    Returns:
+        the metrics (``{task: {"AP", "AP50", ...}}``).
+    """
     from .predictor import Predictor
     from .engine.inference import evaluate_on_dataset
     net.hybridize(static_alloc=True)
