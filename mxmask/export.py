@@ -64,6 +64,7 @@ def export_input_size(text, cfg):
     check_anchors_cover(text, (h, w), cfg)
     return h, w
 
+
 def _default_check_size(cfg):
     """The default example input: a square of ``input.min_size_test`` capped at 512 and at the
     anchors' extent, rounded up to ``input.size_divisibility``."""

@@ -8,8 +8,9 @@ One GluonCV build (module fixture) with random weights, randomised BatchNorm sta
 rescaled prediction layers so that scores and mask probabilities are spread out (GluonCV's
 default init gives near-tied class scores of ~1/81 and mask probabilities near 0.5, which would
 compare nothing). Nothing is downloaded. GluonCV's FPN pooling is patched (its -1 batch index
-corrupts ROIAlign on CPU, DESIGN.md section 6) with the imperative-only "gathered" workaround of
-mxmask.convert.gluoncv_reference: each level's rois pooled once, the GluonCV net not hybridized.
+corrupts ROIAlign on CPU: DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU") with the
+imperative-only "gathered" workaround of mxmask.convert.gluoncv_reference: each level's rois
+pooled once, the GluonCV net not hybridized.
 """
 import json
 import os
@@ -70,7 +71,8 @@ def converted(tmp_path_factory):
     g._rpn_test_post_nms = g.rpn._test_post_nms = g._rcnn_max_dets = 10
     g(mx.nd.zeros((1, 3, 64, 64)))
     g._rpn_test_post_nms = g.rpn._test_post_nms = 1000
-    g._rcnn_max_dets = 100       # get_model(..., rcnn_max_dets=...) raises (DESIGN.md section 6)
+    # get_model(..., rcnn_max_dets=...) raises (DEVELOPING.md, "Outside references")
+    g._rcnn_max_dets = 100
     _randomise(g, np.random.RandomState(0))
     src = str(tmp / "gluoncv_mask_rcnn.params")
     g.save_parameters(src)
