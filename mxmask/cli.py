@@ -2,7 +2,8 @@
 
 Each verb parses its arguments here and calls one function in the package. A
 :class:`~mxmask.utils.UserError` or :class:`~mxmask.config.ConfigError` becomes one line on
-stderr and exit code 2, never a traceback.
+stderr and exit code 2, never a traceback; so does an OSError (a file that cannot be read or
+written). Each verb checks its output paths before it builds a model or runs anything.
 """
 import argparse
 import os
@@ -10,7 +11,7 @@ import sys
 
 from .config import ConfigError
 from .graph import DTYPES
-from .utils import UserError
+from .utils import UserError, check_output_dir, check_output_file, check_output_prefix
 
 
 # --------------------------------------------------------------------------------------------
@@ -18,6 +19,7 @@ from .utils import UserError
 # --------------------------------------------------------------------------------------------
 def _cmd_data_shapes(args):
     from .data.shapes import generate_shapes
+    check_output_dir(args.out, "data shapes OUT")
     summary = generate_shapes(args.out, num_train=args.train, num_val=args.val,
                               size=args.size, seed=args.seed)
     print("wrote the shapes dataset to %s" % args.out)
@@ -104,6 +106,7 @@ def _cmd_eval(args):
             sigmas = list(load_checkpoint_config(args.ckpt, args.set).test.keypoint_oks_sigmas) \
                 or None
         out_dir = args.out_dir or args.ckpt or os.path.dirname(os.path.abspath(args.results))
+        check_output_dir(out_dir, "--out-dir")
         metrics = evaluate_results(args.results, args.ann, kpt_oks_sigmas=sigmas,
                                    out_dir=out_dir, plots=args.plots)
         _print_metrics(metrics)
@@ -123,6 +126,8 @@ def _cmd_eval(args):
     ctxs = parse_ctx(args.ctx)
     if not os.path.isdir(args.ckpt):
         raise UserError("%s: checkpoint folder not found" % args.ckpt)
+    out_dir = check_output_dir(args.out_dir or args.ckpt, "--out-dir")
+    results = check_output_file(args.out or os.path.join(out_dir, "results.json"), "--out")
     predictor = Predictor(args.ckpt, ctx=ctxs, fuse=args.fuse, dtype=args.dtype,
                           overrides=args.set)
     cfg = predictor.cfg
@@ -137,8 +142,6 @@ def _cmd_eval(args):
                    "--seed %d)" % (s.root, s.train, s.val, s.size, s.seed)
         raise UserError("%s: the checkpoint's validation json (data.val_ann) does not exist%s; "
                         "or pass --ann GT.json --images DIR" % (ann, hint))
-    out_dir = args.out_dir or args.ckpt
-    results = args.out or os.path.join(out_dir, "results.json")
     metrics = evaluate_on_dataset(predictor, ann, images, out_dir=out_dir, results_path=results,
                                   plots=args.plots, shard=shard,
                                   gather_timeout=args.gather_timeout,
@@ -183,6 +186,10 @@ def _add_eval(sub):
 
 def _cmd_predict(args):
     from .predictor import Predictor
+    check_output_file(args.out, "--out")
+    for path, option in ((args.vis, "--vis"), (args.cutout, "--cutout")):
+        if path:
+            check_output_dir(path, option)
     predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh,
                           fuse=args.fuse, dtype=args.dtype, overrides=args.set)
     vis_thresh = args.score_thresh if args.score_thresh is not None else 0.5
@@ -238,6 +245,7 @@ def _cmd_train(args):
     cfg = get_config(args.config, args.set)
     if args.out:
         cfg.output_dir = args.out
+    check_output_dir(cfg.output_dir, "--out" if args.out else "output_dir")
     ctxs = parse_ctx(args.ctx)
     out_dir, metrics = run_training(cfg, ctxs, kvstore=args.kvstore, resume=args.resume)
     if metrics is not None:
@@ -271,6 +279,9 @@ def _add_train(sub):
 # --------------------------------------------------------------------------------------------
 def _cmd_bench(args):
     from .bench import run_bench
+    for path, option in ((args.json, "--json"), (args.chart, "--chart")):
+        if path:
+            check_output_file(path, option)
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
               runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
               json_path=args.json, fuse=args.fuse, dtype=args.dtype, against=args.against,
@@ -321,6 +332,7 @@ def _add_bench(sub):
 # --------------------------------------------------------------------------------------------
 def _cmd_convert_gluoncv(args):
     from .convert.gluoncv import convert_gluoncv
+    check_output_dir(args.out, "--out")
     info = convert_gluoncv(args.src, args.out)
     print("converted %d GluonCV arrays from %s" % (info["copied"], args.src))
     print("checkpoint: %s (preset gluoncv_mask_rcnn_r50_fpn)" % os.path.abspath(args.out))
@@ -329,6 +341,7 @@ def _cmd_convert_gluoncv(args):
 
 def _cmd_convert_torchvision(args):
     from .convert.torchvision import convert_torchvision
+    check_output_dir(args.out, "--out")
     info = convert_torchvision(args.src, args.out, arch=args.arch)
     where = " (the state dict under %r)" % info["wrapper"] if info["wrapper"] else ""
     print("converted %d torchvision %s arrays from %s%s"
@@ -364,6 +377,8 @@ def _add_convert(sub):
 def _cmd_export(args):
     from .engine.checkpoint import load_checkpoint_config
     from .export import export_checkpoint, export_input_size
+    check_output_prefix(args.out, ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json"),
+                        "--out")
     size = export_input_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
     result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
                                check=not args.no_check, overrides=args.set)
@@ -444,8 +459,9 @@ def main(argv=None):
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        the exit code: the verb's (0 when it returns None); 2 after a UserError or ConfigError,
-        printed as one line on stderr; 130 on Ctrl-C. No verb prints the help and returns 0.
+        the exit code: the verb's (0 when it returns None); 2 after a UserError, ConfigError or
+        OSError, printed as one line on stderr; 130 on Ctrl-C. No verb prints the help and
+        returns 0.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -456,6 +472,10 @@ def main(argv=None):
         return args.func(args) or 0
     except (UserError, ConfigError) as e:
         print("mxmask: error: %s" % e, file=sys.stderr)
+        return 2
+    except OSError as e:                  # a write that fails late (full disk, lost mount, ...)
+        where = "%s: " % e.filename if e.filename else ""
+        print("mxmask: error: %s%s" % (where, e.strerror or e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mxmask: interrupted", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Files that must survive a crash are written with ``atomic_write_*`` (a temp file in the same
 folder, fsynced, then ``os.replace``); errors caused by the user's input raise
-:class:`UserError`, which the CLI prints as one line with exit code 2.
+:class:`UserError`, which the CLI prints as one line with exit code 2. The verbs check their
+output paths with ``check_output_file``, ``check_output_dir`` and ``check_output_prefix`` before
+any work starts.
 """
 import json
 import os
@@ -21,6 +23,95 @@ class UserError(Exception):
 
     The CLI prints ``str(err)`` as one line and exits with code 2; no traceback is shown.
     """
+
+
+def _make_folder(folder, path, option, expected):
+    """Create ``folder`` (and its missing parents), or raise a one-line UserError naming
+    ``path``, the value the user gave to ``option``, which ``expected`` describes."""
+    existing = folder
+    while not os.path.exists(existing):           # the nearest existing ancestor
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        raise UserError("%s: %s expects %s, but %s is a file" % (path, option, expected, existing))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError("%s: %s expects %s, but %s cannot be created: %s"
+                        % (path, option, expected, folder, err.strerror or err)) from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError("%s: %s expects %s, but %s is read-only (permission denied)"
+                        % (path, option, expected, folder))
+
+
+def check_output_dir(path, option):
+    """Check, before any work starts, that ``path`` can be the output folder of ``option``.
+
+    Creates the folder (and its missing parents) when it is missing.
+
+    Args:
+        path (str): the folder.
+        option (str): the option or argument that gave it, for the message (e.g. ``--out``).
+
+    Returns:
+        str: ``path``.
+
+    Raises:
+        UserError: one line naming ``path`` when it is a file, lies under a file, cannot be
+        created or is not writable.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError("%s: %s expects a folder, but this is a file" % (path, option))
+    _make_folder(os.path.abspath(path), path, option, "a writable folder")
+    return path
+
+
+def check_output_file(path, option):
+    """Check, before any work starts, that ``path`` can be the output file of ``option``.
+
+    Creates the file's missing parent folders; does not create the file.
+
+    Args:
+        path (str): the file.
+        option (str): the option or argument that gave it, for the message (e.g. ``--json``).
+
+    Returns:
+        str: ``path``.
+
+    Raises:
+        UserError: one line naming ``path`` when it is a folder, its folder lies under a file,
+        cannot be created or is not writable.
+    """
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UserError("%s: %s expects a file, but this is a folder" % (path, option))
+    # the files are written through a temp file and os.replace, so the folder's permissions
+    # decide, not those of an existing file
+    _make_folder(os.path.dirname(os.path.abspath(path)), path, option,
+                 "a file in a writable folder")
+    return path
+
+
+def check_output_prefix(prefix, suffixes, option):
+    """Check, before any work starts, that the files ``prefix + suffix`` can be written.
+
+    Args:
+        prefix (str): a file prefix such as ``export/model``.
+        suffixes: the suffixes of the files written, e.g. ``("-symbol.json", ...)``.
+        option (str): the option that gave the prefix, for the message.
+
+    Returns:
+        list of str: the files.
+
+    Raises:
+        UserError: one line naming the prefix when it is a folder, or naming the file as in
+        :func:`check_output_file`.
+    """
+    if not os.path.basename(prefix) or os.path.isdir(prefix):
+        raise UserError("%s: %s expects a file prefix such as export/model (the files are "
+                        "PREFIX%s, ...), not a folder" % (prefix, option, suffixes[0]))
+    return [check_output_file(prefix + suffix, option) for suffix in suffixes]
 
 
 def _atomic_write(path, write_fn, mode):
