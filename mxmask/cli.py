@@ -56,11 +56,15 @@ def _add_data(sub):
 def parse_ctx(text):
     """The contexts of ``--ctx``.
 
+    The rule: ``cpu`` and ``cpu:0`` are one CPU context, ``cpu:N`` with N >= 1 is N CPU
+    contexts (each batch split N ways, as over N GPUs); ``gpu:I,J`` are those GPUs (``gpu``:
+    GPU 0), each of which must exist on this machine.
+
     Args:
-        text: ``cpu``, ``cpu:N`` (N CPU contexts) or ``gpu:I,J`` (those GPUs; ``gpu``: GPU 0).
+        text: ``cpu``, ``cpu:N`` or ``gpu:I,J``.
 
     Returns:
-        list of ``mx.Context``.
+        list of ``mx.Context``, never empty.
 
     Raises:
         UserError: naming ``--ctx`` when the text is malformed or a GPU does not exist.
@@ -70,18 +74,25 @@ def parse_ctx(text):
     kind = kind.lower()
     try:
         if kind == "cpu":
-            return [mx.cpu(i) for i in range(int(rest) if rest else 1)]
-        if kind == "gpu":
-            ids = [int(x) for x in rest.split(",")] if rest else [0]
-            num = mx.context.num_gpus()
-            missing = [i for i in ids if i >= num]
-            if missing:
-                raise UserError("--ctx %s: this machine has %d GPU(s); gpu %s does not exist"
-                                % (text, num, ",".join(map(str, missing))))
-            return [mx.gpu(i) for i in ids]
+            num = int(rest) if rest.strip() else 1
+            if num >= 0:
+                return [mx.cpu(i) for i in range(max(num, 1))]
+        elif kind == "gpu":
+            ids = [int(x) for x in rest.split(",")] if rest.strip() else [0]
+            if min(ids) >= 0 and len(set(ids)) == len(ids):
+                try:
+                    num = mx.context.num_gpus()
+                except mx.base.MXNetError:   # a CUDA build without a driver
+                    num = 0
+                missing = [i for i in ids if i >= num]
+                if missing:
+                    raise UserError("--ctx %s: this machine has %d GPU(s); gpu %s does not exist"
+                                    % (text, num, ",".join(map(str, missing))))
+                return [mx.gpu(i) for i in ids]
     except ValueError:
         pass
-    raise UserError("--ctx %s: expected cpu, cpu:N (N CPU contexts) or gpu:I,J (GPU ids)" % text)
+    raise UserError("--ctx %s: expected cpu, cpu:N (N >= 0; cpu and cpu:0 are one CPU context, "
+                    "N >= 1 N contexts) or gpu:I,J (distinct GPU ids >= 0)" % text)
 
 
 # --------------------------------------------------------------------------------------------

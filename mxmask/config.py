@@ -329,6 +329,30 @@ CHOICES = {
 }
 
 
+# The allowed range of a numeric key: (low, low included, high, high included); None: unbounded.
+# NaN is in no range. Checked with CHOICES, for YAML files, presets and --set alike.
+_PROBABILITY = (0.0, True, 1.0, True)
+RANGES = {
+    "solver.max_iter": (0, False, None, False),
+    "solver.ims_per_batch": (0, False, None, False),
+    "data.num_workers": (0, True, None, False),
+    "input.flip_prob": _PROBABILITY,
+    "input.copy_paste_prob": _PROBABILITY,
+    "model.rpn.nms_thresh": _PROBABILITY,
+    "model.rpn.positive_fraction": _PROBABILITY,
+    "model.rpn.fg_iou_thresh": _PROBABILITY,
+    "model.rpn.bg_iou_thresh": _PROBABILITY,
+    "model.rpn.crowd_ioa": (0.0, True, None, False),   # >= 1 turns the crowd test off
+    "model.box_head.positive_fraction": _PROBABILITY,
+    "model.box_head.fg_iou_thresh": _PROBABILITY,
+    "test.score_thresh": _PROBABILITY,
+    "test.nms_thresh": _PROBABILITY,
+    "test.mask_thresh": _PROBABILITY,
+    # 1 would keep no pixel, so no box: the tight box needs a probability below 1
+    "test.mask_box_thresh": (0.0, True, 1.0, False),
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Conversion between dicts and the tree, with type checks
 # --------------------------------------------------------------------------------------------
@@ -385,6 +409,8 @@ def _coerce(value, tp, key, where):
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value and key not in RANGES:  # NaN: no setting means anything with it
+                raise ConfigError("%s%s: expected a number, got nan" % (where, key))
             return float(value)
         raise ConfigError("%s%s: expected a number, got %r" % (where, key, value))
     if tp is str:
@@ -403,11 +429,57 @@ def _field_types(node):
     return typing.get_type_hints(type(node))
 
 
+def _range_text(bounds):
+    """``(low, low included, high, high included)`` as ``> 0``, ``>= 0``, ``in [0, 1)``."""
+    low, low_in, high, high_in = bounds
+    if high is None:
+        return "%s %g" % (">=" if low_in else ">", low)
+    return "in %s%g, %g%s" % ("[" if low_in else "(", low, high, "]" if high_in else ")")
+
+
+def _in_range(value, bounds):
+    """Whether the number ``value`` lies in ``bounds`` (NaN never does)."""
+    low, low_in, high, high_in = bounds
+    if value != value:  # NaN
+        return False
+    if low is not None and (value < low or (value == low and not low_in)):
+        return False
+    if high is not None and (value > high or (value == high and not high_in)):
+        return False
+    return True
+
+
 def _check_choice(key, value, where):
-    """Raise ConfigError when ``key`` has :data:`CHOICES` and ``value`` is not one of them."""
+    """Raise ConfigError when ``key`` has :data:`CHOICES` and ``value`` is not one of them, or
+    has :data:`RANGES` and ``value`` lies outside its range."""
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError("%s%s: expected one of %s, got %r"
                           % (where, key, ", ".join(repr(c) for c in CHOICES[key]), value))
+    if key in RANGES and not _in_range(value, RANGES[key]):
+        raise ConfigError("%s%s: expected a value %s, got %r"
+                          % (where, key, _range_text(RANGES[key]), value))
+
+
+def check_config(cfg, where=""):
+    """Check the settings that depend on each other, once every file and override is applied.
+
+    Args:
+        cfg: the :class:`Config`.
+        where: the message prefix naming the source (``"file.yaml: "``).
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        ConfigError: one line naming the keys that conflict.
+    """
+    if cfg.model.box_head.aligned and not cfg.model.clip_boxes:
+        # the aligned multi-level pooler (modeling/poolers.py, MultiLevelRoIAlign) pools the
+        # detections of the mask and keypoint heads exactly only when they lie inside the image
+        raise ConfigError("%smodel.box_head.aligned: true needs model.clip_boxes: true (the "
+                          "aligned pooler is exact only for boxes inside the image); set "
+                          "model.clip_boxes=true or model.box_head.aligned=false" % where)
+    return cfg
 
 
 def merge_dict(cfg, d, root=None, prefix="", where=""):
@@ -424,8 +496,8 @@ def merge_dict(cfg, d, root=None, prefix="", where=""):
         ``cfg``.
 
     Raises:
-        ConfigError: an unknown key (with the nearest valid keys), a value of the wrong type
-        or not one of :data:`CHOICES`.
+        ConfigError: an unknown key (with the nearest valid keys), a value of the wrong type,
+        not one of :data:`CHOICES` or outside :data:`RANGES`.
     """
     root = cfg if root is None else root
     if not isinstance(d, dict):
@@ -527,7 +599,15 @@ def _read_yaml(path):
         raise ConfigError("%s: config file not found" % path)
     except yaml.YAMLError as e:
         raise ConfigError("%s: not valid YAML (%s)" % (path, str(e).splitlines()[0]))
-    return data or {}
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: not a YAML config file (%s)" % (path, type(e).__name__))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        got = "a list" if isinstance(data, list) else "the single value %.40r" % (data,)
+        raise ConfigError("%s: expected a mapping of config keys at the top level, got %s"
+                          % (path, got))
+    return data
 
 
 def _load_into(cfg, path, depth=0):
@@ -536,6 +616,9 @@ def _load_into(cfg, path, depth=0):
         raise ConfigError("%s: _base_ chain is too deep (a cycle?)" % path)
     data = _read_yaml(path)
     base = data.pop("_base_", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError("%s: _base_: expected a preset name or a YAML path, got %r"
+                          % (path, base))
     if base:
         _load_into(cfg, _resolve_name(base, os.path.dirname(path)), depth + 1)
     return merge_dict(cfg, data, where="%s: " % path)
@@ -570,13 +653,14 @@ def get_config(name_or_path="shapes", overrides=()):
 
     Raises:
         ConfigError: an unknown preset (with the nearest names), a missing or invalid file, a
-        bad key or value.
+        bad key or value (:data:`CHOICES`, :data:`RANGES`), settings that conflict
+        (:func:`check_config`).
     """
     cfg = Config()
     _load_into(cfg, _resolve_name(name_or_path))
     for assignment in overrides or ():
         set_value(cfg, assignment)
-    return cfg
+    return check_config(cfg)
 
 
 def load_yaml(path):
@@ -589,9 +673,9 @@ def load_yaml(path):
         the :class:`Config`.
 
     Raises:
-        ConfigError: a missing or invalid file, a bad key or value.
+        ConfigError: a missing or invalid file, a bad key or value, settings that conflict.
     """
-    return _load_into(Config(), path)
+    return check_config(_load_into(Config(), path), "%s: " % path)
 
 
 def dump_yaml(cfg, path=None):

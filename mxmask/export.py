@@ -19,6 +19,7 @@ It loads with ``mx.gluon.SymbolBlock.imports`` (:func:`import_exported`) and giv
 model's outputs; before the files appear, :func:`export_checkpoint` checks that it does.
 docs/export.md is the user's page.
 """
+import contextlib
 import os
 import shutil
 import tempfile
@@ -233,6 +234,19 @@ def compare_outputs(ref, got, names, iou=0.9):
     return report
 
 
+@contextlib.contextmanager
+def _write_errors(prefix):
+    """MXNet's file writes fail with an MXNetError whose text holds a C++ traceback; turn it
+    into a one-line UserError naming ``prefix`` and the reason (the message's last part)."""
+    import mxnet as mx
+    try:
+        yield
+    except mx.base.MXNetError as err:
+        lines = str(err).strip().splitlines() or [""]
+        reason = lines[-1].rsplit(": ", 1)[-1].strip() or type(err).__name__
+        raise UserError("%s: the export could not be written: %s" % (prefix, reason)) from None
+
+
 def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", check=True,
                       overrides=()):
     """Export checkpoint ``ckpt`` to ``PREFIX-{symbol.json,0000.params,config.yaml,meta.json}``.
@@ -281,10 +295,12 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
     try:
         if not fuse and dtype == "float32":
             atomic_write_text(tmp + "-symbol.json", graph_json_text(sym))
-            mx.nd.save(tmp + "-0000.params", param_dict(sym, params))
+            with _write_errors(prefix):
+                mx.nd.save(tmp + "-0000.params", param_dict(sym, params))
         else:
             block, pinned = optimized_block(sym, params, data, im_info, fuse, dtype)
-            block.export(tmp, remove_amp_cast=False)
+            with _write_errors(prefix):
+                block.export(tmp, remove_amp_cast=False)
         dump_yaml(cfg, tmp + "-config.yaml")
         atomic_write_json(tmp + "-meta.json", export_meta(cfg, net.output_names, dtype, fuse,
                                                           size), indent=1)

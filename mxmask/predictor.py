@@ -136,11 +136,13 @@ class Predictor:
             (:func:`mxmask.engine.checkpoint.load_checkpoint_config`).
 
     Raises:
-        UserError: a bad config or parameter file.
+        UserError: a bad config or parameter file, a ``score_thresh`` outside [0, 1].
     """
 
     def __init__(self, ckpt, ctx=None, score_thresh=None, params=None, cfg=None, net=None,
                  fuse=False, dtype="float32", overrides=()):
+        if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:  # NaN included
+            raise UserError("--score-thresh: expected a value in [0, 1], got %r" % score_thresh)
         self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt, overrides)
         self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
         if net is None:

@@ -179,3 +179,23 @@ def test_in_a_real_process_no_traceback(tmp_path):
     assert out.stderr.strip().splitlines() == [
         "mxmask: error: %s: --json expects a file, but this is a folder" % tmp_path]
     assert out.stdout == ""
+
+
+def test_a_failing_mxnet_write_in_export_is_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    """MXNet reports a failed file write as an MXNetError holding a C++ traceback; export turns
+    it into one line naming the prefix and the reason."""
+    import mxnet as mx
+
+    def disk_full(path, *args, **kwargs):
+        raise mx.base.MXNetError('Traceback (most recent call last):\n  File "local_filesys.cc", '
+                                 'line 209\nLocalFileSystem: Check failed: allow_null: :Open "%s":'
+                                 ' No space left on device' % path)
+    monkeypatch.setattr(mx.nd, "save", disk_full)
+    prefix = str(tmp_path / "exp" / "model")
+    assert main(["export", ckpt, "--out", prefix, "--no-check"]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert lines == ["mxmask: error: %s: the export could not be written: No space left on device"
+                     % prefix]
+    assert not os.listdir(tmp_path / "exp")              # the staging folder is gone

@@ -277,6 +277,17 @@ def _on_ann(ann_id, change):
 
 BAD_JSON_CASES = {
     # name: (change to the base json, pieces the single problem line must contain)
+    # ids beyond int64 (the loader's image_id, pycocotools' np.unique) are problems of the json
+    "image id beyond int64": (_on_image(3, _set("id", 2 ** 63)),
+                              ["images[2]", "id must fit in int64", str(2 ** 63)]),
+    "category id beyond int64": (lambda d: d["categories"].append({"id": 2 ** 64, "name": "x"}),
+                                 ["categories[3]", "id must fit in int64"]),
+    "annotation id beyond int64": (_on_ann(13, _set("id", -2 ** 63 - 1)),
+                                   ["annotations[3]", "id must fit in int64"]),
+    "annotation image_id beyond int64": (_on_ann(13, _set("image_id", 2 ** 70)),
+                                         ["annotation 13", "image_id must fit in int64"]),
+    "annotation category_id beyond int64": (_on_ann(13, _set("category_id", 2 ** 63)),
+                                            ["annotation 13", "category_id must fit in int64"]),
     "missing images": (lambda d: d.pop("images"), ["missing top-level key 'images'"]),
     "missing annotations": (lambda d: d.pop("annotations"), ["'annotations'"]),
     "missing categories": (lambda d: d.pop("categories"), ["'categories'"]),
@@ -641,3 +652,24 @@ def test_the_synthetic_shapes_dataset_is_valid(shapes_dataset):
     records, info, _ = load_coco(ann_file, image_dir, for_training=False)
     assert info.num_keypoints > 0 and info.keypoint_flip_map != list(range(info.num_keypoints))
     assert all(r["keypoints"].shape[1:] == (info.num_keypoints, 3) for r in records)
+
+
+@pytest.mark.parametrize("where, key", [("images", "id"), ("annotations", "image_id"),
+                                        ("annotations", "category_id"), ("categories", "id")])
+def test_eval_names_an_id_beyond_int64_in_the_annotation_file(tmp_path, capsys, where, key):
+    """``eval --results R --ann GT`` reads GT with pycocotools: a too large id is one line
+    naming the file, the entry and the field, not an OverflowError inside COCOeval."""
+    from mxmask.cli import main
+    data = _base_json()
+    data[where][0][key] = 2 ** 63
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(data))
+    results = tmp_path / "r.json"
+    results.write_text("[]")
+    assert main(["eval", "--results", str(results), "--ann", str(gt)]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert str(gt) in lines[0] and "%s[0]" % where in lines[0] and key in lines[0]
+    assert "int64" in lines[0]

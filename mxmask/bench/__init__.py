@@ -74,7 +74,10 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     if against not in (None,) + PEERS:
         raise UserError("--against %s: expected one of %s" % (against, ", ".join(PEERS)))
     if runs < 1 or warmup < 0:
-        raise UserError("--runs must be at least 1 and --warmup at least 0")
+        raise UserError("--runs must be at least 1 and --warmup at least 0, got --runs %d "
+                        "--warmup %d" % (runs, warmup))
+    if batch < 1:
+        raise UserError("--batch must be at least 1, got %d" % batch)
     if against == "gluoncv" and batch != 1:
         raise UserError("--against gluoncv: GluonCV's Mask R-CNN infers one image at a time; "
                         "use --batch 1")

@@ -129,6 +129,26 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# ids are int64 from the loader on (the batches' image_id) and in pycocotools' evaluation
+# (np.unique of the image ids); a larger json integer would first fail there, as an OverflowError
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+def id_range_problem(field_name, value):
+    """The problem text of an integer id that does not fit in int64, else None.
+
+    Args:
+        field_name: the field, for the text (``id``, ``image_id``, ``category_id``).
+        value: the id, an int.
+
+    Returns:
+        ``"id must fit in int64 (-2^63 to 2^63-1), got ..."`` or None.
+    """
+    if INT64_MIN <= value <= INT64_MAX:
+        return None
+    return "%s must fit in int64 (-2^63 to 2^63-1), got %s" % (field_name, _short(value))
+
+
 def _is_number(v):
     """A finite int or float (not a bool)."""
     return _all_finite_numbers((v,))
@@ -283,6 +303,11 @@ def valid_categories(categories, where, report):
             report.add_problem("%s: categories[%d]: id must be an integer, got %s"
                                % (where, i, _short(cat["id"])))
             continue
+        if id_range_problem("id", cat["id"]):
+            report.add_problem("%s: categories[%d]: %s"
+                               % (where, i, id_range_problem("id", cat["id"])))
+            bad_ids.add(cat["id"])            # its annotations are skipped, not reported again
+            continue
         if cat["id"] in valid:
             report.add_problem("%s: categories[%d]: duplicate category id %d"
                                % (where, i, cat["id"]))
@@ -393,6 +418,11 @@ def valid_images(images, where, report):
         if not _is_int(img["id"]):
             report.add_problem("%s: images[%d]: id must be an integer, got %s"
                                % (where, i, _short(img["id"])))
+            continue
+        if id_range_problem("id", img["id"]):
+            report.add_problem("%s: images[%d]: %s"
+                               % (where, i, id_range_problem("id", img["id"])))
+            bad_ids.add(img["id"])            # its annotations are skipped, not reported again
             continue
         if img["id"] in first_index:
             report.add_problem("%s: image %d: duplicate image id (images[%d] and images[%d])"
@@ -596,6 +626,10 @@ def valid_annotations(annotations, images, bad_image_ids, categories, bad_catego
             report.add_problem("%s: annotations[%d]: id must be an integer, got %s"
                                % (where, i, _short(ann["id"])))
             continue
+        if id_range_problem("id", ann["id"]):
+            report.add_problem("%s: annotations[%d]: %s"
+                               % (where, i, id_range_problem("id", ann["id"])))
+            continue
         if ann["id"] in seen:
             report.add_problem("%s: annotation %d: duplicate annotation id (annotations[%d] and "
                                "annotations[%d])" % (where, ann["id"], seen[ann["id"]], i))
@@ -606,6 +640,12 @@ def valid_annotations(annotations, images, bad_image_ids, categories, bad_catego
                 or (_is_int(cat_id) and cat_id in bad_category_ids)):
             continue
         located = True
+        for key in ("image_id", "category_id"):
+            if _is_int(ann[key]) and id_range_problem(key, ann[key]):
+                report.add_problem("%s: %s: %s" % (where, name, id_range_problem(key, ann[key])))
+                located = False
+        if not located:
+            continue
         if not (_is_int(image_id) and image_id in images):
             report.add_problem("%s: %s: image_id %s is not in images"
                                % (where, name, _short(image_id)))

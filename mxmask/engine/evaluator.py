@@ -60,7 +60,8 @@ def load_gt(gt_ann):
         COCO: indexed, with ``mxmask_source`` holding the file name for messages.
 
     Raises:
-        UserError: when the file is missing, unreadable or not COCO.
+        UserError: when the file is missing, unreadable or not COCO, or an id does not fit in
+        int64.
     """
     from pycocotools.coco import COCO
     data = _read_json(gt_ann, "annotation file")
@@ -69,6 +70,15 @@ def load_gt(gt_ann):
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise UserError("%s: not a COCO annotation file (no '%s' list)" % (gt_ann, key))
+    from ..data.validation import id_range_problem
+    for key, fields in (("images", ("id",)), ("categories", ("id",)),
+                        ("annotations", ("id", "image_id", "category_id"))):
+        for i, entry in enumerate(data[key]):
+            for name in fields:
+                value = entry.get(name) if isinstance(entry, dict) else None
+                if isinstance(value, int) and id_range_problem(name, value):
+                    raise UserError("%s: %s[%d]: %s" % (gt_ann, key, i,
+                                                        id_range_problem(name, value)))
     kpt_count = {c.get("id"): len(c.get("keypoints") or []) for c in data["categories"]
                  if isinstance(c, dict)}
     for ann in data["annotations"]:
