@@ -157,3 +157,9 @@ def test_train_on_cpu_0_trains_and_evaluates(tmp_path, capsys, shapes_dataset):
     assert main(argv) == 0
     assert os.path.exists(tmp_path / "run" / "metrics.json")
     assert "Traceback" not in "".join(capsys.readouterr())
+
+
+def test_bench_of_a_checkpoint_checks_the_overridden_config(capsys, ckpt):
+    _one_line_exit_2(capsys, ["bench", "--ckpt", ckpt, "--size", "64x64", "--set",
+                              "model.clip_boxes=false"],
+                     "model.clip_boxes", "model.box_head.aligned")

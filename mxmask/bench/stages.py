@@ -22,7 +22,7 @@ import warnings
 import mxnet as mx
 import numpy as np
 
-from ..config import get_config
+from ..config import check_config, get_config
 from ..engine.checkpoint import checkpoint_files, load_checkpoint_config
 from ..graph import parse_hw
 from ..modeling.poolers import shared_level_canvas
@@ -142,6 +142,7 @@ def build_bench_model(preset=None, ckpt=None, overrides=(), ctx=None, kernels="a
         for o in overrides:
             from ..config import set_value
             set_value(cfg, o)
+        check_config(cfg)           # settings that conflict once the overrides are applied
         net = build_model(cfg, ctx=ctx)
         net.load_parameters(checkpoint_files(ckpt)[0], ctx=ctx)
     else:
