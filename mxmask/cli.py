@@ -281,7 +281,10 @@ def _add_train(sub):
                    "trains over processes or machines: start it with scripts/train_dist.sh")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its saved "
-                   "config.yaml (--config and --set are not used then)")
+                   "config.yaml (--config and --set are not used then); a damaged last "
+                   "checkpoint falls back to the newest intact iter_* one; a folder without a "
+                   "checkpoint is an error (exit 2). One run at a time writes to a folder "
+                   "(lock file --out/.mxmask-train.lock)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import unused_labels
 from .data.transforms import TestTransform, batchify_test, padded_size
-from .engine.checkpoint import checkpoint_files, load_checkpoint_config
+from .engine.checkpoint import checkpoint_files, load_checkpoint_config, load_params
 from .modeling.rcnn import build_model
 from .postprocess import detections_to_coco
 from .utils import UserError
@@ -68,14 +68,11 @@ def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
         the ``MaskRCNN``.
 
     Raises:
-        UserError: the file does not match the network of the config.
+        UserError: the file is damaged (truncated or corrupt), or does not match the network
+        of the config (:func:`mxmask.engine.checkpoint.load_params`).
     """
     net = build_model(cfg, ctx=ctxs)
-    try:
-        net.load_parameters(params, ctx=ctxs)
-    except (AssertionError, mx.base.MXNetError) as e:
-        raise UserError("%s: does not match the network of its config (%s)"
-                        % (params, str(e).splitlines()[0][:300]))
+    load_params(net, params, ctx=ctxs)
     net.use_kernels(kernels)
     if hybridize:
         net.hybridize(static_alloc=True)

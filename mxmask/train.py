@@ -6,11 +6,15 @@
    validates the training and validation json (:func:`mxmask.data.coco.load_coco`); takes the
    class names, COCO ids and keypoint metadata from the training json into the config.
 2. Output folder: ``cfg.output_dir``. A folder that already holds a checkpoint is refused
-   unless ``resume`` is set; with ``resume`` the saved ``config.yaml`` is used as it is.
+   unless ``resume`` is set; with ``resume`` the saved ``config.yaml`` is used as it is, and a
+   folder without a checkpoint is refused. Worker 0 holds the folder's lock file while it runs
+   (:class:`mxmask.engine.checkpoint.RunLock`), so a second run on it stops at once.
 3. Model: :func:`mxmask.modeling.rcnn.build_model` on the contexts, the pretrained backbone
    from a local file when configured, and :class:`mxmask.modeling.training.RCNNLoss`.
 4. Training: :class:`mxmask.engine.trainer.Trainer` (kvstore, schedule, checkpoints).
 5. Evaluation on the validation set with pycocotools, ``metrics.json``, ``curves.png``.
+
+A failed write (a full disk) stops the run with one line naming the last intact checkpoint.
 
 A ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) is described at
 :func:`run_training`.
@@ -166,8 +170,10 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
         ``(checkpoint folder, metrics)``; metrics is None on workers other than 0.
 
     Raises:
-        UserError: a folder that holds a checkpoint without ``resume``, a dist kvstore outside a
-        distributed job, bad data.
+        UserError: a folder that holds a checkpoint without ``resume``, ``resume`` on a folder
+        without one, a folder another ``mxmask train`` is writing (its lock file,
+        :class:`mxmask.engine.checkpoint.RunLock`), a dist kvstore outside a distributed job,
+        bad data, a write that fails (full disk).
     """
     from .engine.trainer import Watchdog, dist_timeout
 
@@ -179,7 +185,10 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
         raise UserError("%s already holds a checkpoint (iteration %d of %d): pass --resume to "
                         "continue it, or --out DIR for a new run"
                         % (cfg.output_dir, progress["iter"], progress["max_iter"]))
-    if resume and progress is not None:
+    if resume and progress is None:
+        raise UserError("%s: nothing to resume (no checkpoint in it); run without --resume to "
+                        "start a new run there" % cfg.output_dir)
+    if resume:
         saved = ckpt_io.load_checkpoint_config(cfg.output_dir)
         saved.output_dir = cfg.output_dir
         cfg = saved
@@ -199,23 +208,40 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
 def _train(cfg, ctxs, kv_box, resume, out, watchdog):
     """The body of :func:`run_training`. ``kv_box``: a one-element list holding the kvstore,
     emptied before the final evaluation so that a dist kvstore can be finalised."""
+    log = _log_to(out)
+    kv = kv_box[0]
+    rank, num_workers, kv_type = kv.rank, kv.num_workers, kv.type
+    del kv
+    lock = ckpt_io.RunLock(cfg.output_dir, log)
+    if rank == 0:
+        lock.acquire()                         # only worker 0 writes into out_dir
+    try:
+        return _train_locked(cfg, ctxs, kv_box, resume, out, log, watchdog, rank, num_workers,
+                             kv_type)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg, ctxs, kv_box, resume, out, log, watchdog, rank, num_workers, kv_type):
+    """The body of :func:`_train` once worker 0 holds the folder's lock."""
     from .data.loader import build_train_loader
     from .modeling.backbone import load_pretrained_from_config
     from .modeling.rcnn import build_model
     from .modeling.training import RCNNLoss
     from .engine.trainer import Trainer
 
-    log = _log_to(out)
     out_dir = cfg.output_dir
     distributed = watchdog is not None
-    kv = kv_box[0]
-    rank, num_workers, kv_type = kv.rank, kv.num_workers, kv.type
     if rank == 0:
         records, info = prepare_data(cfg, log)   # may generate the shapes set: rank 0 first
-        ckpt_io.save_config(cfg, out_dir)
+        try:
+            ckpt_io.save_config(cfg, out_dir)
+        except ckpt_io.WRITE_ERRORS as e:
+            raise UserError("%s: could not write config.yaml (%s)"
+                            % (out_dir, ckpt_io.error_text(e)))
     if distributed:
         with watchdog.guard("waiting for worker 0 to prepare the data"):
-            kv._barrier()
+            kv_box[0]._barrier()
     if rank != 0:
         records, info = prepare_data(cfg, lambda _: None)
 
@@ -225,8 +251,8 @@ def _train(cfg, ctxs, kv_box, resume, out, watchdog):
         load_pretrained_from_config(net.backbone, cfg, ctx=ctxs)
     loss_net = RCNNLoss(net, cfg)
     loss_net.hybridize(static_alloc=True)
-    trainer = Trainer(cfg, net, loss_net, ctxs, kvstore=kv, out=out, watchdog=watchdog)
-    del kv
+    trainer = Trainer(cfg, net, loss_net, ctxs, kvstore=kv_box[0], out=out,
+                      watchdog=watchdog)
     start_iter = trainer.resume_from(out_dir) if resume else 0
     if start_iter:
         log("resuming %s at iteration %d (with its saved config.yaml)" % (out_dir, start_iter))
@@ -261,9 +287,15 @@ def _train(cfg, ctxs, kv_box, resume, out, watchdog):
     if rank == 0:
         metrics = evaluate(cfg, net, ctxs, out_dir, log)
         history.add_eval(cfg.solver.max_iter, metrics)
-        history.save()
         from .vis import plot_training_curves
-        plot_training_curves(history.data, os.path.join(out_dir, "curves.png"))
+        try:
+            history.save()
+            plot_training_curves(history.data, os.path.join(out_dir, "curves.png"))
+        except ckpt_io.WRITE_ERRORS as e:
+            # the final checkpoint and metrics.json are written by now
+            raise UserError("%s: could not write history.json / curves.png (%s); the checkpoint "
+                            "of iteration %d and metrics.json are intact"
+                            % (out_dir, ckpt_io.error_text(e), cfg.solver.max_iter))
     return out_dir, metrics
 
 

@@ -443,3 +443,158 @@ def test_the_real_model_on_three_contexts_keeps_them_in_sync(shapes_dataset, tmp
         moved = max(moved, float(np.abs(arrays[0] - b).max()))
     assert moved > 1e-4
     assert ck.read_progress(str(tmp_path))["iter"] == 2
+
+
+# Damaged checkpoints, full disks, resume and the run lock, through `mxmask train`
+# --------------------------------------------------------------------------------------------
+RESUME_RUN = ("solver.max_iter=6", "solver.checkpoint_period=2")
+
+
+@pytest.fixture(scope="module")
+def straight_run(shapes_dataset, tmp_path_factory):
+    """The weights of an uninterrupted 6-iteration run of the tiny model."""
+    from mxmask import cli
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, *RESUME_RUN)) == 0
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(out / "model.params")).items()}
+
+
+def assert_same_weights(a, out):
+    b = {k: v.asnumpy() for k, v in mx.nd.load(os.path.join(out, "model.params")).items()}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_from_a_damaged_latest_checkpoint_falls_back_and_repeats_the_straight_run(
+        shapes_dataset, tmp_path, monkeypatch, capsys, straight_run):
+    from mxmask import cli
+    original = T.Trainer.forward_backward
+    calls = []
+
+    def killed_at_5(self, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt         # the run dies after the checkpoint of iteration 4
+        return original(self, batch)
+    monkeypatch.setattr(T.Trainer, "forward_backward", killed_at_5)
+    out = tmp_path / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, *RESUME_RUN)) == 130
+    monkeypatch.setattr(T.Trainer, "forward_backward", original)
+    assert ck.read_progress(str(out))["iter"] == 4
+    assert not os.path.exists(out / ck.LOCK)            # released on the way out
+    params = out / "iter_0000004" / "model.params"
+    params.write_bytes(params.read_bytes()[:1000])      # a copy cut short, say
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert ("%s: the checkpoint of iteration 4 is damaged (iter_0000004/model.params: damaged "
+            "checkpoint file, truncated or corrupt (" % out) in text
+    assert "); resuming from %s, the newest intact checkpoint\n" % (out / "iter_0000002") in text
+    assert "resuming %s at iteration 2" % out in text and "iter 3/6" in text
+    assert ck.read_progress(str(out))["iter"] == 6
+    assert_same_weights(straight_run, str(out))
+
+
+def test_an_mxnet_write_failure_stops_in_one_line_and_resume_repeats_the_straight_run(
+        shapes_dataset, tmp_path, monkeypatch, capsys, straight_run):
+    from mxmask import cli
+    original = gluon.Block.save_parameters
+    saves = []
+
+    def save_parameters(self, fname, *a, **kw):
+        saves.append(fname)
+        if len(saves) == 2:
+            original(self, fname, *a, **kw)
+            raise mx.base.MXNetError("Traceback (most recent call last):\n  File \"../3rdparty/"
+                                     "dmlc-core/src/io/local_filesys.cc\", line 38\nMXNetError: "
+                                     "Check failed: std: :fwrite(ptr, 1, size, fp_) == size: "
+                                     "FileStream.Write incomplete")
+        return original(self, fname, *a, **kw)
+    monkeypatch.setattr(gluon.Block, "save_parameters", save_parameters)
+    out = tmp_path / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, *RESUME_RUN)) == 2
+    err = capsys.readouterr().err
+    assert err == ("mxmask: error: iter 4: could not write the checkpoint to %s (Check failed: "
+                   "std: :fwrite(ptr, 1, size, fp_) == size: FileStream.Write incomplete); the "
+                   "checkpoint of iteration 2 is intact (iter_0000002; train --resume continues "
+                   "from it once there is space)\n" % out)
+    assert not os.path.exists(out / ck.LOCK)
+    monkeypatch.setattr(gluon.Block, "save_parameters", original)
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 0
+    assert_same_weights(straight_run, str(out))
+
+
+def test_a_full_disk_at_history_json_stops_in_one_line(shapes_dataset, tmp_path, monkeypatch,
+                                                       capsys):
+    from mxmask import cli
+    original = T.atomic_write_json
+    calls = []
+
+    def write(path, obj, indent=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, obj, indent=indent)
+    monkeypatch.setattr(T, "atomic_write_json", write)
+    out = tmp_path / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, "solver.max_iter=4",
+                                          "solver.checkpoint_period=2")) == 2
+    err = capsys.readouterr().err
+    assert err == ("mxmask: error: iter 4: could not write %s ([Errno 28] No space left on "
+                   "device); the checkpoint of iteration 2 is intact (iter_0000002; train "
+                   "--resume continues from it once there is space)\n" % (out / "history.json"))
+
+
+def test_a_full_disk_at_curves_png_stops_in_one_line(shapes_dataset, tmp_path, monkeypatch,
+                                                     capsys):
+    from mxmask import cli, vis
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(vis, "atomic_write_bytes", full)
+    out = tmp_path / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, "solver.max_iter=1")) == 2
+    err = capsys.readouterr().err
+    assert err == ("mxmask: error: %s: could not write history.json / curves.png ([Errno 28] No "
+                   "space left on device); the checkpoint of iteration 1 and metrics.json are "
+                   "intact\n" % out)
+    assert ck.read_progress(str(out))["iter"] == 1
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    from mxmask import cli
+    assert cli.main(["train", "--resume", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "mxmask: error: %s: nothing to resume (no checkpoint in it); run without --resume to "
+        "start a new run there\n" % tmp_path)
+
+
+def test_a_second_run_on_the_same_folder_names_the_lock_holder(shapes_dataset, tmp_path, capsys):
+    import socket
+    from mxmask import cli
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ck.LOCK).write_text("%d %s\n" % (os.getppid(), socket.gethostname()))
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, "solver.max_iter=1")) == 2
+    assert capsys.readouterr().err == (
+        "mxmask: error: %s is in use by another mxmask train (pid %d on %s): wait for it to "
+        "end, or remove %s if it is gone\n"
+        % (out, os.getppid(), socket.gethostname(), out / ck.LOCK))
+    assert (out / ck.LOCK).exists()                     # the holder's lock stays
+    assert not (out / "config.yaml").exists()           # and nothing was written
+
+
+def test_a_pretrained_file_that_is_not_a_params_file_is_one_line(shapes_dataset, tmp_path,
+                                                                   capsys):
+    from mxmask import cli
+    junk = tmp_path / "resnet.params"
+    junk.write_text("model.backbone.pretrained is not this text\n")
+    code = cli.main(["train"] + tiny_args(shapes_dataset, tmp_path / "run", "solver.max_iter=1",
+                                          "model.backbone.pretrained=%s" % junk))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == ("mxmask: error: %s: not a readable MXNet .params file, or a damaged one "
+                   "(Check failed: header == kMXAPINDArrayListMagic: Invalid NDArray file "
+                   "format)\n" % junk)
+    assert not (tmp_path / "run" / ck.LOCK).exists()

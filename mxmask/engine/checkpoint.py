@@ -9,20 +9,57 @@ Out: a checkpoint folder (the run's ``output_dir``) that holds, as the contract 
     progress.json      {"iter": N, "max_iter": M, "checkpoint": "iter_0000N", ...}
     iter_NNNNNNN/      the last checkpoints' model.params and trainer.states
     metrics.json       after evaluation
+    .mxmask-train.lock while a run writes into it (:class:`RunLock`)
 
 A crash or a full disk at any moment leaves the previous checkpoint complete
-(:func:`save_checkpoint`). Evaluation, prediction and export read the config back with
+(:func:`save_checkpoint`: every file is read back before it replaces the last one), and
+``train --resume`` starts from the newest checkpoint that reads back whole
+(:func:`resume_point`); a damaged file is named as damaged (:class:`DamagedCheckpoint`). Evaluation, prediction and export read the config back with
 :func:`load_checkpoint_config`, which only lets test-time settings change.
 """
+import errno
 import glob
 import json
 import os
+import pickle
 import shutil
+import socket
+
+import mxnet as mx
 
 from ..config import ConfigError, dump_yaml, load_yaml, set_value
 from ..utils import UserError, atomic_write_json
 
 PROGRESS = "progress.json"
+LOCK = ".mxmask-train.lock"
+
+# what a failed write raises: Python's own writes give OSError (ENOSPC, EIO, EDQUOT), MXNet's
+# (``save_parameters``, ``nd.save``) give MXNetError ("FileStream.Write incomplete")
+WRITE_ERRORS = (OSError, mx.base.MXNetError)
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that cannot be read back (truncated or corrupt)."""
+
+
+def error_text(exc):
+    """One line describing ``exc``, without the traceback MXNet puts inside its messages.
+
+    Args:
+        exc (BaseException): the error.
+
+    Returns:
+        str: for an MXNetError (whose text starts with ``Traceback`` and the C++ file) its
+        last ``MXNetError: ...`` line without that prefix; otherwise the first line of
+        ``str(exc)``; the exception's class name when the text is empty. At most 300
+        characters.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    marked = [line for line in lines if line.startswith("MXNetError:")]
+    if marked:
+        return marked[-1][len("MXNetError:"):].strip()[:300]
+    lines = [line for line in lines if not line.startswith(("Traceback (most recent", "File "))]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _fsync_dir(path):
@@ -56,6 +93,48 @@ def _link_or_copy(src, dst):
         shutil.copyfile(src, tmp)
         _fsync_file(tmp)
     os.replace(tmp, dst)
+
+
+def check_params_file(path):
+    """Read a parameter file back whole.
+
+    Args:
+        path (str): a ``.params`` file (``save_parameters`` / ``nd.save``).
+
+    Returns:
+        dict: its arrays by name.
+
+    Raises:
+        DamagedCheckpoint: the file is truncated or corrupt (MXNet cannot read it).
+    """
+    try:
+        loaded = mx.nd.load(path)
+    except mx.base.MXNetError as e:
+        raise DamagedCheckpoint("%s: damaged checkpoint file, truncated or corrupt (%s)"
+                                % (path, error_text(e)))
+    if not isinstance(loaded, dict):
+        raise DamagedCheckpoint("%s: damaged checkpoint file (unnamed arrays, not a parameter "
+                                "file)" % path)
+    return loaded
+
+
+def check_states_file(path):
+    """Read an optimizer state file (``gluon.Trainer.save_states``, a pickle) back whole.
+
+    Args:
+        path (str): the ``trainer.states`` file.
+
+    Raises:
+        DamagedCheckpoint: the file is truncated or corrupt.
+    """
+    try:
+        with open(path, "rb") as f:
+            pickle.loads(f.read())
+    except OSError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... of a damaged pickle
+        raise DamagedCheckpoint("%s: damaged checkpoint file, truncated or corrupt (%s)"
+                                % (path, error_text(e)))
 
 
 def save_config(cfg, out_dir):
@@ -100,10 +179,14 @@ def save_checkpoint(out_dir, net, trainer, iteration, max_iter, extra=None, keep
         params = os.path.join(staging, "model.params")
         net.save_parameters(params)
         _fsync_file(params)
+        # read back: MXNet's buffered writer can lose the tail of a small file on a full disk
+        # without an error, and a checkpoint that cannot be read must not replace a good one
+        _written(check_params_file, params)
         if trainer is not None:
             states = os.path.join(staging, "trainer.states")
             trainer.save_states(states)
             _fsync_file(states)
+            _written(check_states_file, states)
         _fsync_dir(staging)
         if os.path.exists(final):
             shutil.rmtree(final)
@@ -120,6 +203,15 @@ def save_checkpoint(out_dir, net, trainer, iteration, max_iter, extra=None, keep
         _link_or_copy(os.path.join(final, "trainer.states"), os.path.join(out_dir, "trainer.states"))
     _prune(out_dir, keep, current=name)
     return final
+
+
+def _written(check, path):
+    """``check(path)``, a file just written; damage there is a failed write (OSError EIO)."""
+    try:
+        check(path)
+    except DamagedCheckpoint as e:
+        raise OSError(errno.EIO, "%s was written incompletely: it does not read back"
+                      % os.path.basename(path)) from e
 
 
 def _prune(out_dir, keep, current):
@@ -181,6 +273,226 @@ def checkpoint_files(out_dir):
     if not os.path.exists(params):
         raise UserError("%s: checkpoint weights are missing" % params)
     return params, (states if os.path.exists(states) else None)
+
+
+def _iteration_of(folder):
+    """The iteration of an ``iter_NNNNNNN`` folder name, or None."""
+    name = os.path.basename(folder)
+    try:
+        return int(name[len("iter_"):]) if name.startswith("iter_") else None
+    except ValueError:
+        return None
+
+
+def _check_checkpoint(params, states):
+    """DamagedCheckpoint unless ``params`` (and ``states`` when given) read back whole."""
+    if not os.path.exists(params):
+        raise DamagedCheckpoint("%s: checkpoint weights are missing" % params)
+    check_params_file(params)
+    if states is not None:
+        check_states_file(states)
+
+
+def resume_point(out_dir):
+    """The newest intact checkpoint of ``out_dir``, for ``train --resume``.
+
+    The checkpoint ``progress.json`` points at comes first; when its ``model.params`` or
+    ``trainer.states`` is damaged (truncated or corrupt, e.g. by a full disk or a copy cut
+    short), the older ``iter_*`` folders are tried, newest first. A run resumed from one of
+    them repeats the straight run from that iteration on (DEVELOPING.md, "Determinism and
+    resume").
+
+    Args:
+        out_dir (str): the checkpoint folder.
+
+    Returns:
+        tuple or None: ``(iteration, params path, states path or None, note)``, where ``note``
+        is None when the latest checkpoint is used and otherwise one line saying which one was
+        damaged and which one is used; None when ``out_dir`` holds no checkpoint.
+
+    Raises:
+        DamagedCheckpoint: the latest checkpoint is damaged and no older one is intact.
+        UserError: ``progress.json`` is unreadable.
+    """
+    progress = read_progress(out_dir)
+    if progress is None:
+        return None
+    latest = int(progress["iter"])
+    try:
+        params, states = checkpoint_files(out_dir)
+        _check_checkpoint(params, states)
+        return latest, params, states, None
+    except UserError as e:  # DamagedCheckpoint, or weights missing
+        damage = e
+    for folder in sorted(glob.glob(os.path.join(out_dir, "iter_*")), reverse=True):
+        it = _iteration_of(folder)
+        if it is None or it >= latest or not os.path.isdir(folder):
+            continue
+        p = os.path.join(folder, "model.params")
+        s = os.path.join(folder, "trainer.states")
+        s = s if os.path.exists(s) else None
+        try:
+            _check_checkpoint(p, s)
+        except DamagedCheckpoint:
+            continue
+        note = ("%s: the checkpoint of iteration %d is damaged (%s); resuming from %s, the "
+                "newest intact checkpoint" % (out_dir, latest, _detail(damage, out_dir), folder))
+        return it, p, s, note
+    raise DamagedCheckpoint("%s; no intact older iter_* checkpoint in %s to resume from"
+                            % (damage, out_dir))
+
+
+def _detail(err, out_dir):
+    """``err``'s text with the folder prefix cut, for a line that names the folder already."""
+    text = str(err)
+    prefix = out_dir.rstrip(os.sep) + os.sep
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def load_params(net, path, ctx=None):
+    """``net.load_parameters(path)`` with one-line errors.
+
+    Args:
+        net (gluon.Block): the network built from the checkpoint's config.
+        path (str): its ``model.params``.
+        ctx: contexts to load on (``load_parameters``'s ``ctx``).
+
+    Raises:
+        DamagedCheckpoint: the file is truncated or corrupt.
+        UserError: the file reads but does not match the network (names or shapes).
+    """
+    check_params_file(path)
+    try:
+        net.load_parameters(path, ctx=ctx)
+    except (AssertionError, mx.base.MXNetError) as e:
+        raise UserError("%s: does not match the network of its config (%s)"
+                        % (path, error_text(e)))
+
+
+def load_states(trainer, path):
+    """``trainer.load_states(path)`` with one-line errors.
+
+    Args:
+        trainer (gluon.Trainer): the trainer, its kvstore initialised.
+        path (str): its ``trainer.states``.
+
+    Raises:
+        DamagedCheckpoint: the file is truncated or corrupt.
+        UserError: the file reads but does not fit the optimizer or the parameters.
+    """
+    check_states_file(path)
+    try:
+        trainer.load_states(path)
+    except Exception as e:  # a state of another optimizer or network: KeyError, AssertionError...
+        raise UserError("%s: does not match the optimizer or network of its config (%s: %s)"
+                        % (path, type(e).__name__, error_text(e)))
+
+
+class RunLock:
+    """The lock that keeps two ``mxmask train`` runs from writing into one folder.
+
+    ``acquire`` creates ``OUT/.mxmask-train.lock`` with ``O_EXCL`` and writes ``pid host``
+    into it; ``release`` removes it. A lock left by a process of this host that no longer
+    exists (a run killed with SIGKILL) is taken over, with a note; a live holder, or one on
+    another host (whose pid cannot be checked from here), is a UserError naming it.
+
+    Args:
+        out_dir (str): the checkpoint folder (created when missing).
+        log: called with the note about a stale lock.
+    """
+
+    def __init__(self, out_dir, log=print):
+        self.path = os.path.join(out_dir, LOCK)
+        self.out_dir = out_dir
+        self.log = log
+        self.held = False
+
+    def acquire(self):
+        """Take the lock.
+
+        Raises:
+            UserError: another run holds it, or the folder cannot be written.
+        """
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError("%s: cannot create the output folder (%s)" % (self.out_dir, e))
+        me = "%d %s\n" % (os.getpid(), socket.gethostname())
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as e:
+                raise UserError("%s: cannot create the lock file (%s)" % (self.path, e))
+            try:
+                os.write(fd, me.encode())
+            finally:
+                os.close(fd)
+            self.held = True
+            return
+        raise UserError("%s: another mxmask train took the lock first" % self.path)
+
+    def _holder(self):
+        """``(pid, host)`` written in the lock file; ``(None, text)`` when unreadable."""
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            return None, str(e)
+        parts = text.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            return int(parts[0]), parts[1]
+        return None, text
+
+    def _take_over_if_stale(self):
+        """Remove the lock when its holder is a dead process of this host; else UserError."""
+        pid, host = self._holder()
+        if pid is None and host is None:
+            return                              # removed meanwhile: try again
+        if pid is not None and host == socket.gethostname() and not _alive(pid):
+            self.log("%s: taking over the lock of mxmask train pid %d on %s, which no longer "
+                     "runs" % (self.out_dir, pid, host))
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            return
+        holder = ("pid %d on %s" % (pid, host)) if pid is not None else repr(host)
+        raise UserError("%s is in use by another mxmask train (%s): wait for it to end, or "
+                        "remove %s if it is gone" % (self.out_dir, holder, self.path))
+
+    def release(self):
+        """Remove the lock file if this process holds it."""
+        if self.held:
+            self.held = False
+            pid, _ = self._holder()
+            if pid == os.getpid():
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _alive(pid):
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # input.* settings that only change the test-time preprocessing (data.transforms.TestTransform),

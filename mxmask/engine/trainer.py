@@ -474,35 +474,66 @@ class Trainer:
             mx.nd.waitall()
 
     def resume_from(self, out_dir):
-        """Load the last checkpoint of ``out_dir`` (weights, and optimizer state when saved).
+        """Load the newest intact checkpoint of ``out_dir`` (weights, and optimizer state when
+        saved): the latest, or when that one is damaged the newest older ``iter_*`` one
+        (:func:`mxmask.engine.checkpoint.resume_point`), which the log then names in one line.
 
         Returns:
             int: the iteration to start from (0 without a checkpoint).
+
+        Raises:
+            UserError: damaged files with no intact checkpoint left, or files that do not match
+            the network or the optimizer.
         """
-        progress = ckpt_io.read_progress(out_dir)
-        if progress is None:
+        point = ckpt_io.resume_point(out_dir)
+        if point is None:
             return 0
-        params, states = ckpt_io.checkpoint_files(out_dir)
-        self.net.load_parameters(params, ctx=self.ctxs)
+        it, params, states, note = point
+        if note:
+            self._log(note)
+        ckpt_io.load_params(self.net, params, ctx=self.ctxs)
         if states is not None:
             self.init_kvstore()
-            self.trainer.load_states(states)
-        return int(progress["iter"])
+            ckpt_io.load_states(self.trainer, states)
+        return int(it)
 
     def save(self, it):
-        """Write the checkpoint of iteration ``it`` (worker 0 only). A failed write (full disk)
-        is a :class:`UserError`; the previous checkpoint stays complete."""
+        """Write the checkpoint of iteration ``it`` (worker 0 only). A failed write (a full
+        disk: OSError, or MXNetError from MXNet's own writer) is a one-line :class:`UserError`
+        naming the last intact checkpoint, which stays complete."""
         if self.rank != 0:
             return
         out_dir = self.cfg.output_dir
         try:
             ckpt_io.save_checkpoint(out_dir, self.net, self.trainer, it, self.cfg.solver.max_iter)
-        except OSError as e:
-            progress = ckpt_io.read_progress(out_dir)
-            kept = ("the checkpoint of iteration %d is intact" % progress["iter"]) if progress \
-                else "no earlier checkpoint exists"
+        except ckpt_io.WRITE_ERRORS as e:
             raise UserError("iter %d: could not write the checkpoint to %s (%s); %s"
-                            % (it, out_dir, e, kept))
+                            % (it, out_dir, ckpt_io.error_text(e), self.kept_checkpoint()))
+
+    def kept_checkpoint(self):
+        """Which checkpoint a run stopped by a failed write leaves, as a phrase for its error.
+
+        Returns:
+            str: ``the checkpoint of iteration N is intact (iter_NNNNNNN; train --resume
+            continues from it once there is space)`` or ``no earlier checkpoint exists``.
+        """
+        try:
+            progress = ckpt_io.read_progress(self.cfg.output_dir)
+        except UserError:
+            progress = None
+        if not progress:
+            return "no earlier checkpoint exists"
+        return ("the checkpoint of iteration %d is intact (%s; train --resume continues from it "
+                "once there is space)" % (progress["iter"], progress.get("checkpoint", "")
+                                          or "model.params"))
+
+    def save_history(self, history, it):
+        """``history.save()``; a failed write is a one-line :class:`UserError` (iteration ``it``)."""
+        try:
+            history.save()
+        except ckpt_io.WRITE_ERRORS as e:
+            raise UserError("iter %d: could not write %s (%s); %s"
+                            % (it, history.path, ckpt_io.error_text(e), self.kept_checkpoint()))
 
     def close(self):
         """Drop this trainer's references to the kvstore (a dist kvstore is finalised, with a
@@ -578,7 +609,7 @@ class Trainer:
                 # history first: a crash between the two leaves records past the checkpoint,
                 # which a resumed run truncates; the other order could lose records
                 if self.rank == 0:
-                    history.save()
+                    self.save_history(history, done)
                 self.save(done)
             if evaluate_fn is not None and s.eval_period > 0 and done % s.eval_period == 0 \
                     and done != s.max_iter:

@@ -280,8 +280,11 @@ def load_pretrained_backbone(backbone, path, ctx=None):
     try:
         loaded = mx.nd.load(path)
     except Exception as e:  # MXNetError for a corrupt or foreign file
-        raise UserError("%s: not a readable MXNet .params file (%s)"
-                        % (path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+        # its text starts with "Traceback" and the C++ file; the "MXNetError: ..." line says it
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        said = [x[len("MXNetError:"):].strip() for x in lines if x.startswith("MXNetError:")]
+        raise UserError("%s: not a readable MXNet .params file, or a damaged one (%s)"
+                        % (path, (said or lines or [type(e).__name__])[-1][:300]))
     if not isinstance(loaded, dict) or not loaded:
         raise UserError("%s: expected a dict of named parameters (a .params file)" % path)
     loaded = {(k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k): v
