@@ -180,6 +180,10 @@ def run_training(cfg, ctxs, kvstore="device", resume=False, out=None):
     out = out or sys.stdout
 
     _check_dist_env(kvstore)
+    if "dist" not in kvstore:
+        # a run in progress is named before anything else is said about its folder (in a dist
+        # job worker 0 may hold the lock already, so there only worker 0's acquire checks)
+        ckpt_io.RunLock(cfg.output_dir).check()
     progress = ckpt_io.read_progress(cfg.output_dir)
     if progress is not None and not resume:
         raise UserError("%s already holds a checkpoint (iteration %d of %d): pass --resume to "

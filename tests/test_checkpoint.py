@@ -202,7 +202,8 @@ def test_a_failed_mxnet_write_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     with pytest.raises(ck.WRITE_ERRORS) as e:
         ck.save_checkpoint(str(tmp_path), _net(2), trainer, 20, 100)
     if failure == "silent":
-        assert e.value.errno == errno.EIO and "model.params was written incompletely" in str(e.value)
+        assert e.value.errno == errno.EIO
+        assert "model.params was written incompletely" in str(e.value)
     if failure == "mxnet":
         assert ck.error_text(e.value) == ("Check failed: std: :fwrite(ptr, 1, size, fp_) == size: "
                                           "FileStream.Write incomplete")

@@ -598,3 +598,47 @@ def test_a_pretrained_file_that_is_not_a_params_file_is_one_line(shapes_dataset,
                    "(Check failed: header == kMXAPINDArrayListMagic: Invalid NDArray file "
                    "format)\n" % junk)
     assert not (tmp_path / "run" / ck.LOCK).exists()
+
+
+def test_two_processes_on_one_folder(shapes_dataset, tmp_path, capsys):
+    """A second `mxmask train` on the folder of a running one stops at once, naming it, even
+    after the first has written a checkpoint; the first is not disturbed."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from mxmask import cli
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.Popen([sys.executable, "-m", "mxmask", "train"] + tiny_args(
+        shapes_dataset, out, "solver.max_iter=10000", "solver.checkpoint_period=1"), cwd=root,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "progress.json").exists():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (out / ck.LOCK).read_text() == "%d %s\n" % (first.pid, socket.gethostname())
+        for args in (tiny_args(shapes_dataset, out, "solver.max_iter=1"),
+                     ["--resume", "--out", str(out)]):
+            capsys.readouterr()
+            assert cli.main(["train"] + args) == 2
+            assert capsys.readouterr().err == (
+                "mxmask: error: %s is in use by another mxmask train (pid %d on %s): wait for it "
+                "to end, or remove %s if it is gone\n"
+                % (out, first.pid, socket.gethostname(), out / ck.LOCK))
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # killed: its lock is stale, and --resume takes it over
+    assert (out / ck.LOCK).exists()
+    it = ck.read_progress(str(out))["iter"]
+    text = (out / "config.yaml").read_text()          # one more iteration is enough here
+    assert "max_iter: 10000" in text
+    (out / "config.yaml").write_text(text.replace("max_iter: 10000", "max_iter: %d" % (it + 1)))
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out)]) == 0
+    assert ("%s: taking over the lock of mxmask train pid %d on %s, which no longer runs"
+            % (out, first.pid, socket.gethostname())) in capsys.readouterr().out
+    assert not (out / ck.LOCK).exists()

@@ -14,7 +14,8 @@ Out: a checkpoint folder (the run's ``output_dir``) that holds, as the contract 
 A crash or a full disk at any moment leaves the previous checkpoint complete
 (:func:`save_checkpoint`: every file is read back before it replaces the last one), and
 ``train --resume`` starts from the newest checkpoint that reads back whole
-(:func:`resume_point`); a damaged file is named as damaged (:class:`DamagedCheckpoint`). Evaluation, prediction and export read the config back with
+(:func:`resume_point`); a damaged file is named as damaged (:class:`DamagedCheckpoint`).
+Evaluation, prediction and export read the config back with
 :func:`load_checkpoint_config`, which only lets test-time settings change.
 """
 import errno
@@ -434,6 +435,26 @@ class RunLock:
             return
         raise UserError("%s: another mxmask train took the lock first" % self.path)
 
+    def check(self):
+        """Raise, without taking the lock, when another live run holds it (a stale lock is
+        left for :meth:`acquire` to take over).
+
+        Raises:
+            UserError: naming the holder, as :meth:`acquire`.
+        """
+        pid, host = self._holder()
+        if pid is None and host is None:
+            return
+        if pid is not None and host == socket.gethostname() and not _alive(pid):
+            return
+        self._refuse(pid, host)
+
+    def _refuse(self, pid, host):
+        """The UserError naming the lock's holder."""
+        holder = ("pid %d on %s" % (pid, host)) if pid is not None else repr(host)
+        raise UserError("%s is in use by another mxmask train (%s): wait for it to end, or "
+                        "remove %s if it is gone" % (self.out_dir, holder, self.path))
+
     def _holder(self):
         """``(pid, host)`` written in the lock file; ``(None, text)`` when unreadable."""
         try:
@@ -461,9 +482,7 @@ class RunLock:
             except FileNotFoundError:
                 pass
             return
-        holder = ("pid %d on %s" % (pid, host)) if pid is not None else repr(host)
-        raise UserError("%s is in use by another mxmask train (%s): wait for it to end, or "
-                        "remove %s if it is gone" % (self.out_dir, holder, self.path))
+        self._refuse(pid, host)
 
     def release(self):
         """Remove the lock file if this process holds it."""

@@ -528,7 +528,8 @@ class Trainer:
                                           or "model.params"))
 
     def save_history(self, history, it):
-        """``history.save()``; a failed write is a one-line :class:`UserError` (iteration ``it``)."""
+        """``history.save()`` at iteration ``it``; a failed write is a one-line
+        :class:`UserError` naming the intact checkpoint."""
         try:
             history.save()
         except ckpt_io.WRITE_ERRORS as e:
