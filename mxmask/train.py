@@ -19,6 +19,7 @@ A failed write (a full disk) stops the run with one line naming the last intact 
 A ``dist_sync`` run (processes started by ``scripts/train_dist.sh``) is described at
 :func:`run_training`.
 """
+import errno
 import gc
 import os
 import sys
@@ -30,6 +31,9 @@ import mxnet as mx
 from .config import ConfigError
 from .utils import UserError
 from .engine import checkpoint as ckpt_io
+
+# the errno values of a write that failed for lack of space or a broken device
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 # where the shapes dataset keeps its training json, under data.shapes.root
 SHAPES_ANN = ("annotations", "train.json")
@@ -270,10 +274,24 @@ def _train_locked(cfg, ctxs, kv_box, resume, out, log, watchdog, rank, num_worke
         return build_train_loader(cfg, records, info, start_iter=start, rank=rank,
                                   num_workers=num_workers)
 
+    def evaluate_stopping_on_a_full_disk(it):
+        # results.json and metrics.json: a failed write stops the run in one line, as a
+        # failed checkpoint does (a full disk; errors that are not writes pass through)
+        try:
+            return evaluate(cfg, net, ctxs, out_dir, log)
+        except ckpt_io.WRITE_ERRORS as e:
+            if isinstance(e, OSError) and e.errno not in WRITE_ERRNOS:
+                raise
+            if not isinstance(e, OSError) and "Write" not in str(e):
+                raise
+            raise UserError("iter %d: could not write the evaluation's results.json / "
+                            "metrics.json to %s (%s); %s" % (it, out_dir, ckpt_io.error_text(e),
+                                                              trainer.kept_checkpoint()))
+
     def evaluate_fn(it):
         if rank != 0:
             return None
-        return evaluate(cfg, net, ctxs, out_dir, log)
+        return evaluate_stopping_on_a_full_disk(it)
 
     t0 = time.time()
     history = trainer.train(loader_fn, start_iter, evaluate_fn)
@@ -289,7 +307,7 @@ def _train_locked(cfg, ctxs, kv_box, resume, out, log, watchdog, rank, num_worke
             gc.collect()
     metrics = None
     if rank == 0:
-        metrics = evaluate(cfg, net, ctxs, out_dir, log)
+        metrics = evaluate_stopping_on_a_full_disk(cfg.solver.max_iter)
         history.add_eval(cfg.solver.max_iter, metrics)
         from .vis import plot_training_curves
         try:

@@ -642,3 +642,20 @@ def test_two_processes_on_one_folder(shapes_dataset, tmp_path, capsys):
     assert ("%s: taking over the lock of mxmask train pid %d on %s, which no longer runs"
             % (out, first.pid, socket.gethostname())) in capsys.readouterr().out
     assert not (out / ck.LOCK).exists()
+
+
+def test_a_full_disk_at_metrics_json_stops_in_one_line(shapes_dataset, tmp_path, monkeypatch,
+                                                       capsys):
+    from mxmask import cli
+    from mxmask.engine import evaluator
+
+    def full(path, obj, indent=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(evaluator, "atomic_write_json", full)
+    out = tmp_path / "run"
+    assert cli.main(["train"] + tiny_args(shapes_dataset, out, "solver.max_iter=2",
+                                          "solver.eval_period=1")) == 2
+    err = capsys.readouterr().err
+    assert err == ("mxmask: error: iter 1: could not write the evaluation's results.json / "
+                   "metrics.json to %s ([Errno 28] No space left on device); no earlier "
+                   "checkpoint exists\n" % out)
