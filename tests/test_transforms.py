@@ -484,8 +484,14 @@ def test_copy_paste_needs_masks_and_a_probability():
         t(pool[1], np.random.default_rng(0))              # img7 is the source: no masks
     with pytest.raises(UserError, match="img7.png.*copy_paste_prob.*segmentation"):
         t(pool[0], np.random.default_rng(0))              # img7 is the destination
+    # out of range: refused when the config is built, and by the transform for a config
+    # changed in code after that
+    with pytest.raises(ConfigError, match="input.copy_paste_prob.*1.5"):
+        _cfg(**{"input.copy_paste_prob": 1.5})
+    bad = _cfg()
+    bad.input.copy_paste_prob = 1.5
     with pytest.raises(UserError, match="input.copy_paste_prob.*1.5"):
-        TrainTransform(_cfg(**{"input.copy_paste_prob": 1.5}), _Info())
+        TrainTransform(bad, _Info())
     with pytest.raises(UserError, match="input.copy_paste_sources.*0"):
         TrainTransform(_cfg(**{"input.copy_paste_sources": 0}), _Info())
 
