@@ -242,7 +242,7 @@ def _add_predict(sub):
     p.add_argument("--vis", help="folder for pictures of the detections")
     p.add_argument("--cutout", help="folder for one RGBA PNG cut-out per instance")
     p.add_argument("--score-thresh", type=float, help="drop detections below this score")
-    p.add_argument("--ctx", default="cpu", help="cpu or gpu:0 (default cpu)")
+    p.add_argument("--ctx", default="cpu", help="cpu (one CPU context) or gpu:I (default cpu)")
     _add_graph_args(p)
     p.set_defaults(func=_cmd_predict)
 
@@ -421,7 +421,7 @@ def _add_graph_args(p):
     """--fuse, --dtype and --set: the graph as mxmask export writes it (export, eval, predict).
     --set takes the keys a trained checkpoint may change
     (:func:`mxmask.engine.checkpoint.load_checkpoint_config`)."""
-    p.add_argument("--set", action="append", default=[], metavar="test.KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a test-time setting of the checkpoint's config, e.g. --set "
                         "test.refine_boxes=true (repeatable; test.* keys and input.resize_rule, "
                         "input.resize_interp, input.normalize)")
