@@ -362,10 +362,12 @@ def load_params(net, path, ctx=None):
         DamagedCheckpoint: the file is truncated or corrupt.
         UserError: the file reads but does not match the network (names or shapes).
     """
-    check_params_file(path)
     try:
         net.load_parameters(path, ctx=ctx)
     except (AssertionError, mx.base.MXNetError) as e:
+        # read the file on its own only when loading failed: a file that does not read back
+        # is damaged, one that does belongs to another network
+        check_params_file(path)
         raise UserError("%s: does not match the network of its config (%s)"
                         % (path, error_text(e)))
 
@@ -381,10 +383,10 @@ def load_states(trainer, path):
         DamagedCheckpoint: the file is truncated or corrupt.
         UserError: the file reads but does not fit the optimizer or the parameters.
     """
-    check_states_file(path)
     try:
         trainer.load_states(path)
-    except Exception as e:  # a state of another optimizer or network: KeyError, AssertionError...
+    except Exception as e:  # a damaged pickle, or the state of another optimizer or network
+        check_states_file(path)
         raise UserError("%s: does not match the optimizer or network of its config (%s: %s)"
                         % (path, type(e).__name__, error_text(e)))
 
@@ -443,9 +445,7 @@ class RunLock:
             UserError: naming the holder, as :meth:`acquire`.
         """
         pid, host = self._holder()
-        if pid is None and host is None:
-            return
-        if pid is not None and host == socket.gethostname() and not _alive(pid):
+        if pid is None and host is None or _stale(pid, host):
             return
         self._refuse(pid, host)
 
@@ -474,7 +474,7 @@ class RunLock:
         pid, host = self._holder()
         if pid is None and host is None:
             return                              # removed meanwhile: try again
-        if pid is not None and host == socket.gethostname() and not _alive(pid):
+        if _stale(pid, host):
             self.log("%s: taking over the lock of mxmask train pid %d on %s, which no longer "
                      "runs" % (self.out_dir, pid, host))
             try:
@@ -501,6 +501,12 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _stale(pid, host):
+    """Whether a lock written by ``pid`` on ``host`` was left by a process of this host that
+    no longer runs (a holder on another host cannot be checked, so it is never stale)."""
+    return pid is not None and host == socket.gethostname() and not _alive(pid)
 
 
 def _alive(pid):
