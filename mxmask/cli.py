@@ -390,9 +390,8 @@ def _add_convert(sub):
 # --------------------------------------------------------------------------------------------
 def _cmd_export(args):
     from .engine.checkpoint import load_checkpoint_config
-    from .export import export_checkpoint, export_input_size
-    check_output_prefix(args.out, ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json"),
-                        "--out")
+    from .export import EXPORT_SUFFIXES, export_checkpoint, export_input_size
+    check_output_prefix(args.out, EXPORT_SUFFIXES, "--out")
     size = export_input_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
     result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
                                check=not args.no_check, overrides=args.set)

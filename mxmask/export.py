@@ -31,8 +31,11 @@ from .graph import (INPUT_NAMES, build_export_net, check_anchors_cover, check_dt
                     graph_json_text, network_symbol, optimized_block, param_dict, parse_hw)
 from .utils import UserError, atomic_write_json, atomic_write_text
 
-__all__ = ["export_checkpoint", "export_meta", "export_input_size", "import_exported",
-           "compare_outputs"]
+__all__ = ["EXPORT_SUFFIXES", "export_checkpoint", "export_meta", "export_input_size",
+           "import_exported", "compare_outputs"]
+
+# the files of an export, PREFIX + suffix
+EXPORT_SUFFIXES = ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json")
 
 # the meta file's "format" and "version" fields
 META_FORMAT = "mxmask-export"
@@ -311,7 +314,7 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             got = import_exported(tmp)(data, im_info)
             report = compare_outputs(ref, got, net.output_names)
         files = []
-        for suffix in ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json"):
+        for suffix in EXPORT_SUFFIXES:
             os.replace(tmp + suffix, prefix + suffix)
             files.append(prefix + suffix)
     finally:
