@@ -140,7 +140,7 @@ def _cmd_eval(args):
     out_dir = check_output_dir(args.out_dir or args.ckpt, "--out-dir")
     results = check_output_file(args.out or os.path.join(out_dir, "results.json"), "--out")
     predictor = Predictor(args.ckpt, ctx=ctxs, fuse=args.fuse, dtype=args.dtype,
-                          overrides=args.set)
+                          overrides=_overrides(args))
     cfg = predictor.cfg
     ann = args.ann or cfg.data.val_ann
     images = args.images or cfg.data.val_images
@@ -202,7 +202,7 @@ def _cmd_predict(args):
         if path:
             check_output_dir(path, option)
     predictor = Predictor(args.ckpt, ctx=parse_ctx(args.ctx), score_thresh=args.score_thresh,
-                          fuse=args.fuse, dtype=args.dtype, overrides=args.set)
+                          fuse=args.fuse, dtype=args.dtype, overrides=_overrides(args))
     vis_thresh = args.score_thresh if args.score_thresh is not None else 0.5
 
     def on_image(path, image, entries):
@@ -297,7 +297,7 @@ def _cmd_bench(args):
         if path:
             check_output_file(path, option)
     run_bench(preset=args.preset, ckpt=args.ckpt, size=args.size, batch=args.batch,
-              runs=args.runs, warmup=args.warmup, train=args.train, overrides=args.set,
+              runs=args.runs, warmup=args.warmup, train=args.train, overrides=_overrides(args),
               json_path=args.json, fuse=args.fuse, dtype=args.dtype, against=args.against,
               resnet50=args.resnet50, chart_path=args.chart, kernels=args.kernels,
               torch_python=args.torch_python)
@@ -316,7 +316,11 @@ def _add_bench(sub):
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=False,
                    help="time the MKLDNN-fused graph too (--no-fuse: plain only)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="precision of the timed graph (bfloat16: CPU AMP conversion)")
+                   help="precision of the timed graph (bfloat16: CPU AMP conversion, and with "
+                        "--train the training step's convolutions too; int8: oneDNN "
+                        "quantization, calibrated on --calib-images or, without it, on the "
+                        "bench input)")
+    _add_calib_args(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable)")
     p.add_argument("--json", help="write the results as JSON here")
@@ -394,16 +398,23 @@ def _cmd_export(args):
     check_output_prefix(args.out, EXPORT_SUFFIXES, "--out")
     size = export_input_size(args.size, load_checkpoint_config(args.ckpt)) if args.size else None
     result = export_checkpoint(args.ckpt, args.out, size=size, fuse=args.fuse, dtype=args.dtype,
-                               check=not args.no_check, overrides=args.set)
+                               check=not args.no_check, overrides=_overrides(args))
     for path in result["files"]:
         print("wrote %s" % path)
+    if result["int8"]:
+        q = result["int8"]
+        print("int8: %d convolution and fc layers quantized, calibrated (%s) on %d images; "
+              "kept float32 besides the proposal generator: %s"
+              % (len(q["quantized"]), q["calib_mode"], q["calib_num"],
+                 ", ".join(q["excluded"]) or "nothing"))
     report = result["check"]
     if report is not None:
         h, w = result["size"]
         diffs = "  ".join("%s %.3g" % (k, v) for k, v in report.items()
                           if k not in ("ids_agree", "matched", "matched_score", "matched_box"))
-        print("check on a random %dx%d input, exported vs Gluon fp32: max |diff| %s"
-              % (h, w, diffs))
+        what = "the first calibration image" if result["int8"] else "a random input"
+        print("check on %s (%dx%d), exported vs Gluon fp32: max |diff| %s"
+              % (what, h, w, diffs))
         print("  same class per row %.1f%%; detections matched (same class, IoU >= 0.9) %.1f%%, "
               "their max score diff %.3g, box diff %.3g px"
               % (100 * report["ids_agree"], 100 * report["matched"], report["matched_score"],
@@ -428,7 +439,33 @@ def _add_graph_args(p):
                    help="fuse conv + BN/relu for MKLDNN (optimize_for backend MKLDNN)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="bfloat16: convolutions, deconvolutions and fc layers in bf16 (use with "
-                        "--fuse)")
+                        "--fuse); int8: convolutions and fc layers quantized with oneDNN, "
+                        "calibrated on images (one CPU context; docs/int8.md)")
+    _add_calib_args(p)
+
+
+def _add_calib_args(p):
+    """--calib-images, --calib-num, --calib-mode: the int8 calibration (test.int8.*)."""
+    p.add_argument("--calib-images", metavar="DIR",
+                   help="--dtype int8: calibrate on images of DIR (default: the checkpoint's "
+                        "data.val_images; test.int8.calib_images)")
+    p.add_argument("--calib-num", type=int, metavar="N",
+                   help="--dtype int8: calibrate on N images drawn from it with "
+                        "test.int8.calib_seed (default 32)")
+    p.add_argument("--calib-mode", choices=["naive", "entropy"],
+                   help="--dtype int8: naive (min/max seen, the default) or entropy (KL-optimal "
+                        "ranges)")
+
+
+def _overrides(args):
+    """``--set`` plus the calibration options as ``test.int8.*`` settings."""
+    out = list(args.set)
+    for option, key in (("calib_images", "calib_images"), ("calib_num", "calib_num"),
+                        ("calib_mode", "calib_mode")):
+        value = getattr(args, option, None)
+        if value is not None:
+            out.append("test.int8.%s=%s" % (key, value))
+    return out
 
 
 def _add_export(sub):

@@ -259,6 +259,23 @@ class SolverConfig:
 
 
 @dataclass
+class Int8Config:
+    """``--dtype int8`` (:mod:`mxmask.quantize`): how the graph is calibrated and what stays
+    float32. ``--calib-images``, ``--calib-num`` and ``--calib-mode`` set the first three."""
+    # folder of calibration images, resized as at test time; "": the config's data.val_images
+    calib_images: str = ""
+    # how many of its images, drawn with calib_seed (all when it holds fewer)
+    calib_num: int = 32
+    # naive: each layer's range is the min and max seen; entropy: the range that keeps the
+    # KL divergence of the int8 distribution from the float32 one smallest
+    calib_mode: str = "naive"
+    calib_seed: int = 0
+    # graph nodes kept in float32 besides the proposal generator (fnmatch patterns of node
+    # names, which `mxmask export --dtype int8` prints); each preset says why it leaves one out
+    exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TestConfig:
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
@@ -292,6 +309,7 @@ class TestConfig:
     # network-input pixels, then scaled to the original image (heatmaps_to_keypoints)
     keypoint_decode: str = "bicubic"
     keypoint_oks_sigmas: List[float] = field(default_factory=list)
+    int8: Int8Config = field(default_factory=Int8Config)
 
 
 @dataclass
@@ -306,6 +324,7 @@ class Config:
 
 
 CHOICES = {
+    "test.int8.calib_mode": ("naive", "entropy"),
     "model.backbone.norm": ("frozen_bn", "bn", "syncbn", "gn"),
     "model.backbone.depth": (18, 34, 50, 101),
     "input.resize_rule": ("half_up", "gluoncv", "torchvision", "torchvision_float32"),
@@ -350,6 +369,7 @@ RANGES = {
     "test.mask_thresh": _PROBABILITY,
     # 1 would keep no pixel, so no box: the tight box needs a probability below 1
     "test.mask_box_thresh": (0.0, True, 1.0, False),
+    "test.int8.calib_num": (1, True, None, False),
 }
 
 

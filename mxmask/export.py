@@ -3,6 +3,7 @@
     export_checkpoint("runs/shapes", "export/shapes")                  # plain fp32 graph
     export_checkpoint("runs/shapes", "export/shapes", fuse=True)       # MKLDNN-fused fp32
     export_checkpoint(ckpt, prefix, fuse=True, dtype="bfloat16")       # bf16, then fused
+    export_checkpoint(ckpt, prefix, dtype="int8")                      # calibrated int8
 
 What goes in: a checkpoint folder (``config.yaml`` + weights, see :mod:`mxmask.engine.checkpoint`).
 What comes out, for ``PREFIX``:
@@ -16,7 +17,9 @@ What comes out, for ``PREFIX``:
     PREFIX-meta.json      what a program needs to run the graph without mxmask (:func:`export_meta`)
 
 It loads with ``mx.gluon.SymbolBlock.imports`` (:func:`import_exported`) and gives the Gluon
-model's outputs; before the files appear, :func:`export_checkpoint` checks that it does.
+model's outputs; before the files appear, :func:`export_checkpoint` checks that it does. An int8
+export holds its calibrated scales in the graph (:mod:`mxmask.quantize`), so it runs with MXNet
+alone too.
 docs/export.md is the user's page.
 """
 import contextlib
@@ -88,7 +91,7 @@ def _example_inputs(size, seed=0):
     return data, mx.nd.array([[h, w, 1.0]])
 
 
-def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=None):
+def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=None, int8=None):
     """The ``PREFIX-meta.json`` record: everything a program needs to run the exported graph
     without mxmask, reading it with the standard library's json (scripts/predict_exported.py
     does).
@@ -98,6 +101,7 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         output_names: the graph's output names (``net.output_names``).
         dtype, fused: how the graph was optimised.
         example_size: (H, W) of the example input the export was traced and checked with.
+        int8: an int8 export's calibration record (:func:`mxmask.quantize.quantize_symbol`).
 
     Returns:
         dict: ``format``, ``version``, input and output names, ``dtype``, ``fused``,
@@ -107,7 +111,10 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         ``pixel_mean``, ``pixel_std``); the labels (``num_classes``, ``class_names``,
         ``category_ids``, ``keypoint_names``, ``keypoint_category_ids``, ``skeleton``); and
         the post-processing (``box_plus_one``, ``score_thresh``, ``mask_thresh``,
-        ``mask_box_thresh``, ``mask_paste``, ``keypoint_offset``, ``max_dets``).
+        ``mask_box_thresh``, ``mask_paste``, ``keypoint_offset``, ``max_dets``); for int8,
+        ``int8``: ``calib_mode``, ``calib_num``, ``calib_images``, ``calib_seed``,
+        ``float32_nodes`` and ``quantized_nodes`` (counts of convolution and fully connected
+        layers).
     """
     from .modeling.rpn import anchor_max_size
     d, i, m, t = cfg.data, cfg.input, cfg.model, cfg.test
@@ -132,6 +139,11 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         "mask_box_thresh": float(t.mask_box_thresh), "mask_paste": str(t.mask_paste),
         "keypoint_offset": float(d.keypoint_offset),
         "max_dets": int(t.max_dets),
+        "int8": None if int8 is None else {
+            "calib_mode": int8["calib_mode"], "calib_num": int(int8["calib_num"]),
+            "calib_images": t.int8.calib_images or d.val_images,
+            "calib_seed": int(t.int8.calib_seed),
+            "float32_nodes": list(int8["excluded"]), "quantized_nodes": len(int8["quantized"])},
     }
 
 
@@ -264,9 +276,11 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
         ckpt: a checkpoint folder (or its ``config.yaml``).
         prefix: the output prefix (a file prefix such as ``export/model``, not a folder).
         size: (H, W) of the example input used to trace, partition (``fuse``) and check;
-            default a square of ``input.min_size_test`` capped at 512.
+            default a square of ``input.min_size_test`` capped at 512. An int8 export is
+            checked on its first calibration image instead, whose size is returned.
         fuse: MKLDNN subgraph fusion.
-        dtype: ``float32`` or ``bfloat16``.
+        dtype: ``float32``, ``bfloat16`` or ``int8`` (calibrated as the config's ``test.int8``
+            says, :mod:`mxmask.quantize`).
         check: load the written files back with ``SymbolBlock.imports`` and run them against
             the Gluon model on the example input (:func:`compare_outputs`).
         overrides: ``key=value`` settings applied to the checkpoint's config (``test.*`` and
@@ -274,10 +288,12 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
 
     Returns:
         ``{"files": [the four paths], "check": the compare_outputs report or None, "size":
-        (H, W), "bf16_fp32_nodes": [names of the nodes kept in float32]}``.
+        (H, W), "float32_nodes": [names of the nodes kept in float32 by bfloat16 or int8],
+        "int8": the calibration record or None}``.
 
     Raises:
-        UserError: a bad ``dtype``, ``prefix`` or checkpoint.
+        UserError: a bad ``dtype``, ``prefix`` or checkpoint; int8: no readable calibration
+        image, or a graph that cannot be quantized.
     """
     import mxnet as mx
     from .config import dump_yaml
@@ -290,7 +306,11 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
     sym = network_symbol(net)
     params = net.collect_params()
     data, im_info = _example_inputs(size)
-    pinned = []
+    calib = None
+    if dtype == "int8":
+        from .quantize import calibration_batches
+        calib = calibration_batches(cfg)
+    record = {"float32_nodes": []}
     out_dir = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
@@ -301,14 +321,19 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             with _write_errors(prefix):
                 mx.nd.save(tmp + "-0000.params", param_dict(sym, params))
         else:
-            block, pinned = optimized_block(sym, params, data, im_info, fuse, dtype)
+            block, record = optimized_block(sym, params, data, im_info, fuse, dtype, calib,
+                                            cfg.test.int8)
             with _write_errors(prefix):
                 block.export(tmp, remove_amp_cast=False)
         dump_yaml(cfg, tmp + "-config.yaml")
-        atomic_write_json(tmp + "-meta.json", export_meta(cfg, net.output_names, dtype, fuse,
-                                                          size), indent=1)
+        int8 = record if dtype == "int8" else None
+        atomic_write_json(tmp + "-meta.json", export_meta(
+            cfg, net.output_names, dtype, fuse or dtype == "int8", size, int8), indent=1)
         report = None
         if check:
+            if calib:                     # int8: a real image says more than noise
+                data, im_info = calib[0]
+                size = tuple(data.shape[2:])
             net.hybridize(static_alloc=True)
             ref = net(data, im_info)
             got = import_exported(tmp)(data, im_info)
@@ -319,5 +344,6 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             files.append(prefix + suffix)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"files": files, "check": report, "size": size, "bf16_fp32_nodes": pinned}
+    return {"files": files, "check": report, "size": size,
+            "float32_nodes": record["float32_nodes"], "int8": int8}
 

@@ -2,6 +2,7 @@
 
     network_symbol(build_export_net(cfg))            -> mx.sym.Group, inputs data, im_info
     optimized_block(sym, params, data, im_info, fuse=True, dtype="bfloat16")  -> SymbolBlock
+    optimized_block(sym, params, data, im_info, dtype="int8", calib=batches, int8=cfg.test.int8)
     graph_diff(old_json, new_json)                   -> readable lines, [] when equal
     write_preset_symbols("symbols/")                 -> symbols/<preset>-symbol.json
 
@@ -16,7 +17,7 @@ get ``_1``, ``_2``... suffixes, because the AMP pass selects nodes by name.
 ``mxmask bench`` run: MKLDNN fusion (``optimize_for(backend="MKLDNN")``) and/or bfloat16
 (``amp.convert_hybrid_block`` first, then fusion; DEVELOPING.md, "Measured facts about MXNet
 1.9.1 on CPU", has the order and the AMP pass's bug that :func:`bf16_fp32_exclusions` works
-around). ``python -m mxmask.graph --symbols symbols/`` rewrites the committed preset graphs,
+around), or int8 (:mod:`mxmask.quantize`). ``python -m mxmask.graph --symbols symbols/`` rewrites the committed preset graphs,
 ``--check symbols/`` compares them with the code (tests/test_graph_symbols.py runs the same
 check).
 """
@@ -37,23 +38,30 @@ __all__ = ["EXPORT_PREFIX", "INPUT_NAMES", "DTYPES", "check_dtype", "parse_hw",
 # the fixed parameter prefix of exported graphs, their inputs, and the values of --dtype
 EXPORT_PREFIX = "mxmask_"
 INPUT_NAMES = ("data", "im_info")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int8")
 # variable attributes that describe training, not the graph (``__init__`` of a constant holds
 # ``id(...)`` of a Python object, so it changes on every build)
 _VOLATILE_VAR_ATTRS = ("__init__", "__lr_mult__", "__wd_mult__")
 
 
-def check_dtype(dtype):
+def check_dtype(dtype, ctxs=None):
     """Check a ``--dtype``.
 
     Args:
         dtype: the value.
+        ctxs: the contexts it will run on, when known.
 
     Raises:
-        UserError: naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`.
+        UserError: naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`; naming
+        ``--ctx`` when ``dtype`` is ``int8`` and ``ctxs`` is not one CPU context (the int8
+        kernels are oneDNN's).
     """
     if dtype not in DTYPES:
         raise UserError("--dtype %s: expected one of %s" % (dtype, ", ".join(DTYPES)))
+    if dtype == "int8" and ctxs is not None and (
+            len(ctxs) != 1 or ctxs[0].device_type != "cpu"):
+        raise UserError("--dtype int8 runs oneDNN's int8 kernels on one CPU context; got --ctx "
+                        "%s" % ",".join(str(c) for c in ctxs))
 
 
 def parse_hw(text):
@@ -136,15 +144,18 @@ def _normalise_graph(js):
     return js
 
 
-def network_symbol(net):
+def network_symbol(net, kernels="mxnet"):
     """The inference graph of a network, traced in predict mode.
 
-    Always MXNet's own operators, whatever ``net.kernels`` says: the graph must run without
-    mxmask. Needs no parameter values.
+    MXNet's own operators by default, whatever ``net.kernels`` says: an exported graph must run
+    without mxmask. Needs no parameter values.
 
     Args:
         net: a :class:`~mxmask.modeling.rcnn.MaskRCNN` (:func:`build_export_net` for stable
             parameter names).
+        kernels: ``"mxnet"``, or ``"mxmask"`` for a graph that runs in this process with the
+            compiled RoIAlign and NMS (:meth:`~mxmask.modeling.rcnn.MaskRCNN.use_kernels`;
+            the same outputs).
 
     Returns:
         a Symbol with inputs ``data`` (B, 3, H, W) and ``im_info`` (B, 3) and one output per
@@ -156,7 +167,7 @@ def network_symbol(net):
         RuntimeError: the network returns a different number of outputs than it names.
     """
     import mxnet as mx
-    kernels, net.kernels = net.kernels, "mxnet"      # tracing a Symbol uses no cached graph
+    kernels, net.kernels = net.kernels, kernels      # tracing a Symbol uses no cached graph
     try:
         with mx.autograd.predict_mode():
             outs = net(mx.sym.var(INPUT_NAMES[0]), mx.sym.var(INPUT_NAMES[1]))
@@ -487,24 +498,35 @@ def symbol_block(sym, params):
     return block
 
 
-def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
+def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32", calib=None,
+                    int8=None):
     """The network graph as ``mxmask export --fuse --dtype`` writes it, ready to run.
 
-    Converted to bfloat16 (with :func:`bf16_fp32_exclusions`) and/or MKLDNN-fused, in that
-    order: in the other order nothing runs in bfloat16 (DEVELOPING.md, "Measured facts about
-    MXNet 1.9.1 on CPU"). Runs once on the example inputs, which trace the graph; the block
-    takes other sizes afterwards.
+    bfloat16: converted (with :func:`bf16_fp32_exclusions`) and/or MKLDNN-fused, in that order:
+    in the other order nothing runs in bfloat16 (DEVELOPING.md, "Measured facts about MXNet
+    1.9.1 on CPU"). int8: quantized, calibrated and fused by :mod:`mxmask.quantize` (``fuse``
+    is implied). Runs once on the example inputs, which trace the graph; the block takes other
+    sizes afterwards.
 
     Args:
         sym: the network graph (:func:`network_symbol`).
         params: a ``ParameterDict`` with its values.
         data, im_info: example inputs, (B, 3, H, W) and (B, 3) NDArrays on the CPU.
         fuse: MKLDNN fusion (``optimize_for(backend="MKLDNN")``).
-        dtype: ``float32`` or ``bfloat16``.
+        dtype: one of :data:`DTYPES`.
+        calib: int8: the calibration inputs (:func:`mxmask.quantize.calibration_batches`).
+        int8: int8: the settings (``cfg.test.int8``).
 
     Returns:
-        ``(block, names of the nodes kept in fp32)``.
+        ``(block, record)``: ``record["float32_nodes"]`` names the nodes kept in float32 (bf16:
+        :func:`bf16_fp32_exclusions`; int8: ``test.int8.exclude``'s), and for int8 the rest of
+        :func:`mxmask.quantize.quantize_symbol`'s record.
     """
+    if dtype == "int8":
+        from .quantize import quantized_block
+        block, record = quantized_block(sym, params, calib, int8)
+        block(data, im_info)
+        return block, dict(record, float32_nodes=record["excluded"])
     pinned = []
     with warnings.catch_warnings():
         # SymbolBlocks warn that the graph inputs have no declared type (they are fp32)
@@ -520,7 +542,7 @@ def optimized_block(sym, params, data, im_info, fuse=False, dtype="float32"):
         else:
             block.hybridize()
         block(data, im_info)
-    return block, pinned
+    return block, {"float32_nodes": pinned}
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,35 +20,12 @@ import mxnet as mx
 import numpy as np
 
 from .config import unused_labels
+from .data.images import IMAGE_EXTENSIONS, list_images  # noqa: F401 (mxmask.predictor API)
 from .data.transforms import TestTransform, batchify_test, padded_size
 from .engine.checkpoint import checkpoint_files, load_checkpoint_config, load_params
 from .modeling.rcnn import build_model
 from .postprocess import detections_to_coco
 from .utils import UserError
-
-# the file names a folder is expanded to (case-insensitive)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(paths):
-    """Expand files and folders into image file paths.
-
-    Args:
-        paths: files (kept as they are, whatever their extension) and folders (their files
-            with an :data:`IMAGE_EXTENSIONS` extension, sorted, not recursive).
-
-    Returns:
-        list of paths, in the order given.
-    """
-    out = []
-    for path in paths:
-        if os.path.isdir(path):
-            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
-            out.extend(os.path.join(path, n) for n in names)
-        else:
-            out.append(path)
-    return out
-
 
 def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
     """Build the network of ``cfg`` and load its weights.
@@ -81,33 +58,43 @@ def load_network(cfg, params, ctxs, hybridize=True, kernels="auto"):
 
 def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
     """``net`` as ``mxmask export --fuse --dtype`` runs it (:func:`mxmask.graph.optimized_block`:
-    MKLDNN fusion and/or bfloat16), so that evaluating it measures what a deployment gets.
+    MKLDNN fusion, bfloat16 or int8), so that evaluating it measures what a deployment gets. The
+    int8 graph keeps ``net``'s kernels (the compiled RoIAlign and NMS where they load: the
+    same outputs as an export's); the others are traced with MXNet's operators, which the
+    bfloat16 conversion knows.
 
     Args:
         net: the loaded ``MaskRCNN``.
         cfg: its config; the example input that traces the graph is one zero image of the
-            padded test size.
+            padded test size; int8 calibrates as ``cfg.test.int8`` says
+            (:func:`mxmask.quantize.calibration_batches`).
         ctxs: exactly one CPU context (MKLDNN graphs run on the CPU).
         fuse: MKLDNN fusion.
-        dtype: ``float32`` or ``bfloat16``.
+        dtype: one of :data:`mxmask.graph.DTYPES`.
 
     Returns:
         a ``SymbolBlock`` with ``net``'s outputs that takes any size and batch.
 
     Raises:
-        UserError: a bad ``dtype``, or ``ctxs`` is not one CPU context.
+        UserError: a bad ``dtype``, ``ctxs`` is not one CPU context, no calibration image.
     """
     from .graph import check_dtype, network_symbol, optimized_block
-    check_dtype(dtype)
+    check_dtype(dtype, ctxs)
     if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
         raise UserError("--fuse / --dtype bfloat16 build an MKLDNN graph, which runs on one CPU "
                         "context; got --ctx %s" % ",".join(str(c) for c in ctxs))
+    calib = None
+    if dtype == "int8":
+        from .quantize import calibration_batches
+        calib = calibration_batches(cfg)
     h, w = padded_size(cfg.input.min_size_test, cfg.input.max_size_test,
                        cfg.input.size_divisibility)
     data = mx.nd.zeros((1, 3, h, w), ctx=ctxs[0])
     im_info = mx.nd.array([[h, w, 1.0]], ctx=ctxs[0])
-    block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,
-                               fuse=fuse, dtype=dtype)
+    kernels = net.kernels if dtype == "int8" else "mxnet"
+    block, _ = optimized_block(network_symbol(net, kernels), net.collect_params(), data,
+                               im_info, fuse=fuse, dtype=dtype, calib=calib,
+                               int8=cfg.test.int8)
     return block
 
 
@@ -142,6 +129,9 @@ class Predictor:
             raise UserError("--score-thresh: expected a value in [0, 1], got %r" % score_thresh)
         self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt, overrides)
         self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
+        if fuse or dtype != "float32":
+            from .graph import check_dtype
+            check_dtype(dtype, self.ctxs)       # before any network is built
         if net is None:
             params = params or checkpoint_files(ckpt)[0]
             net = load_network(self.cfg, params, self.ctxs)

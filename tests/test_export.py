@@ -172,7 +172,7 @@ def test_fused_export(gluon_net, shapes_ckpt, tmp_path):
         report = compare_outputs(gluon_net(data, im_info), sb(data, im_info), OUTPUTS)
         assert report["scores"] <= 1e-4 and report["masks"] <= 1e-4, report
         assert report["matched"] == 1.0 and report["matched_box"] <= 1e-2, report
-    assert result["bf16_fp32_nodes"] == []
+    assert result["float32_nodes"] == []
 
 
 def test_bfloat16_fused_export(gluon_net, shapes_ckpt, tmp_path):
@@ -180,7 +180,7 @@ def test_bfloat16_fused_export(gluon_net, shapes_ckpt, tmp_path):
     result = export_checkpoint(shapes_ckpt, prefix, size=(192, 256), fuse=True,
                                dtype="bfloat16", check=False)
     # the P6 max-pool reads fp32 GroupNorm output also cast to bf16 for the RPN conv: pinned
-    assert "mxmask_fpnbackbone0_pooling0" in result["bf16_fp32_nodes"]
+    assert "mxmask_fpnbackbone0_pooling0" in result["float32_nodes"]
     with open(prefix + "-symbol.json") as f:
         ops = [n["op"] for n in json.load(f)["nodes"]]
     assert ops.count("amp_cast") > 10 and ops.count("_sg_mkldnn_conv") >= 40

@@ -21,7 +21,7 @@ from ..graph import check_anchors_cover, check_dtype
 from ..utils import UserError, atomic_write_json
 from .peers import PEERS, bench_gluoncv, bench_resnet50, bench_torchvision, torchvision_arch
 from .report import format_table, peer_ratios, write_chart
-from .stages import (bench_inference, bench_input, bench_input_size, bench_keypoint_head_rois,
+from .stages import (bench_inference, bench_input, bench_int8_stages, bench_input_size, bench_keypoint_head_rois,
                      bench_optimized, bench_train_step, build_bench_model, count_network_macs,
                      gmac_record, keypoint_head_boxes, synthetic_train_batch)
 
@@ -48,11 +48,14 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         overrides: ``key=value`` config overrides; with ``against`` ``test.flip=false`` is
             added (neither peer has test-time flip).
         json_path: write the record here as JSON.
-        fuse, dtype: also time the MKLDNN-fused and/or bfloat16 graph built from the exported
-            graph; the stages stay those of the plain fp32 network. ``dtype="bfloat16"`` with
-            ``train`` runs the step's convolutions in bfloat16 (``solver.amp``).
+        fuse, dtype: also time the MKLDNN-fused and/or bfloat16 or int8 graph built from the
+            exported graph (:func:`bench_optimized`); the stages stay those of the plain fp32
+            network. ``dtype="bfloat16"`` with ``train`` runs the step's convolutions in
+            bfloat16 (``solver.amp``). int8 calibrates on ``test.int8.calib_images`` when
+            ``overrides`` set it, else on the bench input.
         against: None, ``"gluoncv"`` or ``"torchvision"`` (:data:`PEERS`).
-        resnet50: also time GluonCV's plain ResNet-50 (implied by ``against="gluoncv"``).
+        resnet50: also time GluonCV's plain ResNet-50 (implied by ``against="gluoncv"``);
+            with ``dtype="int8"`` its int8 graph too.
         chart_path: write a PNG bar chart of the stages here.
         kernels: ``auto``, ``mxmask`` or ``mxnet``: the in-process network's RoIAlign and NMS
             (:meth:`mxmask.modeling.rcnn.MaskRCNN.use_kernels`).
@@ -71,6 +74,9 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         than the anchors cover; all checked before any network is timed.
     """
     check_dtype(dtype)
+    if dtype == "int8" and train:
+        raise UserError("--dtype int8 is an inference precision; time the training step "
+                        "with --dtype float32 or bfloat16")
     if against not in (None,) + PEERS:
         raise UserError("--against %s: expected one of %s" % (against, ", ".join(PEERS)))
     if runs < 1 or warmup < 0:
@@ -106,7 +112,15 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
     m = result["mxmask"]
     if fuse or dtype != "float32":
         # stages stay those of the plain fp32 network; total is the optimised graph + paste
-        network = bench_optimized(net, hw, batch, fuse, dtype, runs, warmup)
+        network, record = bench_optimized(net, hw, batch, fuse, dtype, runs, warmup, cfg)
+        m["optimized_detections_per_image"] = record["detections_per_image"]
+        if dtype == "int8":
+            m["int8_stages"] = bench_int8_stages(cfg, net, hw, batch, runs, warmup)
+            settings["int8"] = {"calib_mode": record["calib_mode"],
+                                "calib_num": record["calib_num"],
+                                "calibrated_on": record["calibrated_on"],
+                                "quantized_layers": len(record["quantized"]),
+                                "float32_nodes": record["float32_nodes"]}
         paste = m["stages"]["paste/decode"]["median"]
         m["plain_total_s"], m["plain_network_s"] = m["total_s"], m["network_s"]
         m["network_s"] = network
@@ -129,7 +143,7 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         # stages), torchvision's in --dtype: their ratio only in fp32
         result.update(peer_ratios(m, result[against], keypoint_heads=dtype == "float32"))
     if resnet50 or against == "gluoncv":
-        result["resnet50"] = bench_resnet50(hw, batch, runs, warmup)
+        result["resnet50"] = bench_resnet50(hw, batch, runs, warmup, int8=dtype == "int8")
     out(format_table(result, settings))
     if json_path:
         atomic_write_json(json_path, result, indent=1)

@@ -210,7 +210,7 @@ def bench_torchvision(python, arch, cfg, size, batch=1, runs=5, warmup=2, train=
     return record, settings
 
 
-def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
+def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None, int8=False):
     """GluonCV's ``resnet50_v1b`` (random weights, 1000 classes) on the bench input, hybridized
     plain and after ``optimize_for(x, backend="MKLDNN")``: the rate a well-optimised plain CNN
     reaches on this machine, to read the detector's GFLOP/s against.
@@ -219,9 +219,13 @@ def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
         size, batch: (H, W) and images of :func:`bench_input`.
         runs, warmup: timed and untimed runs.
         ctx: the context (default CPU).
+        int8: also its int8 graph (:func:`mxmask.quantize.quantized_block`, naive calibration
+            on the bench input): the int8 floor.
 
     Returns:
-        ``{"gmac", "plain_s": stats, "mkldnn_s": stats, "gflop_per_s": {"plain", "mkldnn"}}``.
+        ``{"gmac", "plain_s": stats, "mkldnn_s": stats, "gflop_per_s": {"plain", "mkldnn"}}``,
+        with ``int8`` also ``"int8_s"`` and ``gflop_per_s["int8"]`` (int8 operations counted
+        as FLOPs).
     """
     from gluoncv.model_zoo import resnet50_v1b
     from ..flops import count_block_macs
@@ -236,10 +240,23 @@ def bench_resnet50(size, batch=1, runs=5, warmup=2, ctx=None):
         macs = count_block_macs(net, {"data": data.shape})["total"]
         net.optimize_for(data, backend="MKLDNN", static_alloc=True, static_shape=True)
         _, fused = timed(lambda: net(data), runs, warmup)
-    plain, fused = stats(plain), stats(fused)
-    return {"gmac": macs / 1e9, "plain_s": plain, "mkldnn_s": fused,
-            "gflop_per_s": {"plain": 2.0 * macs / plain["median"] / 1e9,
-                            "mkldnn": 2.0 * macs / fused["median"] / 1e9}}
+        times = {"plain": stats(plain), "mkldnn": stats(fused)}
+        if int8:
+            times["int8"] = stats(_resnet50_int8_times(net, data, runs, warmup))
+    record = {"gmac": macs / 1e9, "gflop_per_s": {}}
+    for name, s in times.items():
+        record["%s_s" % name] = s
+        record["gflop_per_s"][name] = 2.0 * macs / s["median"] / 1e9
+    return record
+
+
+def _resnet50_int8_times(net, data, runs, warmup):
+    """Seconds of ``net``'s int8 graph on ``data`` (calibrated on it), one per timed run."""
+    from ..quantize import quantized_block
+    from ..config import Int8Config
+    sym = net(mx.sym.var("data"))
+    block, _ = quantized_block(sym, net.collect_params(), [(data,)], Int8Config())
+    return timed(lambda: block(data), runs, warmup)[1]
 
 
 # the values of --against

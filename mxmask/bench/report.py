@@ -22,6 +22,8 @@ _PASTE_NAMES = {"gluoncv": "paste/rle", "torchvision": "postprocess"}
 
 
 _NAME_WIDTH = 30
+# the short names of --dtype in the table and chart
+_DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}
 
 
 def _row(name, s, note=""):
@@ -110,16 +112,30 @@ def format_table(result, settings):
              "%-*s %9s %9s %9s" % (_NAME_WIDTH, "stage", "median s", "min s", "max s")]
     m = result["mxmask"]
     stage_gmac = m.get("gmac_stages", {})
+    int8 = m.get("int8_stages", {})
     for name, s in m["stages"].items():
         note = "   %7.2f GMAC" % stage_gmac[name] if name in stage_gmac else ""
+        if name in int8:
+            note += "   int8 %.3f s (%.2fx)" % (int8[name]["median"],
+                                             s["median"] / int8[name]["median"])
         lines.append(_row(name, s, note))
     if "plain_total_s" in m:
         lines.append(_row("total fp32 plain", m["plain_total_s"]))
-        variant = "total %s%s" % ("bf16" if settings["dtype"] == "bfloat16" else "fp32",
+        variant = "total %s%s" % (_DTYPE_LABELS[settings["dtype"]],
                                   " fused" if settings["fuse"] else "")
     else:
         variant = "total"
     lines.append(_row(variant, m["total_s"]))
+    if "plain_total_s" in m:
+        lines.append("%s / fp32 plain (median): %.2fx faster; detections/image %.0f" % (
+            variant, m["plain_total_s"]["median"] / m["total_s"]["median"],
+            m["optimized_detections_per_image"]))
+    if "int8" in settings:
+        q = settings["int8"]
+        lines.append("int8: %d conv/fc layers quantized, %s calibration on %d image(s) of %s; "
+                     "float32 besides the proposal generator: %s"
+                     % (q["quantized_layers"], q["calib_mode"], q["calib_num"],
+                        q["calibrated_on"], ", ".join(q["float32_nodes"]) or "nothing"))
     if settings.get("test_flip"):
         lines.append("test.flip: the total includes the mirror image's backbone and head "
                      "passes; the stages time the image's own pass")
@@ -145,6 +161,9 @@ def format_table(result, settings):
                           % (r["gmac"], r["gflop_per_s"]["plain"])))
         lines.append(_row("resnet50 mkldnn", r["mkldnn_s"], "   %7.2f GMAC, %.1f GFLOP/s"
                           % (r["gmac"], r["gflop_per_s"]["mkldnn"])))
+        if "int8_s" in r:
+            lines.append(_row("resnet50 int8", r["int8_s"], "   %7.2f GMAC, %.1f GOP/s"
+                              % (r["gmac"], r["gflop_per_s"]["int8"])))
     return "\n".join(lines)
 
 
@@ -165,7 +184,7 @@ def write_chart(path, result, settings):
     m = result["mxmask"]
     bars = [(name, s, "#4c72b0") for name, s in m["stages"].items()]
     if "plain_total_s" in m:
-        optimised = "%s%s" % ("bf16" if settings["dtype"] == "bfloat16" else "fp32",
+        optimised = "%s%s" % (_DTYPE_LABELS[settings["dtype"]],
                               " fused" if settings["fuse"] else "")
         bars.append(("mxmask total, fp32 plain", m["plain_total_s"], "#1f3a60"))
         bars.append(("mxmask total, %s" % optimised, m["total_s"], "#0b1d33"))

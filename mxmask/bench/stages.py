@@ -29,10 +29,11 @@ from ..modeling.poolers import shared_level_canvas
 from ..modeling.rcnn import build_model, inference_kernels
 from ..modeling.roi_heads import head_inputs, select_class_masks
 from ..postprocess import detections_to_coco
+from ..quantize import quantized_block
 from ..utils import UserError
 
 __all__ = ["bench_input_size", "stats", "timed", "build_bench_model", "bench_inference",
-           "bench_input", "KEYPOINT_ROIS", "keypoint_head_boxes", "bench_keypoint_head_rois",
+           "bench_input", "stage_calls", "bench_int8_stages", "KEYPOINT_ROIS", "keypoint_head_boxes", "bench_keypoint_head_rois",
            "stage_mac_groups", "gmac_record", "count_network_macs", "synthetic_train_batch",
            "bench_train_step", "bench_optimized"]
 
@@ -204,6 +205,68 @@ def bench_input(size, batch=1, ctx=None):
     return data, im_info
 
 
+def stage_calls(net, data, im_info):
+    """The stages of ``net``'s inference graph as blocks and their inputs, each stage's inputs
+    the outputs of the stages before it (run once here).
+
+    Args:
+        net: a ``MaskRCNN`` (its kernels in force: :func:`bench_inference`'s block).
+        data, im_info: the input, (B, 3, H, W) and (B, 3).
+
+    Returns:
+        list of ``(name, HybridBlock, inputs tuple)``: backbone+fpn, rpn+proposals,
+        box_head+nms, then mask_head and keypoint_head when the network has them.
+    """
+    calls = []
+
+    def run(name, block, *inputs):
+        if isinstance(block, (_TimedDetections, _TimedHead)):    # the others are net's own
+            block.hybridize(static_alloc=True, static_shape=True)
+        calls.append((name, block, inputs))
+        return block(*inputs)
+
+    features = run("backbone+fpn", net.backbone, data)
+    rois, roi_scores = run("rpn+proposals", net.rpn, im_info, *features)
+    ids, _, boxes = run("box_head+nms", _TimedDetections(net), im_info, rois, roi_scores,
+                        *features)
+    levels = net.roi_features(features)
+    if net.mask_head is not None:
+        run("mask_head", _TimedHead(net.mask_head, net.mask_head.num_classes), boxes, ids,
+            *head_inputs(net.mask_head, levels, data))
+    if net.keypoint_head is not None:
+        run("keypoint_head", _TimedHead(net.keypoint_head), boxes, ids, *levels)
+    return calls
+
+
+def bench_int8_stages(cfg, net, size, batch, runs, warmup):
+    """The stages of :func:`stage_calls`, each quantized on its own
+    (:func:`mxmask.quantize.quantized_block`, calibrated on its float32 inputs from the bench
+    input) and timed: where the int8 graph's time goes. Each stage's int8 graph starts and
+    ends in float32, so their sum is a little above the whole int8 graph's time.
+
+    Args:
+        cfg: the config (``test.int8``).
+        net: the ``MaskRCNN``.
+        size, batch, runs, warmup: as :func:`bench_inference`.
+
+    Returns:
+        ``{stage name: stats}``.
+    """
+    data, im_info = bench_input(size, batch)
+    out = {}
+    with warnings.catch_warnings(), inference_kernels(net.kernels):
+        warnings.filterwarnings("ignore", message=".*is not used by any computation")
+        for name, block, inputs in stage_calls(net, data, im_info):
+            names = ["in%d" % i for i in range(len(inputs))]
+            sym = block(*[mx.sym.var(n) for n in names])
+            sym = mx.sym.Group(list(sym)) if isinstance(sym, (list, tuple)) else sym
+            qblock, _ = quantized_block(sym, block.collect_params(), [inputs], cfg.test.int8,
+                                        input_names=names)
+            _, times = timed(lambda: qblock(*inputs), runs, warmup)
+            out[name] = stats(times)
+    return out
+
+
 def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
     """The body of :func:`bench_inference`, inside its warning filter and kernel block."""
     ctx = ctx or mx.cpu()
@@ -215,24 +278,9 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
     names = list(net.output_names)
 
     stages = {}
-    backbone = net.backbone
-    features, stages["backbone+fpn"] = timed(lambda: backbone(data), runs, warmup)
-    (rois, roi_scores), stages["rpn+proposals"] = timed(lambda: net.rpn(im_info, *features),
-                                                         runs, warmup)
-    box_stage = _TimedDetections(net)
-    box_stage.hybridize(static_alloc=True, static_shape=True)
-    (ids, _, boxes), stages["box_head+nms"] = timed(
-        lambda: box_stage(im_info, rois, roi_scores, *features), runs, warmup)
-    levels = net.roi_features(features)
-    if net.mask_head is not None:
-        mask_stage = _TimedHead(net.mask_head, net.mask_head.num_classes)
-        mask_stage.hybridize(static_alloc=True, static_shape=True)
-        mask_in = head_inputs(net.mask_head, levels, data)
-        _, stages["mask_head"] = timed(lambda: mask_stage(boxes, ids, *mask_in), runs, warmup)
-    if net.keypoint_head is not None:
-        kp_stage = _TimedHead(net.keypoint_head)
-        kp_stage.hybridize(static_alloc=True, static_shape=True)
-        _, stages["keypoint_head"] = timed(lambda: kp_stage(boxes, ids, *levels), runs, warmup)
+    for name, block, inputs in stage_calls(net, data, im_info):
+        _, stages[name] = timed(lambda: block(*inputs), runs, warmup)
+    levels = net.roi_features(net.backbone(data))
 
     arrays = [o.asnumpy() for o in outputs]
     num_dets = int((arrays[0] >= 0).sum())
@@ -454,22 +502,41 @@ def bench_train_step(cfg, net, size, batch=1, runs=3, warmup=2, ctx=None):
             "train_amp": loss_net.amp or "float32"}
 
 
-def bench_optimized(net, size, batch, fuse, dtype, runs, warmup):
-    """End-to-end latency of the exported graph, bfloat16-converted and/or MKLDNN-fused
-    (:func:`mxmask.graph.optimized_block`, MXNet's own operators).
+def bench_optimized(net, size, batch, fuse, dtype, runs, warmup, cfg=None):
+    """End-to-end latency of the exported graph, bfloat16-converted and/or MKLDNN-fused, or
+    quantized to int8 (:func:`mxmask.graph.optimized_block`).
+
+    bfloat16 and fused graphs hold MXNet's own operators, as an export does; the int8 graph
+    keeps ``net``'s kernels, as ``mxmask predict --dtype int8`` runs it (the compiled RoIAlign
+    and NMS where they load).
 
     Args:
         net: the ``MaskRCNN`` whose graph and parameters are taken.
         size, batch: (H, W) and images of :func:`bench_input`.
-        fuse, dtype: MKLDNN fusion; ``float32`` or ``bfloat16``.
+        fuse, dtype: MKLDNN fusion; ``float32``, ``bfloat16`` or ``int8``.
         runs, warmup: timed and untimed runs.
+        cfg: int8: the config; calibrated on ``test.int8.calib_images`` when set
+            (:func:`mxmask.quantize.calibration_batches`), else on the bench input.
 
     Returns:
-        stats (``{"median", "min", "max"}`` seconds).
+        ``(stats, record)``: stats (``{"median", "min", "max"}`` seconds) and
+        :func:`mxmask.graph.optimized_block`'s record plus ``detections_per_image`` and, for
+        int8, ``calibrated_on``.
     """
     from ..graph import network_symbol, optimized_block
     data, im_info = bench_input(size, batch)
-    block, _ = optimized_block(network_symbol(net), net.collect_params(), data, im_info,
-                               fuse, dtype)
-    _, times = timed(lambda: block(data, im_info), runs, warmup)
-    return stats(times)
+    calib, source = None, None
+    if dtype == "int8":
+        if cfg.test.int8.calib_images:
+            from ..quantize import calibration_batches
+            calib, source = calibration_batches(cfg), cfg.test.int8.calib_images
+        else:
+            calib, source = [bench_input(size, 1)], "the bench input"
+    kernels = net.kernels if dtype == "int8" else "mxnet"
+    block, record = optimized_block(network_symbol(net, kernels), net.collect_params(), data,
+                                    im_info, fuse, dtype, calib, cfg.test.int8 if cfg else None)
+    outs, times = timed(lambda: block(data, im_info), runs, warmup)
+    record = dict(record, detections_per_image=float((outs[0] >= 0).sum().asscalar()) / batch)
+    if source:
+        record["calibrated_on"] = source
+    return stats(times), record

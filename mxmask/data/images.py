@@ -1,6 +1,7 @@
 """Image files of a dataset: decoding, and cheap checks of size and truncation.
 
     read_image(path) -> (H, W, 3) uint8 RGB, or UserError naming the file
+    list_images(["a.png", "dir/"]) -> the files, folders expanded to their image files
     check_image_files(images, image_dir, mode, report)
 
 In: paths (and, for the checks, the json's image entries with their ``file_name``, ``width`` and
@@ -20,12 +21,36 @@ from PIL import Image
 
 from ..utils import UserError
 
-__all__ = ["read_image", "check_image_files"]
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "read_image", "check_image_files"]
 
 
 # --------------------------------------------------------------------------------------------
 # Image files
 # --------------------------------------------------------------------------------------------
+# the file names a folder is expanded to (case-insensitive)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(paths):
+    """Expand files and folders into image file paths.
+
+    Args:
+        paths: files (kept as they are, whatever their extension) and folders (their files
+            with an :data:`IMAGE_EXTENSIONS` extension, sorted, not recursive).
+
+    Returns:
+        list of paths, in the order given.
+    """
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            out.extend(os.path.join(path, n) for n in names)
+        else:
+            out.append(path)
+    return out
+
+
 def _jpeg_truncation_problem(data):
     """None if the JPEG has an end-of-image marker after its first scan, else what is wrong."""
     pos = 2

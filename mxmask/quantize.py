@@ -1,0 +1,306 @@
+"""INT8 inference: the network graph quantized by MXNet's oneDNN backend, calibrated on images.
+
+    batches = calibration_batches(cfg)                     # [(data, im_info)], test-time inputs
+    qsym, qparams, record = quantize_symbol(sym, params, batches, cfg.test.int8)
+    block = quantized_block(sym, params, batches, cfg.test.int8)     # a SymbolBlock that runs
+
+In: the float32 inference graph (:func:`mxmask.graph.network_symbol`), its parameters, and
+calibration inputs: images of ``test.int8.calib_images`` (default the config's
+``data.val_images``), ``calib_num`` of them drawn with ``calib_seed``, resized and normalised
+as at test time. Out: a graph whose convolutions and fully connected layers (with the batch
+norms, activations and sums oneDNN fuses into them) run in int8 with scales fixed by
+calibration (``calib_mode`` naive: the ranges seen; entropy: KL-optimal ranges). The inputs,
+outputs and output meaning are the float32 graph's.
+
+What stays float32: the proposal generator (box decoding, top-k and NMS; its padding constant
+is -inf, whose calibration range would be infinite), RoIAlign, the detection post-processing,
+the deconvolutions (MXNet 1.9.1 has no int8 Deconvolution), and the nodes named by
+``test.int8.exclude`` (fnmatch patterns; the presets say which and why). MXNet's "smart" mode
+quantizes only where the int8 data stays int8 between layers.
+
+Calibration is deterministic: the same images, seed and mode give the same graph.
+docs/int8.md is the user's page.
+"""
+import contextlib
+import fnmatch
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+from .utils import UserError
+
+__all__ = ["ALWAYS_FLOAT32", "calibration_images", "calibration_batches", "int8_exclusions",
+           "quantize_symbol", "quantized_block"]
+
+# the graph inputs, in the order of a calibration batch (an image classifier has only "data")
+INPUT_NAMES = ("data", "im_info")
+# node-name patterns that always stay float32: the proposal generator (see the docstring)
+ALWAYS_FLOAT32 = ("*proposalgenerator*",)
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration inputs
+# --------------------------------------------------------------------------------------------
+def calibration_images(cfg):
+    """The calibration image files of a config.
+
+    Args:
+        cfg: the config: ``test.int8.calib_images`` (or ``data.val_images`` when empty),
+            ``calib_num`` and ``calib_seed``.
+
+    Returns:
+        list of paths, sorted: all image files of the folder when it holds at most
+        ``calib_num``, else ``calib_num`` of them drawn without replacement with
+        ``calib_seed``.
+
+    Raises:
+        UserError: the folder is missing or holds no image file.
+    """
+    from .data.images import list_images
+    q = cfg.test.int8
+    folder = q.calib_images or cfg.data.val_images
+    option = "--calib-images" if q.calib_images else "data.val_images (the calibration default)"
+    if not os.path.isdir(folder):
+        raise UserError("%s %s: not a folder; pass --calib-images DIR, a folder of images like "
+                        "the ones the model will see" % (option, folder))
+    paths = list_images([folder])
+    if not paths:
+        raise UserError("%s %s: holds no image file; pass --calib-images DIR" % (option, folder))
+    if len(paths) > q.calib_num:
+        rng = np.random.RandomState(q.calib_seed)
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), q.calib_num, replace=False))]
+    return paths
+
+
+def calibration_batches(cfg, paths=None):
+    """Calibration inputs, one image per batch, as :class:`mxmask.predictor.Predictor` feeds
+    the network.
+
+    Args:
+        cfg: the config (its test-time input pipeline).
+        paths: image files (default :func:`calibration_images`).
+
+    Returns:
+        list of ``(data (1, 3, Hp, Wp), im_info (1, 3))`` NDArrays on the CPU; unreadable files
+        are skipped.
+
+    Raises:
+        UserError: none of the files is a readable image.
+    """
+    import mxnet as mx
+    from .data.images import read_image
+    from .data.transforms import TestTransform, batchify_test
+    paths = calibration_images(cfg) if paths is None else list(paths)
+    transform = TestTransform(cfg)
+    batches, problems = [], []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        data, im_info = transform.apply_image(image)
+        b = batchify_test([(data, im_info, 0, np.array(image.shape[:2], np.int64))],
+                          cfg.input.size_divisibility)
+        batches.append((mx.nd.array(b["data"]), mx.nd.array(b["im_info"])))
+    if not batches:
+        folder = os.path.dirname(paths[0]) if paths else "(none)"
+        raise UserError("%s: none of its %d calibration files is a readable image (%s)"
+                        % (folder, len(paths), problems[0] if problems else "no files"))
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------------
+def _inner_nodes(node):
+    """The nodes a node of a fused graph stands for: itself, and for a oneDNN subgraph node
+    (``_sg_mkldnn_conv``, ...) the operator nodes inside it, those of the float32 graph."""
+    nodes = [node]
+    for sub in node.get("subgraphs") or ():
+        for inner in sub["nodes"]:
+            if inner["op"] != "null":
+                nodes.extend(_inner_nodes(inner))
+    return nodes
+
+
+def _inner_names(node):
+    """The names of :func:`_inner_nodes`."""
+    return [n["name"] for n in _inner_nodes(node)]
+
+
+def int8_exclusions(fsym, patterns=()):
+    """The nodes of a fused graph kept in float32.
+
+    Args:
+        fsym: the graph after ``get_backend_symbol("MKLDNN_QUANTIZE")``.
+        patterns: fnmatch patterns of operator names of the float32 graph (those of
+            ``symbols/<preset>-symbol.json``; ``test.int8.exclude``), besides
+            :data:`ALWAYS_FLOAT32`. A fused node is kept when any operator inside it matches.
+
+    Returns:
+        ``(node names of fsym to exclude, the float32 graph's names they stand for)``.
+
+    Raises:
+        UserError: a pattern of ``patterns`` matches no operator (a typo would quietly
+        quantize).
+    """
+    nodes = [n for n in json.loads(fsym.tojson())["nodes"] if n["op"] != "null"]
+    every = tuple(ALWAYS_FLOAT32) + tuple(patterns)
+    inner = {n["name"]: _inner_names(n) for n in nodes}
+    for pattern in patterns:
+        if not any(fnmatch.filter(names, pattern) for names in inner.values()):
+            raise UserError("test.int8.exclude: %r matches no operator of the graph" % pattern)
+    excluded, originals = [], []
+    for node in nodes:
+        hits = [name for name in inner[node["name"]]
+                if any(fnmatch.fnmatchcase(name, p) for p in every)]
+        if hits:
+            excluded.append(node["name"])
+            originals.extend(hits)
+    return excluded, originals
+
+
+def _collect(fsym, args, auxs, batches, collector, input_names):
+    """Run the float32 graph on every batch with ``collector`` watching every node output."""
+    import mxnet as mx
+    for batch in batches:
+        values = dict(args)
+        values.update(zip(input_names, batch))
+        exe = fsym.bind(mx.cpu(), args=values, aux_states=auxs, grad_req="null")
+        exe.set_monitor_callback(collector.collect, monitor_all=True)
+        exe.forward(is_train=False)
+        for out in exe.outputs:
+            out.wait_to_read()
+        del exe
+
+
+def _check_ranges(fsym, ranges):
+    """UserError naming the first node whose calibrated range is not finite."""
+    ops = {n["name"]: n["op"] for n in json.loads(fsym.tojson())["nodes"]}
+    for key, value in ranges.items():
+        low, high = float(value[0]), float(value[1])
+        if not (np.isfinite(low) and np.isfinite(high)):
+            node = key[:-len("_output")] if key.endswith("_output") else key
+            raise UserError("the graph cannot be quantized: node %s (operator %s) has the "
+                            "calibration range [%g, %g]; keep it float32 with --set "
+                            "test.int8.exclude=[%s]" % (node, ops.get(node, "?"), low, high, node))
+
+
+def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
+    """Quantize and calibrate a graph.
+
+    Args:
+        sym: the float32 graph, inputs ``data`` (B, 3, H, W) and ``im_info`` (B, 3) (or only
+            ``data``, for a classifier).
+        params: a ``ParameterDict`` or a dict ``name -> NDArray`` with its values.
+        batches: calibration inputs, tuples in the order of ``input_names``
+            (:func:`calibration_batches`).
+        settings: ``test.int8`` (``calib_mode``, ``exclude``).
+        input_names: the graph's inputs (default :data:`INPUT_NAMES`; a part of the network,
+            as ``mxmask bench`` times int8 stages, has others).
+
+    Returns:
+        ``(qsym, {"arg:NAME" / "aux:NAME": NDArray}, record)``: the calibrated int8 graph, its
+        parameter file's content, and ``record`` with ``excluded`` (nodes kept float32),
+        ``quantized`` (names of the int8 operator nodes), ``calib_mode`` and ``calib_num``.
+
+    Raises:
+        UserError: MXNet cannot quantize the graph, or a layer's range is not finite; the
+        message names the operator.
+    """
+    import mxnet as mx
+    from mxnet.contrib import quantization as q
+    arg_names, aux_names = set(sym.list_arguments()), set(sym.list_auxiliary_states())
+    values = {k: (v if isinstance(v, mx.nd.NDArray) else v.data())
+              for k, v in params.items() if k in arg_names or k in aux_names}
+    args = {k: v for k, v in values.items() if k in arg_names}
+    auxs = {k: v for k, v in values.items() if k in aux_names}
+    fsym = sym.get_backend_symbol("MKLDNN_QUANTIZE")
+    excluded, excluded_names = int8_exclusions(fsym, settings.exclude)
+    log = []
+    try:
+        with warnings.catch_warnings(), _native_log(log):
+            warnings.simplefilter("ignore")
+            qsym, _, _, collector = q.quantize_graph(
+                sym=fsym, arg_params=args, aux_params=auxs, ctx=mx.cpu(),
+                excluded_sym_names=excluded, calib_mode=settings.calib_mode,
+                quantized_dtype="auto", quantize_mode="smart")
+            _collect(fsym, args, auxs, batches, collector, input_names)
+    except mx.base.MXNetError as err:
+        raise UserError("the graph cannot be quantized: %s"
+                        % _mxnet_reason(err)) from None
+    ranges = collector.min_max_dict if settings.calib_mode == "naive" else {
+        k: (v[2], v[3]) for k, v in collector.hist_dict.items()}
+    _check_ranges(fsym, ranges)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qsym, qargs, qauxs = q.calib_graph(qsym, args, auxs, collector,
+                                           calib_mode=settings.calib_mode,
+                                           quantized_dtype="auto", logger=None)
+    with _native_log(log):
+        qsym = qsym.get_backend_symbol("MKLDNN_QUANTIZE")
+    quantized = []
+    for node in json.loads(qsym.tojson())["nodes"]:
+        if node["op"] != "null" and node["name"].startswith("quantized_"):
+            quantized.extend(n["name"] for n in _inner_nodes(node)
+                             if n["op"] in ("Convolution", "FullyConnected"))
+    used = set(qsym.list_arguments()) | set(qsym.list_auxiliary_states())
+    out = {"arg:" + k: v for k, v in qargs.items() if k in used}
+    out.update({"aux:" + k: v for k, v in qauxs.items() if k in used})
+    record = {"excluded": [n for n in excluded_names if not _always(n)], "quantized": quantized,
+              "calib_mode": settings.calib_mode, "calib_num": len(batches)}
+    return qsym, out, record
+
+
+@contextlib.contextmanager
+def _native_log(lines):
+    """Capture what MXNet's C++ side prints on stderr (the quantization pass logs every node it
+    leaves out, the executor every oneDNN partition) into ``lines``, instead of the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(log.read().decode("utf-8", "replace").splitlines())
+
+
+def _always(name):
+    """Whether ``name`` matches :data:`ALWAYS_FLOAT32`."""
+    return any(fnmatch.fnmatchcase(name, p) for p in ALWAYS_FLOAT32)
+
+
+def _mxnet_reason(err):
+    """The last line of an MXNetError's text, without the C++ stack."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def quantized_block(sym, params, batches, settings, input_names=INPUT_NAMES):
+    """:func:`quantize_symbol` as a block that runs (same arguments).
+
+    Returns:
+        ``(SymbolBlock on the CPU, record)``; run once on the first calibration input.
+    """
+    import mxnet as mx
+    qsym, values, record = quantize_symbol(sym, params, batches, settings, input_names)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Cannot decide type")
+        block = mx.gluon.SymbolBlock(qsym, [mx.sym.var(n)
+                                            for n in input_names[:len(batches[0])]])
+    block.collect_params().load_dict({k.split(":", 1)[1]: v for k, v in values.items()},
+                                     ctx=mx.cpu(), cast_dtype=True, dtype_source="saved")
+    block.hybridize(static_alloc=True)
+    with _native_log([]):
+        block(*batches[0])
+    return block, record
