@@ -236,6 +236,10 @@ def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
                         % _mxnet_reason(err)) from None
     ranges = collector.min_max_dict if settings.calib_mode == "naive" else {
         k: (v[2], v[3]) for k, v in collector.hist_dict.items()}
+    # entropy: np.histogram refuses a non-finite range, and MXNet's monitor callback swallows
+    # the error, so such a layer has no histogram at all (and would quietly go uncalibrated)
+    ranges = dict(ranges, **{k: (np.nan, np.nan) for k in collector.include_layer
+                             if k not in ranges})
     _check_ranges(fsym, ranges)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

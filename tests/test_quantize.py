@@ -1,0 +1,512 @@
+"""Tests of mxmask.quantize and ``--dtype int8`` (export, predict, eval, bench).
+
+On the random-init tiny shapes checkpoint (conftest's ``ckpt``: 128-160 px inputs; its
+``data.val_images``, 4 synthetic images, are the calibration default). Checked: the int8 graph
+that ``Predictor(ckpt, dtype="int8")`` runs (int8 operators and weights, the fp32 network's
+output shapes, the proposal generator untouched), the calibration record, deterministic
+calibration (the same graph and parameters twice; the same files for a seed; entropy mode),
+``test.int8.exclude``, the int8 export (its outputs are the in-process int8 graph's, its meta
+record, scripts/predict_exported.py on it giving ``mxmask predict --dtype int8``'s entries), the
+user errors (one line, exit 2), a graph whose calibration range is infinite (the error names the
+node and its operator, naive and entropy), and the int8 rows of ``mxmask bench``.
+
+Not here: the accuracy of int8 against fp32 on a trained checkpoint, and speed.
+"""
+import collections
+import json
+import os
+import shutil
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from helpers.export_script import assert_same_entries, run_script
+from mxmask.cli import main
+from mxmask.config import Int8Config, load_yaml
+from mxmask.engine.checkpoint import checkpoint_files, load_checkpoint_config, save_config
+from mxmask.export import compare_outputs, export_checkpoint, import_exported
+from mxmask.graph import check_dtype, network_symbol
+from mxmask.predictor import Predictor, load_network
+from mxmask.quantize import (calibration_batches, calibration_images, int8_exclusions,
+                             quantize_symbol, quantized_block)
+from mxmask.utils import UserError
+
+# SymbolBlocks warn that the graph inputs have no declared dtype (they are fp32)
+pytestmark = pytest.mark.filterwarnings("ignore:Cannot decide type")
+
+OUTPUTS = ["ids", "scores", "boxes", "masks", "keypoints", "heatmaps"]
+PG = "proposalgenerator"         # in the node names of the proposal generator, always float32
+
+
+def val_files(shapes_dataset):
+    folder = os.path.join(shapes_dataset, "images", "val")
+    return folder, [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
+
+
+def graph_nodes(sym_or_path):
+    """The operator nodes (not variables) of a Symbol or a -symbol.json file."""
+    if isinstance(sym_or_path, str):
+        with open(sym_or_path) as f:
+            js = json.load(f)
+    else:
+        js = json.loads(sym_or_path.tojson())
+    return [n for n in js["nodes"] if n["op"] != "null"]
+
+
+def pg_ops(nodes):
+    """{name from "proposalgenerator" on: op} of the proposal generator's nodes (the network's
+    own prefix, maskrcnnN_, depends on how many networks the process built)."""
+    return {n["name"][n["name"].index(PG):]: n["op"] for n in nodes if PG in n["name"]}
+
+
+def pg_types(sym):
+    """{name from "proposalgenerator" on: output dtype} of the proposal generator's nodes."""
+    internals = sym.get_internals()
+    _, types, _ = internals.infer_type(data="float32", im_info="float32")
+    return {name[name.index(PG):]: np.dtype(t).name
+            for name, t in zip(internals.list_outputs(), types) if PG in name}
+
+
+def quantized_params(params):
+    """Keys of the int8 / uint8 arrays of a parameter dict."""
+    return [k for k, v in params.items() if v.dtype in (np.int8, np.uint8)]
+
+
+@pytest.fixture(scope="module")
+def fp32(ckpt):
+    """(cfg, the float32 network as Predictor loads it, its inference graph with the same
+    kernels as the in-process int8 graph)."""
+    cfg = load_checkpoint_config(ckpt)
+    net = load_network(cfg, checkpoint_files(ckpt)[0], [mx.cpu()])
+    return cfg, net, network_symbol(net, net.kernels)
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32):
+    """The tiny network quantized with the default settings, calibrated on one image."""
+    cfg, net, sym = fp32
+    batches = calibration_batches(cfg)[:1]
+    qsym, qparams, record = quantize_symbol(sym, net.collect_params(), batches, Int8Config())
+    return batches, qsym, qparams, record
+
+
+@pytest.fixture(scope="module")
+def int8_predictor(ckpt):
+    """``Predictor(ckpt, dtype="int8")``: calibrated on the checkpoint's 4 val images."""
+    return Predictor(ckpt, dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def int8_export(ckpt, tmp_path_factory):
+    """``export_checkpoint(ckpt, prefix, dtype="int8")`` with its check: the same calibration
+    as ``int8_predictor``."""
+    prefix = str(tmp_path_factory.mktemp("int8_export") / "tiny")
+    return prefix, export_checkpoint(ckpt, prefix, dtype="int8")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the quantized graph builds and runs
+# --------------------------------------------------------------------------------------------
+def test_int8_predictor_runs_an_int8_graph(int8_predictor, fp32, shapes_dataset, tmp_path):
+    cfg, net, sym = fp32
+    p = int8_predictor
+    assert isinstance(p.net, mx.gluon.SymbolBlock)        # the int8 graph, not the MaskRCNN
+    _, files = val_files(shapes_dataset)
+    assert calibration_images(p.cfg) == files     # the default: all of data.val_images
+    batches = calibration_batches(p.cfg)
+    assert len(batches) == 4
+    # the fp32 network's outputs, shapes and types, and finite values; on a calibration image
+    # and on a size the graph was not traced with
+    other = (mx.nd.array(np.random.RandomState(1).randn(1, 3, 160, 128).astype(np.float32)),
+             mx.nd.array([[150, 128, 1.0]]))
+    for data, im_info in (batches[0], other):
+        ref, got = net(data, im_info), p.net(data, im_info)
+        assert len(got) == len(ref) == len(OUTPUTS)
+        for name, r, g in zip(OUTPUTS, ref, got):
+            assert g.shape == r.shape and g.dtype == r.dtype, name
+            assert np.isfinite(g.asnumpy()).all(), name
+        assert (got[0].asnumpy() >= 0).sum() > 0             # it detects (random weights)
+    entries = p.predict_image(files[0])
+    assert entries and all(e["file_name"] == os.path.basename(files[0]) for e in entries)
+    # the graph it runs: quantized oneDNN convolutions and fc layers, int8 weights
+    prefix = str(tmp_path / "predictor")
+    p.net.export(prefix)
+    nodes = graph_nodes(prefix + "-symbol.json")
+    ops = collections.Counter(n["op"] for n in nodes)
+    names = [n["name"] for n in nodes]
+    assert sum(n.startswith("quantized_sg_mkldnn_conv") for n in names) >= 50, ops
+    assert sum(n.startswith("quantized_sg_mkldnn_fully_connected") for n in names) >= 4, ops
+    assert ops["_contrib_quantize_v2"] > 0 and ops["_contrib_dequantize"] > 0
+    # with the compiled RoIAlign and NMS where they load (as the float32 predictor)
+    assert ("mxmask_roi_align" in ops) == ("mxmask_box_nms" in ops) == (net.kernels == "mxmask")
+    params = mx.nd.load(prefix + "-0000.params")
+    int8 = quantized_params(params)
+    assert any("boxhead" in k and k.endswith("weight_quantize") for k in int8), int8
+    # the proposal generator: the float32 graph's nodes, operators and types, none quantized
+    qsym = mx.sym.load(prefix + "-symbol.json")
+    assert len(pg_ops(nodes)) > 100
+    assert pg_ops(nodes) == pg_ops(graph_nodes(sym))
+    types = pg_types(qsym)
+    assert types == pg_types(sym) and "float32" in types.values()
+    assert not [n for n in names if PG in n and "quantize" in n]
+
+
+def test_quantize_record_names_the_int8_layers(quantized, fp32):
+    cfg, net, sym = fp32
+    batches, qsym, qparams, record = quantized
+    assert record["calib_mode"] == "naive" and record["calib_num"] == 1
+    assert record["excluded"] == []           # the proposal generator is not listed: always
+    fp32_ops = {n["name"]: n["op"] for n in graph_nodes(sym)}
+    # every name is a convolution or fc layer of the float32 graph, each once
+    assert record["quantized"] and len(set(record["quantized"])) == len(record["quantized"])
+    assert {fp32_ops[n] for n in record["quantized"]} == {"Convolution", "FullyConnected"}
+    for part in ("fpnbackbone", "rpn0_head", "boxhead", "maskhead", "keypointhead"):
+        assert any(part in n for n in record["quantized"]), part
+    assert not [n for n in record["quantized"] if PG in n]
+    # the proposal generator is on the exclusion list MXNet gets, whatever the patterns
+    fsym = sym.get_backend_symbol("MKLDNN_QUANTIZE")
+    excluded, originals = int8_exclusions(fsym)
+    pg_nodes = [n["name"] for n in graph_nodes(fsym) if PG in n["name"]]
+    assert len(pg_nodes) > 100 and sorted(excluded) == sorted(pg_nodes)
+    assert sorted(originals) == sorted(pg_nodes)
+    # the graph holds them as int8 operators with calibrated (fixed, finite) output ranges, or
+    # (fc layers before float32 operators) a float32 output
+    nodes = graph_nodes(qsym)
+    quantized_nodes = [n for n in nodes if n["name"].startswith("quantized_")]
+    assert len(quantized_nodes) >= 50
+    calibrated = 0
+    for node in quantized_nodes:
+        if node["op"] in ("_sg_mkldnn_conv", "_sg_mkldnn_fully_connected"):
+            attrs = node["attrs"]
+            if "min_calib_range" not in attrs:
+                assert attrs.get("enable_float_output") == "True", node
+                continue
+            low, high = float(attrs["min_calib_range"]), float(attrs["max_calib_range"])
+            assert np.isfinite([low, high]).all() and low < high, node["name"]
+            calibrated += 1
+    assert calibrated >= 50
+    assert "Convolution" not in {n["op"] for n in nodes}      # all fused into oneDNN nodes
+    assert quantized_params(qparams)
+    assert pg_ops(nodes) == pg_ops(graph_nodes(sym))
+    # the parameters: those the graph reads, arg: / aux: keys as an export writes them
+    used = set(qsym.list_arguments()) | set(qsym.list_auxiliary_states())
+    assert {k.split(":", 1)[1] for k in qparams} == used - {"data", "im_info"}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. deterministic calibration; exclusions
+# --------------------------------------------------------------------------------------------
+def test_quantizing_twice_gives_the_same_graph_and_parameters(quantized, fp32):
+    cfg, net, sym = fp32
+    batches, qsym, qparams, record = quantized
+    qsym2, qparams2, record2 = quantize_symbol(sym, net.collect_params(), batches, Int8Config())
+    assert qsym2.tojson() == qsym.tojson()
+    assert record2 == record
+    assert sorted(qparams2) == sorted(qparams)
+    for key, value in qparams.items():
+        assert qparams2[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(qparams2[key].asnumpy(), value.asnumpy(), err_msg=key)
+
+
+def test_calibration_images_drawn_with_the_seed(ckpt, shapes_dataset, tmp_path):
+    _, files = val_files(shapes_dataset)
+
+    def pick(*sets):
+        return calibration_images(load_checkpoint_config(ckpt, list(sets)))
+
+    # at most calib_num files: all of them, sorted
+    assert pick() == files and pick("test.int8.calib_num=4") == files
+    # fewer: calib_num of them, sorted, the same ones for the same seed
+    assert len(pick("test.int8.calib_num=3")) == 3
+    first = pick("test.int8.calib_num=2")
+    assert len(first) == 2 and set(first) < set(files) and first == sorted(first)
+    assert pick("test.int8.calib_num=2", "test.int8.calib_seed=0") == first
+    # drawn without replacement by numpy's RandomState(calib_seed): the same files in every
+    # run, on every machine
+    for seed in (0, 5):
+        drawn = np.random.RandomState(seed).choice(len(files), 2, replace=False)
+        assert pick("test.int8.calib_num=2", "test.int8.calib_seed=%d" % seed) == \
+            [files[i] for i in sorted(drawn)]
+    others = [pick("test.int8.calib_num=2", "test.int8.calib_seed=%d" % s) for s in range(1, 8)]
+    assert all(len(o) == 2 and set(o) < set(files) for o in others)
+    assert any(o != first for o in others)
+    # calib_images replaces data.val_images; non-image files are not listed
+    mine = tmp_path / "calib"
+    mine.mkdir()
+    for path in files[:3]:
+        shutil.copy(path, str(mine))
+    (mine / "notes.txt").write_text("not an image")
+    got = pick("test.int8.calib_images=%s" % mine)
+    assert got == [str(mine / os.path.basename(p)) for p in files[:3]]
+    # the batches: one (1, 3, H, W) image per batch as the predictor feeds them
+    cfg = load_checkpoint_config(ckpt, ["test.int8.calib_images=%s" % mine])
+    batches = calibration_batches(cfg)
+    assert len(batches) == 3
+    for data, im_info in batches:
+        assert data.shape == (1, 3, 128, 128) and im_info.shape == (1, 3)
+
+
+def small_graph(inf=False):
+    """data (1, 3, 16, 16) -> conv -> relu -> (x -inf) -> conv -> pool -> fc, with weights."""
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, kernel=(3, 3), pad=(1, 1), num_filter=8, name="conv1")
+    x = mx.sym.Activation(x, act_type="relu", name="relu1")
+    if inf:
+        x = mx.sym._internal._mul_scalar(x, scalar=float("-inf"), name="scale")
+    x = mx.sym.Convolution(x, kernel=(3, 3), pad=(1, 1), num_filter=8, name="conv2")
+    x = mx.sym.Pooling(x, kernel=(2, 2), stride=(2, 2), pool_type="max", name="pool")
+    sym = mx.sym.FullyConnected(x, num_hidden=5, name="fc")
+    rng = np.random.RandomState(0)
+    shapes = {"conv1_weight": (8, 3, 3, 3), "conv1_bias": (8,), "conv2_weight": (8, 8, 3, 3),
+              "conv2_bias": (8,), "fc_weight": (5, 8 * 8 * 8), "fc_bias": (5,)}
+    params = {k: mx.nd.array(rng.randn(*s).astype(np.float32) * 0.3) for k, s in shapes.items()}
+    batches = [(mx.nd.array(rng.rand(1, 3, 16, 16).astype(np.float32)),) for _ in range(2)]
+    return sym, params, batches
+
+
+def test_entropy_calibration_runs_and_is_deterministic():
+    """Entropy mode on a small graph (on the whole tiny network MXNet's KL search takes about a
+    minute): the same graph and parameters twice, calibrated ranges within the naive ones."""
+    sym, params, batches = small_graph()
+    settings = Int8Config(calib_mode="entropy")
+    runs = [quantize_symbol(sym, params, batches, settings, input_names=("data",))
+            for _ in range(2)]
+    (qsym, qparams, record), (qsym2, qparams2, record2) = runs
+    assert record["calib_mode"] == "entropy" and record["calib_num"] == 2
+    assert record["quantized"] == ["conv1", "conv2", "fc"] and record2 == record
+    assert qsym2.tojson() == qsym.tojson()
+    assert sorted(qparams2) == sorted(qparams)
+    for key in qparams:
+        np.testing.assert_array_equal(qparams2[key].asnumpy(), qparams[key].asnumpy())
+    naive, _, _ = quantize_symbol(sym, params, batches, Int8Config(), input_names=("data",))
+
+    def ranges(s):
+        return {n["name"]: (float(n["attrs"]["min_calib_range"]),
+                            float(n["attrs"]["max_calib_range"]))
+                for n in graph_nodes(s) if "min_calib_range" in n.get("attrs", {})}
+    entropy, widest = ranges(qsym), ranges(naive)
+    assert set(entropy) == set(widest) and entropy
+    for name, (low, high) in entropy.items():
+        assert np.isfinite([low, high]).all() and low < high, name
+        assert max(-low, high) <= max(-widest[name][0], widest[name][1]) * (1 + 1e-5), name
+    # and it runs
+    block, _ = quantized_block(sym, params, batches, settings, input_names=("data",))
+    assert block(*batches[1]).shape == (1, 5)
+
+
+def test_excluded_layers_stay_float32(quantized, fp32):
+    cfg, net, sym = fp32
+    batches, _, _, default = quantized
+    settings = Int8Config(exclude=["*rpn0_head_conv*"])
+    qsym, _, record = quantize_symbol(sym, net.collect_params(), batches, settings)
+    excluded = record["excluded"]
+    assert excluded and all("rpn0_head_conv" in n for n in excluded)
+    convs = [n for n in default["quantized"] if "rpn0_head_conv" in n]
+    assert len(convs) == 5                                     # one per FPN level
+    assert set(convs) <= set(excluded) and not set(convs) & set(record["quantized"])
+    assert set(record["quantized"]) == set(default["quantized"]) - set(convs)
+    # the fused nodes that hold them are not quantized
+    holders = [n for n in graph_nodes(qsym)
+               if any('"%s"' % name in json.dumps(n.get("subgraphs") or []) for name in convs)]
+    assert len(holders) == 5
+    assert not [n["name"] for n in holders if n["name"].startswith("quantized_")]
+
+
+# --------------------------------------------------------------------------------------------
+# 3. the export: the in-process int8 graph's outputs, with MXNet alone
+# --------------------------------------------------------------------------------------------
+def test_int8_export_gives_the_in_process_outputs(int8_export, int8_predictor, fp32):
+    prefix, result = int8_export
+    record = result["int8"]
+    assert record["calib_mode"] == "naive" and record["calib_num"] == 4
+    assert record["excluded"] == [] and result["float32_nodes"] == []
+    # the check ran on the first calibration image against the fp32 model
+    first = calibration_batches(int8_predictor.cfg)[0]
+    assert result["size"] == tuple(first[0].shape[2:])
+    sb = import_exported(prefix)
+    assert result["check"] == compare_outputs(fp32[1](*first), sb(*first), OUTPUTS)
+    with open(prefix + "-meta.json") as f:
+        meta = json.load(f)
+    assert meta["dtype"] == "int8" and meta["fused"] is True
+    assert meta["int8"] == {"calib_mode": "naive", "calib_num": 4,
+                            "calib_images": int8_predictor.cfg.data.val_images,
+                            "calib_seed": 0, "float32_nodes": [],
+                            "quantized_nodes": len(record["quantized"])}
+    assert len(record["quantized"]) >= 50
+    nodes = graph_nodes(prefix + "-symbol.json")
+    assert sum(n["name"].startswith("quantized_") for n in nodes) >= 50
+    assert not [n["op"] for n in nodes if n["op"].startswith("mxmask_")]   # MXNet's own ops
+    assert quantized_params(mx.nd.load(prefix + "-0000.params"))
+    # MXNet's RoIAlign and NMS in the export, the compiled ones in process (where they load):
+    # the outputs are bit for bit the same (measured: max |diff| 0 on every output), on the
+    # calibration images and on another size
+    batches = calibration_batches(int8_predictor.cfg)
+    other = (mx.nd.array(np.random.RandomState(2).randn(1, 3, 160, 128).astype(np.float32)),
+             mx.nd.array([[160, 120, 1.0]]))
+    for data, im_info in batches[:2] + [other]:
+        got = sb(data, im_info)
+        ref = int8_predictor.net(data, im_info)
+        for name, r, g in zip(OUTPUTS, ref, got):
+            np.testing.assert_array_equal(g.asnumpy(), r.asnumpy(), err_msg=name)
+
+
+def test_predict_exported_script_on_int8_matches_mxmask_predict(int8_export, ckpt,
+                                                               shapes_dataset, tmp_path, capsys):
+    prefix, _ = int8_export
+    _, files = val_files(shapes_dataset)
+    image = files[1]
+    out = str(tmp_path / "predict.json")
+    assert main(["predict", ckpt, image, "--dtype", "int8", "--out", out]) == 0
+    assert "results: %s" % out in capsys.readouterr().out
+    with open(out) as f:
+        theirs = json.load(f)
+    mine = run_script(prefix, image, tmp_path)
+    assert_same_entries(mine, theirs)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. user errors: one line, exit 2
+# --------------------------------------------------------------------------------------------
+def _one_line_exit_2(capsys, argv, *pieces):
+    """``main(argv)`` returns 2 and prints one line holding ``pieces``, no traceback."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for piece in pieces:
+        assert piece in lines[0], (piece, lines[0])
+
+
+def test_calibration_errors_are_one_line(ckpt, shapes_dataset, tmp_path, capsys):
+    _, files = val_files(shapes_dataset)
+    out = str(tmp_path / "x" / "m")
+    export = ["export", ckpt, "--out", out, "--dtype", "int8"]
+    missing = str(tmp_path / "missing")
+    _one_line_exit_2(capsys, export + ["--calib-images", missing],
+                     "--calib-images %s: not a folder" % missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    _one_line_exit_2(capsys, export + ["--calib-images", str(empty)],
+                     "--calib-images %s: holds no image file" % empty)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "a.png").write_bytes(b"\x89PNG not really an image")
+    _one_line_exit_2(capsys, export + ["--calib-images", str(garbage)],
+                     str(garbage), "none of its 1 calibration files is a readable image",
+                     "a.png")
+    # a pattern that matches nothing would quietly quantize everything
+    _one_line_exit_2(capsys, export + ["--set", "test.int8.exclude=[nosuchnode*]"],
+                     "test.int8.exclude", "nosuchnode*", "matches no operator")
+    assert not os.path.exists(str(tmp_path / "x")) or not os.listdir(str(tmp_path / "x"))
+    # the other verbs take the same options
+    _one_line_exit_2(capsys, ["eval", ckpt, "--dtype", "int8", "--calib-num", "0",
+                              "--out-dir", str(tmp_path / "ev")], "test.int8.calib_num", ">= 1")
+    with pytest.raises(SystemExit) as e:
+        main(["predict", ckpt, files[0], "--out", str(tmp_path / "r.json"), "--dtype", "int8",
+              "--calib-mode", "bad"])
+    assert e.value.code == 2 and "--calib-mode" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "r.json"))
+
+
+def test_missing_default_calibration_folder_is_one_line(ckpt, shapes_dataset, tmp_path, capsys):
+    """No --calib-images and the checkpoint's data.val_images is gone."""
+    moved = str(tmp_path / "ckpt")
+    shutil.copytree(ckpt, moved)
+    cfg = load_yaml(os.path.join(moved, "config.yaml"))
+    cfg.data.val_images = str(tmp_path / "gone")
+    save_config(cfg, moved)
+    _, files = val_files(shapes_dataset)
+    _one_line_exit_2(capsys, ["predict", moved, files[0], "--out", str(tmp_path / "r.json"),
+                              "--dtype", "int8"],
+                     "data.val_images", str(tmp_path / "gone"), "not a folder", "--calib-images")
+    # with --calib-images it calibrates (and stops at the next error, a pattern matching
+    # nothing, before anything is written)
+    _one_line_exit_2(capsys, ["export", moved, "--out", str(tmp_path / "m"), "--dtype", "int8",
+                              "--calib-images", os.path.dirname(files[0]),
+                              "--set", "test.int8.exclude=[nosuchnode*]"], "nosuchnode*")
+
+
+def test_int8_needs_one_cpu_context(ckpt, monkeypatch):
+    with pytest.raises(UserError, match="--ctx"):
+        check_dtype("int8", [mx.gpu(0)])
+    with pytest.raises(UserError, match="--ctx"):
+        check_dtype("int8", [mx.cpu(0), mx.cpu(1)])
+    check_dtype("int8", [mx.cpu()])
+    check_dtype("int8")                 # contexts not known yet
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network was built")
+    monkeypatch.setattr("mxmask.predictor.load_network", no_network)
+    with pytest.raises(UserError, match="--ctx gpu"):
+        Predictor(ckpt, ctx=mx.gpu(0), dtype="int8")
+    with pytest.raises(UserError, match="--ctx"):
+        Predictor(ckpt, ctx=[mx.cpu(0), mx.cpu(1)], dtype="int8")
+
+
+def test_bench_int8_training_step_is_one_line(capsys):
+    _one_line_exit_2(capsys, ["bench", "--preset", "shapes", "--size", "64x64", "--dtype",
+                              "int8", "--train"], "--dtype int8", "training step")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. a graph that cannot be quantized
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["naive", "entropy"])
+def test_an_infinite_calibration_range_names_the_node(mode):
+    """A layer whose output is -inf / +inf (the proposal generator's padding would be, were it
+    not kept float32): the error names the node and its operator. In entropy mode MXNet's
+    histogram collector fails on it inside a C callback, which swallows the error: the layer
+    just has no histogram, and must not go uncalibrated."""
+    sym, params, batches = small_graph(inf=True)
+    with pytest.raises(UserError) as e:
+        quantize_symbol(sym, params, batches, Int8Config(calib_mode=mode),
+                        input_names=("data",))
+    message = str(e.value)
+    assert "cannot be quantized" in message and "\n" not in message
+    assert "node scale (operator _mul_scalar)" in message
+    assert "test.int8.exclude=[scale]" in message
+
+
+# --------------------------------------------------------------------------------------------
+# 6. the bench
+# --------------------------------------------------------------------------------------------
+def _check_stats(s):
+    assert set(s) == {"median", "min", "max"} and 0 < s["min"] <= s["median"] <= s["max"], s
+
+
+def test_bench_int8_stages_and_total():
+    from mxmask.bench import run_bench
+    lines = []
+    result = run_bench(preset="shapes", size="128x128", runs=1, warmup=0, dtype="int8",
+                       overrides=["test.max_dets=5", "test.flip=false"], out=lines.append)
+    m, settings = result["mxmask"], result["settings"]
+    assert settings["dtype"] == "int8"
+    stages = set(m["stages"]) - {"paste/decode"}
+    assert set(m["int8_stages"]) == stages == {"backbone+fpn", "rpn+proposals", "box_head+nms",
+                                               "mask_head", "keypoint_head"}
+    for s in list(m["int8_stages"].values()) + [m["total_s"], m["plain_total_s"]]:
+        _check_stats(s)
+    q = settings["int8"]
+    assert q["calib_mode"] == "naive" and q["calib_num"] == 1
+    assert q["calibrated_on"] == "the bench input" and q["quantized_layers"] >= 50
+    assert q["float32_nodes"] == []
+    assert m["optimized_detections_per_image"] == 5
+    table = lines[0].splitlines()
+    assert any(line.startswith("total int8 ") for line in table), lines[0]
+    assert any(line.startswith("total fp32 plain ") for line in table)
+    for stage in stages:       # each stage row says its int8 time
+        assert any(line.startswith(stage + " ") and " int8 " in line for line in table), stage
+    assert any(line.startswith("int8: ") and "conv/fc layers quantized" in line
+               for line in table)
+
+
+def test_bench_resnet50_int8():
+    from mxmask.bench.peers import bench_resnet50
+    r = bench_resnet50((64, 64), batch=1, runs=1, warmup=0, int8=True)
+    for key in ("plain_s", "mkldnn_s", "int8_s"):
+        _check_stats(r[key])
+    assert set(r["gflop_per_s"]) == {"plain", "mkldnn", "int8"}
+    assert r["gflop_per_s"]["int8"] == pytest.approx(2 * r["gmac"] / r["int8_s"]["median"])
