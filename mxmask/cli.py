@@ -411,7 +411,7 @@ def _cmd_export(args):
     if report is not None:
         h, w = result["size"]
         diffs = "  ".join("%s %.3g" % (k, v) for k, v in report.items()
-                          if k not in ("ids_agree", "matched", "matched_score", "matched_box"))
+                          if k in result["check_outputs"])
         what = "the first calibration image" if result["int8"] else "a random input"
         print("check on %s (%dx%d), exported vs Gluon fp32: max |diff| %s"
               % (what, h, w, diffs))

@@ -192,7 +192,7 @@ def _iou(a, b):
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
-def compare_outputs(ref, got, names, iou=0.9):
+def compare_outputs(ref, got, names, iou=0.9, min_score=None):
     """Compare two lists of network outputs.
 
     Rows swap when scores are nearly tied, which moves whole boxes without any real difference,
@@ -204,13 +204,16 @@ def compare_outputs(ref, got, names, iou=0.9):
         names: their names, as in ``net.output_names`` (``ids``, ``scores`` and ``boxes``
             needed).
         iou: the IoU at which two detections of the same class match.
+        min_score: only the reference's detections scoring at least this count for
+            ``matched`` (default: every valid row).
 
     Returns:
         dict: per output name the largest absolute difference, row by row; ``ids_agree``, the
         fraction of detection rows with the same class id; ``matched``, the fraction of the
         reference's detections that have a detection of the same class with IoU >= ``iou``
         in ``got`` (per image), and over those pairs ``matched_score`` and ``matched_box``,
-        the largest score and box-coordinate differences.
+        the largest score and box-coordinate differences; ``reference_count`` and
+        ``matched_count``, the counts behind ``matched``.
 
     Raises:
         RuntimeError: an output's shapes differ.
@@ -230,6 +233,8 @@ def compare_outputs(ref, got, names, iou=0.9):
     score_diff = box_diff = 0.0
     for b in range(ri.shape[0]):
         rv, gv = ri[b] >= 0, gi[b] >= 0
+        if min_score is not None:
+            rv &= rs[b] >= min_score
         total += int(rv.sum())
         if not rv.any() or not gv.any():
             continue
@@ -246,6 +251,7 @@ def compare_outputs(ref, got, names, iou=0.9):
     report["matched"] = float(found) / total if total else 1.0
     report["matched_score"] = score_diff
     report["matched_box"] = box_diff
+    report["reference_count"], report["matched_count"] = total, found
     return report
 
 
@@ -288,7 +294,7 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
 
     Returns:
         ``{"files": [the four paths], "check": the compare_outputs report or None, "size":
-        (H, W), "float32_nodes": [names of the nodes kept in float32 by bfloat16 or int8],
+        (H, W), "check_outputs": the output names, "float32_nodes": [names of the nodes kept in float32 by bfloat16 or int8],
         "int8": the calibration record or None}``.
 
     Raises:
@@ -344,6 +350,6 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             files.append(prefix + suffix)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"files": files, "check": report, "size": size,
+    return {"files": files, "check": report, "size": size, "check_outputs": net.output_names,
             "float32_nodes": record["float32_nodes"], "int8": int8}
 

@@ -133,14 +133,22 @@ def _inner_names(node):
     return [n["name"] for n in _inner_nodes(node)]
 
 
+def _matches(name, pattern):
+    """fnmatch of an operator name, whole or without its first part (the network's prefix:
+    ``mxmask_`` in exported graphs, Gluon's ``maskrcnn0_`` in this process)."""
+    return (fnmatch.fnmatchcase(name, pattern)
+            or fnmatch.fnmatchcase(name.split("_", 1)[-1], pattern))
+
+
 def int8_exclusions(fsym, patterns=()):
     """The nodes of a fused graph kept in float32.
 
     Args:
         fsym: the graph after ``get_backend_symbol("MKLDNN_QUANTIZE")``.
         patterns: fnmatch patterns of operator names of the float32 graph (those of
-            ``symbols/<preset>-symbol.json``; ``test.int8.exclude``), besides
-            :data:`ALWAYS_FLOAT32`. A fused node is kept when any operator inside it matches.
+            ``symbols/<preset>-symbol.json``, whole or without the network prefix before the
+            first ``_``; ``test.int8.exclude``), besides :data:`ALWAYS_FLOAT32`. A fused node
+            is kept when any operator inside it matches.
 
     Returns:
         ``(node names of fsym to exclude, the float32 graph's names they stand for)``.
@@ -153,12 +161,13 @@ def int8_exclusions(fsym, patterns=()):
     every = tuple(ALWAYS_FLOAT32) + tuple(patterns)
     inner = {n["name"]: _inner_names(n) for n in nodes}
     for pattern in patterns:
-        if not any(fnmatch.filter(names, pattern) for names in inner.values()):
-            raise UserError("test.int8.exclude: %r matches no operator of the graph" % pattern)
+        if not any(_matches(name, pattern) for names in inner.values() for name in names):
+            raise UserError("test.int8.exclude: %r matches no operator of the graph (names "
+                            "as in symbols/<preset>-symbol.json, with or without their first "
+                            "part, e.g. keypointhead0_score_lowres_fwd)" % pattern)
     excluded, originals = [], []
     for node in nodes:
-        hits = [name for name in inner[node["name"]]
-                if any(fnmatch.fnmatchcase(name, p) for p in every)]
+        hits = [name for name in inner[node["name"]] if any(_matches(name, p) for p in every)]
         if hits:
             excluded.append(node["name"])
             originals.extend(hits)
@@ -180,15 +189,32 @@ def _collect(fsym, args, auxs, batches, collector, input_names):
 
 
 def _check_ranges(fsym, ranges):
-    """UserError naming the first node whose calibrated range is not finite."""
-    ops = {n["name"]: n["op"] for n in json.loads(fsym.tojson())["nodes"]}
+    """UserError naming the first node whose calibrated range is not finite, and the layers
+    that take its output (those are what would be quantized with it: keep them float32)."""
+    nodes = json.loads(fsym.tojson())["nodes"]
+    index = {n["name"]: i for i, n in enumerate(nodes)}
     for key, value in ranges.items():
         low, high = float(value[0]), float(value[1])
-        if not (np.isfinite(low) and np.isfinite(high)):
-            node = key[:-len("_output")] if key.endswith("_output") else key
-            raise UserError("the graph cannot be quantized: node %s (operator %s) has the "
-                            "calibration range [%g, %g]; keep it float32 with --set "
-                            "test.int8.exclude=[%s]" % (node, ops.get(node, "?"), low, high, node))
+        if np.isfinite(low) and np.isfinite(high):
+            continue
+        node = key[:-len("_output")] if key.endswith("_output") else key
+        op = nodes[index[node]]["op"] if node in index else "?"
+        users = [_inner_nodes(n)[-1]["name"] for n in nodes
+                 if any(e[0] == index.get(node) for e in n.get("inputs", []))]
+        if not users and node in index:           # a graph output: the node itself
+            users = [_inner_nodes(nodes[index[node]])[-1]["name"]]
+        raise UserError("the graph cannot be quantized: node %s (operator %s) has the "
+                        "calibration range [%g, %g]; keep the layers that take it float32: "
+                        "--set 'test.int8.exclude=[%s]'"
+                        % (_display(node, nodes[index[node]] if node in index else None),
+                           op, low, high, ", ".join(users or [node])))
+
+
+def _display(name, node):
+    """A fused node's name for a message: the float32 graph's operators inside it."""
+    if node is None or not node.get("subgraphs"):
+        return name
+    return "%s (%s)" % (name, ", ".join(_inner_names(node)[1:]))
 
 
 def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
@@ -281,7 +307,7 @@ def _native_log(lines):
 
 def _always(name):
     """Whether ``name`` matches :data:`ALWAYS_FLOAT32`."""
-    return any(fnmatch.fnmatchcase(name, p) for p in ALWAYS_FLOAT32)
+    return any(_matches(name, p) for p in ALWAYS_FLOAT32)
 
 
 def _mxnet_reason(err):

@@ -17,6 +17,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from helpers.export_script import assert_same_entries, run_script
 from mxmask.cli import main
 from mxmask.config import load_yaml, to_dict
 from mxmask.engine.checkpoint import save_config
@@ -223,49 +224,6 @@ def test_amp_pass_bug_and_exclusions():
 
 
 # --------------------------------------------------------------------------------------------
-FORBIDDEN = ("mxmask", "gluoncv", "yaml", "pycocotools", "PIL")
-
-
-def run_script(prefix, image, tmp_path):
-    """scripts/predict_exported.py run as __main__ on one image -> its entries (json); it must
-    finish without loading any module of FORBIDDEN."""
-    out = str(tmp_path / "results.json")
-    # run the script as __main__ and list, after it finished, any forbidden module it loaded
-    code = ("import runpy, sys\n"
-            "sys.argv = sys.argv[1:]\n"
-            "try:\n"
-            "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "except SystemExit as e:\n"
-            "    rc = e.code\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in %r)\n"
-            "print('LOADED', bad, file=sys.stderr)\n"
-            "sys.exit(rc)\n" % (FORBIDDEN,))
-    proc = subprocess.run([sys.executable, "-c", code, SCRIPT, prefix, image, "--out", out],
-                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "LOADED []" in proc.stderr, proc.stderr[-2000:]
-    assert os.path.basename(image) + ": " in proc.stdout
-    with open(out) as f:
-        return json.load(f)
-
-
-def assert_same_entries(mine, theirs):
-    """The script's entries equal mxmask's Predictor's: classes, scores, boxes, masks."""
-    pycocotools_mask = pytest.importorskip("pycocotools.mask")
-    assert len(mine) == len(theirs) > 0
-    for a, b in zip(mine, theirs):
-        assert a["category_id"] == b["category_id"] and a["file_name"] == b["file_name"]
-        assert abs(a["score"] - b["score"]) <= 1e-6
-        np.testing.assert_allclose(a["bbox"], b["bbox"], atol=1e-3)
-        rle = pycocotools_mask.frPyObjects(a["segmentation"], *a["segmentation"]["size"])
-        ma, mb = pycocotools_mask.decode(rle), pycocotools_mask.decode(b["segmentation"])
-        assert ma.shape == mb.shape and (ma == mb).all() and a["area"] == int(ma.sum())
-        if "keypoints" in b:      # argmax keypoints vs the heatmap-refined ones: same region
-            assert np.abs(np.array(a["keypoints"]) - b["keypoints"]).max() < 8.0
-        else:
-            assert "keypoints" not in a
-
-
 def test_predict_exported_script_matches_predictor(exported, shapes_ckpt, shapes_dataset,
                                                    tmp_path):
     from mxmask.predictor import Predictor

@@ -467,7 +467,17 @@ def test_an_infinite_calibration_range_names_the_node(mode):
     message = str(e.value)
     assert "cannot be quantized" in message and "\n" not in message
     assert "node scale (operator _mul_scalar)" in message
-    assert "test.int8.exclude=[scale]" in message
+    # the advice names the layer that would quantize scale's output; the infinity flows on,
+    # so the next error names the next one, and with both float32 the graph quantizes
+    assert "--set 'test.int8.exclude=[conv2]'" in message
+    with pytest.raises(UserError) as e:
+        quantize_symbol(sym, params, batches, Int8Config(calib_mode=mode, exclude=["conv2"]),
+                        input_names=("data",))
+    assert "--set 'test.int8.exclude=[fc]'" in str(e.value)
+    _, _, record = quantize_symbol(sym, params, batches,
+                                   Int8Config(calib_mode=mode, exclude=["conv2", "fc"]),
+                                   input_names=("data",))
+    assert record["quantized"] == ["conv1"] and record["excluded"] == ["conv2", "fc"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ figures live there too, each with its command, machine and date.
 """
 import os
 
+from .. import amx_enabled
 from ..graph import check_anchors_cover, check_dtype
 from ..utils import UserError, atomic_write_json
 from .peers import PEERS, bench_gluoncv, bench_resnet50, bench_torchvision, torchvision_arch
@@ -107,7 +108,9 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
                 "rpn_post_nms_topk_test": cfg.model.rpn.post_nms_topk_test,
                 "omp_threads": os.environ.get("OMP_NUM_THREADS", "default"),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-                "against": against, "kernels": net.kernels}
+                "against": against, "kernels": net.kernels, "amx": amx_enabled(),
+                "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA")
+                or os.environ.get("DNNL_MAX_CPU_ISA") or "none"}
     result = {"settings": settings, "mxmask": bench_inference(cfg, net, hw, batch, runs, warmup)}
     m = result["mxmask"]
     if fuse or dtype != "float32":

@@ -5,8 +5,6 @@ that its result entries are mxmask's.
 on one image and returns its entries; it fails the test unless the script exits 0 without having
 loaded any module of :data:`FORBIDDEN`. ``assert_same_entries(mine, theirs)`` compares the
 script's entries with mxmask's (``Predictor.predict_image`` or ``mxmask predict``'s json).
-
-(tests/test_export.py has its own copy of both, from before this helper existed.)
 """
 import json
 import os
