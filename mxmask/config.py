@@ -270,6 +270,8 @@ class Int8Config:
     # KL divergence of the int8 distribution from the float32 one smallest
     calib_mode: str = "naive"
     calib_seed: int = 0
+    # the scales of the weights: one per output channel (channel-wise) or one per layer
+    granularity: str = "tensor-wise"
     # graph nodes kept in float32 besides the proposal generator (fnmatch patterns of node
     # names, which `mxmask export --dtype int8` prints); each preset says why it leaves one out
     exclude: List[str] = field(default_factory=list)
@@ -325,6 +327,7 @@ class Config:
 
 CHOICES = {
     "test.int8.calib_mode": ("naive", "entropy"),
+    "test.int8.granularity": ("channel-wise", "tensor-wise"),
     "model.backbone.norm": ("frozen_bn", "bn", "syncbn", "gn"),
     "model.backbone.depth": (18, 34, 50, 101),
     "input.resize_rule": ("half_up", "gluoncv", "torchvision", "torchvision_float32"),

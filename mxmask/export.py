@@ -113,6 +113,7 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         the post-processing (``box_plus_one``, ``score_thresh``, ``mask_thresh``,
         ``mask_box_thresh``, ``mask_paste``, ``keypoint_offset``, ``max_dets``); for int8,
         ``int8``: ``calib_mode``, ``calib_num``, ``calib_images``, ``calib_seed``,
+        ``granularity``,
         ``float32_nodes`` and ``quantized_nodes`` (counts of convolution and fully connected
         layers).
     """
@@ -142,7 +143,7 @@ def export_meta(cfg, output_names, dtype="float32", fused=False, example_size=No
         "int8": None if int8 is None else {
             "calib_mode": int8["calib_mode"], "calib_num": int(int8["calib_num"]),
             "calib_images": t.int8.calib_images or d.val_images,
-            "calib_seed": int(t.int8.calib_seed),
+            "calib_seed": int(t.int8.calib_seed), "granularity": int8["granularity"],
             "float32_nodes": list(int8["excluded"]), "quantized_nodes": len(int8["quantized"])},
     }
 

@@ -233,7 +233,8 @@ def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
     Returns:
         ``(qsym, {"arg:NAME" / "aux:NAME": NDArray}, record)``: the calibrated int8 graph, its
         parameter file's content, and ``record`` with ``excluded`` (nodes kept float32),
-        ``quantized`` (names of the int8 operator nodes), ``calib_mode`` and ``calib_num``.
+        ``quantized`` (names of the int8 operator nodes), ``calib_mode``, ``calib_num`` and
+        ``granularity``.
 
     Raises:
         UserError: MXNet cannot quantize the graph, or a layer's range is not finite; the
@@ -255,7 +256,8 @@ def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
             qsym, _, _, collector = q.quantize_graph(
                 sym=fsym, arg_params=args, aux_params=auxs, ctx=mx.cpu(),
                 excluded_sym_names=excluded, calib_mode=settings.calib_mode,
-                quantized_dtype="auto", quantize_mode="smart")
+                quantized_dtype="auto", quantize_mode="smart",
+                quantize_granularity=settings.granularity)
             _collect(fsym, args, auxs, batches, collector, input_names)
     except mx.base.MXNetError as err:
         raise UserError("the graph cannot be quantized: %s"
@@ -283,7 +285,8 @@ def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
     out = {"arg:" + k: v for k, v in qargs.items() if k in used}
     out.update({"aux:" + k: v for k, v in qauxs.items() if k in used})
     record = {"excluded": [n for n in excluded_names if not _always(n)], "quantized": quantized,
-              "calib_mode": settings.calib_mode, "calib_num": len(batches)}
+              "calib_mode": settings.calib_mode, "calib_num": len(batches),
+              "granularity": settings.granularity}
     return qsym, out, record
 
 

@@ -331,7 +331,7 @@ def test_int8_export_gives_the_in_process_outputs(int8_export, int8_predictor, f
     assert meta["dtype"] == "int8" and meta["fused"] is True
     assert meta["int8"] == {"calib_mode": "naive", "calib_num": 4,
                             "calib_images": int8_predictor.cfg.data.val_images,
-                            "calib_seed": 0, "float32_nodes": [],
+                            "calib_seed": 0, "granularity": "tensor-wise", "float32_nodes": [],
                             "quantized_nodes": len(record["quantized"])}
     assert len(record["quantized"]) >= 50
     nodes = graph_nodes(prefix + "-symbol.json")
@@ -491,7 +491,8 @@ def test_bench_int8_stages_and_total():
     from mxmask.bench import run_bench
     lines = []
     result = run_bench(preset="shapes", size="128x128", runs=1, warmup=0, dtype="int8",
-                       overrides=["test.max_dets=5", "test.flip=false"], out=lines.append)
+                       overrides=["test.max_dets=5", "test.flip=false",
+                                  "test.int8.calib_mode=naive"], out=lines.append)
     m, settings = result["mxmask"], result["settings"]
     assert settings["dtype"] == "int8"
     stages = set(m["stages"]) - {"paste/decode"}

@@ -54,7 +54,9 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
             network. ``dtype="bfloat16"`` with ``train`` runs the step's convolutions in
             bfloat16 (``solver.amp``). int8 calibrates on ``test.int8.calib_images`` when
             ``overrides`` set it, else on the bench input.
-        against: None, ``"gluoncv"`` or ``"torchvision"`` (:data:`PEERS`).
+        against: None, ``"gluoncv"`` or ``"torchvision"`` (:data:`PEERS`). GluonCV always
+            runs in float32; torchvision in ``dtype``, and in bfloat16 (autocast,
+            channels_last) against int8.
         resnet50: also time GluonCV's plain ResNet-50 (implied by ``against="gluoncv"``);
             with ``dtype="int8"`` its int8 graph too.
         chart_path: write a PNG bar chart of the stages here.
@@ -138,8 +140,10 @@ def run_bench(preset="mask_rcnn_r50_fpn", ckpt=None, size="800x1344", batch=1, r
         result["gluoncv"], settings["gluoncv"] = bench_gluoncv(cfg, hw, batch, runs, warmup,
                                                                train)
     elif against == "torchvision":      # after mxmask's timings: the two never run together
+        # torchvision has no int8 detector: against int8 it runs its best CPU setting
+        peer_dtype = "bfloat16" if dtype == "int8" else dtype
         result["torchvision"], settings["torchvision"] = bench_torchvision(
-            torch_python, arch, cfg, hw, batch, runs, warmup, train, dtype,
+            torch_python, arch, cfg, hw, batch, runs, warmup, train, peer_dtype,
             train_dtype=settings.get("train_amp"))
     if against:
         # mxmask's keypoint heads on 10 / 100 rois are timed in the plain fp32 network (as its

@@ -21,7 +21,9 @@ SMALL = ["input.min_size_test=128", "input.max_size_test=160", "test.max_dets=20
          "model.box_head.num_conv=0", "model.box_head.num_fc=2",
          # one box-head pass (test_cli_eval compares it with --set test.refine_boxes=true) and
          # its boxes, not the masks' (test.mask_box_thresh: test_postprocess, test_export)
-         "test.refine_boxes=false", "test.mask_box_thresh=0"]
+         "test.refine_boxes=false", "test.mask_box_thresh=0",
+         # --dtype int8 calibrates naively: the preset's entropy search costs about a minute here
+         "test.int8.calib_mode=naive"]
 
 
 def shapes_paths(root, split):
