@@ -419,6 +419,9 @@ def _cmd_export(args):
               "their max score diff %.3g, box diff %.3g px"
               % (100 * report["ids_agree"], 100 * report["matched"], report["matched_score"],
                  report["matched_box"]))
+        if "top_count" in report:
+            print("  of the %d detections scoring >= 0.5, %d matched"
+                  % (report["top_count"], report["top_matched"]))
         exact = args.dtype == "float32" and not args.fuse
         if exact and max(report[k] for k in ("scores", "boxes")) > 1e-4:
             print("mxmask: error: the exported graph does not reproduce the Gluon model",

@@ -44,6 +44,8 @@ EXPORT_SUFFIXES = ("-symbol.json", "-0000.params", "-config.yaml", "-meta.json")
 META_FORMAT = "mxmask-export"
 META_VERSION = 1
 _CHECK_SIDE_CAP = 512            # the default check input is at most 512 x 512
+# the int8 check also counts the reference's detections scoring at least this
+TOP_SCORE = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,6 +347,10 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
             ref = net(data, im_info)
             got = import_exported(tmp)(data, im_info)
             report = compare_outputs(ref, got, net.output_names)
+            if calib:                     # int8: the confident detections, as users see them
+                top = compare_outputs(ref, got, net.output_names, min_score=TOP_SCORE)
+                report["top_count"], report["top_matched"] = (top["reference_count"],
+                                                              top["matched_count"])
         files = []
         for suffix in EXPORT_SUFFIXES:
             os.replace(tmp + suffix, prefix + suffix)

@@ -325,7 +325,11 @@ def test_int8_export_gives_the_in_process_outputs(int8_export, int8_predictor, f
     first = calibration_batches(int8_predictor.cfg)[0]
     assert result["size"] == tuple(first[0].shape[2:])
     sb = import_exported(prefix)
-    assert result["check"] == compare_outputs(fp32[1](*first), sb(*first), OUTPUTS)
+    check = dict(result["check"])
+    top = compare_outputs(fp32[1](*first), sb(*first), OUTPUTS, min_score=0.5)
+    assert (check.pop("top_count"), check.pop("top_matched")) == (top["reference_count"],
+                                                                  top["matched_count"])
+    assert check == compare_outputs(fp32[1](*first), sb(*first), OUTPUTS)
     with open(prefix + "-meta.json") as f:
         meta = json.load(f)
     assert meta["dtype"] == "int8" and meta["fused"] is True
