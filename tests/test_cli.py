@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from helpers.cli_errors import one_line_exit_2
 from mxmask.cli import main, parse_ctx
 from mxmask.utils import UserError
 
@@ -93,38 +94,27 @@ def test_main_without_a_verb_prints_help(capsys):
     assert "VERB" in capsys.readouterr().out
 
 
-def _one_line_exit_2(capsys, argv, *pieces):
-    """``main(argv)`` returns 2 and prints one line holding ``pieces``, no traceback."""
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for piece in pieces:
-        assert piece in lines[0], (piece, lines[0])
-
-
 @pytest.mark.skipif(_num_gpus() > 0, reason="the machine has a GPU")
 @pytest.mark.parametrize("verb", [["train"], ["eval", "CKPT"], ["predict", "CKPT", "IMAGE"]])
 def test_a_gpu_context_without_a_gpu_is_one_line(tmp_path, capsys, ckpt, verb):
     argv = [a.replace("CKPT", ckpt).replace("IMAGE", str(tmp_path / "x.png")) for a in verb]
     if verb == ["train"]:
         argv += ["--out", str(tmp_path / "run")]
-    _one_line_exit_2(capsys, argv + ["--ctx", "gpu:0"], "--ctx gpu:0", "0 GPU(s)")
+    one_line_exit_2(capsys, argv + ["--ctx", "gpu:0"], "--ctx gpu:0", "0 GPU(s)")
 
 
 def test_predict_refuses_a_score_threshold_outside_0_1(tmp_path, capsys, ckpt, shapes_dataset):
     image = os.path.join(shapes_dataset, "images", "val",
                          sorted(os.listdir(os.path.join(shapes_dataset, "images", "val")))[0])
     for value in ("nan", "1.5", "-0.1"):
-        _one_line_exit_2(capsys, ["predict", ckpt, image, "--out", str(tmp_path / "r.json"),
+        one_line_exit_2(capsys, ["predict", ckpt, image, "--out", str(tmp_path / "r.json"),
                                   "--score-thresh", value], "--score-thresh", "[0, 1]")
 
 
 @pytest.mark.parametrize("args, piece", [(["--batch", "0"], "--batch must be at least 1"),
                                          (["--runs", "0"], "--runs must be at least 1")])
 def test_bench_refuses_an_empty_batch_or_no_runs(capsys, args, piece):
-    _one_line_exit_2(capsys, ["bench", "--preset", "shapes", "--size", "64x64"] + args, piece)
+    one_line_exit_2(capsys, ["bench", "--preset", "shapes", "--size", "64x64"] + args, piece)
 
 
 @pytest.mark.parametrize("assignment, key", [("solver.max_iter=0", "solver.max_iter"),
@@ -132,15 +122,15 @@ def test_bench_refuses_an_empty_batch_or_no_runs(capsys, args, piece):
                                              ("model.clip_boxes=false", "model.clip_boxes")])
 def test_train_refuses_settings_out_of_range_before_anything_runs(tmp_path, capsys, assignment,
                                                                   key):
-    _one_line_exit_2(capsys, ["train", "--set", assignment, "--out", str(tmp_path / "run")], key)
+    one_line_exit_2(capsys, ["train", "--set", assignment, "--out", str(tmp_path / "run")], key)
     assert not os.path.exists(tmp_path / "run" / "model.params")
 
 
 def test_train_with_a_config_that_is_a_yaml_list_is_one_line(tmp_path, capsys):
     path = tmp_path / "mine.yaml"
     path.write_text("- solver.max_iter: 3\n")
-    _one_line_exit_2(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "run")],
-                     str(path), "mapping")
+    one_line_exit_2(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "run")],
+                    str(path), "mapping")
 
 
 def test_train_on_cpu_0_trains_and_evaluates(tmp_path, capsys, shapes_dataset):
@@ -160,6 +150,6 @@ def test_train_on_cpu_0_trains_and_evaluates(tmp_path, capsys, shapes_dataset):
 
 
 def test_bench_of_a_checkpoint_checks_the_overridden_config(capsys, ckpt):
-    _one_line_exit_2(capsys, ["bench", "--ckpt", ckpt, "--size", "64x64", "--set",
+    one_line_exit_2(capsys, ["bench", "--ckpt", ckpt, "--size", "64x64", "--set",
                               "model.clip_boxes=false"],
                      "model.clip_boxes", "model.box_head.aligned")

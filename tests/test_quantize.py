@@ -21,6 +21,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from helpers.cli_errors import one_line_exit_2
 from helpers.export_script import assert_same_entries, run_script
 from mxmask.cli import main
 from mxmask.config import Int8Config, load_yaml
@@ -372,41 +373,30 @@ def test_predict_exported_script_on_int8_matches_mxmask_predict(int8_export, ckp
 # --------------------------------------------------------------------------------------------
 # 4. user errors: one line, exit 2
 # --------------------------------------------------------------------------------------------
-def _one_line_exit_2(capsys, argv, *pieces):
-    """``main(argv)`` returns 2 and prints one line holding ``pieces``, no traceback."""
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for piece in pieces:
-        assert piece in lines[0], (piece, lines[0])
-
-
 def test_calibration_errors_are_one_line(ckpt, shapes_dataset, tmp_path, capsys):
     _, files = val_files(shapes_dataset)
     out = str(tmp_path / "x" / "m")
     export = ["export", ckpt, "--out", out, "--dtype", "int8"]
     missing = str(tmp_path / "missing")
-    _one_line_exit_2(capsys, export + ["--calib-images", missing],
-                     "--calib-images %s: not a folder" % missing)
+    one_line_exit_2(capsys, export + ["--calib-images", missing],
+                    "--calib-images %s: not a folder" % missing)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
-    _one_line_exit_2(capsys, export + ["--calib-images", str(empty)],
-                     "--calib-images %s: holds no image file" % empty)
+    one_line_exit_2(capsys, export + ["--calib-images", str(empty)],
+                    "--calib-images %s: holds no image file" % empty)
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     (garbage / "a.png").write_bytes(b"\x89PNG not really an image")
-    _one_line_exit_2(capsys, export + ["--calib-images", str(garbage)],
-                     str(garbage), "none of its 1 calibration files is a readable image",
-                     "a.png")
+    one_line_exit_2(capsys, export + ["--calib-images", str(garbage)],
+                    str(garbage), "none of its 1 calibration files is a readable image",
+                    "a.png")
     # a pattern that matches nothing would quietly quantize everything
-    _one_line_exit_2(capsys, export + ["--set", "test.int8.exclude=[nosuchnode*]"],
-                     "test.int8.exclude", "nosuchnode*", "matches no operator")
+    one_line_exit_2(capsys, export + ["--set", "test.int8.exclude=[nosuchnode*]"],
+                    "test.int8.exclude", "nosuchnode*", "matches no operator")
     assert not os.path.exists(str(tmp_path / "x")) or not os.listdir(str(tmp_path / "x"))
     # the other verbs take the same options
-    _one_line_exit_2(capsys, ["eval", ckpt, "--dtype", "int8", "--calib-num", "0",
+    one_line_exit_2(capsys, ["eval", ckpt, "--dtype", "int8", "--calib-num", "0",
                               "--out-dir", str(tmp_path / "ev")], "test.int8.calib_num", ">= 1")
     with pytest.raises(SystemExit) as e:
         main(["predict", ckpt, files[0], "--out", str(tmp_path / "r.json"), "--dtype", "int8",
@@ -423,12 +413,12 @@ def test_missing_default_calibration_folder_is_one_line(ckpt, shapes_dataset, tm
     cfg.data.val_images = str(tmp_path / "gone")
     save_config(cfg, moved)
     _, files = val_files(shapes_dataset)
-    _one_line_exit_2(capsys, ["predict", moved, files[0], "--out", str(tmp_path / "r.json"),
+    one_line_exit_2(capsys, ["predict", moved, files[0], "--out", str(tmp_path / "r.json"),
                               "--dtype", "int8"],
                      "data.val_images", str(tmp_path / "gone"), "not a folder", "--calib-images")
     # with --calib-images it calibrates (and stops at the next error, a pattern matching
     # nothing, before anything is written)
-    _one_line_exit_2(capsys, ["export", moved, "--out", str(tmp_path / "m"), "--dtype", "int8",
+    one_line_exit_2(capsys, ["export", moved, "--out", str(tmp_path / "m"), "--dtype", "int8",
                               "--calib-images", os.path.dirname(files[0]),
                               "--set", "test.int8.exclude=[nosuchnode*]"], "nosuchnode*")
 
@@ -451,7 +441,7 @@ def test_int8_needs_one_cpu_context(ckpt, monkeypatch):
 
 
 def test_bench_int8_training_step_is_one_line(capsys):
-    _one_line_exit_2(capsys, ["bench", "--preset", "shapes", "--size", "64x64", "--dtype",
+    one_line_exit_2(capsys, ["bench", "--preset", "shapes", "--size", "64x64", "--dtype",
                               "int8", "--train"], "--dtype int8", "training step")
 
 
