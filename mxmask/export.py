@@ -297,8 +297,10 @@ def export_checkpoint(ckpt, prefix, size=None, fuse=False, dtype="float32", chec
 
     Returns:
         ``{"files": [the four paths], "check": the compare_outputs report or None, "size":
-        (H, W), "check_outputs": the output names, "float32_nodes": [names of the nodes kept in float32 by bfloat16 or int8],
-        "int8": the calibration record or None}``.
+        (H, W), "check_outputs": the output names, "float32_nodes": [names of the nodes kept
+        in float32 by bfloat16 or int8], "int8": the calibration record or None}``. An int8
+        check's report also has ``top_count`` and ``top_matched``: the Gluon model's
+        detections scoring at least :data:`TOP_SCORE`, and how many the export matches.
 
     Raises:
         UserError: a bad ``dtype``, ``prefix`` or checkpoint; int8: no readable calibration

@@ -17,9 +17,9 @@ get ``_1``, ``_2``... suffixes, because the AMP pass selects nodes by name.
 ``mxmask bench`` run: MKLDNN fusion (``optimize_for(backend="MKLDNN")``) and/or bfloat16
 (``amp.convert_hybrid_block`` first, then fusion; DEVELOPING.md, "Measured facts about MXNet
 1.9.1 on CPU", has the order and the AMP pass's bug that :func:`bf16_fp32_exclusions` works
-around), or int8 (:mod:`mxmask.quantize`). ``python -m mxmask.graph --symbols symbols/`` rewrites the committed preset graphs,
-``--check symbols/`` compares them with the code (tests/test_graph_symbols.py runs the same
-check).
+around), or int8 (:mod:`mxmask.quantize`). ``python -m mxmask.graph --symbols symbols/``
+rewrites the committed preset graphs, ``--check symbols/`` compares them with the code
+(tests/test_graph_symbols.py runs the same check).
 """
 import argparse
 import difflib
@@ -44,24 +44,27 @@ DTYPES = ("float32", "bfloat16", "int8")
 _VOLATILE_VAR_ATTRS = ("__init__", "__lr_mult__", "__wd_mult__")
 
 
-def check_dtype(dtype, ctxs=None):
-    """Check a ``--dtype``.
+def check_dtype(dtype, ctxs=None, fuse=False):
+    """Check a ``--dtype`` (and the contexts of an optimised graph).
 
     Args:
         dtype: the value.
         ctxs: the contexts it will run on, when known.
+        fuse: MKLDNN fusion is asked for too.
 
     Raises:
         UserError: naming ``--dtype`` unless ``dtype`` is one of :data:`DTYPES`; naming
-        ``--ctx`` when ``dtype`` is ``int8`` and ``ctxs`` is not one CPU context (the int8
-        kernels are oneDNN's).
+        ``--ctx`` when the graph is optimised (``fuse`` or a ``dtype`` other than float32) and
+        ``ctxs`` is not one CPU context: MKLDNN graphs and oneDNN's int8 kernels run on the CPU.
     """
     if dtype not in DTYPES:
         raise UserError("--dtype %s: expected one of %s" % (dtype, ", ".join(DTYPES)))
-    if dtype == "int8" and ctxs is not None and (
-            len(ctxs) != 1 or ctxs[0].device_type != "cpu"):
-        raise UserError("--dtype int8 runs oneDNN's int8 kernels on one CPU context; got --ctx "
-                        "%s" % ",".join(str(c) for c in ctxs))
+    optimised = fuse or dtype != "float32"
+    if optimised and ctxs is not None and (len(ctxs) != 1 or ctxs[0].device_type != "cpu"):
+        what = ("--dtype int8 runs oneDNN's int8 kernels" if dtype == "int8" else
+                "--fuse / --dtype bfloat16 build an MKLDNN graph, which runs")
+        raise UserError("%s on one CPU context; got --ctx %s"
+                        % (what, ",".join(str(c) for c in ctxs)))
 
 
 def parse_hw(text):

@@ -79,10 +79,7 @@ def optimize_network(net, cfg, ctxs, fuse=False, dtype="float32"):
         UserError: a bad ``dtype``, ``ctxs`` is not one CPU context, no calibration image.
     """
     from .graph import check_dtype, network_symbol, optimized_block
-    check_dtype(dtype, ctxs)
-    if len(ctxs) != 1 or ctxs[0].device_type != "cpu":
-        raise UserError("--fuse / --dtype bfloat16 build an MKLDNN graph, which runs on one CPU "
-                        "context; got --ctx %s" % ",".join(str(c) for c in ctxs))
+    check_dtype(dtype, ctxs, fuse=True)
     calib = None
     if dtype == "int8":
         from .quantize import calibration_batches
@@ -129,9 +126,8 @@ class Predictor:
             raise UserError("--score-thresh: expected a value in [0, 1], got %r" % score_thresh)
         self.cfg = cfg if cfg is not None else load_checkpoint_config(ckpt, overrides)
         self.ctxs = list(ctx) if isinstance(ctx, (list, tuple)) else [ctx or mx.cpu()]
-        if fuse or dtype != "float32":
-            from .graph import check_dtype
-            check_dtype(dtype, self.ctxs)       # before any network is built
+        from .graph import check_dtype
+        check_dtype(dtype, self.ctxs, fuse)     # before any network is built
         if net is None:
             params = params or checkpoint_files(ckpt)[0]
             net = load_network(self.cfg, params, self.ctxs)

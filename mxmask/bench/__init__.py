@@ -22,9 +22,10 @@ from ..graph import check_anchors_cover, check_dtype
 from ..utils import UserError, atomic_write_json
 from .peers import PEERS, bench_gluoncv, bench_resnet50, bench_torchvision, torchvision_arch
 from .report import format_table, peer_ratios, write_chart
-from .stages import (bench_inference, bench_input, bench_int8_stages, bench_input_size, bench_keypoint_head_rois,
-                     bench_optimized, bench_train_step, build_bench_model, count_network_macs,
-                     gmac_record, keypoint_head_boxes, synthetic_train_batch)
+from .stages import (bench_inference, bench_input, bench_input_size, bench_int8_stages,
+                     bench_keypoint_head_rois, bench_optimized, bench_train_step,
+                     build_bench_model, count_network_macs, gmac_record, keypoint_head_boxes,
+                     synthetic_train_batch)
 
 __all__ = ["run_bench", "build_bench_model", "bench_inference", "bench_input", "bench_input_size",
            "bench_train_step", "synthetic_train_batch", "keypoint_head_boxes",

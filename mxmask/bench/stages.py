@@ -33,7 +33,8 @@ from ..quantize import quantized_block
 from ..utils import UserError
 
 __all__ = ["bench_input_size", "stats", "timed", "build_bench_model", "bench_inference",
-           "bench_input", "stage_calls", "bench_int8_stages", "KEYPOINT_ROIS", "keypoint_head_boxes", "bench_keypoint_head_rois",
+           "bench_input", "stage_calls", "bench_int8_stages", "KEYPOINT_ROIS",
+           "keypoint_head_boxes", "bench_keypoint_head_rois",
            "stage_mac_groups", "gmac_record", "count_network_macs", "synthetic_train_batch",
            "bench_train_step", "bench_optimized"]
 
@@ -214,8 +215,9 @@ def stage_calls(net, data, im_info):
         data, im_info: the input, (B, 3, H, W) and (B, 3).
 
     Returns:
-        list of ``(name, HybridBlock, inputs tuple)``: backbone+fpn, rpn+proposals,
-        box_head+nms, then mask_head and keypoint_head when the network has them.
+        ``(calls, levels)``: ``calls`` a list of ``(name, HybridBlock, inputs tuple)``:
+        backbone+fpn, rpn+proposals, box_head+nms, then mask_head and keypoint_head when the
+        network has them; ``levels`` the P2..P5 features the RoI heads pool.
     """
     calls = []
 
@@ -235,7 +237,7 @@ def stage_calls(net, data, im_info):
             *head_inputs(net.mask_head, levels, data))
     if net.keypoint_head is not None:
         run("keypoint_head", _TimedHead(net.keypoint_head), boxes, ids, *levels)
-    return calls
+    return calls, levels
 
 
 def bench_int8_stages(cfg, net, size, batch, runs, warmup):
@@ -256,7 +258,7 @@ def bench_int8_stages(cfg, net, size, batch, runs, warmup):
     out = {}
     with warnings.catch_warnings(), inference_kernels(net.kernels):
         warnings.filterwarnings("ignore", message=".*is not used by any computation")
-        for name, block, inputs in stage_calls(net, data, im_info):
+        for name, block, inputs in stage_calls(net, data, im_info)[0]:
             names = ["in%d" % i for i in range(len(inputs))]
             outs = block(*[mx.sym.var(n) for n in names])
             outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
@@ -281,9 +283,9 @@ def _bench_inference(cfg, net, size, batch, runs, warmup, ctx):
     names = list(net.output_names)
 
     stages = {}
-    for name, block, inputs in stage_calls(net, data, im_info):
+    calls, levels = stage_calls(net, data, im_info)
+    for name, block, inputs in calls:
         _, stages[name] = timed(lambda: block(*inputs), runs, warmup)
-    levels = net.roi_features(net.backbone(data))
 
     arrays = [o.asnumpy() for o in outputs]
     num_dets = int((arrays[0] >= 0).sum())
