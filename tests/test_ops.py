@@ -1,10 +1,12 @@
-"""The compiled operators (mxmask/ops): mxmask_roi_align, mxmask_group_norm, mxmask_box_nms.
+"""The compiled operators (mxmask/ops): mxmask_roi_align, mxmask_group_norm, mxmask_box_nms,
+mxmask_level_canvas.
 
 Each must compute what the stock operator it replaces computes (contrib.ROIAlign and the numpy
 RoIAlign of test_poolers.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy;
-contrib.box_nms, row for row), with the same gradients (box_nms: none); the training graph
-uses them on CPU; a machine without a working compiler falls back to the stock operators with a
-warning.
+contrib.box_nms, row for row; poolers.level_canvas and a numpy canvas, channels-last, and
+RoIAlign on it the same as on the stock canvas), with the same gradients (box_nms: none); the
+training graph uses the first three on CPU, inference graphs the canvas too; a machine without a working compiler falls back to the stock operators
+with a warning.
 """
 import json
 import logging
@@ -119,6 +121,84 @@ def test_empty_aligned_roi_does_not_abort():
     rois = np.array([[0, 8, 8, 8, 4]], np.float32)           # zero width, negative height
     y, g = _pool_and_grad("mxmask", feat, rois, 3, 0.5, 0, True, np.ones((1, 2, 3, 3), "f"))
     assert np.isfinite(y).all() and np.isfinite(g).all()
+
+
+def _np_canvas(levels):
+    """The level canvas (poolers.level_canvas's docstring) in numpy, channels-last."""
+    B, C, H0, W0 = levels[0].shape
+    rows = []
+    for k, f in enumerate(levels):
+        h, w = f.shape[2:]
+        ys = ([0] if k else []) + list(range(h)) + [h - 1]        # replicated rows
+        tile = np.zeros((B, C, len(ys), W0 + 1), np.float32)
+        tile[..., :w] = f[:, :, ys]
+        tile[..., w] = f[:, :, ys, w - 1]                          # replicated column
+        rows.append(tile)
+    return np.concatenate(rows, axis=2).transpose(0, 2, 3, 1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("shapes", [[(2, 37, 13, 17), (2, 37, 7, 9), (2, 37, 4, 5), (2, 37, 2, 3)],
+                                    [(1, 3, 9, 31), (1, 3, 9, 2)], [(2, 16, 5, 6)]])
+def test_level_canvas_is_the_stock_canvas_channels_last(shapes):
+    """mxmask_level_canvas gives poolers.level_canvas's values exactly, transposed to
+    (B, H_c, W_c, C), for any number of levels, ragged sizes and channels across the 16-wide
+    tiles, and the stock canvas's gradients; in a symbol too (shape inference)."""
+    from mxmask.modeling.poolers import level_canvas
+    assert ops.load_ops()
+    rng = np.random.RandomState(len(shapes))
+    levels = [rng.randn(*s).astype(np.float32) for s in shapes]
+    outs, grads = [], []
+    for compiled in (True, False):
+        xs = [nd.array(f) for f in levels]
+        for x in xs:
+            x.attach_grad()
+        with mx.autograd.record():
+            out = (nd.mxmask_level_canvas(*xs, num_args=len(xs)) if compiled else
+                   nd.transpose(level_canvas(nd, xs), (0, 2, 3, 1)))
+        ograd = np.random.RandomState(1).randn(*out.shape).astype(np.float32)
+        out.backward(nd.array(ograd))
+        outs.append(out.asnumpy())
+        grads.append([x.grad.asnumpy() for x in xs])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], _np_canvas(levels))
+    for g, g_ref in zip(*grads):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    names = ["p%d" % k for k in range(len(levels))]
+    sym = mx.sym.mxmask_level_canvas(*[mx.sym.var(n) for n in names], num_args=len(names))
+    assert sym.infer_shape(**dict(zip(names, shapes)))[1] == [out.shape]
+
+
+@needs_compiler
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_on_the_channels_last_canvas_equals_the_stock_canvas(aligned):
+    """``layout="NHWC"`` pools the channels-last canvas to exactly the values of the NCHW canvas
+    (so the in-process network keeps the exported graph's outputs), with the same gradients
+    through the canvas to the levels; an unknown layout is an error, not an abort."""
+    from mxmask.modeling.poolers import level_canvas
+    assert ops.load_ops()
+    rng = np.random.RandomState(7)
+    levels = [nd.array(rng.randn(2, 19, 12 // 2 ** k, 16 // 2 ** k)) for k in range(3)]
+    rois = nd.array(_rois(rng, 2, 60, 12, 16, 1.0))
+    kw = dict(pooled_h=7, pooled_w=5, spatial_scale=1.0, sample_ratio=2, aligned=int(aligned))
+    ograd = nd.array(rng.randn(60, 19, 7, 5))
+    outs, grads = [], []
+    for layout in ("NCHW", "NHWC"):
+        for x in levels:
+            x.attach_grad()
+        with mx.autograd.record():
+            canvas = (level_canvas(nd, levels) if layout == "NCHW" else
+                      nd.mxmask_level_canvas(*levels, num_args=3))
+            y = nd.mxmask_roi_align(canvas, rois, layout=layout, **kw)
+        y.backward(ograd)
+        outs.append(y.asnumpy())
+        grads.append([x.grad.asnumpy() for x in levels])
+    assert outs[0].shape == (60, 19, 7, 5)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    for g, g_ref in zip(*grads):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(mx.MXNetError, match="layout must be NCHW or NHWC"):
+        nd.mxmask_roi_align(canvas, rois, layout="NWHC", **kw).wait_to_read()
 
 
 @needs_compiler

@@ -8,6 +8,7 @@ The model is untrained; a class bias makes one shape class and the keypoint clas
 """
 import json
 import os
+import re
 
 import mxnet as mx
 import numpy as np
@@ -279,9 +280,9 @@ def test_optimized_graphs_need_one_cpu_context(ckpt, images, capsys):
 
 
 def test_predictor_runs_the_compiled_kernels_with_the_stock_results(ckpt, predictor, images):
-    """On CPUs the in-process network pools with mxmask's compiled RoIAlign and runs its
-    compiled NMS (mxmask.ops), which repeat contrib.ROIAlign's arithmetic and contrib.box_nms's
-    rows: the same entries, exactly, as the network with MXNet's operators, whose graph is also
+    """On CPUs the in-process network pools with mxmask's compiled RoIAlign from the compiled
+    channels-last level canvas and runs its compiled NMS (mxmask.ops), which repeat the stock
+    canvas, contrib.ROIAlign's arithmetic and contrib.box_nms's rows: the same entries, exactly, as the network with MXNet's operators, whose graph is also
     what export writes."""
     if not ops.load_ops():
         pytest.skip("the compiled operators could not be built here")
@@ -295,7 +296,12 @@ def test_predictor_runs_the_compiled_kernels_with_the_stock_results(ckpt, predic
     assert '"mxmask_roi_align"' in compiled and '"_contrib_ROIAlign"' not in compiled
     assert '"mxmask_box_nms"' in compiled and '"_contrib_box_nms"' not in compiled
     assert '"mxmask_group_norm"' not in compiled          # GroupNorm stays MXNet's
+    # every head pools from one channels-last canvas, built once
+    assert compiled.count('"mxmask_level_canvas"') == 1
+    assert not re.search(r'"name": "[^"]*multilevelroialign\d+_pad\d+"', compiled)
     for graph in (stock.net._cached_graph[1].tojson(), network_symbol(predictor.net).tojson()):
         assert '"mxmask_roi_align"' not in graph and '"_contrib_ROIAlign"' in graph
         assert '"mxmask_box_nms"' not in graph and '"_contrib_box_nms"' in graph
+        assert '"mxmask_level_canvas"' not in graph
+        assert re.search(r'"name": "[^"]*multilevelroialign\d+_pad\d+"', graph)
     assert predictor.net.kernels == "mxmask"        # network_symbol leaves the choice as it was

@@ -193,12 +193,14 @@ class MultiLevelRoIAlign(HybridBlock):
             return self._pool_on_canvas(F, rois, levels, bidx, features)
         return self._pool_per_level(F, rois, levels, bidx, features)
 
-    def _roi_align(self, F, data, rois5, spatial_scale):
-        """ROIAlign of rois5 (N, 5) = (batch index, xyxy) on data: compiled or MXNet's."""
+    def _roi_align(self, F, data, rois5, spatial_scale, layout="NCHW"):
+        """ROIAlign of rois5 (N, 5) = (batch index, xyxy) on data: compiled or MXNet's; a
+        channels-last ``data`` (``layout="NHWC"``) needs the compiled one."""
         if compiled_kernels_active("roi_align"):
             return F.mxmask_roi_align(data, rois5, pooled_h=self.output_size[0],
                                       pooled_w=self.output_size[1], spatial_scale=spatial_scale,
-                                      sample_ratio=self.sampling_ratio, aligned=int(self.aligned))
+                                      sample_ratio=self.sampling_ratio, aligned=int(self.aligned),
+                                      layout=layout)
         return F.contrib.ROIAlign(data, rois5, pooled_size=self.output_size,
                                   spatial_scale=spatial_scale, sample_ratio=self.sampling_ratio,
                                   position_sensitive=False, aligned=self.aligned)
@@ -231,7 +233,7 @@ class MultiLevelRoIAlign(HybridBlock):
         x1, y1, x2, y2 = F.split(F.broadcast_mul(rois, scale), axis=-1, num_outputs=4)  # level px
         if self.aligned:
             rois5 = F.concat(bidx, x1, y1 + shift_y, x2, y2 + shift_y, dim=-1)
-            return self._roi_align(F, level_canvas(F, features), F.reshape(rois5, (-1, 5)), 1.0)
+            return self._roi_align_canvas(F, features, F.reshape(rois5, (-1, 5)))
         # legacy mode: a roi under one feature pixel is widened to one pixel, so one that starts
         # in its level's last row (column) samples past the level, where ROIAlign reads zeros and
         # the canvas the next tile. Such a sliver is pooled on the last row (column) instead, all
@@ -246,11 +248,20 @@ class MultiLevelRoIAlign(HybridBlock):
         y1, y2 = F.where(sliver_y, height - 1.0, y1), F.where(sliver_y, height, y2)
         x1, x2 = F.where(sliver_x, width - 1.0, x1), F.where(sliver_x, width, x2)
         rois5 = F.concat(bidx, x1, y1 + shift_y, x2, y2 + shift_y, dim=-1)
-        pooled = self._roi_align(F, level_canvas(F, features), F.reshape(rois5, (-1, 5)), 1.0)
+        pooled = self._roi_align_canvas(F, features, F.reshape(rois5, (-1, 5)))
         keep_y = F.expand_dims(F.expand_dims(F.reshape(keep_y, (-3, -1)), axis=1), axis=3)
         keep_x = F.expand_dims(F.expand_dims(F.reshape(keep_x, (-3, -1)), axis=1), axis=2)
         keep = F.broadcast_mul(keep_y, keep_x)                                  # (B*R, 1, P, P)
         return F.broadcast_mul(pooled, keep)
+
+    def _roi_align_canvas(self, F, features, rois5):
+        """ROIAlign of rois5 (N, 5) on the level canvas of ``features`` at ``spatial_scale=1``:
+        the channels-last canvas of ``mxmask_level_canvas`` when the ``"level_canvas"`` kernel
+        is on (with the compiled RoIAlign; the same values), else :func:`level_canvas`."""
+        if compiled_kernels_active("level_canvas") and compiled_kernels_active("roi_align"):
+            return self._roi_align(F, level_canvas(F, features, channels_last=True), rois5, 1.0,
+                                   layout="NHWC")
+        return self._roi_align(F, level_canvas(F, features), rois5, 1.0)
 
     def _kept_share(self, F, start, size, sliver, pooled):
         """(B, R, pooled): for a sliver (roi widened to 1 pixel from ``start``), the share of
@@ -303,7 +314,7 @@ def _of_level(F, k, values):
     return out
 
 
-def level_canvas(F, features):
+def level_canvas(F, features, channels_last=False):
     """The "level canvas": the levels stacked top to bottom into one tensor, left-aligned, the
     finest first at the origin, each with a one-pixel edge-replicated border below and to the
     right (and above, from the second level on), and zero filler on the right up to the width
@@ -328,15 +339,24 @@ def level_canvas(F, features):
 
     Args:
         features: the levels (B, C, H_k, W_k), finest first, with H_k <= H_0 and W_k <= W_0.
+        channels_last: build it channels-last, (B, H_c, W_c, C), in one compiled operator
+            (``mxmask_level_canvas``, forward only: inference), the layout that
+            ``mxmask_roi_align(layout="NHWC")`` pools from without a copy of its own.
 
     Returns:
-        The canvas (B, C, H_0 + 1 + sum_{k>0} (H_k + 2), W_0 + 1). Inside
-        :func:`shared_level_canvas`, the same ``features`` give the same canvas object.
+        The canvas (B, C, H_c, W_c), H_c = H_0 + 1 + sum_{k>0} (H_k + 2), W_c = W_0 + 1, or
+        (B, H_c, W_c, C). Inside :func:`shared_level_canvas`, the same ``features`` and layout
+        give the same canvas object.
     """
     cache = getattr(_CANVASES, "cache", None)
-    key = tuple(id(f) for f in features)
+    key = (bool(channels_last),) + tuple(id(f) for f in features)
     if cache is not None and key in cache:
         return cache[key][0]
+    if channels_last:
+        canvas = F.mxmask_level_canvas(*features, num_args=len(features))
+        if cache is not None:
+            cache[key] = (canvas, tuple(features))
+        return canvas
     first = F.pad(features[0], mode="edge", pad_width=(0, 0, 0, 0, 0, 1, 0, 1))
     rows = [first]
     for f in features[1:]:

@@ -104,14 +104,14 @@ def inference_kernels(kernels):
     """The :func:`mxmask.ops.compiled_kernels` block of an inference graph.
 
     Args:
-        kernels: ``"mxnet"`` or ``"mxmask"``: the compiled RoIAlign and NMS, which give MXNet's
-            outputs exactly; GroupNorm stays MXNet's, so that the outputs are exactly those of
-            the exported graph.
+        kernels: ``"mxnet"`` or ``"mxmask"``: the compiled RoIAlign (on a channels-last level
+            canvas) and NMS, which give MXNet's outputs exactly; GroupNorm stays MXNet's, so
+            that the outputs are exactly those of the exported graph.
 
     Returns:
         a context manager.
     """
-    return compiled_kernels(kernels == "mxmask", ["roi_align", "box_nms"])
+    return compiled_kernels(kernels == "mxmask", ["roi_align", "box_nms", "level_canvas"])
 
 
 class MaskRCNN(mx.gluon.HybridBlock):

@@ -1,22 +1,25 @@
 """Compiled CPU operators, built on first use with MXNet's extension API.
 
-    load_ops() -> True when mxmask_roi_align, mxmask_group_norm and mxmask_box_nms exist in
-                  mx.nd / mx.sym
+    load_ops() -> True when mxmask_roi_align, mxmask_group_norm, mxmask_box_nms and
+                  mxmask_level_canvas exist in mx.nd / mx.sym
     kernels_for(ctxs) -> "mxmask" (CPU contexts and the ops load) or "mxnet"
     resolve_kernels(kernels, ctxs) -> "auto" | "mxnet" | "mxmask" checked, "auto" resolved
     with compiled_kernels(True): ...   # blocks traced inside use the ops (training graph)
-    with compiled_kernels(True, ["roi_align", "box_nms"]): ...   # inference: not GroupNorm
-    compiled_kernels_active("roi_align" | "group_norm" | "box_nms") -> bool
+    with compiled_kernels(True, ["roi_align", "box_nms", "level_canvas"]): ...   # inference
+    compiled_kernels_active("roi_align" | "group_norm" | "box_nms" | "level_canvas") -> bool
 
-Three operators, each the same computation as the stock CPU operator it replaces, which is slow
-(DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"; figures in docs/kernels.md). Each
-source file's header says what it computes and how it differs:
+Four operators. Three are the same computation as the stock CPU operator they replace, which is
+slow (DEVELOPING.md, "Measured facts about MXNet 1.9.1 on CPU"; figures in docs/kernels.md); the
+fourth builds the RoI poolers' level canvas channels-last, which the compiled RoIAlign reads
+without a copy of its own. Each source file's header says what it computes and how it differs:
 
 - ``mxmask_roi_align`` (``roi_align.cc``): ``contrib.ROIAlign``, its forward bit for bit.
 - ``mxmask_group_norm`` (``group_norm.cc``): the GroupNorm of :mod:`mxmask.modeling.norm` and
   its per-channel affine in one operator; it accumulates in float64, so it agrees with the
   stock LayerNorm + BatchNorm pair to float32 rounding.
 - ``mxmask_box_nms`` (``box_nms.cc``): ``contrib.box_nms`` in corner format, the same rows.
+- ``mxmask_level_canvas`` (``level_canvas.cc``): :func:`mxmask.modeling.poolers.level_canvas`
+  channels-last, the same values; forward only, so inference graphs only.
 """
 import contextlib
 import hashlib
@@ -34,9 +37,10 @@ __all__ = ["load_ops", "kernels_for", "resolve_kernels", "compiled_kernels",
            "compiled_kernels_active"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(_HERE, name) for name in ("roi_align.cc", "group_norm.cc", "box_nms.cc")]
+SOURCES = [os.path.join(_HERE, name) for name in ("roi_align.cc", "group_norm.cc", "box_nms.cc",
+                                                  "level_canvas.cc")]
 HEADERS = [os.path.join(_HERE, "common.h")]
-OP_NAMES = ("mxmask_roi_align", "mxmask_group_norm", "mxmask_box_nms")
+OP_NAMES = ("mxmask_roi_align", "mxmask_group_norm", "mxmask_box_nms", "mxmask_level_canvas")
 # no FMA contraction: mxmask_roi_align's forward repeats contrib.ROIAlign's float32 arithmetic
 FLAGS = ["-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 _LOCK = threading.Lock()
@@ -187,22 +191,24 @@ def resolve_kernels(kernels, ctxs):
     return kernels
 
 
-KERNELS = ("roi_align", "group_norm", "box_nms")
+KERNELS = ("roi_align", "group_norm", "box_nms", "level_canvas")
+# the kernels with a backward, which a training graph may use
+TRAINING_KERNELS = ("roi_align", "group_norm", "box_nms")
 
 
 @contextlib.contextmanager
-def compiled_kernels(enabled=True, kernels=KERNELS):
-    """Within the block (this thread), the RoI poolers (``"roi_align"``), GroupNorm layers
-    (``"group_norm"``) and NMS calls (``"box_nms"``) called, or traced into a graph, use the
-    compiled operators named in ``kernels`` when ``enabled`` (they must be loaded:
-    :func:`load_ops`).
+def compiled_kernels(enabled=True, kernels=TRAINING_KERNELS):
+    """Within the block (this thread), the RoI poolers (``"roi_align"``; their level canvas,
+    ``"level_canvas"``), GroupNorm layers (``"group_norm"``) and NMS calls (``"box_nms"``)
+    called, or traced into a graph, use the compiled operators named in ``kernels`` when
+    ``enabled`` (they must be loaded: :func:`load_ops`).
 
     Who uses them: the training graph on CPU contexts
-    (:class:`mxmask.modeling.training.RCNNLoss` traces its graphs inside this block), all
-    three; the inference network run in-process on CPUs (``MaskRCNN.use_kernels``, which the
-    predictor, ``mxmask eval`` and ``mxmask bench`` call), the RoIAlign and the NMS, so that it
-    gives exactly the outputs of its exported graph, which keeps the stock operators and needs
-    nothing but MXNet.
+    (:class:`mxmask.modeling.training.RCNNLoss` traces its graphs inside this block), the
+    :data:`TRAINING_KERNELS`, which have a backward; the inference network run in-process on
+    CPUs (``MaskRCNN.use_kernels``, which the predictor, ``mxmask eval`` and ``mxmask bench``
+    call), the RoIAlign, its canvas and the NMS, so that it gives exactly the outputs of its
+    exported graph, which keeps the stock operators and needs nothing but MXNet.
 
     Args:
         enabled (bool): False turns every compiled kernel off inside the block.
@@ -220,7 +226,7 @@ def compiled_kernels_active(kernel):
     """Whether a compiled kernel is on in the current :func:`compiled_kernels` block.
 
     Args:
-        kernel (str): ``"roi_align"``, ``"group_norm"`` or ``"box_nms"``.
+        kernel (str): one of :data:`KERNELS`.
 
     Returns:
         bool: True inside ``compiled_kernels(True, kernels)`` with ``kernel`` in ``kernels``

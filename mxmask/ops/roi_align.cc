@@ -2,8 +2,9 @@
 // forward that gives contrib.ROIAlign's outputs bit for bit, and a parallel backward.
 //
 //   mxmask_roi_align(data (B, C, H, W) float32, rois (R, 5) float32 [batch, x1, y1, x2, y2],
-//                    pooled_h, pooled_w, spatial_scale, sample_ratio, aligned)
+//                    pooled_h, pooled_w, spatial_scale, sample_ratio, aligned, layout="NCHW")
 //       -> (R, C, pooled_h, pooled_w)
+//   layout="NHWC": data is (B, H, W, C), already channels-last (mxmask_level_canvas).
 //
 // The same sampling as MXNet 1.9.1's contrib.ROIAlign (position_sensitive=False): roi scaled by
 // spatial_scale (minus 0.5 when aligned), bins of roi/pooled, sample_ratio (or, when <= 0,
@@ -38,6 +39,7 @@ struct Params {
   int pooled_h, pooled_w, sample_ratio;
   float spatial_scale;
   bool aligned;
+  bool channels_last;  // layout "NHWC"
 };
 
 int GetInt(const std::unordered_map<std::string, std::string>& attrs, const char* key,
@@ -56,6 +58,8 @@ Params Parse(const std::unordered_map<std::string, std::string>& attrs) {
   it = attrs.find("aligned");
   p.aligned = it != attrs.end() && (it->second == "1" || it->second == "True" ||
                                     it->second == "true");
+  it = attrs.find("layout");
+  p.channels_last = it != attrs.end() && it->second == "NHWC";
   return p;
 }
 
@@ -144,8 +148,10 @@ struct Problem {
 
   Problem(const std::unordered_map<std::string, std::string>& attrs, MXTensor* data,
           MXTensor* rois)
-      : p(Parse(attrs)), batch(data->shape[0]), channels(data->shape[1]),
-        height(data->shape[2]), width(data->shape[3]), num_rois(rois->shape[0]),
+      : p(Parse(attrs)), batch(data->shape[0]),
+        channels(data->shape[p.channels_last ? 3 : 1]),
+        height(data->shape[p.channels_last ? 1 : 2]),
+        width(data->shape[p.channels_last ? 2 : 3]), num_rois(rois->shape[0]),
         bins(p.pooled_h * p.pooled_w), plane(static_cast<int64_t>(height) * width),
         samples(num_rois) {
     const float* r = rois->data<float>();
@@ -158,6 +164,11 @@ MXReturnValue ParseAttrs(const std::unordered_map<std::string, std::string>& att
                          int* num_in, int* num_out) {
   *num_in = 2;
   *num_out = 1;
+  auto it = attrs.find("layout");
+  if (it != attrs.end() && it->second != "NCHW" && it->second != "NHWC") {
+    MX_ERROR_MSG << "mxmask_roi_align: layout must be NCHW or NHWC, got " << it->second;
+    return MX_FAIL;
+  }
   return MX_SUCCESS;
 }
 
@@ -176,7 +187,7 @@ MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& att
     return MX_FAIL;
   }
   const Params p = Parse(attrs);
-  out_shapes->at(0) = {r[0], d[1], static_cast<unsigned>(p.pooled_h),
+  out_shapes->at(0) = {r[0], d[p.channels_last ? 3 : 1], static_cast<unsigned>(p.pooled_h),
                        static_cast<unsigned>(p.pooled_w)};
   return MX_SUCCESS;
 }
@@ -225,8 +236,8 @@ void PoolRoiChannelsLast(const RoiSamples& s, const float* image, int channels, 
   }
 }
 
-// Forward: the feature map is copied channels-last once per call (MXNet's workspace), then
-// every roi is pooled from it, rois in parallel. Each output is contrib.ROIAlign's float32
+// Forward: the feature map is copied channels-last once per call (MXNet's workspace) unless it
+// is channels-last already (layout "NHWC"), then every roi is pooled from it, rois in parallel. Each output is contrib.ROIAlign's float32
 // arithmetic in its order (the four weighted taps of a sample, summed over the bin's samples,
 // divided by their count; built without FMA contraction), so the two agree bit for bit.
 MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
@@ -237,16 +248,20 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
   const float* x = inputs->at(0).data<float>();
   float* y = outputs->at(0).data<float>();
   const int64_t bytes = static_cast<int64_t>(job.batch) * job.plane * channels * sizeof(float);
-  float* xt = nullptr;
+  const float* xt = x;
   std::vector<float> own;
-  if (bytes <= static_cast<int64_t>(std::numeric_limits<int>::max())) {
-    xt = static_cast<float*>(res.alloc_cpu(static_cast<int>(bytes)));
+  if (!job.p.channels_last) {
+    float* copy = nullptr;
+    if (bytes <= static_cast<int64_t>(std::numeric_limits<int>::max())) {
+      copy = static_cast<float*>(res.alloc_cpu(static_cast<int>(bytes)));
+    }
+    if (copy == nullptr) {
+      own.resize(static_cast<size_t>(bytes / sizeof(float)));
+      copy = own.data();
+    }
+    ToChannelsLast(x, job.batch, channels, job.height, job.width, copy);
+    xt = copy;
   }
-  if (xt == nullptr) {
-    own.resize(static_cast<size_t>(bytes / sizeof(float)));
-    xt = own.data();
-  }
-  ToChannelsLast(x, job.batch, channels, job.height, job.width, xt);
 #pragma omp parallel
   {
     std::vector<float> acc(channels);
@@ -271,6 +286,9 @@ MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs
                        const OpResource& res) {
   const Problem job(attrs, &inputs->at(1), &inputs->at(2));
   const int batch = job.batch, channels = job.channels, bins = job.bins;
+  // a tap position's element of channel c: dst[pos * step] (NCHW: plane of c, step 1; NHWC:
+  // offset c, step C)
+  const int64_t step = job.p.channels_last ? channels : 1;
   const int64_t plane = job.plane;
   const float* g = inputs->at(0).data<float>();
   float* dx = outputs->at(0).data<float>();
@@ -285,8 +303,8 @@ MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t bc = 0; bc < static_cast<int64_t>(batch) * channels; ++bc) {
     const int b = static_cast<int>(bc / channels), c = static_cast<int>(bc % channels);
-    float* dst = dx + bc * plane;
-    std::fill(dst, dst + plane, 0.f);
+    float* dst = job.p.channels_last ? dx + b * plane * channels + c : dx + bc * plane;
+    for (int64_t i = 0; i < plane; ++i) dst[i * step] = 0.f;
     for (int r : by_image[b]) {
       const RoiSamples& s = job.samples[r];
       const float* grad = g + (static_cast<int64_t>(r) * channels + c) * bins;
@@ -294,10 +312,10 @@ MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs
       for (int bin = 0; bin < bins; ++bin) {
         const float v = grad[bin] / s.count;
         for (int k = 0; k < s.per_bin; ++k, ++tap) {
-          dst[tap->pos[0]] += tap->w[0] * v;
-          dst[tap->pos[1]] += tap->w[1] * v;
-          dst[tap->pos[2]] += tap->w[2] * v;
-          dst[tap->pos[3]] += tap->w[3] * v;
+          dst[tap->pos[0] * step] += tap->w[0] * v;
+          dst[tap->pos[1] * step] += tap->w[1] * v;
+          dst[tap->pos[2] * step] += tap->w[2] * v;
+          dst[tap->pos[3] * step] += tap->w[3] * v;
         }
       }
     }
