@@ -14,7 +14,8 @@ outputs and output meaning are the float32 graph's.
 
 What stays float32: the proposal generator (box decoding, top-k and NMS; its padding constant
 is -inf, whose calibration range would be infinite), RoIAlign, the detection post-processing,
-the deconvolutions (MXNet 1.9.1 has no int8 Deconvolution), and the nodes named by
+the deconvolutions (MXNet 1.9.1 has no int8 Deconvolution) but the mask head's, which
+:func:`subpixel_deconvolutions` turns into convolutions first, and the nodes named by
 ``test.int8.exclude`` (fnmatch patterns; the presets say which and why). MXNet's "smart" mode
 quantizes only where the int8 data stays int8 between layers.
 
@@ -34,7 +35,7 @@ import numpy as np
 from .utils import UserError
 
 __all__ = ["ALWAYS_FLOAT32", "calibration_images", "calibration_batches", "int8_exclusions",
-           "quantize_symbol", "quantized_block"]
+           "subpixel_deconvolutions", "quantize_symbol", "quantized_block"]
 
 # the graph inputs, in the order of a calibration batch (an image classifier has only "data")
 INPUT_NAMES = ("data", "im_info")
@@ -174,6 +175,174 @@ def int8_exclusions(fsym, patterns=()):
     return excluded, originals
 
 
+# --------------------------------------------------------------------------------------------
+# Sub-pixel deconvolutions
+# --------------------------------------------------------------------------------------------
+def _attr(node, key, default):
+    """A node attribute as a Python value (``"(2, 2)"`` -> (2, 2), ``"True"`` -> True)."""
+    import ast
+    value = (node.get("attrs") or {}).get(key)
+    return default if value is None else ast.literal_eval(value)
+
+
+def _conv1x1(node):
+    """Whether ``node`` is a 1x1, stride-1, unpadded, undilated NCHW Convolution."""
+    return (node["op"] == "Convolution" and tuple(_attr(node, "kernel", ())) == (1, 1)
+            and tuple(_attr(node, "stride", (1, 1))) == (1, 1)
+            and tuple(_attr(node, "pad", (0, 0))) == (0, 0)
+            and tuple(_attr(node, "dilate", (1, 1))) == (1, 1)
+            and (node.get("attrs") or {}).get("layout", "NCHW") == "NCHW")
+
+
+def _subpixel_matches(nodes, consumers):
+    """The chains deconvolution 2x2/2 [-> bias conv] -> ReLU -> 1x1 predictor of a graph:
+    ``(deconv, bias var or None, nodes dropped, relu, predictor)`` node ids."""
+    def sole(i):
+        return consumers[i][0] if len(consumers[i]) == 1 else None
+
+    def var(i):
+        return i if nodes[i]["op"] == "null" else None
+
+    found = []
+    for i, n in enumerate(nodes):
+        if n["op"] != "Deconvolution" or not (
+                tuple(_attr(n, "kernel", ())) == (2, 2) and tuple(_attr(n, "stride", ())) == (2, 2)
+                and tuple(_attr(n, "pad", (0, 0))) == (0, 0)
+                and tuple(_attr(n, "adj", (0, 0))) == (0, 0)
+                and tuple(_attr(n, "dilate", (1, 1))) == (1, 1)
+                and tuple(_attr(n, "target_shape", ())) in ((), (0, 0))
+                and _attr(n, "num_group", 1) == 1
+                and n.get("attrs", {}).get("layout", "NCHW") == "NCHW"
+                and var(n["inputs"][1][0]) is not None):
+            continue
+        bias = None if _attr(n, "no_bias", False) else var(n["inputs"][2][0])
+        dropped, j = [], sole(i)
+        if j is None:
+            continue
+        # Deconv2D's bias: a depthwise 1x1 conv with unit weights BlockGrad(ones_like(Reshape(b)))
+        if bias is None and _conv1x1(nodes[j]) and len(nodes[j]["inputs"]) == 3 and \
+                _attr(nodes[j], "num_group", 1) == _attr(nodes[j], "num_filter", 0):
+            chain, k = [], nodes[j]["inputs"][1][0]
+            for op in ("BlockGrad", "ones_like", "Reshape"):
+                chain.append(k)
+                k = nodes[k]["inputs"][0][0] if nodes[k]["op"] == op else None
+                if k is None:
+                    break
+            if k is not None and var(k) == nodes[j]["inputs"][2][0]:
+                bias, dropped = k, [j] + chain
+                j = sole(j)
+        if j is None or nodes[j]["op"] != "Activation" or \
+                (nodes[j].get("attrs") or {}).get("act_type") != "relu":
+            continue
+        k = sole(j)
+        if k is None or not _conv1x1(nodes[k]) or _attr(nodes[k], "num_group", 1) != 1 or \
+                nodes[k]["inputs"][0][0] != j or var(nodes[k]["inputs"][1][0]) is None:
+            continue
+        found.append((i, bias, dropped, j, k))
+    return found
+
+
+def subpixel_deconvolutions(sym, values):
+    """The same graph with each ``Deconvolution`` 2x2/stride 2 (the mask head's), followed by a
+    ReLU and a 1x1 convolution (the mask predictor), as a 1x1 convolution to 4C channels, the
+    ReLU, the predictor as a grouped 1x1 convolution over the 4 sub-pixel positions, and
+    ``depth_to_space``: the same function, with every weight layer quantizable (MXNet 1.9.1
+    has no int8 ``Deconvolution``), and the float32 map that remains the predictor's K-channel
+    output rather than the deconvolution's C channels at twice the size.
+
+    A 2x2/2 deconvolution writes each input pixel's four output pixels on its own:
+    ``y[o, 2i+a, 2j+b] = sum_c x[c, i, j] W[c, o, a, b]``, so channel ``(2a+b)*C + o`` of the 1x1
+    convolution with weights ``W.transpose(2, 3, 1, 0)`` is that pixel, and ``depth_to_space``
+    (MXNet's order: channel ``(a*2 + b)*K + k`` -> output channel k, offset (a, b)) puts it
+    back. The rewritten nodes keep their names (``test.int8.exclude`` still matches them).
+
+    Args:
+        sym: a float32 graph.
+        values: ``name -> NDArray`` of its parameters.
+
+    Returns:
+        ``(sym, values)``: the graph and its parameters (new ``*_subpixel_*`` ones for the
+        rewritten layers); unchanged when there is no such chain.
+    """
+    import mxnet as mx
+    graph = json.loads(sym.tojson())
+    nodes = graph["nodes"]
+    consumers = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        for e in n["inputs"]:
+            consumers[e[0]].append(i)
+    for e in graph["heads"]:
+        consumers[e[0]].append(-1)
+    matches = _subpixel_matches(nodes, consumers)
+    if not matches:
+        return sym, values
+    values = dict(values)
+    at = {m[0]: m for m in matches}
+    predictors = {m[4]: m for m in matches}
+    skipped = {d for m in matches for d in m[2]}
+    new, index = [], {}
+
+    def add(node):
+        new.append(node)
+        return len(new) - 1
+
+    made = {}
+
+    def param(name, array):
+        # one variable per name: a head traced twice (the same weights) uses it twice
+        if name not in made:
+            values[name] = mx.nd.array(array, dtype="float32")
+            made[name] = add({"op": "null", "name": name, "inputs": [],
+                              "attrs": {"__shape__": str(tuple(array.shape)), "__dtype__": "0"}})
+        return made[name]
+
+    def remap(inputs):
+        return [[index[e[0]], e[1], 0] for e in inputs]
+
+    for i, n in enumerate(nodes):
+        if i in skipped:
+            continue
+        if i in at:                       # the deconvolution -> 1x1 conv to 4C channels
+            _, bias, dropped, _, _ = at[i]
+            w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (Cin, C, 2, 2)
+            cin, c = w.shape[:2]
+            b = values[nodes[bias]["name"]].asnumpy() if bias is not None else np.zeros(c)
+            base = nodes[n["inputs"][1][0]]["name"][:-len("weight")]
+            wi = param(base + "subpixel_weight", w.transpose(2, 3, 1, 0).reshape(4 * c, cin,
+                                                                                 1, 1))
+            bi = param(base + "subpixel_bias", np.tile(b, 4))
+            conv = {"op": "Convolution", "name": n["name"],
+                    "attrs": {"kernel": "(1, 1)", "num_filter": str(4 * c), "no_bias": "False"},
+                    "inputs": remap(n["inputs"][:1]) + [[wi, 0, 0], [bi, 0, 0]]}
+            index[i] = add(conv)
+            for d in dropped:
+                index[d] = index[i]
+        elif i in predictors:             # the predictor -> grouped over 4 positions + d2s
+            w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (K, C, 1, 1)
+            k = w.shape[0]
+            has_bias = not _attr(n, "no_bias", False)
+            b = values[nodes[n["inputs"][2][0]]["name"]].asnumpy() if has_bias else np.zeros(k)
+            base = nodes[n["inputs"][1][0]]["name"][:-len("weight")]
+            wi = param(base + "subpixel_weight", np.tile(w, (4, 1, 1, 1)))
+            bi = param(base + "subpixel_bias", np.tile(b, 4))
+            conv = {"op": "Convolution", "name": n["name"],
+                    "attrs": {"kernel": "(1, 1)", "num_filter": str(4 * k), "num_group": "4",
+                              "no_bias": "False"},
+                    "inputs": remap(n["inputs"][:1]) + [[wi, 0, 0], [bi, 0, 0]]}
+            ci = add(conv)
+            index[i] = add({"op": "depth_to_space", "name": n["name"] + "_depth_to_space",
+                            "attrs": {"block_size": "2"}, "inputs": [[ci, 0, 0]]})
+        else:
+            node = dict(n, inputs=remap(n["inputs"]))
+            index[i] = add(node)
+    graph = {"nodes": new, "arg_nodes": [i for i, n in enumerate(new) if n["op"] == "null"],
+             "heads": [[index[e[0]], e[1], 0] for e in graph["heads"]],
+             "attrs": graph.get("attrs", {})}
+    out = mx.sym.load_json(json.dumps(graph))
+    used = set(out.list_arguments()) | set(out.list_auxiliary_states())
+    return out, {k: v for k, v in values.items() if k in used}
+
+
 def _collect(fsym, args, auxs, batches, collector, input_names):
     """Run the float32 graph on every batch with ``collector`` watching every node output."""
     import mxnet as mx
@@ -245,6 +414,8 @@ def quantize_symbol(sym, params, batches, settings, input_names=INPUT_NAMES):
     arg_names, aux_names = set(sym.list_arguments()), set(sym.list_auxiliary_states())
     values = {k: (v if isinstance(v, mx.nd.NDArray) else v.data())
               for k, v in params.items() if k in arg_names or k in aux_names}
+    sym, values = subpixel_deconvolutions(sym, values)
+    arg_names = set(sym.list_arguments())
     args = {k: v for k, v in values.items() if k in arg_names}
     auxs = {k: v for k, v in values.items() if k in aux_names}
     fsym = sym.get_backend_symbol("MKLDNN_QUANTIZE")

@@ -617,3 +617,103 @@ def test_int8_ap_is_float32_ap_and_a_broken_scale_is_not(trained, monkeypatch):
         assert ranges and ranges[0] >= 50                    # it did scale the layers' ranges
         assert max(abs(broken[t] - fp32[t]) for t in TASKS) > INT8_AP_TOLERANCE, \
             (factor, fp32, broken)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. the mask head's deconvolution as sub-pixel convolutions
+# --------------------------------------------------------------------------------------------
+def _deconv_relu_predictor(kernel=(2, 2), stride=(2, 2), pad=(0, 0), extra_head=False):
+    """data -> Deconvolution (with bias) -> ReLU -> 1x1 predictor, the shape of a mask head."""
+    x = mx.sym.Deconvolution(mx.sym.var("data"), mx.sym.var("d_weight"), mx.sym.var("d_bias"),
+                             kernel=kernel, stride=stride, pad=pad, num_filter=5, no_bias=False,
+                             name="d")
+    r = mx.sym.Activation(x, act_type="relu", name="relu")
+    p = mx.sym.Convolution(r, mx.sym.var("p_weight"), mx.sym.var("p_bias"), kernel=(1, 1),
+                           num_filter=3, name="p")
+    return mx.sym.Group([p, r]) if extra_head else p
+
+
+def _ops(sym):
+    return collections.Counter(n["op"] for n in graph_nodes(sym))
+
+
+def test_subpixel_deconvolution_is_the_deconvolution_by_hand():
+    """A 2x2/2 deconvolution -> ReLU -> 1x1 predictor becomes a 1x1 conv to 4C channels,
+    the ReLU, a grouped 1x1 predictor and depth_to_space: the numpy deconvolution's values."""
+    from mxmask.quantize import subpixel_deconvolutions
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 6, 3, 4).astype(np.float32)
+    values = {"d_weight": rng.randn(6, 5, 2, 2), "d_bias": rng.randn(5),
+              "p_weight": rng.randn(3, 5, 1, 1), "p_bias": rng.randn(3)}
+    values = {k: mx.nd.array(v.astype(np.float32)) for k, v in values.items()}
+    sym, params = subpixel_deconvolutions(_deconv_relu_predictor(), values)
+    assert _ops(sym) == {"Convolution": 2, "Activation": 1, "depth_to_space": 1}
+    assert sorted(params) == ["d_subpixel_bias", "d_subpixel_weight", "p_subpixel_bias",
+                              "p_subpixel_weight"]
+    assert params["d_subpixel_weight"].shape == (20, 6, 1, 1)
+    out = sym.bind(mx.cpu(), dict(params, data=mx.nd.array(x)), grad_req="null")
+    got = out.forward()[0].asnumpy()
+    # y[n, o, 2i+a, 2j+b] = sum_c x[n, c, i, j] W[c, o, a, b] + b[o], by hand
+    w, b = values["d_weight"].asnumpy(), values["d_bias"].asnumpy()
+    y = np.zeros((2, 5, 6, 8), np.float64)
+    for a in range(2):
+        for c in range(2):
+            y[:, :, a::2, c::2] = np.einsum("nchw,co->nohw", x, w[:, :, a, c])
+    y = np.maximum(y + b[None, :, None, None], 0)
+    ref = np.einsum("nchw,kc->nkhw", y, values["p_weight"].asnumpy()[:, :, 0, 0]) + \
+        values["p_bias"].asnumpy()[None, :, None, None]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["kernel4", "relu_has_another_use"])
+def test_other_deconvolutions_are_left_alone(case):
+    """A deconvolution whose output pixels overlap (the keypoint head's 4x4/2), or whose ReLU
+    output is used twice, keeps its Deconvolution."""
+    from mxmask.quantize import subpixel_deconvolutions
+    sym = (_deconv_relu_predictor((4, 4), (2, 2), (1, 1)) if case == "kernel4" else
+           _deconv_relu_predictor(extra_head=True))
+    values = {"d_weight": mx.nd.ones((6, 5) + ((4, 4) if case == "kernel4" else (2, 2))),
+              "d_bias": mx.nd.ones(5), "p_weight": mx.nd.ones((3, 5, 1, 1)),
+              "p_bias": mx.nd.ones(3)}
+    out, params = subpixel_deconvolutions(sym, values)
+    assert out is sym and params is values
+
+
+def test_mask_head_deconvolution_runs_quantized(shapes_dataset, tmp_path):
+    """A mask head without the image guide (the r50 presets' shape): the rewritten float32
+    graph gives the network's outputs, and in the int8 graph the deconvolution is a quantized
+    convolution, with no Deconvolution left."""
+    from helpers.tiny import build_tiny_checkpoint
+    from mxmask.quantize import subpixel_deconvolutions
+    out = str(tmp_path / "ckpt")
+    os.makedirs(out)
+    build_tiny_checkpoint(shapes_dataset, out, ["model.mask_head.image_guide=0"])
+    cfg = load_checkpoint_config(out)
+    net = load_network(cfg, checkpoint_files(out)[0], [mx.cpu()])
+    sym = network_symbol(net, net.kernels)
+    params = {k: v.data() for k, v in net.collect_params().items()}
+    rewritten, values = subpixel_deconvolutions(sym, params)
+    for graph, mask_head, keypoint_head in ((sym, 2, 4), (rewritten, 0, 4)):
+        deconvs = [n["name"] for n in graph_nodes(graph) if n["op"] == "Deconvolution"]
+        assert len([n for n in deconvs if "maskhead" in n]) == mask_head, deconvs
+        assert len([n for n in deconvs if "keypointhead" in n]) == keypoint_head, deconvs
+    assert _ops(rewritten)["depth_to_space"] == 2          # the mask head runs twice
+    data, im_info = calibration_batches(cfg)[0]
+    ref = net(data, im_info)
+    got = mx.gluon.SymbolBlock(rewritten, [mx.sym.var("data"), mx.sym.var("im_info")])
+    for name, value in values.items():
+        got.params.get(name)._load_init(value, mx.cpu())
+    for name, r, g in zip(OUTPUTS, ref, got(data, im_info)):
+        np.testing.assert_allclose(g.asnumpy(), r.asnumpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    qsym, _, record = quantize_symbol(sym, net.collect_params(), [(data, im_info)],
+                                      Int8Config())
+    assert any(n.endswith("maskhead0_deconv_fwd") for n in record["quantized"])
+    assert "Deconvolution" not in {n["op"] for node in graph_nodes(qsym)
+                                   for n in _inner_nodes_of(node)
+                                   if "maskhead" in n["name"]}
+
+
+def _inner_nodes_of(node):
+    from mxmask.quantize import _inner_nodes
+    return _inner_nodes(node)
