@@ -195,8 +195,9 @@ def _conv1x1(node):
 
 
 def _subpixel_matches(nodes, consumers):
-    """The chains deconvolution 2x2/2 [-> bias conv] -> ReLU -> 1x1 predictor of a graph:
-    ``(deconv, bias var or None, nodes dropped, relu, predictor)`` node ids."""
+    """The chains deconvolution 2x2/2 [-> bias conv] -> ReLU -> 1x1 predictor -> gather_nd (the
+    class pick of :func:`~mxmask.modeling.roi_heads.select_class_masks`) of a graph:
+    ``(deconv, bias var or None, nodes dropped, relu, predictor, gather)`` node ids."""
     def sole(i):
         return consumers[i][0] if len(consumers[i]) == 1 else None
 
@@ -238,23 +239,43 @@ def _subpixel_matches(nodes, consumers):
         if k is None or not _conv1x1(nodes[k]) or _attr(nodes[k], "num_group", 1) != 1 or \
                 nodes[k]["inputs"][0][0] != j or var(nodes[k]["inputs"][1][0]) is None:
             continue
-        found.append((i, bias, dropped, j, k))
+        q = sole(k)
+        if q is None or nodes[q]["op"] != "gather_nd" or nodes[q]["inputs"][0][0] != k:
+            continue
+        found.append((i, bias, dropped, j, k, q))
     return found
+
+
+def _pick_subpixels(num_classes, name):
+    """The class pick of a sub-pixel predictor output: ``(__z (N, 4K, P, P), __idx (2, N)
+    [row, class]) -> (N, 2P, 2P)``, the class's four sub-pixel planes gathered (channels
+    ``g*K + class``, g = 0..3) and put in place by ``depth_to_space``."""
+    import mxnet as mx
+    z, idx = mx.sym.var("__z"), mx.sym.var("__idx")
+    step = mx.sym.reshape(mx.sym.arange(start=0, stop=4, name=name + "_group") * num_classes,
+                          shape=(1, 1, 4))                                        # (1, 1, 4)
+    offsets = mx.sym.concat(mx.sym.zeros_like(step), step, dim=0)               # (2, 1, 4)
+    idx4 = mx.sym.broadcast_add(mx.sym.expand_dims(idx, axis=2), offsets)       # (2, N, 4)
+    picked = mx.sym.gather_nd(z, idx4, name=name)                               # (N, 4, P, P)
+    return mx.sym.reshape(mx.sym.depth_to_space(picked, block_size=2, name=name + "_d2s"),
+                          shape=(-3, 0, 0), name=name + "_subpixel")             # (N, 2P, 2P)
 
 
 def subpixel_deconvolutions(sym, values):
     """The same graph with each ``Deconvolution`` 2x2/stride 2 (the mask head's), followed by a
-    ReLU and a 1x1 convolution (the mask predictor), as a 1x1 convolution to 4C channels, the
-    ReLU, the predictor as a grouped 1x1 convolution over the 4 sub-pixel positions, and
+    ReLU, a 1x1 convolution (the mask predictor) and the pick of each roi's class
+    (``gather_nd``), as a 1x1 convolution to 4C channels, the ReLU, the predictor as a grouped
+    1x1 convolution over the 4 sub-pixel positions, the pick of the class's four planes and
     ``depth_to_space``: the same function, with every weight layer quantizable (MXNet 1.9.1
-    has no int8 ``Deconvolution``), and the float32 map that remains the predictor's K-channel
-    output rather than the deconvolution's C channels at twice the size.
+    has no int8 ``Deconvolution``), and no float32 map larger than the picked masks.
 
     A 2x2/2 deconvolution writes each input pixel's four output pixels on its own:
     ``y[o, 2i+a, 2j+b] = sum_c x[c, i, j] W[c, o, a, b]``, so channel ``(2a+b)*C + o`` of the 1x1
     convolution with weights ``W.transpose(2, 3, 1, 0)`` is that pixel, and ``depth_to_space``
     (MXNet's order: channel ``(a*2 + b)*K + k`` -> output channel k, offset (a, b)) puts it
     back. The rewritten nodes keep their names (``test.int8.exclude`` still matches them).
+    Other deconvolutions (the keypoint head's 4x4, a mask head whose deconvolution feeds
+    something else) are left alone.
 
     Args:
         sym: a float32 graph.
@@ -262,7 +283,7 @@ def subpixel_deconvolutions(sym, values):
 
     Returns:
         ``(sym, values)``: the graph and its parameters (new ``*_subpixel_*`` ones for the
-        rewritten layers); unchanged when there is no such chain.
+        rewritten layers); the same objects when there is no such chain.
     """
     import mxnet as mx
     graph = json.loads(sym.tojson())
@@ -278,15 +299,14 @@ def subpixel_deconvolutions(sym, values):
         return sym, values
     values = dict(values)
     at = {m[0]: m for m in matches}
-    predictors = {m[4]: m for m in matches}
+    predictors = {m[4] for m in matches}
+    gathers = {m[5]: m for m in matches}
     skipped = {d for m in matches for d in m[2]}
-    new, index = [], {}
+    new, index, made = [], {}, {}
 
     def add(node):
         new.append(node)
         return len(new) - 1
-
-    made = {}
 
     def param(name, array):
         # one variable per name: a head traced twice (the same weights) uses it twice
@@ -299,42 +319,50 @@ def subpixel_deconvolutions(sym, values):
     def remap(inputs):
         return [[index[e[0]], e[1], 0] for e in inputs]
 
+    def conv1x1(n, x, w, b, groups):
+        base = nodes[n["inputs"][1][0]]["name"][:-len("weight")]
+        attrs = {"kernel": "(1, 1)", "num_filter": str(w.shape[0]), "no_bias": "False"}
+        if groups > 1:
+            attrs["num_group"] = str(groups)
+        return add({"op": "Convolution", "name": n["name"], "attrs": attrs,
+                    "inputs": x + [[param(base + "subpixel_weight", w), 0, 0],
+                                   [param(base + "subpixel_bias", b), 0, 0]]})
+
     for i, n in enumerate(nodes):
         if i in skipped:
             continue
         if i in at:                       # the deconvolution -> 1x1 conv to 4C channels
-            _, bias, dropped, _, _ = at[i]
+            _, bias, dropped = at[i][:3]
             w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (Cin, C, 2, 2)
             cin, c = w.shape[:2]
             b = values[nodes[bias]["name"]].asnumpy() if bias is not None else np.zeros(c)
-            base = nodes[n["inputs"][1][0]]["name"][:-len("weight")]
-            wi = param(base + "subpixel_weight", w.transpose(2, 3, 1, 0).reshape(4 * c, cin,
-                                                                                 1, 1))
-            bi = param(base + "subpixel_bias", np.tile(b, 4))
-            conv = {"op": "Convolution", "name": n["name"],
-                    "attrs": {"kernel": "(1, 1)", "num_filter": str(4 * c), "no_bias": "False"},
-                    "inputs": remap(n["inputs"][:1]) + [[wi, 0, 0], [bi, 0, 0]]}
-            index[i] = add(conv)
+            index[i] = conv1x1(n, remap(n["inputs"][:1]),
+                               w.transpose(2, 3, 1, 0).reshape(4 * c, cin, 1, 1), np.tile(b, 4),
+                               1)
             for d in dropped:
                 index[d] = index[i]
-        elif i in predictors:             # the predictor -> grouped over 4 positions + d2s
+        elif i in predictors:             # the predictor -> grouped over the 4 positions
             w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (K, C, 1, 1)
-            k = w.shape[0]
-            has_bias = not _attr(n, "no_bias", False)
-            b = values[nodes[n["inputs"][2][0]]["name"]].asnumpy() if has_bias else np.zeros(k)
-            base = nodes[n["inputs"][1][0]]["name"][:-len("weight")]
-            wi = param(base + "subpixel_weight", np.tile(w, (4, 1, 1, 1)))
-            bi = param(base + "subpixel_bias", np.tile(b, 4))
-            conv = {"op": "Convolution", "name": n["name"],
-                    "attrs": {"kernel": "(1, 1)", "num_filter": str(4 * k), "num_group": "4",
-                              "no_bias": "False"},
-                    "inputs": remap(n["inputs"][:1]) + [[wi, 0, 0], [bi, 0, 0]]}
-            ci = add(conv)
-            index[i] = add({"op": "depth_to_space", "name": n["name"] + "_depth_to_space",
-                            "attrs": {"block_size": "2"}, "inputs": [[ci, 0, 0]]})
+            b = (values[nodes[n["inputs"][2][0]]["name"]].asnumpy()
+                 if not _attr(n, "no_bias", False) else np.zeros(w.shape[0]))
+            index[i] = conv1x1(n, remap(n["inputs"][:1]), np.tile(w, (4, 1, 1, 1)),
+                               np.tile(b, 4), 4)
+        elif i in gathers:                # the class pick -> four planes + depth_to_space
+            k = nodes[gathers[i][4]]
+            num_classes = values[nodes[k["inputs"][1][0]]["name"]].shape[0]
+            sub = json.loads(_pick_subpixels(num_classes, n["name"]).tojson())
+            local = {}
+            for si, sn in enumerate(sub["nodes"]):
+                if sn["op"] == "null":
+                    source = n["inputs"][0] if sn["name"] == "__z" else n["inputs"][1]
+                    local[si] = (index[source[0]], source[1])
+                    continue
+                sn = dict(sn, inputs=[[local[e[0]][0], local[e[0]][1] + e[1], 0]
+                                      for e in sn["inputs"]])
+                local[si] = (add(sn), 0)
+            index[i] = local[sub["heads"][0][0]][0]
         else:
-            node = dict(n, inputs=remap(n["inputs"]))
-            index[i] = add(node)
+            index[i] = add(dict(n, inputs=remap(n["inputs"])))
     graph = {"nodes": new, "arg_nodes": [i for i, n in enumerate(new) if n["op"] == "null"],
              "heads": [[index[e[0]], e[1], 0] for e in graph["heads"]],
              "attrs": graph.get("attrs", {})}

@@ -623,14 +623,16 @@ def test_int8_ap_is_float32_ap_and_a_broken_scale_is_not(trained, monkeypatch):
 # 8. the mask head's deconvolution as sub-pixel convolutions
 # --------------------------------------------------------------------------------------------
 def _deconv_relu_predictor(kernel=(2, 2), stride=(2, 2), pad=(0, 0), extra_head=False):
-    """data -> Deconvolution (with bias) -> ReLU -> 1x1 predictor, the shape of a mask head."""
+    """data -> Deconvolution (with bias) -> ReLU -> 1x1 predictor -> gather_nd of (row, class)
+    ``idx``: a mask head and its class pick."""
     x = mx.sym.Deconvolution(mx.sym.var("data"), mx.sym.var("d_weight"), mx.sym.var("d_bias"),
                              kernel=kernel, stride=stride, pad=pad, num_filter=5, no_bias=False,
                              name="d")
     r = mx.sym.Activation(x, act_type="relu", name="relu")
     p = mx.sym.Convolution(r, mx.sym.var("p_weight"), mx.sym.var("p_bias"), kernel=(1, 1),
                            num_filter=3, name="p")
-    return mx.sym.Group([p, r]) if extra_head else p
+    g = mx.sym.gather_nd(p, mx.sym.var("idx"), name="pick")
+    return mx.sym.Group([g, r]) if extra_head else g
 
 
 def _ops(sym):
@@ -638,8 +640,9 @@ def _ops(sym):
 
 
 def test_subpixel_deconvolution_is_the_deconvolution_by_hand():
-    """A 2x2/2 deconvolution -> ReLU -> 1x1 predictor becomes a 1x1 conv to 4C channels,
-    the ReLU, a grouped 1x1 predictor and depth_to_space: the numpy deconvolution's values."""
+    """A 2x2/2 deconvolution -> ReLU -> 1x1 predictor -> class pick becomes a 1x1 conv to 4C
+    channels, the ReLU, a grouped 1x1 predictor, the pick of four planes and depth_to_space:
+    the numpy deconvolution's values."""
     from mxmask.quantize import subpixel_deconvolutions
     rng = np.random.RandomState(0)
     x = rng.randn(2, 6, 3, 4).astype(np.float32)
@@ -647,11 +650,14 @@ def test_subpixel_deconvolution_is_the_deconvolution_by_hand():
               "p_weight": rng.randn(3, 5, 1, 1), "p_bias": rng.randn(3)}
     values = {k: mx.nd.array(v.astype(np.float32)) for k, v in values.items()}
     sym, params = subpixel_deconvolutions(_deconv_relu_predictor(), values)
-    assert _ops(sym) == {"Convolution": 2, "Activation": 1, "depth_to_space": 1}
+    ops = _ops(sym)
+    assert "Deconvolution" not in ops and ops["Convolution"] == 2 and ops["depth_to_space"] == 1
     assert sorted(params) == ["d_subpixel_bias", "d_subpixel_weight", "p_subpixel_bias",
                               "p_subpixel_weight"]
     assert params["d_subpixel_weight"].shape == (20, 6, 1, 1)
-    out = sym.bind(mx.cpu(), dict(params, data=mx.nd.array(x)), grad_req="null")
+    cls = np.array([2, 0], np.float32)
+    idx = mx.nd.array(np.stack([np.arange(2), cls]))                  # (2, N): row, class
+    out = sym.bind(mx.cpu(), dict(params, data=mx.nd.array(x), idx=idx), grad_req="null")
     got = out.forward()[0].asnumpy()
     # y[n, o, 2i+a, 2j+b] = sum_c x[n, c, i, j] W[c, o, a, b] + b[o], by hand
     w, b = values["d_weight"].asnumpy(), values["d_bias"].asnumpy()
@@ -662,7 +668,8 @@ def test_subpixel_deconvolution_is_the_deconvolution_by_hand():
     y = np.maximum(y + b[None, :, None, None], 0)
     ref = np.einsum("nchw,kc->nkhw", y, values["p_weight"].asnumpy()[:, :, 0, 0]) + \
         values["p_bias"].asnumpy()[None, :, None, None]
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 6, 8)
+    np.testing.assert_allclose(got, ref[[0, 1], cls.astype(int)], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["kernel4", "relu_has_another_use"])
@@ -682,22 +689,25 @@ def test_other_deconvolutions_are_left_alone(case):
 def test_mask_head_deconvolution_runs_quantized(shapes_dataset, tmp_path):
     """A mask head without the image guide (the r50 presets' shape): the rewritten float32
     graph gives the network's outputs, and in the int8 graph the deconvolution is a quantized
-    convolution, with no Deconvolution left."""
+    convolution, with no Deconvolution left in the mask head."""
     from helpers.tiny import build_tiny_checkpoint
     from mxmask.quantize import subpixel_deconvolutions
     out = str(tmp_path / "ckpt")
     os.makedirs(out)
-    build_tiny_checkpoint(shapes_dataset, out, ["model.mask_head.image_guide=0"])
+    # without the preset's flip test (which averages the masks of the flipped image before the
+    # class pick, so its deconvolution stays)
+    build_tiny_checkpoint(shapes_dataset, out, ["model.mask_head.image_guide=0",
+                                                "test.flip=false"])
     cfg = load_checkpoint_config(out)
     net = load_network(cfg, checkpoint_files(out)[0], [mx.cpu()])
     sym = network_symbol(net, net.kernels)
     params = {k: v.data() for k, v in net.collect_params().items()}
     rewritten, values = subpixel_deconvolutions(sym, params)
-    for graph, mask_head, keypoint_head in ((sym, 2, 4), (rewritten, 0, 4)):
+    for graph, mask_head, keypoint_head in ((sym, 1, 2), (rewritten, 0, 2)):
         deconvs = [n["name"] for n in graph_nodes(graph) if n["op"] == "Deconvolution"]
         assert len([n for n in deconvs if "maskhead" in n]) == mask_head, deconvs
         assert len([n for n in deconvs if "keypointhead" in n]) == keypoint_head, deconvs
-    assert _ops(rewritten)["depth_to_space"] == 2          # the mask head runs twice
+    assert _ops(rewritten)["depth_to_space"] == 1
     data, im_info = calibration_batches(cfg)[0]
     ref = net(data, im_info)
     got = mx.gluon.SymbolBlock(rewritten, [mx.sym.var("data"), mx.sym.var("im_info")])
