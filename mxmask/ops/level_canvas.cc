@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mxnet/lib_api.h"
@@ -71,24 +72,33 @@ MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
-// Canvas row `row` of image b: the source level and its row, or level -1 for none.
+// The canvas of some levels: which level row each canvas row copies, and its sizes.
 struct RowSource {
   int level, row;
 };
 
-std::vector<RowSource> CanvasRows(const std::vector<MXTensor*>& levels) {
-  std::vector<RowSource> rows;
-  for (size_t k = 0; k < levels.size(); ++k) {
-    const int h = static_cast<int>(levels[k]->shape[2]);
-    if (k > 0) rows.push_back({static_cast<int>(k), 0});                  // replicated above
-    for (int y = 0; y < h; ++y) rows.push_back({static_cast<int>(k), y});
-    rows.push_back({static_cast<int>(k), h - 1});                          // replicated below
-  }
-  return rows;
-}
+struct Canvas {
+  std::vector<MXTensor*> levels;
+  std::vector<RowSource> rows;  // canvas row -> (level, its row)
+  int batch, channels, width;   // width: W_0 + 1
+  int64_t num_rows;
 
-// Forward: each (image, canvas row) is written by one thread: the level's row transposed in
-// tiles of 16 x 16 (channel, column), its last column repeated once, zeros beyond.
+  explicit Canvas(std::vector<MXTensor*> of) : levels(std::move(of)) {
+    for (size_t k = 0; k < levels.size(); ++k) {
+      const int h = static_cast<int>(levels[k]->shape[2]);
+      if (k > 0) rows.push_back({static_cast<int>(k), 0});                // replicated above
+      for (int y = 0; y < h; ++y) rows.push_back({static_cast<int>(k), y});
+      rows.push_back({static_cast<int>(k), h - 1});                        // replicated below
+    }
+    batch = static_cast<int>(levels[0]->shape[0]);
+    channels = static_cast<int>(levels[0]->shape[1]);
+    width = static_cast<int>(levels[0]->shape[3]) + 1;
+    num_rows = static_cast<int64_t>(rows.size());
+  }
+};
+
+// Forward: each (image, canvas row) is written by one thread: the level's row made
+// channels-last, its last column repeated once, zeros beyond.
 MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
                       std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                       const OpResource& res) {
@@ -98,32 +108,21 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
     levels.push_back(&level);
     data.push_back(level.data<float>());
   }
-  const std::vector<RowSource> rows = CanvasRows(levels);
-  const int batch = static_cast<int>(levels[0]->shape[0]);
-  const int channels = static_cast<int>(levels[0]->shape[1]);
-  const int canvas_w = static_cast<int>(levels[0]->shape[3]) + 1;
-  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const Canvas canvas(levels);
+  const int channels = canvas.channels, canvas_w = canvas.width;
+  const int64_t num_rows = canvas.num_rows;
   float* out = outputs->at(0).data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < static_cast<int64_t>(batch) * num_rows; ++i) {
+  for (int64_t i = 0; i < static_cast<int64_t>(canvas.batch) * num_rows; ++i) {
     const int64_t b = i / num_rows;
-    const RowSource src = rows[i % num_rows];
+    const RowSource src = canvas.rows[i % num_rows];
     const MXTensor& level = *levels[src.level];
     const int height = static_cast<int>(level.shape[2]), width = static_cast<int>(level.shape[3]);
     const int64_t plane = static_cast<int64_t>(height) * width;
     const float* from = data[src.level] + b * channels * plane +
                         static_cast<int64_t>(src.row) * width;
     float* to = out + i * canvas_w * channels;
-    for (int c0 = 0; c0 < channels; c0 += 16) {
-      const int c1 = std::min(channels, c0 + 16);
-      for (int x0 = 0; x0 < width; x0 += 16) {
-        const int x1 = std::min(width, x0 + 16);
-        for (int c = c0; c < c1; ++c) {
-          const float* s = from + c * plane;
-          for (int x = x0; x < x1; ++x) to[static_cast<int64_t>(x) * channels + c] = s[x];
-        }
-      }
-    }
+    mxmask_ops::RowToChannelsLast(from, plane, channels, width, to);
     std::copy(to + static_cast<int64_t>(width - 1) * channels,
               to + static_cast<int64_t>(width) * channels,
               to + static_cast<int64_t>(width) * channels);
@@ -142,11 +141,10 @@ MXReturnValue Backward(const std::unordered_map<std::string, std::string>& attrs
   const int num_levels = static_cast<int>(outputs->size());
   std::vector<MXTensor*> levels;
   for (int k = 0; k < num_levels; ++k) levels.push_back(&inputs->at(1 + k));
-  const std::vector<RowSource> rows = CanvasRows(levels);
-  const int batch = static_cast<int>(levels[0]->shape[0]);
-  const int channels = static_cast<int>(levels[0]->shape[1]);
-  const int canvas_w = static_cast<int>(levels[0]->shape[3]) + 1;
-  const int64_t num_rows = static_cast<int64_t>(rows.size());
+  const Canvas canvas(levels);
+  const int batch = canvas.batch, channels = canvas.channels, canvas_w = canvas.width;
+  const int64_t num_rows = canvas.num_rows;
+  const std::vector<RowSource>& rows = canvas.rows;
   // the canvas rows of each level row, and the (level, row) tasks
   std::vector<std::vector<std::vector<int>>> copies(num_levels);
   std::vector<RowSource> tasks;

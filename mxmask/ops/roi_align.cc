@@ -192,25 +192,14 @@ MXReturnValue InferShape(const std::unordered_map<std::string, std::string>& att
   return MX_SUCCESS;
 }
 
-// Channels-last copy of data (B, C, H, W) -> (B, H, W, C), in tiles of 16 x 16 (channel,
-// column) so that both the reads and the writes stay in cache.
+// Channels-last copy of data (B, C, H, W) -> (B, H, W, C), rows in parallel.
 void ToChannelsLast(const float* x, int batch, int channels, int height, int width, float* xt) {
   const int64_t plane = static_cast<int64_t>(height) * width;
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < static_cast<int64_t>(batch) * height; ++row) {
     const int64_t b = row / height, y = row % height;
-    const float* src = x + b * channels * plane + y * width;
-    float* dst = xt + row * width * channels;
-    for (int c0 = 0; c0 < channels; c0 += 16) {
-      const int c1 = std::min(channels, c0 + 16);
-      for (int x0 = 0; x0 < width; x0 += 16) {
-        const int x1 = std::min(width, x0 + 16);
-        for (int c = c0; c < c1; ++c) {
-          const float* s = src + c * plane;
-          for (int i = x0; i < x1; ++i) dst[static_cast<int64_t>(i) * channels + c] = s[i];
-        }
-      }
-    }
+    mxmask_ops::RowToChannelsLast(x + b * channels * plane + y * width, plane, channels, width,
+                                  xt + row * width * channels);
   }
 }
 
