@@ -340,7 +340,7 @@ def level_canvas(F, features, channels_last=False):
     Args:
         features: the levels (B, C, H_k, W_k), finest first, with H_k <= H_0 and W_k <= W_0.
         channels_last: build it channels-last, (B, H_c, W_c, C), in one compiled operator
-            (``mxmask_level_canvas``, forward only: inference), the layout that
+            (``mxmask_level_canvas``; the in-process inference network), the layout that
             ``mxmask_roi_align(layout="NHWC")`` pools from without a copy of its own.
 
     Returns:

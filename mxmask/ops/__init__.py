@@ -19,7 +19,8 @@ without a copy of its own. Each source file's header says what it computes and h
   stock LayerNorm + BatchNorm pair to float32 rounding.
 - ``mxmask_box_nms`` (``box_nms.cc``): ``contrib.box_nms`` in corner format, the same rows.
 - ``mxmask_level_canvas`` (``level_canvas.cc``): :func:`mxmask.modeling.poolers.level_canvas`
-  channels-last, the same values; forward only, so inference graphs only.
+  channels-last, the same values (and gradients); inference graphs use it, training graphs
+  keep the stock canvas (:data:`TRAINING_KERNELS`).
 """
 import contextlib
 import hashlib
