@@ -688,8 +688,8 @@ def test_other_deconvolutions_are_left_alone(case):
 
 def test_mask_head_deconvolution_runs_quantized(shapes_dataset, tmp_path):
     """A mask head without the image guide (the r50 presets' shape): the rewritten float32
-    graph gives the network's outputs, and in the int8 graph the deconvolution is a quantized
-    convolution, with no Deconvolution left in the mask head."""
+    graph gives the network's outputs; in the int8 graph the deconvolution is a quantized
+    convolution, with no Deconvolution left in the mask head; its export runs as in process."""
     from helpers.tiny import build_tiny_checkpoint
     from mxmask.quantize import subpixel_deconvolutions
     out = str(tmp_path / "ckpt")
@@ -722,6 +722,20 @@ def test_mask_head_deconvolution_runs_quantized(shapes_dataset, tmp_path):
     assert "Deconvolution" not in {n["op"] for node in graph_nodes(qsym)
                                    for n in _inner_nodes_of(node)
                                    if "maskhead" in n["name"]}
+    # the export holds the rewritten graph and gives the in-process int8 outputs exactly, and
+    # scripts/predict_exported.py (MXNet alone) the entries of mxmask predict --dtype int8
+    prefix = str(tmp_path / "export" / "tiny")
+    export_checkpoint(out, prefix, dtype="int8")
+    assert "depth_to_space" in {n["op"] for n in graph_nodes(prefix + "-symbol.json")}
+    sb, int8 = import_exported(prefix), Predictor(out, dtype="int8")
+    for batch in calibration_batches(cfg)[:2]:
+        for name, r, g in zip(OUTPUTS, int8.net(*batch), sb(*batch)):
+            np.testing.assert_array_equal(g.asnumpy(), r.asnumpy(), err_msg=name)
+    _, files = val_files(shapes_dataset)
+    theirs = str(tmp_path / "predict.json")
+    assert main(["predict", out, files[1], "--dtype", "int8", "--out", theirs]) == 0
+    with open(theirs) as f:
+        assert_same_entries(run_script(prefix, files[1], tmp_path), json.load(f))
 
 
 def _inner_nodes_of(node):
