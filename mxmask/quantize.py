@@ -22,6 +22,8 @@ quantizes only where the int8 data stays int8 between layers.
 Calibration is deterministic: the same images, seed and mode give the same graph.
 docs/int8.md is the user's page.
 """
+import ast
+import collections
 import contextlib
 import fnmatch
 import json
@@ -180,7 +182,6 @@ def int8_exclusions(fsym, patterns=()):
 # --------------------------------------------------------------------------------------------
 def _attr(node, key, default):
     """A node attribute as a Python value (``"(2, 2)"`` -> (2, 2), ``"True"`` -> True)."""
-    import ast
     value = (node.get("attrs") or {}).get(key)
     return default if value is None else ast.literal_eval(value)
 
@@ -194,10 +195,16 @@ def _conv1x1(node):
             and (node.get("attrs") or {}).get("layout", "NCHW") == "NCHW")
 
 
+# node ids of one chain deconvolution [-> bias conv] -> ReLU -> predictor -> class pick; bias: the
+# bias variable or None; dropped: the bias conv and its unit-weight nodes, gone after the rewrite
+_SubpixelChain = collections.namedtuple("_SubpixelChain",
+                                        "deconv bias dropped predictor gather")
+
+
 def _subpixel_matches(nodes, consumers):
     """The chains deconvolution 2x2/2 [-> bias conv] -> ReLU -> 1x1 predictor -> gather_nd (the
-    class pick of :func:`~mxmask.modeling.roi_heads.select_class_masks`) of a graph:
-    ``(deconv, bias var or None, nodes dropped, relu, predictor, gather)`` node ids."""
+    class pick of :func:`~mxmask.modeling.roi_heads.select_class_masks`) of a graph, as
+    :data:`_SubpixelChain` s."""
     def sole(i):
         return consumers[i][0] if len(consumers[i]) == 1 else None
 
@@ -207,7 +214,8 @@ def _subpixel_matches(nodes, consumers):
     found = []
     for i, n in enumerate(nodes):
         if n["op"] != "Deconvolution" or not (
-                tuple(_attr(n, "kernel", ())) == (2, 2) and tuple(_attr(n, "stride", ())) == (2, 2)
+                tuple(_attr(n, "kernel", ())) == (2, 2)
+                and tuple(_attr(n, "stride", ())) == (2, 2)
                 and tuple(_attr(n, "pad", (0, 0))) == (0, 0)
                 and tuple(_attr(n, "adj", (0, 0))) == (0, 0)
                 and tuple(_attr(n, "dilate", (1, 1))) == (1, 1)
@@ -220,7 +228,7 @@ def _subpixel_matches(nodes, consumers):
         dropped, j = [], sole(i)
         if j is None:
             continue
-        # Deconv2D's bias: a depthwise 1x1 conv with unit weights BlockGrad(ones_like(Reshape(b)))
+        # Deconv2D's bias: a depthwise 1x1 conv, unit weights BlockGrad(ones_like(Reshape(b)))
         if bias is None and _conv1x1(nodes[j]) and len(nodes[j]["inputs"]) == 3 and \
                 _attr(nodes[j], "num_group", 1) == _attr(nodes[j], "num_filter", 0):
             chain, k = [], nodes[j]["inputs"][1][0]
@@ -242,7 +250,7 @@ def _subpixel_matches(nodes, consumers):
         q = sole(k)
         if q is None or nodes[q]["op"] != "gather_nd" or nodes[q]["inputs"][0][0] != k:
             continue
-        found.append((i, bias, dropped, j, k, q))
+        found.append(_SubpixelChain(i, bias, dropped, k, q))
     return found
 
 
@@ -270,8 +278,8 @@ def subpixel_deconvolutions(sym, values):
     has no int8 ``Deconvolution``), and no float32 map larger than the picked masks.
 
     A 2x2/2 deconvolution writes each input pixel's four output pixels on its own:
-    ``y[o, 2i+a, 2j+b] = sum_c x[c, i, j] W[c, o, a, b]``, so channel ``(2a+b)*C + o`` of the 1x1
-    convolution with weights ``W.transpose(2, 3, 1, 0)`` is that pixel, and ``depth_to_space``
+    ``y[o, 2i+a, 2j+b] = sum_c x[c, i, j] W[c, o, a, b]``, so channel ``(2a+b)*C + o`` of the
+    1x1 convolution with weights ``W.transpose(2, 3, 1, 0)`` is that pixel, and ``depth_to_space``
     (MXNet's order: channel ``(a*2 + b)*K + k`` -> output channel k, offset (a, b)) puts it
     back. The rewritten nodes keep their names (``test.int8.exclude`` still matches them).
     Other deconvolutions (the keypoint head's 4x4, a mask head whose deconvolution feeds
@@ -298,10 +306,10 @@ def subpixel_deconvolutions(sym, values):
     if not matches:
         return sym, values
     values = dict(values)
-    at = {m[0]: m for m in matches}
-    predictors = {m[4] for m in matches}
-    gathers = {m[5]: m for m in matches}
-    skipped = {d for m in matches for d in m[2]}
+    at = {m.deconv: m for m in matches}
+    predictors = {m.predictor for m in matches}
+    gathers = {m.gather: m for m in matches}
+    skipped = {d for m in matches for d in m.dropped}
     new, index, made = [], {}, {}
 
     def add(node):
@@ -312,8 +320,8 @@ def subpixel_deconvolutions(sym, values):
         # one variable per name: a head traced twice (the same weights) uses it twice
         if name not in made:
             values[name] = mx.nd.array(array, dtype="float32")
-            made[name] = add({"op": "null", "name": name, "inputs": [],
-                              "attrs": {"__shape__": str(tuple(array.shape)), "__dtype__": "0"}})
+            attrs = {"__shape__": str(tuple(array.shape)), "__dtype__": "0"}
+            made[name] = add({"op": "null", "name": name, "inputs": [], "attrs": attrs})
         return made[name]
 
     def remap(inputs):
@@ -332,14 +340,14 @@ def subpixel_deconvolutions(sym, values):
         if i in skipped:
             continue
         if i in at:                       # the deconvolution -> 1x1 conv to 4C channels
-            _, bias, dropped = at[i][:3]
+            bias = at[i].bias
             w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (Cin, C, 2, 2)
             cin, c = w.shape[:2]
             b = values[nodes[bias]["name"]].asnumpy() if bias is not None else np.zeros(c)
             index[i] = conv1x1(n, remap(n["inputs"][:1]),
-                               w.transpose(2, 3, 1, 0).reshape(4 * c, cin, 1, 1), np.tile(b, 4),
-                               1)
-            for d in dropped:
+                               w.transpose(2, 3, 1, 0).reshape(4 * c, cin, 1, 1),
+                               np.tile(b, 4), 1)
+            for d in at[i].dropped:
                 index[d] = index[i]
         elif i in predictors:             # the predictor -> grouped over the 4 positions
             w = values[nodes[n["inputs"][1][0]]["name"]].asnumpy()     # (K, C, 1, 1)
@@ -348,7 +356,7 @@ def subpixel_deconvolutions(sym, values):
             index[i] = conv1x1(n, remap(n["inputs"][:1]), np.tile(w, (4, 1, 1, 1)),
                                np.tile(b, 4), 4)
         elif i in gathers:                # the class pick -> four planes + depth_to_space
-            k = nodes[gathers[i][4]]
+            k = nodes[gathers[i].predictor]
             num_classes = values[nodes[k["inputs"][1][0]]["name"]].shape[0]
             sub = json.loads(_pick_subpixels(num_classes, n["name"]).tojson())
             local = {}

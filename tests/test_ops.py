@@ -5,8 +5,8 @@ Each must compute what the stock operator it replaces computes (contrib.ROIAlign
 RoIAlign of test_poolers.py; the LayerNorm-based GroupNorm of modeling/norm.py and numpy;
 contrib.box_nms, row for row; poolers.level_canvas and a numpy canvas, channels-last, and
 RoIAlign on it the same as on the stock canvas), with the same gradients (box_nms: none); the
-training graph uses the first three on CPU, inference graphs the canvas too; a machine without a working compiler falls back to the stock operators
-with a warning.
+training graph uses the first three on CPU, inference graphs the canvas too; a machine without
+a working compiler falls back to the stock operators with a warning.
 """
 import json
 import logging

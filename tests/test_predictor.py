@@ -282,8 +282,8 @@ def test_optimized_graphs_need_one_cpu_context(ckpt, images, capsys):
 def test_predictor_runs_the_compiled_kernels_with_the_stock_results(ckpt, predictor, images):
     """On CPUs the in-process network pools with mxmask's compiled RoIAlign from the compiled
     channels-last level canvas and runs its compiled NMS (mxmask.ops), which repeat the stock
-    canvas, contrib.ROIAlign's arithmetic and contrib.box_nms's rows: the same entries, exactly, as the network with MXNet's operators, whose graph is also
-    what export writes."""
+    canvas, contrib.ROIAlign's arithmetic and contrib.box_nms's rows: the same entries,
+    exactly, as the network with MXNet's operators, whose graph is also what export writes."""
     if not ops.load_ops():
         pytest.skip("the compiled operators could not be built here")
     from mxmask.graph import network_symbol

@@ -547,8 +547,9 @@ TRAINED = ["model.backbone.width=16", "model.backbone.gn_groups=4", "model.fpn.o
 # generate_shapes(num_train=6, size=128, seed=10): 30 objects, 11 of them figures
 TRAINED_IMAGES, TRAINED_SEED = 6, 10
 TASKS = ("bbox", "segm", "keypoints")
-# |int8 AP - float32 AP| allowed per task. Measured with this recipe (2 cores, the same APs with AMX on and off; training
-# about 50 s, each evaluation 1 s, each int8 calibration 2 s), int8 minus float32 AP:
+# |int8 AP - float32 AP| allowed per task. Measured with this recipe (2 cores, the same APs
+# with AMX on and off; training about 50 s, each evaluation 1 s, each int8 calibration 2 s),
+# int8 minus float32 AP:
 # - this set, training seeds 0-4: float32 bbox / segm / keypoint AP 0.71-0.85 / 0.70-0.86 /
 #   0.95-1.0; int8 minus float32 -0.041..+0.003 / -0.024..+0.007 / -0.003..0. With every range
 #   x10 the worst task lost 0.38-0.44 AP, x0.1 0.95-1.0 (AP 0.02 or less). Seed 0, the test's:

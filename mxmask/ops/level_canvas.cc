@@ -108,7 +108,7 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
     levels.push_back(&level);
     data.push_back(level.data<float>());
   }
-  const Canvas canvas(levels);
+  const Canvas canvas(std::move(levels));
   const int channels = canvas.channels, canvas_w = canvas.width;
   const int64_t num_rows = canvas.num_rows;
   float* out = outputs->at(0).data<float>();
@@ -116,7 +116,7 @@ MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
   for (int64_t i = 0; i < static_cast<int64_t>(canvas.batch) * num_rows; ++i) {
     const int64_t b = i / num_rows;
     const RowSource src = canvas.rows[i % num_rows];
-    const MXTensor& level = *levels[src.level];
+    const MXTensor& level = *canvas.levels[src.level];
     const int height = static_cast<int>(level.shape[2]), width = static_cast<int>(level.shape[3]);
     const int64_t plane = static_cast<int64_t>(height) * width;
     const float* from = data[src.level] + b * channels * plane +

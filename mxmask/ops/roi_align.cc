@@ -226,9 +226,10 @@ void PoolRoiChannelsLast(const RoiSamples& s, const float* image, int channels, 
 }
 
 // Forward: the feature map is copied channels-last once per call (MXNet's workspace) unless it
-// is channels-last already (layout "NHWC"), then every roi is pooled from it, rois in parallel. Each output is contrib.ROIAlign's float32
-// arithmetic in its order (the four weighted taps of a sample, summed over the bin's samples,
-// divided by their count; built without FMA contraction), so the two agree bit for bit.
+// is channels-last already (layout "NHWC"), then every roi is pooled from it, rois in
+// parallel. Each output is contrib.ROIAlign's float32 arithmetic in its order (the four
+// weighted taps of a sample, summed over the bin's samples, divided by their count; built
+// without FMA contraction), so the two agree bit for bit.
 MXReturnValue Forward(const std::unordered_map<std::string, std::string>& attrs,
                       std::vector<MXTensor>* inputs, std::vector<MXTensor>* outputs,
                       const OpResource& res) {
